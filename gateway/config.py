@@ -1,0 +1,224 @@
+"""Settings: `GATEWAY_*` environment variables plus accounts from a file or one JSON variable.
+
+Only `app.py` and `cli.py` build `Settings()`; everything else receives the pieces it needs.
+Credentials are `SecretStr`; in an accounts file they may be written literally, or as
+`env:NAME` (read from an environment variable) or `file:/path` (a mounted Kubernetes secret).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import phonenumbers
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ProviderName = Literal["serwersms", "mobizon"]
+AccountName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+SANDBOX_ACCOUNT = "demo"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot start the gateway; the message names the field."""
+
+
+def _resolve_secret(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+    if isinstance(value, str) and value.startswith("file:"):
+        path = Path(value[5:])
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    return value
+
+
+class Account(BaseModel):
+    """One provider login: its provider, credentials, default sender and limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: AccountName
+    provider: ProviderName
+    base_url: str = Field(description="provider API root, e.g. https://api2.serwersms.pl")
+    username: str | None = Field(default=None, description="SerwerSMS API user (with password)")
+    password: SecretStr | None = None
+    token: SecretStr | None = Field(default=None, description="SerwerSMS API token (Bearer)")
+    api_key: SecretStr | None = Field(default=None, description="Mobizon apiKey")
+    sender: str | None = Field(default=None, description="default sender name")
+    default_country: str = Field(default="PL", description="region for national numbers (ISO 3166)")
+    rate_per_s: float = Field(default=50.0, gt=0, description="messages per second, all replicas")
+    burst: int = Field(default=50, ge=1, description="messages that may go at once above the rate")
+    batch_size: int = Field(default=100, ge=1, le=10000, description="messages per provider call")
+    linger_ms: int = Field(default=100, ge=0, le=60000, description="wait this long to fill a batch")
+    concurrency: int = Field(default=4, ge=1, le=256, description="provider calls in flight")
+    dedupe_window_s: int = Field(default=86400, ge=60, description="how long a unique_id is remembered")
+    http_timeout_s: float = Field(default=10.0, gt=0, le=300, description="one provider call, end to end")
+
+    @field_validator("password", "token", "api_key", mode="before")
+    @classmethod
+    def _secret_refs(cls, value: Any) -> Any:
+        return _resolve_secret(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("default_country")
+    @classmethod
+    def _country(cls, value: str) -> str:
+        value = value.upper()
+        if value not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region the number parser knows")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Account:
+        if self.provider == "serwersms":
+            has_login = self.username is not None and self.password is not None
+            if not (has_login or self.token is not None):
+                raise ValueError("serwersms needs token, or username and password")
+        elif self.api_key is None:
+            raise ValueError("mobizon needs api_key")
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        doc = self.model_dump(mode="json")
+        for key in ("password", "token", "api_key"):
+            if doc.get(key) is not None:
+                doc[key] = "**********"
+        return doc
+
+
+class Settings(BaseSettings):
+    """Process-wide settings, from `GATEWAY_*` variables (or files in `secrets_dir`)."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", secrets_dir=None)
+
+    amqp_url: SecretStr = Field(
+        default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ URL"
+    )
+    redis_url: SecretStr | None = Field(
+        default=None, description="Redis URL; unset means the embedded SQLite store (one node only)"
+    )
+    state_path: Path = Field(default=Path("gateway-state.sqlite3"), description="SQLite state file")
+    accounts_file: Path | None = Field(default=None, description="accounts as JSON or TOML")
+    accounts: str | None = Field(default=None, description="accounts as one JSON list (containers)")
+    retry_schedule_s: list[float] = Field(
+        default=[1, 5, 30, 120, 600, 1800], description="delay before retry 1, 2, ...; the last repeats"
+    )
+    max_attempts: int = Field(default=7, ge=1, description="provider attempts before `failed`")
+    max_body_bytes: int = Field(default=65536, ge=1024, description="larger requests are invalid")
+    poison_deliveries: int = Field(
+        default=5, ge=2, description="deliveries that crashed the handler before a `poison` dead letter"
+    )
+    claim_lease_s: float = Field(
+        default=60.0, gt=0, description="a send claim older than this is presumed dead and reconciled"
+    )
+    account_pause_s: float = Field(default=60.0, gt=0, description="pause after an account-level error")
+    drain_timeout_s: float = Field(default=20.0, gt=0, description="SIGTERM: time to finish in-flight work")
+    http_host: str = Field(default="127.0.0.1", description="bind address of /healthz, /readyz, /metrics")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="0 disables the HTTP endpoints")
+    log_format: Literal["json", "console", "auto"] = "auto"
+    log_level: str = "INFO"
+    sandbox_port: int = Field(default=8580, ge=1, le=65535, description="port of `run --sandbox`")
+
+    @field_validator("retry_schedule_s")
+    @classmethod
+    def _schedule(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("must be a non-empty list of positive seconds")
+        return value
+
+    def load_accounts(self) -> list[Account]:
+        raw: list[Any] = []
+        if self.accounts_file is not None:
+            raw.extend(_read_accounts_file(self.accounts_file))
+        if self.accounts:
+            try:
+                doc = json.loads(self.accounts)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"GATEWAY_ACCOUNTS is not JSON: {exc}") from None
+            raw.extend(_account_list(doc, "GATEWAY_ACCOUNTS"))
+        return parse_accounts(raw)
+
+
+def _read_accounts_file(path: Path) -> list[Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"accounts_file {path}: {exc.strerror}") from None
+    try:
+        doc: Any = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"accounts_file {path}: {exc}") from None
+    return _account_list(doc, str(path))
+
+
+def _account_list(doc: Any, where: str) -> list[Any]:
+    if isinstance(doc, dict) and "accounts" in doc:
+        doc = doc["accounts"]
+    if not isinstance(doc, list):
+        raise ConfigError(f"{where}: expected a list of accounts (or an object with 'accounts')")
+    return doc
+
+
+def parse_accounts(raw: list[Any]) -> list[Account]:
+    accounts: list[Account] = []
+    for index, item in enumerate(raw):
+        label = item.get("name", f"#{index}") if isinstance(item, dict) else f"#{index}"
+        try:
+            accounts.append(Account.model_validate(item))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'account'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"account {label}: {problems}") from None
+    names = [a.name for a in accounts]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"account name(s) defined twice: {', '.join(dupes)}")
+    return accounts
+
+
+def sandbox_account(port: int) -> Account:
+    """The embedded default: one SerwerSMS account talking to the built-in sandbox."""
+    return Account(
+        name=SANDBOX_ACCOUNT,
+        provider="serwersms",
+        base_url=f"http://127.0.0.1:{port}",
+        token=SecretStr("sandbox-token"),
+        sender="Gateway",
+        rate_per_s=100,
+        burst=100,
+    )
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"GATEWAY_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(problems) from None

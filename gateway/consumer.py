@@ -1,0 +1,465 @@
+"""One worker per account queue: decode -> batch -> claim -> rate limit -> send -> settle.
+
+This is the only module that acks. Every message ends in exactly one of:
+- ack, after its outcome (and dead letter, or retry copy) has been confirmed by the broker;
+- nack with requeue (pause, shutdown, an infrastructure failure), so it is delivered again.
+
+Failure handling:
+- A crash while admitting one message (its own fault) requeues it, and after
+  `poison_deliveries` deliveries dead-letters it as `poison`.
+- A crash in the batch stage (state store or broker trouble) requeues the batch and backs the
+  account off; RabbitMQ's delivery limit on the queue is the last backstop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from gateway import contract as c
+from gateway import pipeline as p
+from gateway.batching import Batcher
+from gateway.config import Account, Settings
+from gateway.numbers import mask
+from gateway.providers.base import ItemResult, LookupFailed, Outbound, ProviderAdapter, ProviderError, Verdict
+from gateway.publisher import Publisher
+from gateway.retry import RetryPolicy
+from gateway.state import ClaimState, Store, StoredResult
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.consumer")
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """One consumed message and what is known of it so far."""
+
+    message: AbstractIncomingMessage
+    account: str
+    unique_id: str | None = None
+    to: str | None = None
+    meta: dict[str, Any] | None = None
+    attempts: int = 0  # provider attempts made by earlier copies
+    waits: int = 0
+    request: c.SendRequest | None = None
+    item: Outbound | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def ours(self) -> bool:
+        """Seen by this gateway before (a redelivery or our own retry copy), not a producer's copy."""
+        return self.message.redelivered or self.attempts > 0
+
+    @property
+    def delivery_count(self) -> int:
+        value = (self.message.headers or {}).get(c.H_DELIVERY_COUNT, 0)
+        return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
+
+
+def _int_header(message: AbstractIncomingMessage, name: str) -> int:
+    value = (message.headers or {}).get(name, 0)
+    try:
+        return max(0, int(value))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
+
+
+class Settler:
+    """Carries a decision out for one delivery: publish what is owed, then ack (or requeue)."""
+
+    def __init__(self, publisher: Publisher, provider: str | None) -> None:
+        self._publisher = publisher
+        self._provider = provider
+
+    async def settle(self, d: Delivery, decision: p.Decision) -> bool:
+        try:
+            if isinstance(decision, p.Finish):
+                await self._finish(d, decision)
+            elif isinstance(decision, p.Retry):
+                await self._publisher.retry(
+                    d.message, account=d.account, delay_ms=decision.delay_ms, attempts=decision.attempts, waits=0
+                )
+            else:
+                await self._publisher.retry(
+                    d.message, account=d.account, delay_ms=decision.delay_ms, attempts=d.attempts, waits=d.waits + 1
+                )
+            await d.message.ack()
+        except Exception:
+            log.exception("settle_failed", account=d.account, unique_id=d.unique_id)
+            await requeue([d])
+            return False
+        self._log(d, decision)
+        return True
+
+    async def _finish(self, d: Delivery, f: p.Finish) -> None:
+        r = f.result
+        body = c.outcome_body(
+            unique_id=d.unique_id,
+            account=d.account,
+            to=d.item.phone if d.item else d.to,
+            status=f.status,
+            provider=r.provider or self._provider,
+            provider_message_id=r.provider_message_id,
+            parts=r.parts,
+            attempts=r.attempts,
+            error=c.OutcomeError(**r.error) if r.error else None,
+            meta=d.meta,
+            original=asdict(f.original) if f.original is not None else None,
+        )
+        jobs = [
+            self._publisher.outcome(
+                account=d.account,
+                status=str(f.status),
+                body=body,
+                unique_id=d.unique_id,
+                reply_to=d.message.reply_to,
+            )
+        ]
+        if f.dead is not None:
+            err = r.error or {}
+            jobs.append(
+                self._publisher.dead_letter(
+                    d.message,
+                    reason=f.dead,
+                    account=d.account,
+                    error_code=str(err.get("code", f.dead)),
+                    error_message=str(err.get("message", "")),
+                    attempts=r.attempts,
+                )
+            )
+        await asyncio.gather(*jobs)
+
+    def _log(self, d: Delivery, decision: p.Decision) -> None:
+        ms = round((time.monotonic() - d.started) * 1000, 1)
+        to = mask(d.item.phone if d.item else d.to)
+        if isinstance(decision, p.Finish):
+            r = decision.result
+            log.info(
+                "sms",
+                account=d.account,
+                unique_id=d.unique_id,
+                to=to,
+                status=r.status,
+                code=(r.error or {}).get("code"),
+                attempts=r.attempts,
+                provider_message_id=r.provider_message_id,
+                duration_ms=ms,
+            )
+        elif isinstance(decision, p.Retry):
+            log.info(
+                "sms_retry",
+                account=d.account,
+                unique_id=d.unique_id,
+                to=to,
+                code=decision.error.code,
+                attempts=decision.attempts,
+                delay_ms=decision.delay_ms,
+                ambiguous=decision.ambiguous,
+            )
+        else:
+            log.info("sms_wait", account=d.account, unique_id=d.unique_id, to=to, waits=d.waits + 1)
+
+
+async def requeue(deliveries: Sequence[Delivery]) -> None:
+    for d in deliveries:
+        try:
+            await d.message.nack(requeue=True)
+        except Exception:  # noqa: BLE001 - the channel is gone; the broker requeues on its own
+            log.warning("nack_failed", account=d.account, unique_id=d.unique_id)
+
+
+class AccountWorker:
+    def __init__(
+        self,
+        *,
+        account: Account,
+        adapter: ProviderAdapter,
+        store: Store,
+        publisher: Publisher,
+        settings: Settings,
+        owner: str,
+    ) -> None:
+        self.account = account
+        self._adapter = adapter
+        self._store = store
+        self._settler = Settler(publisher, adapter.name)
+        self._settings = settings
+        self._policy = RetryPolicy(settings.retry_schedule_s, settings.max_attempts)
+        self._owner = owner
+        self._slots = asyncio.Semaphore(account.concurrency)
+        self._batcher: Batcher[Delivery] = Batcher(
+            max_size=min(account.batch_size, adapter.max_batch),
+            linger_s=account.linger_ms / 1000,
+            key=lambda d: adapter.batch_key(d.item) if d.item else None,
+            on_flush=self._flush,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._paused_until = 0.0
+        self._stopping = False
+        self._backoff_s = 1.0
+
+    @property
+    def prefetch(self) -> int:
+        return min(65535, min(self.account.batch_size, self._adapter.max_batch) * (self.account.concurrency + 1))
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_until > time.monotonic()
+
+    async def start(self, channel: AbstractChannel) -> None:
+        await channel.set_qos(prefetch_count=self.prefetch)
+        self._queue = await channel.get_queue(c.account_queue(self.account.name), ensure=False)
+        await self._consume()
+
+    async def _consume(self) -> None:
+        assert self._queue is not None
+        if self._tag is None and not self._stopping:
+            self._tag = await self._queue.consume(self._on_message)
+
+    async def _cancel(self) -> None:
+        if self._queue is not None and self._tag is not None:
+            tag, self._tag = self._tag, None
+            try:
+                await self._queue.cancel(tag)
+            except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
+                log.warning("cancel_failed", account=self.account.name)
+
+    # -- admission: one message at a time ---------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        d = Delivery(message, self.account.name)
+        if self._stopping or self.paused:
+            await requeue([d])
+            return
+        try:
+            decision = self._admit(d)
+        except Exception as exc:
+            await self._crashed(d, exc)
+            return
+        if decision is not None:
+            await self._settler.settle(d, decision)
+        else:
+            self._batcher.add(d)
+
+    def _admit(self, d: Delivery) -> p.Decision | None:
+        m = d.message
+        d.attempts = _int_header(m, c.H_ATTEMPTS)
+        d.waits = _int_header(m, c.H_WAITS)
+        req = c.decode_request(m.body, message_id=m.message_id, max_bytes=self._settings.max_body_bytes)
+        if isinstance(req, c.InvalidRequest):
+            d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
+            return p.invalid(req)
+        d.unique_id, d.to, d.meta, d.request = req.unique_id, req.to, req.meta, req
+        if p.is_expired(req, datetime.now(UTC)):
+            return p.expired(self._adapter.name, d.attempts)
+        item = p.prepare(self.account, req)
+        if isinstance(item, c.InvalidRequest):
+            return p.invalid(item)
+        d.item = item
+        return None
+
+    async def _crashed(self, d: Delivery, exc: Exception) -> None:
+        log.error("handler_crashed", account=d.account, error=type(exc).__name__, deliveries=d.delivery_count + 1)
+        if d.delivery_count + 1 < self._settings.poison_deliveries:
+            await requeue([d])
+            return
+        err = c.OutcomeError("poison", type(exc).__name__, "the handler crashed on this message", False)
+        f = p.finish(c.Status.FAILED, None, attempts=d.attempts, error=err, dead=c.DeadReason.POISON, store=False)
+        await self._settler.settle(d, f)
+
+    # -- batches ------------------------------------------------------------------------------------
+
+    def _flush(self, batch: list[Delivery]) -> None:
+        task = asyncio.create_task(self._run_batch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, batch: list[Delivery]) -> None:
+        async with self._slots:
+            try:
+                decisions = await self._decide(batch)
+                await self._record(batch, decisions)
+            except Exception:
+                log.exception("batch_failed", account=self.account.name, size=len(batch))
+                await requeue(batch)
+                await self._pause(self._backoff_s, "batch_failed")
+                self._backoff_s = min(self._backoff_s * 2, 60.0)
+                return
+            self._backoff_s = 1.0
+            await asyncio.gather(*(self._settler.settle(d, decisions[i]) for i, d in enumerate(batch)))
+        if any(isinstance(x, p.Finish) and x.pause_account for x in decisions.values()):
+            await self._pause(self._settings.account_pause_s, "account_error")
+
+    async def _decide(self, batch: list[Delivery]) -> dict[int, p.Decision]:
+        name = self.account.name
+        decisions: dict[int, p.Decision] = {}
+        first_of: dict[str, int] = {}
+        for i, d in enumerate(batch):
+            assert d.unique_id is not None
+            if d.unique_id in first_of:
+                decisions[i] = p.Wait(self._policy.wait_ms)  # the same id twice in one batch
+            else:
+                first_of[d.unique_id] = i
+        claims = await self._store.claim(name, list(first_of), self._owner, self._settings.claim_lease_s)
+        reconcile: list[int] = []
+        send: list[int] = []
+        for uid, i in first_of.items():
+            claim = claims[uid]
+            if claim.state is ClaimState.DONE:
+                assert claim.result is not None
+                decisions[i] = p.already_done(claim.result, ours=batch[i].ours)
+            elif claim.state is ClaimState.BUSY:
+                decisions[i] = p.Wait(self._policy.wait_ms)
+            elif claim.state is ClaimState.RECONCILE:
+                reconcile.append(i)
+            else:
+                send.append(i)
+        if reconcile:
+            send += await self._reconcile(batch, reconcile, decisions)
+        now = datetime.now(UTC)
+        for i in list(send):
+            req = batch[i].request
+            if req is not None and p.is_expired(req, now):
+                decisions[i] = p.expired(self._adapter.name, batch[i].attempts)
+                send.remove(i)
+        await self._send(batch, send, decisions)
+        return decisions
+
+    async def _reconcile(self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]) -> list[int]:
+        """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""
+        items = [batch[i].item for i in idx]
+        try:
+            found = await self._adapter.lookup([x for x in items if x is not None])
+        except LookupFailed as exc:
+            log.warning("reconcile_failed", account=self.account.name, count=len(idx), error=str(exc)[:200])
+            unknown = ItemResult(
+                Verdict.AMBIGUOUS,
+                error=ProviderError("lookup_failed", "LookupFailed", "could not tell whether it was sent", True),
+            )
+            for i in idx:
+                decisions[i] = p.decide(unknown, batch[i].attempts + 1, self._policy, self._adapter.name)
+            return []
+        to_send = []
+        for i, result in zip(idx, found, strict=True):
+            if result is None:
+                to_send.append(i)
+            else:
+                decisions[i] = p.decide(result, max(batch[i].attempts, 1), self._policy, self._adapter.name)
+        log.info("reconciled", account=self.account.name, found=len(idx) - len(to_send), missing=len(to_send))
+        return to_send
+
+    async def _send(self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]) -> None:
+        a = self.account
+        sends: list[asyncio.Task[None]] = []
+
+        async def send_chunk(chunk: list[int]) -> None:
+            results = await self._adapter.send([batch[i].item for i in chunk if batch[i].item is not None])
+            for i, result in zip(chunk, results, strict=True):
+                decisions[i] = p.decide(result, batch[i].attempts + 1, self._policy, self._adapter.name)
+
+        pending = idx
+        while pending:
+            granted, wait = await self._store.acquire(a.name, len(pending), a.rate_per_s, a.burst)
+            if granted:
+                sends.append(asyncio.create_task(send_chunk(pending[:granted])))
+                pending = pending[granted:]
+            if pending:
+                await asyncio.sleep(max(wait, min(a.linger_ms / 1000, 0.05)))
+        await asyncio.gather(*sends)
+
+    async def _record(self, batch: list[Delivery], decisions: dict[int, p.Decision]) -> None:
+        """Write what the decisions mean to the state store, before anything is published."""
+        name = self.account.name
+        done: dict[str, StoredResult] = {}
+        unknown: list[str] = []
+        release: list[str] = []
+        for i, decision in decisions.items():
+            uid = batch[i].unique_id
+            assert uid is not None
+            if isinstance(decision, p.Finish) and decision.store:
+                done[uid] = decision.result
+            elif isinstance(decision, p.Retry):
+                (unknown if decision.ambiguous else release).append(uid)
+        window = self.account.dedupe_window_s
+        await self._store.complete(name, done, window)
+        await self._store.mark_unknown(name, unknown, window)
+        await self._store.release(name, release, self._owner)
+
+    # -- pause, resume, stop ------------------------------------------------------------------------
+
+    async def _pause(self, seconds: float, reason: str) -> None:
+        if self._stopping:
+            return
+        until = time.monotonic() + seconds
+        if until <= self._paused_until:
+            return
+        first = not self.paused
+        self._paused_until = until
+        if not first:
+            return
+        log.warning("account_paused", account=self.account.name, seconds=seconds, reason=reason)
+        await self._cancel()
+        await requeue(self._batcher.take_all())
+        task = asyncio.create_task(self._resume_later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resume_later(self) -> None:
+        while self.paused:
+            await asyncio.sleep(max(0.05, self._paused_until - time.monotonic()))
+        if not self._stopping:
+            log.info("account_resumed", account=self.account.name)
+            await self._consume()
+
+    async def stop(self, timeout_s: float) -> bool:
+        """Stop taking messages, send what is batched, wait for in-flight work. True if all finished."""
+        self._stopping = True
+        await self._cancel()
+        self._batcher.flush_all()
+        pending = [t for t in self._tasks if not t.done()]
+        if not pending:
+            return True
+        _done, late = await asyncio.wait(pending, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        return not late
+
+
+class UnroutableWorker:
+    """Requests whose routing key names no configured account: `invalid` outcome + dead letter."""
+
+    def __init__(self, publisher: Publisher, settings: Settings) -> None:
+        self._settler = Settler(publisher, None)
+        self._settings = settings
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def start(self, channel: AbstractChannel) -> None:
+        await channel.set_qos(prefetch_count=50)
+        self._queue = await channel.get_queue(c.UNROUTABLE_QUEUE, ensure=False)
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        account = message.routing_key or "unknown"
+        d = Delivery(message, account)
+        req = c.decode_request(message.body, message_id=message.message_id, max_bytes=self._settings.max_body_bytes)
+        d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
+        err = c.OutcomeError("unknown_account", "UnknownAccount", f"no account named {account!r}", False)
+        f = p.finish(c.Status.INVALID, None, attempts=0, error=err, dead=c.DeadReason.UNKNOWN_ACCOUNT, store=False)
+        await self._settler.settle(d, f)
+
+    async def stop(self) -> None:
+        if self._queue is not None and self._tag is not None:
+            tag, self._tag = self._tag, None
+            try:
+                await self._queue.cancel(tag)
+            except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
+                log.warning("cancel_failed", queue=c.UNROUTABLE_QUEUE)

@@ -1,0 +1,45 @@
+"""Recipient numbers: normalize to E.164 with the account's default country; mask for logs."""
+
+from __future__ import annotations
+
+import phonenumbers
+
+
+class InvalidNumber(ValueError):
+    pass
+
+
+def normalize(raw: str, default_region: str) -> str:
+    """E.164 (`+48500600700`) from what a producer wrote.
+
+    `+…` or `00…` is international. Otherwise the number is read as national in the account's
+    country first and, when that is not a valid number, as international digits without the `+`.
+    """
+    text = raw.strip()
+    if not text or len(text) > 32:
+        raise InvalidNumber("number is empty or too long")
+    candidates: list[tuple[str, str | None]] = []
+    if text.startswith("+"):
+        candidates.append((text, None))
+    elif text.startswith("00"):
+        candidates.append(("+" + text[2:], None))
+    else:
+        candidates += [(text, default_region), ("+" + text, None)]
+    for number, region in candidates:
+        try:
+            parsed = phonenumbers.parse(number, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(parsed):
+            return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+    raise InvalidNumber(f"not a valid phone number for region {default_region} or in E.164")
+
+
+def mask(number: str | None) -> str | None:
+    """Keep the country code and the last three digits: `+48500600700` -> `+485******700`."""
+    if not number:
+        return number
+    digits = number.lstrip("+")
+    if len(digits) <= 6:
+        return "*" * len(number)
+    return ("+" if number.startswith("+") else "") + digits[:3] + "*" * (len(digits) - 6) + digits[-3:]

@@ -1,0 +1,27 @@
+"""The retry schedule: which delay the next attempt waits, and when attempts run out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.topology import retry_delays_ms
+
+
+class RetryPolicy:
+    def __init__(self, schedule_s: Sequence[float], max_attempts: int) -> None:
+        self._schedule = [max(1, round(s * 1000)) for s in schedule_s]
+        self.max_attempts = max_attempts
+        # Every delay is a queue; the schedule cannot name a delay without one.
+        assert set(self._schedule) <= set(retry_delays_ms(schedule_s))
+
+    def delay_ms(self, attempts_made: int) -> int:
+        """Delay before attempt `attempts_made + 1` (attempts_made >= 1)."""
+        return self._schedule[min(max(attempts_made, 1), len(self._schedule)) - 1]
+
+    @property
+    def wait_ms(self) -> int:
+        """How long a copy waits for another worker's in-flight claim before looking again."""
+        return self._schedule[0]
+
+    def exhausted(self, attempts_made: int) -> bool:
+        return attempts_made >= self.max_attempts

@@ -1,0 +1,162 @@
+"""Redis backend: every decision is one Lua script, so replicas never race.
+
+Keys (all here, one place); `{account}` is a hash tag so one account's keys share a cluster slot:
+    smsgw:{<account>}:d:<unique_id>   dedupe record (JSON: s=state, o=owner, l=lease ms, r=result)
+    smsgw:rl:{<key>}                  token bucket (hash: tk=tokens, ts=seconds)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from gateway.state.base import Claim, ClaimState, StoredResult
+
+PREFIX = "smsgw"
+
+
+def dedupe_key(account: str, uid: str) -> str:
+    return f"{PREFIX}:{{{account}}}:d:{uid}"
+
+
+def bucket_key(key: str) -> str:
+    return f"{PREFIX}:rl:{{{key}}}"
+
+
+# KEYS = dedupe keys; ARGV = owner, lease ms, window ms. Returns, per key, {state, result-json}.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local owner, lease, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local raw = redis.call('GET', key)
+  local mine = cjson.encode({s = 'inflight', o = owner, l = now + lease})
+  if not raw then
+    redis.call('SET', key, mine, 'PX', window)
+    out[i] = {'new', ''}
+  else
+    local rec = cjson.decode(raw)
+    if rec.s == 'done' then
+      out[i] = {'done', rec.r}
+    elseif rec.s == 'inflight' and tonumber(rec.l) > now then
+      out[i] = {'busy', ''}
+    else
+      redis.call('SET', key, mine, 'PX', window)
+      out[i] = {'reconcile', ''}
+    end
+  end
+end
+return out
+"""
+
+# KEYS = dedupe keys; ARGV = window ms, then one result JSON per key.
+_COMPLETE = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, cjson.encode({s = 'done', r = ARGV[i + 1]}), 'PX', tonumber(ARGV[1]))
+end
+return #KEYS
+"""
+
+# KEYS = dedupe keys; ARGV = owner. Deletes only claims this owner still holds.
+_RELEASE = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  local raw = redis.call('GET', key)
+  if raw then
+    local rec = cjson.decode(raw)
+    if rec.s == 'inflight' and rec.o == ARGV[1] then
+      redis.call('DEL', key)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# KEYS[1] = bucket; ARGV = rate per s, burst, wanted. Returns {granted, seconds-until-next (string)}.
+_ACQUIRE = """
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local st = redis.call('HMGET', KEYS[1], 'tk', 'ts')
+local tokens = tonumber(st[1]) or burst
+local ts = tonumber(st[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local grant = math.min(want, math.floor(tokens))
+tokens = tokens - grant
+redis.call('HSET', KEYS[1], 'tk', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+local wait = 0
+if tokens < 1 then wait = (1 - tokens) / rate end
+return {grant, tostring(wait)}
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str) -> None:
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._complete = self._redis.register_script(_COMPLETE)
+        self._release = self._redis.register_script(_RELEASE)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+
+    def __repr__(self) -> str:
+        return "RedisStore()"  # the URL may hold a password
+
+    async def claim(self, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
+        if not uids:
+            return {}
+        keys = [dedupe_key(account, u) for u in uids]
+        # The window is applied when the result is stored; a claim only needs to outlive its lease.
+        rows: list[Any] = await self._claim(
+            keys=keys, args=[owner, int(lease_s * 1000), int(max(lease_s * 4, 3600) * 1000)]
+        )
+        out: dict[str, Claim] = {}
+        for uid, (state, result) in zip(uids, rows, strict=True):
+            st = ClaimState(state)
+            out[uid] = Claim(st, StoredResult.from_json(result) if st is ClaimState.DONE else None)
+        return out
+
+    async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
+        if not uids:
+            return {}
+        raws = await self._redis.mget([dedupe_key(account, u) for u in uids])
+        out: dict[str, StoredResult] = {}
+        for uid, raw in zip(uids, raws, strict=True):
+            if raw:
+                rec = json.loads(raw)
+                if rec.get("s") == "done":
+                    out[uid] = StoredResult.from_json(rec["r"])
+        return out
+
+    async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
+        if not results:
+            return
+        keys = [dedupe_key(account, u) for u in results]
+        await self._complete(keys=keys, args=[int(ttl_s * 1000), *(r.to_json() for r in results.values())])
+
+    async def mark_unknown(self, account: str, uids: list[str], ttl_s: float) -> None:
+        if not uids:
+            return
+        value = json.dumps({"s": "unknown"})
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for uid in uids:
+                pipe.set(dedupe_key(account, uid), value, px=int(ttl_s * 1000))
+            await pipe.execute()
+
+    async def release(self, account: str, uids: list[str], owner: str) -> None:
+        if uids:
+            await self._release(keys=[dedupe_key(account, u) for u in uids], args=[owner])
+
+    async def acquire(self, key: str, want: int, rate: float, burst: int) -> tuple[int, float]:
+        granted, wait = await self._acquire(keys=[bucket_key(key)], args=[rate, burst, want])
+        return int(granted), float(wait)
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,174 @@
+"""Embedded backend: one SQLite file, for a single node (the laptop default).
+
+Each operation is one `BEGIN IMMEDIATE` transaction, so several processes on one host sharing the
+file still decide atomically. Calls run on one dedicated thread so the event loop never blocks on
+the file lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from gateway.state.base import Claim, ClaimState, StoredResult
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dedupe (
+    account TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    state TEXT NOT NULL,          -- inflight | unknown | done
+    owner TEXT,
+    lease_until REAL,
+    result TEXT,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (account, uid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at);
+CREATE TABLE IF NOT EXISTS bucket (key TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self._path = path
+        self._clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+        self._ops = 0
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self._path)!r})"
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, isolation_level=None, timeout=30, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def tx() -> T:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return out
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, tx)
+
+    def _sweep(self, db: sqlite3.Connection, now: float) -> None:
+        self._ops += 1
+        if self._ops % 1000 == 0:
+            db.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
+
+    async def claim(self, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
+        def op(db: sqlite3.Connection) -> dict[str, Claim]:
+            now = self._clock()
+            self._sweep(db, now)
+            out: dict[str, Claim] = {}
+            for uid in uids:
+                row = db.execute(
+                    "SELECT state, lease_until, result FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
+                    (account, uid, now),
+                ).fetchone()
+                if row is not None and row[0] == "done":
+                    out[uid] = Claim(ClaimState.DONE, StoredResult.from_json(row[2]))
+                    continue
+                if row is not None and row[0] == "inflight" and row[1] > now:
+                    out[uid] = Claim(ClaimState.BUSY)
+                    continue
+                db.execute(
+                    "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'inflight', ?, ?, NULL, ?)",
+                    (account, uid, owner, now + lease_s, now + max(lease_s * 4, 3600)),
+                )
+                out[uid] = Claim(ClaimState.NEW if row is None else ClaimState.RECONCILE)
+            return out
+
+        return await self._run(op) if uids else {}
+
+    async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
+        def op(db: sqlite3.Connection) -> dict[str, StoredResult]:
+            now = self._clock()
+            out: dict[str, StoredResult] = {}
+            for uid in uids:
+                row = db.execute(
+                    "SELECT result FROM dedupe WHERE account=? AND uid=? AND state='done' AND expires_at>=?",
+                    (account, uid, now),
+                ).fetchone()
+                if row is not None:
+                    out[uid] = StoredResult.from_json(row[0])
+            return out
+
+        return await self._run(op) if uids else {}
+
+    async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            expires = self._clock() + ttl_s
+            db.executemany(
+                "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'done', NULL, NULL, ?, ?)",
+                [(account, uid, r.to_json(), expires) for uid, r in results.items()],
+            )
+
+        if results:
+            await self._run(op)
+
+    async def mark_unknown(self, account: str, uids: list[str], ttl_s: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            expires = self._clock() + ttl_s
+            db.executemany(
+                "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'unknown', NULL, NULL, NULL, ?)",
+                [(account, uid, expires) for uid in uids],
+            )
+
+        if uids:
+            await self._run(op)
+
+    async def release(self, account: str, uids: list[str], owner: str) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "DELETE FROM dedupe WHERE account=? AND uid=? AND state='inflight' AND owner=?",
+                [(account, uid, owner) for uid in uids],
+            )
+
+        if uids:
+            await self._run(op)
+
+    async def acquire(self, key: str, want: int, rate: float, burst: int) -> tuple[int, float]:
+        def op(db: sqlite3.Connection) -> tuple[int, float]:
+            now = self._clock()
+            row = db.execute("SELECT tokens, ts FROM bucket WHERE key=?", (key,)).fetchone()
+            tokens, ts = (float(burst), now) if row is None else (row[0], row[1])
+            tokens = min(float(burst), tokens + max(0.0, now - ts) * rate)
+            grant = min(want, int(tokens))
+            tokens -= grant
+            db.execute("INSERT OR REPLACE INTO bucket VALUES (?, ?, ?)", (key, tokens, now))
+            return grant, (1 - tokens) / rate if tokens < 1 else 0.0
+
+        return await self._run(op)
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, shut)
+        self._pool.shutdown(wait=True)
+
