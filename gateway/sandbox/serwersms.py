@@ -112,6 +112,7 @@ def parse_messages(value: Any) -> list[tuple[str, str]]:
 class SerwerSmsApi:
     def __init__(self, state: SandboxState) -> None:
         self.state = state
+        state.faults.error_body = envelope
 
     def routes(self) -> list[web.RouteDef]:
         out = []
@@ -136,11 +137,11 @@ class SerwerSmsApi:
                 fault = await self.state.faults.before(who, request)
                 if fault is not None:
                     return fault
+                self.state.requests += 1
                 doc = handler(who, params)
             except ApiError as exc:
                 return web.json_response(envelope(exc.code))
-            self.state.requests += 1
-            return await self.state.faults.after(who, request, web.json_response(doc))
+            return await self.state.faults.after(request, web.json_response(doc))
 
         return run
 

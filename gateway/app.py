@@ -1,0 +1,167 @@
+"""Composition root: builds every part from `Settings`, runs until a signal, drains, exits.
+
+    RabbitMQ --sms.send.<account>--> AccountWorker (one channel each) --> ProviderAdapter (httpx)
+                                        |  claim / rate limit: Store (Redis or SQLite)
+                                        +--> Publisher (confirming channel): outcomes, dead, retry
+    RabbitMQ --sms.send.unroutable--> UnroutableWorker --> Publisher
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+from pathlib import Path
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiohttp import web
+
+from gateway import topology
+from gateway.config import Account, ConfigError, Settings, sandbox_account
+from gateway.consumer import AccountWorker, UnroutableWorker
+from gateway.providers import build_adapter
+from gateway.providers.base import ProviderAdapter
+from gateway.publisher import Publisher
+from gateway.state import Store
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.app")
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.redis_url is not None:
+        from gateway.state.redis import RedisStore
+
+        return RedisStore(settings.redis_url.get_secret_value())
+    from gateway.state.sqlite import SqliteStore
+
+    return SqliteStore(Path(settings.state_path))
+
+
+def resolve_accounts(settings: Settings, *, sandbox: bool) -> list[Account]:
+    accounts = settings.load_accounts()
+    if sandbox and not accounts:
+        accounts = [sandbox_account(settings.sandbox_port)]
+    if not accounts:
+        raise ConfigError(
+            "no accounts configured: set GATEWAY_ACCOUNTS_FILE or GATEWAY_ACCOUNTS, or run with --sandbox"
+        )
+    return accounts
+
+
+class Gateway:
+    def __init__(self, settings: Settings, accounts: list[Account], *, sandbox: bool = False) -> None:
+        self.settings = settings
+        self.accounts = accounts
+        self._sandbox = sandbox
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._connection: AbstractRobustConnection | None = None
+        self._store: Store | None = None
+        self._adapters: list[ProviderAdapter] = []
+        self._workers: list[AccountWorker] = []
+        self._unroutable: UnroutableWorker | None = None
+        self._runners: list[web.AppRunner] = []
+        self._channels: list[AbstractChannel] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        if self._sandbox:
+            from gateway.sandbox.app import start_sandbox
+
+            self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
+        self._store = open_store(s)
+        await self._store.ping()
+        self._connection = await aio_pika.connect_robust(s.amqp_url.get_secret_value(), client_properties={
+            "connection_name": f"sms-gateway {self._owner}"
+        })
+        setup = await self._connection.channel()
+        await topology.declare(setup, [a.name for a in self.accounts], s.retry_schedule_s)
+        await setup.close()
+
+        pub_channel = await self._connection.channel(publisher_confirms=True)
+        self._channels.append(pub_channel)
+        publisher = Publisher(pub_channel)
+        await publisher.start()
+
+        for account in self.accounts:
+            adapter = build_adapter(account)
+            self._adapters.append(adapter)
+            worker = AccountWorker(
+                account=account, adapter=adapter, store=self._store, publisher=publisher, settings=s, owner=self._owner
+            )
+            channel = await self._connection.channel()
+            self._channels.append(channel)
+            await worker.start(channel)
+            self._workers.append(worker)
+
+        self._unroutable = UnroutableWorker(publisher, s)
+        channel = await self._connection.channel()
+        self._channels.append(channel)
+        await self._unroutable.start(channel)
+        if s.http_port:
+            self._runners.append(await self._start_http())
+        log.info("gateway_started", accounts=[a.name for a in self.accounts], owner=self._owner,
+                 store=type(self._store).__name__)
+
+    async def _start_http(self) -> web.AppRunner:
+        async def healthz(_request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_request: web.Request) -> web.Response:
+            problems = []
+            if self._connection is None or self._connection.is_closed:
+                problems.append("broker disconnected")
+            try:
+                assert self._store is not None
+                await asyncio.wait_for(self._store.ping(), 2.0)
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready
+                problems.append(f"state store: {type(exc).__name__}")
+            if problems:
+                return web.json_response({"status": "unready", "problems": problems}, status=503)
+            return web.json_response({"status": "ready", "paused": [w.account.name for w in self._workers if w.paused]})
+
+        app = web.Application()
+        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz)])
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()
+        return runner
+
+    async def stop(self) -> bool:
+        """Drain: stop consuming, finish batches in flight, close. True if nothing was cut short."""
+        timeout = self.settings.drain_timeout_s
+        log.info("gateway_draining", timeout_s=timeout)
+        if self._unroutable is not None:
+            await self._unroutable.stop()
+        results = await asyncio.gather(*(w.stop(timeout) for w in self._workers))
+        clean = all(results)
+        for channel in self._channels:
+            if not channel.is_closed:
+                await channel.close()
+        if self._connection is not None:
+            await self._connection.close()
+        for adapter in self._adapters:
+            await adapter.close()
+        if self._store is not None:
+            await self._store.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        log.info("gateway_stopped", clean=clean)
+        return clean
+
+
+async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, then drain within `drain_timeout_s`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(settings, accounts, sandbox=sandbox)
+    try:
+        await gateway.start()
+        await stop.wait()
+    finally:
+        await gateway.stop()

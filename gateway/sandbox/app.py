@@ -1,0 +1,100 @@
+"""The sandbox HTTP server: provider APIs plus a control API under `/_sandbox/`.
+
+Control API (JSON):
+- `GET /_sandbox/ledger`: request count, sends, sends per unique_id, one row per send.
+- `GET /_sandbox/faults`, `POST /_sandbox/faults` (a `FaultRule`), `DELETE /_sandbox/faults`.
+- `POST /_sandbox/config` `{"duplicate_control": bool}`.
+- `POST /_sandbox/reset`: forget sends and faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from gateway.sandbox.serwersms import SerwerSmsApi
+from gateway.sandbox.state import FaultRule, SandboxState
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.sandbox")
+STATE_KEY = web.AppKey("state", SandboxState)
+M = TypeVar("M", bound=BaseModel)
+
+
+class SandboxConfig(BaseModel):
+    duplicate_control: bool | None = None
+
+
+async def _json_model(request: web.Request, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(await request.read())
+    except ValidationError as exc:
+        raise web.HTTPBadRequest(text=exc.json(), content_type="application/json") from None
+
+
+def build_app(state: SandboxState | None = None) -> web.Application:
+    state = state or SandboxState()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE_KEY] = state
+    app.add_routes(SerwerSmsApi(state).routes())
+
+    async def ledger(_request: web.Request) -> web.Response:
+        return web.json_response(state.ledger())
+
+    async def faults(_request: web.Request) -> web.Response:
+        return web.json_response(state.faults.describe())
+
+    async def add_fault(request: web.Request) -> web.Response:
+        rule = await _json_model(request, FaultRule)
+        return web.json_response({"id": state.faults.add(rule)}, status=201)
+
+    async def clear_faults(_request: web.Request) -> web.Response:
+        state.faults.clear()
+        return web.json_response({"cleared": True})
+
+    async def configure(request: web.Request) -> web.Response:
+        cfg = await _json_model(request, SandboxConfig)
+        if cfg.duplicate_control is not None:
+            state.duplicate_control = cfg.duplicate_control
+        return web.json_response({"duplicate_control": state.duplicate_control})
+
+    async def reset(_request: web.Request) -> web.Response:
+        state.reset()
+        return web.json_response({"reset": True})
+
+    app.add_routes(
+        [
+            web.get("/_sandbox/ledger", ledger),
+            web.get("/_sandbox/faults", faults),
+            web.post("/_sandbox/faults", add_fault),
+            web.delete("/_sandbox/faults", clear_faults),
+            web.post("/_sandbox/config", configure),
+            web.post("/_sandbox/reset", reset),
+        ]
+    )
+    return app
+
+
+async def start_sandbox(host: str, port: int, state: SandboxState | None = None) -> web.AppRunner:
+    runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, shutdown_timeout=1.0).start()
+    log.info("sandbox_listening", url=f"http://{host}:{port}")
+    return runner
+
+
+async def serve(host: str, port: int) -> None:
+    """`gateway sandbox`: serve until SIGTERM or SIGINT."""
+    runner = await start_sandbox(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,184 @@
+"""What the sandbox remembers: a ledger of every send it accepted, and the faults it was told to inject.
+
+The ledger is the ground truth that tests and benchmarks count duplicates and rates from. A fault
+rule matches requests by API identity (`token:<t>`, `user:<name>` or `*`) and path fragment, fires
+with a probability and, optionally, a limited number of times, and then does one of:
+
+- `code`: answer the provider's error envelope with that code (HTTP 200, as the real API does);
+- `http_status`: answer that HTTP status with an HTML body;
+- `latency_ms` (+ `jitter_ms`): delay the answer, then carry on;
+- `reset`: drop the connection before the request is processed;
+- `hang`: never answer, and do not process the request either;
+- `swallow`: process the request (the send counts), then never answer: the ambiguous case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import count
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+WARSAW = ZoneInfo("Europe/Warsaw")
+DELIVERED_AFTER_S = 1.0
+NEVER_S = 3600.0
+
+
+@dataclass(slots=True)
+class SendRecord:
+    who: str
+    unique_id: str | None
+    phone: str
+    text: str
+    sender: str
+    provider_id: str
+    stat_id: str
+    at: float = field(default_factory=time.time)
+
+
+class FaultRule(BaseModel):
+    match: str = Field(default="*", description="API identity (token:<t>, user:<name>) or *")
+    path: str = Field(default="messages/send", description="applies to request paths containing this")
+    rate: float = Field(default=1.0, ge=0, le=1)
+    count: int | None = Field(default=None, ge=1, description="fire this many times, then retire")
+    code: int | None = None
+    http_status: int | None = Field(default=None, ge=400, le=599)
+    latency_ms: float = Field(default=0, ge=0)
+    jitter_ms: float = Field(default=0, ge=0)
+    reset: bool = False
+    hang: bool = False
+    swallow: bool = False
+
+    def matches(self, who: str, path: str) -> bool:
+        return (self.match in ("*", who)) and self.path in path
+
+
+@dataclass(slots=True)
+class _Armed:
+    id: int
+    rule: FaultRule
+    fired: int = 0
+
+
+class Faults:
+    def __init__(self, seed: int | None = None) -> None:
+        self._rules: list[_Armed] = []
+        self._ids = count(1)
+        self._random = random.Random(seed)
+        # The API being served sets how an error code is answered (its error envelope).
+        self.error_body: Callable[[int], dict[str, Any]] = lambda code: {"error": {"code": code}}
+
+    def add(self, rule: FaultRule) -> int:
+        armed = _Armed(next(self._ids), rule)
+        self._rules.append(armed)
+        return armed.id
+
+    def clear(self) -> None:
+        self._rules.clear()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"id": a.id, "fired": a.fired, **a.rule.model_dump()} for a in self._rules]
+
+    def _pick(self, who: str, path: str) -> list[FaultRule]:
+        fired = []
+        for armed in list(self._rules):
+            if not armed.rule.matches(who, path) or self._random.random() >= armed.rule.rate:
+                continue
+            armed.fired += 1
+            if armed.rule.count is not None and armed.fired >= armed.rule.count:
+                self._rules.remove(armed)
+            fired.append(armed.rule)
+        return fired
+
+    async def before(self, who: str, request: web.Request) -> web.StreamResponse | None:
+        """Apply the rules that act before the request is processed; a response ends it there."""
+        rules = self._pick(who, request.path)
+        request["swallow"] = any(r.swallow for r in rules)
+        for r in rules:
+            if r.latency_ms or r.jitter_ms:
+                await asyncio.sleep((r.latency_ms + self._random.uniform(0, r.jitter_ms)) / 1000)
+        for r in rules:
+            if r.reset:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError
+            if r.hang:
+                await asyncio.sleep(NEVER_S)
+            if r.http_status is not None:
+                body = "<html><body>Server error</body></html>"
+                return web.Response(status=r.http_status, text=body, content_type="text/html")
+            if r.code is not None:
+                return web.json_response(self.error_body(r.code))
+        return None
+
+    async def after(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        if request.get("swallow"):
+            await asyncio.sleep(NEVER_S)  # processed and recorded; the answer never comes
+        return response
+
+
+class SandboxState:
+    def __init__(self, *, duplicate_control: bool = False, seed: int | None = None) -> None:
+        self.faults = Faults(seed)
+        self.duplicate_control = duplicate_control
+        self.requests = 0
+        self.sends: list[SendRecord] = []
+        self._by_uid: dict[tuple[str, str], int] = {}
+
+    def reset(self) -> None:
+        self.faults.clear()
+        self.requests = 0
+        self.sends.clear()
+        self._by_uid.clear()
+
+    def holds(self, who: str, unique_id: str) -> bool:
+        return (who, unique_id) in self._by_uid
+
+    def record(self, rec: SendRecord) -> None:
+        self.sends.append(rec)
+        if rec.unique_id:
+            key = (rec.who, rec.unique_id)
+            self._by_uid[key] = self._by_uid.get(key, 0) + 1
+
+    def report_item(self, r: SendRecord) -> dict[str, Any]:
+        """A `messages/reports` item: `sent` at first, `delivered` a moment later."""
+        queued = datetime.fromtimestamp(r.at, WARSAW).strftime("%Y-%m-%d %H:%M:%S")
+        delivered = time.time() - r.at >= DELIVERED_AFTER_S
+        parts = max(1, -(-len(r.text) // 153)) if len(r.text) > 160 else 1
+        return {
+            "id": r.provider_id,
+            "phone": r.phone,
+            "status": "delivered" if delivered else "sent",
+            "queued": queued,
+            "sent": queued,
+            "delivered": queued if delivered else None,
+            "sender": r.sender,
+            "type": "full",
+            "text": r.text,
+            "parts": parts,
+            "unique_id": r.unique_id,
+            "stat_id": r.stat_id,
+        }
+
+    def ledger(self) -> dict[str, Any]:
+        """Counts per unique_id and one row per accepted send (no message text)."""
+        per_uid: dict[str, int] = {}
+        for (_who, uid), n in self._by_uid.items():
+            per_uid[uid] = per_uid.get(uid, 0) + n
+        return {
+            "requests": self.requests,
+            "sends": len(self.sends),
+            "by_unique_id": per_uid,
+            "records": [
+                {"t": r.at, "who": r.who, "unique_id": r.unique_id, "phone": r.phone, "id": r.provider_id}
+                for r in self.sends
+            ],
+        }
