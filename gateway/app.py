@@ -1,9 +1,9 @@
 """Composition root: builds every part from `Settings`, runs until a signal, drains, exits.
 
-    RabbitMQ --sms.send.<account>--> AccountWorker (one channel each) --> ProviderAdapter (httpx)
-                                        |  claim / rate limit: Store (Redis or SQLite)
-                                        +--> Publisher (confirming channel): outcomes, dead, retry
-    RabbitMQ --sms.send.unroutable--> UnroutableWorker --> Publisher
+RabbitMQ --sms.send.<account>--> AccountWorker (one channel each) --> ProviderAdapter (httpx)
+                                    |  claim / rate limit: Store (Redis or SQLite)
+                                    +--> Publisher (confirming channel): outcomes, dead, retry
+RabbitMQ --sms.send.unroutable--> UnroutableWorker --> Publisher
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ class Gateway:
             self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
         self._store = open_store(s)
         await self._store.ping()
-        self._connection = await aio_pika.connect_robust(s.amqp_url.get_secret_value(), client_properties={
-            "connection_name": f"sms-gateway {self._owner}"
-        })
+        self._connection = await aio_pika.connect_robust(
+            s.amqp_url.get_secret_value(), client_properties={"connection_name": f"sms-gateway {self._owner}"}
+        )
         setup = await self._connection.channel()
         await topology.declare(setup, [a.name for a in self.accounts], s.retry_schedule_s)
         await setup.close()
@@ -90,7 +90,12 @@ class Gateway:
             adapter = build_adapter(account)
             self._adapters.append(adapter)
             worker = AccountWorker(
-                account=account, adapter=adapter, store=self._store, publisher=publisher, settings=s, owner=self._owner
+                account=account,
+                adapter=adapter,
+                store=self._store,
+                publisher=publisher,
+                settings=s,
+                owner=self._owner,
             )
             channel = await self._connection.channel()
             self._channels.append(channel)
@@ -103,8 +108,12 @@ class Gateway:
         await self._unroutable.start(channel)
         if s.http_port:
             self._runners.append(await self._start_http())
-        log.info("gateway_started", accounts=[a.name for a in self.accounts], owner=self._owner,
-                 store=type(self._store).__name__)
+        log.info(
+            "gateway_started",
+            accounts=[a.name for a in self.accounts],
+            owner=self._owner,
+            store=type(self._store).__name__,
+        )
 
     async def _start_http(self) -> web.AppRunner:
         async def healthz(_request: web.Request) -> web.Response:
@@ -121,7 +130,9 @@ class Gateway:
                 problems.append(f"state store: {type(exc).__name__}")
             if problems:
                 return web.json_response({"status": "unready", "problems": problems}, status=503)
-            return web.json_response({"status": "ready", "paused": [w.account.name for w in self._workers if w.paused]})
+            return web.json_response(
+                {"status": "ready", "paused": [w.account.name for w in self._workers if w.paused]}
+            )
 
         app = web.Application()
         app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz)])

@@ -64,7 +64,12 @@ async def _send(args: argparse.Namespace, settings: Settings) -> int:
 
     from gateway import contract as c
 
-    request: dict[str, Any] = {"v": 1, "unique_id": args.unique_id or str(uuid.uuid4()), "to": args.to, "text": args.text}
+    request: dict[str, Any] = {
+        "v": 1,
+        "unique_id": args.unique_id or str(uuid.uuid4()),
+        "to": args.to,
+        "text": args.text,
+    }
     if args.sender:
         request["sender"] = args.sender
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
@@ -108,8 +113,11 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="consume sms.send and deliver through the providers")
-    run.add_argument("--sandbox", action="store_true", help="also serve the sandbox provider; with no "
-                     "accounts configured, use its demo account")
+    run.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="also serve the sandbox provider; with no accounts configured, use its demo account",
+    )
     run.set_defaults(fn=cmd_run)
 
     sb = sub.add_parser("sandbox", help="serve the sandbox provider API")

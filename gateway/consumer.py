@@ -64,9 +64,11 @@ class Delivery:
 
 def _int_header(message: AbstractIncomingMessage, name: str) -> int:
     value = (message.headers or {}).get(name, 0)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
     try:
-        return max(0, int(value))  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+        return max(0, int(value)) if isinstance(value, int | str) else 0
+    except ValueError:
         return 0
 
 
@@ -83,11 +85,19 @@ class Settler:
                 await self._finish(d, decision)
             elif isinstance(decision, p.Retry):
                 await self._publisher.retry(
-                    d.message, account=d.account, delay_ms=decision.delay_ms, attempts=decision.attempts, waits=0
+                    d.message,
+                    account=d.account,
+                    delay_ms=decision.delay_ms,
+                    attempts=decision.attempts,
+                    waits=0,
                 )
             else:
                 await self._publisher.retry(
-                    d.message, account=d.account, delay_ms=decision.delay_ms, attempts=d.attempts, waits=d.waits + 1
+                    d.message,
+                    account=d.account,
+                    delay_ms=decision.delay_ms,
+                    attempts=d.attempts,
+                    waits=d.waits + 1,
                 )
             await d.message.ack()
         except Exception:
@@ -208,7 +218,9 @@ class AccountWorker:
 
     @property
     def prefetch(self) -> int:
-        return min(65535, min(self.account.batch_size, self._adapter.max_batch) * (self.account.concurrency + 1))
+        return min(
+            65535, min(self.account.batch_size, self._adapter.max_batch) * (self.account.concurrency + 1)
+        )
 
     @property
     def paused(self) -> bool:
@@ -241,7 +253,7 @@ class AccountWorker:
             return
         try:
             decision = self._admit(d)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any crash of one message is handled as poison
             await self._crashed(d, exc)
             return
         if decision is not None:
@@ -267,12 +279,16 @@ class AccountWorker:
         return None
 
     async def _crashed(self, d: Delivery, exc: Exception) -> None:
-        log.error("handler_crashed", account=d.account, error=type(exc).__name__, deliveries=d.delivery_count + 1)
+        log.error(
+            "handler_crashed", account=d.account, error=type(exc).__name__, deliveries=d.delivery_count + 1
+        )
         if d.delivery_count + 1 < self._settings.poison_deliveries:
             await requeue([d])
             return
         err = c.OutcomeError("poison", type(exc).__name__, "the handler crashed on this message", False)
-        f = p.finish(c.Status.FAILED, None, attempts=d.attempts, error=err, dead=c.DeadReason.POISON, store=False)
+        f = p.finish(
+            c.Status.FAILED, None, attempts=d.attempts, error=err, dead=c.DeadReason.POISON, store=False
+        )
         await self._settler.settle(d, f)
 
     # -- batches ------------------------------------------------------------------------------------
@@ -333,7 +349,9 @@ class AccountWorker:
         await self._send(batch, send, decisions)
         return decisions
 
-    async def _reconcile(self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]) -> list[int]:
+    async def _reconcile(
+        self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]
+    ) -> list[int]:
         """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""
         items = [batch[i].item for i in idx]
         try:
@@ -342,7 +360,9 @@ class AccountWorker:
             log.warning("reconcile_failed", account=self.account.name, count=len(idx), error=str(exc)[:200])
             unknown = ItemResult(
                 Verdict.AMBIGUOUS,
-                error=ProviderError("lookup_failed", "LookupFailed", "could not tell whether it was sent", True),
+                error=ProviderError(
+                    "lookup_failed", "LookupFailed", "could not tell whether it was sent", True
+                ),
             )
             for i in idx:
                 decisions[i] = p.decide(unknown, batch[i].attempts + 1, self._policy, self._adapter.name)
@@ -361,7 +381,7 @@ class AccountWorker:
         sends: list[asyncio.Task[None]] = []
 
         async def send_chunk(chunk: list[int]) -> None:
-            results = await self._adapter.send([batch[i].item for i in chunk if batch[i].item is not None])
+            results = await self._adapter.send([x for i in chunk if (x := batch[i].item) is not None])
             for i, result in zip(chunk, results, strict=True):
                 decisions[i] = p.decide(result, batch[i].attempts + 1, self._policy, self._adapter.name)
 
@@ -413,7 +433,7 @@ class AccountWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def _resume_later(self) -> None:
-        while self.paused:
+        while self.paused:  # noqa: ASYNC110 - the deadline moves when a pause is extended
             await asyncio.sleep(max(0.05, self._paused_until - time.monotonic()))
         if not self._stopping:
             log.info("account_resumed", account=self.account.name)
@@ -450,10 +470,14 @@ class UnroutableWorker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         account = message.routing_key or "unknown"
         d = Delivery(message, account)
-        req = c.decode_request(message.body, message_id=message.message_id, max_bytes=self._settings.max_body_bytes)
+        req = c.decode_request(
+            message.body, message_id=message.message_id, max_bytes=self._settings.max_body_bytes
+        )
         d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
         err = c.OutcomeError("unknown_account", "UnknownAccount", f"no account named {account!r}", False)
-        f = p.finish(c.Status.INVALID, None, attempts=0, error=err, dead=c.DeadReason.UNKNOWN_ACCOUNT, store=False)
+        f = p.finish(
+            c.Status.INVALID, None, attempts=0, error=err, dead=c.DeadReason.UNKNOWN_ACCOUNT, store=False
+        )
         await self._settler.settle(d, f)
 
     async def stop(self) -> None:

@@ -143,9 +143,7 @@ def render_text(text: str, values: dict[str, str | int | float]) -> str:
     return text.format_map(values) if names else text.replace("{{", "{").replace("}}", "}")
 
 
-def decode_request(
-    body: bytes, *, message_id: str | None, max_bytes: int
-) -> SendRequest | InvalidRequest:
+def decode_request(body: bytes, *, message_id: str | None, max_bytes: int) -> SendRequest | InvalidRequest:
     """Parse and validate one send request (contract v1)."""
     uid = message_id if message_id and UNIQUE_ID_RE.match(message_id) else None
     if len(body) > max_bytes:
@@ -157,10 +155,7 @@ def decode_request(
     if not isinstance(doc, dict):
         return InvalidRequest("bad_json", "body must be a JSON object", uid)
     raw_uid = doc.get("unique_id", message_id)
-    if isinstance(raw_uid, str) and UNIQUE_ID_RE.match(raw_uid):
-        uid = raw_uid
-    else:
-        uid = None
+    uid = raw_uid if isinstance(raw_uid, str) and UNIQUE_ID_RE.match(raw_uid) else None
     raw_to = doc.get("to") if isinstance(doc.get("to"), str) else None
     meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else None
     try:
@@ -183,7 +178,9 @@ def _validate(
         raise _Invalid("missing_field" if "to" not in doc else "bad_field", "to must be a string")
     text = doc.get("text")
     if not isinstance(text, str) or not text:
-        raise _Invalid("missing_field" if "text" not in doc else "bad_field", "text must be a non-empty string")
+        raise _Invalid(
+            "missing_field" if "text" not in doc else "bad_field", "text must be a non-empty string"
+        )
     values = doc.get("vars") or {}
     if not isinstance(values, dict) or not all(
         isinstance(v, str | int | float) and not isinstance(v, bool) for v in values.values()

@@ -1,7 +1,7 @@
 """The decisions of the pipeline, as values. No I/O here: the consumer carries decisions out.
 
-    request --prepare--> Outbound | Invalid
-    claim state + provider verdict --decide--> Finish (outcome, maybe dead letter) | Retry | Wait
+request --prepare--> Outbound | Invalid
+claim state + provider verdict --decide--> Finish (outcome, maybe dead letter) | Retry | Wait
 """
 
 from __future__ import annotations

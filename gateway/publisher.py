@@ -15,7 +15,13 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from gateway import contract as c
 from gateway.topology import persistent
 
-_STRIP = {"x-death", c.H_DELIVERY_COUNT, "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason"}
+_STRIP = {
+    "x-death",
+    c.H_DELIVERY_COUNT,
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+}
 
 
 class Publisher:

@@ -20,6 +20,7 @@ configuration change never makes a redeclare fail with PRECONDITION_FAILED.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, ExchangeType
@@ -28,16 +29,18 @@ from gateway import contract as c
 
 DELIVERY_LIMIT = 20  # broker-side backstop; the gateway itself stops at settings.poison_deliveries
 
-_QUORUM = {"x-queue-type": "quorum"}
+_QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # At-least-once dead-lettering (RabbitMQ 3.10+) so a message moving between queues is never dropped.
-_SAFE_DLX = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+_SAFE_DLX: dict[str, Any] = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 
 def retry_delays_ms(schedule_s: Iterable[float]) -> list[int]:
     return sorted({max(1, round(s * 1000)) for s in schedule_s})
 
 
-async def declare(channel: AbstractChannel, accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> None:
+async def declare(
+    channel: AbstractChannel, accounts: Iterable[str], retry_schedule_s: Iterable[float]
+) -> None:
     unroutable = await channel.declare_exchange(c.UNROUTABLE_EXCHANGE, ExchangeType.FANOUT, durable=True)
     send = await channel.declare_exchange(
         c.SEND_EXCHANGE,

@@ -34,7 +34,13 @@ class ApiError(Exception):
 
 def envelope(code: int) -> dict[str, Any]:
     rule = CODES.get(code)
-    return {"error": {"code": code, "type": rule.type if rule else "Error", "message": rule.meaning if rule else ""}}
+    return {
+        "error": {
+            "code": code,
+            "type": rule.type if rule else "Error",
+            "message": rule.meaning if rule else "",
+        }
+    }
 
 
 def _now() -> str:
@@ -152,7 +158,9 @@ class SerwerSmsApi:
             code = 2002
         return web.json_response(envelope(code if code in CODES else 2002))
 
-    def _send(self, who: str, params: dict[str, Any], pairs: list[tuple[str, str]], limit: int) -> dict[str, Any]:
+    def _send(
+        self, who: str, params: dict[str, Any], pairs: list[tuple[str, str]], limit: int
+    ) -> dict[str, Any]:
         if not pairs:
             raise ApiError(3104)
         if len(pairs) > limit:
@@ -175,7 +183,12 @@ class SerwerSmsApi:
         items = []
         for n, (phone, text) in enumerate(pairs):
             uid = uids[n] if uids else None
-            item: dict[str, Any] = {"id": secrets.token_hex(5), "phone": phone, "queued": _now(), "text": text}
+            item: dict[str, Any] = {
+                "id": secrets.token_hex(5),
+                "phone": phone,
+                "queued": _now(),
+                "text": text,
+            }
             if not PHONE_RE.match(phone):
                 item.update(status="unsent", error_code=2001, error_message="Invalid phone number")
             else:

@@ -82,7 +82,8 @@ class SqliteStore:
             out: dict[str, Claim] = {}
             for uid in uids:
                 row = db.execute(
-                    "SELECT state, lease_until, result FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
+                    "SELECT state, lease_until, result FROM dedupe"
+                    " WHERE account=? AND uid=? AND expires_at>=?",
                     (account, uid, now),
                 ).fetchone()
                 if row is not None and row[0] == "done":
@@ -171,4 +172,3 @@ class SqliteStore:
 
         await asyncio.get_running_loop().run_in_executor(self._pool, shut)
         self._pool.shutdown(wait=True)
-

@@ -1,0 +1,42 @@
+# sms-gateway developer commands. `make run` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run sandbox test lint typecheck unit integration clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The gateway on the embedded default: built-in sandbox provider, SQLite state file, local RabbitMQ.
+run: $(STAMP)
+	$(BIN)/gateway run --sandbox
+
+sandbox: $(STAMP)
+	$(BIN)/gateway sandbox
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff format --check gateway tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -m "not integration and not e2e"
+
+integration: $(STAMP)
+	$(BIN)/pytest -m "integration or e2e"
+
+## Lint, types and every test ring (unit, integration against real RabbitMQ/Redis, end-to-end processes).
+test: lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache gateway-state.sqlite3*
