@@ -130,9 +130,7 @@ class Gateway:
                 problems.append(f"state store: {type(exc).__name__}")
             if problems:
                 return web.json_response({"status": "unready", "problems": problems}, status=503)
-            return web.json_response(
-                {"status": "ready", "paused": [w.account.name for w in self._workers if w.paused]}
-            )
+            return web.json_response({"status": "ready", "paused": self.paused_accounts()})
 
         app = web.Application()
         app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz)])
@@ -140,6 +138,9 @@ class Gateway:
         await runner.setup()
         await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()
         return runner
+
+    def paused_accounts(self) -> list[str]:
+        return [w.account.name for w in self._workers if w.paused]
 
     async def stop(self) -> bool:
         """Drain: stop consuming, finish batches in flight, close. True if nothing was cut short."""

@@ -122,15 +122,17 @@ class Settler:
             meta=d.meta,
             original=asdict(f.original) if f.original is not None else None,
         )
-        jobs = [
-            self._publisher.outcome(
-                account=d.account,
-                status=str(f.status),
-                body=body,
-                unique_id=d.unique_id,
-                reply_to=d.message.reply_to,
+        jobs = []
+        if d.unique_id is not None:  # an outcome nobody can correlate is noise; the dead letter says it all
+            jobs.append(
+                self._publisher.outcome(
+                    account=d.account,
+                    status=str(f.status),
+                    body=body,
+                    unique_id=d.unique_id,
+                    reply_to=d.message.reply_to,
+                )
             )
-        ]
         if f.dead is not None:
             err = r.error or {}
             jobs.append(

@@ -39,7 +39,9 @@ def retry_queue(delay_ms: int) -> str:
 # Headers the gateway writes.
 H_ATTEMPTS = "x-gateway-attempts"  # provider attempts made so far (retry copies carry it)
 H_WAITS = "x-gateway-waits"  # times this copy waited for another worker's in-flight claim
-H_RETRY_DELAY = "x-gateway-retry-delay"  # selects the retry TTL queue (headers exchange)
+# Selects the retry TTL queue through the headers exchange. Deliberately without the `x-` prefix:
+# RabbitMQ ignores `x-` headers when matching `x-match: all`, which would route to every queue.
+H_RETRY_DELAY = "gateway-retry-delay"
 H_REASON = "x-gateway-reason"
 H_ERROR_CODE = "x-gateway-error-code"
 H_ERROR_MESSAGE = "x-gateway-error-message"

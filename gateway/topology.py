@@ -7,7 +7,7 @@ Layout (names from `contract`):
                                           it dead-letters to sms.dead as poison.<account>
     sms.send.unroutable (fanout) -> sms.send.unroutable   the gateway dead-letters these as
                                                           unknown_account.<routing key>
-    sms.retry (headers; x-gateway-retry-delay=<ms>) -> sms.retry.<ms>ms
+    sms.retry (headers; gateway-retry-delay=<ms>) -> sms.retry.<ms>ms
                                           quorum, x-message-ttl=<ms>, dead-letters back into
                                           sms.send keeping the account routing key
     sms.outcomes (topic, <status>.<account>)

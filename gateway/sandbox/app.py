@@ -80,9 +80,9 @@ def build_app(state: SandboxState | None = None) -> web.Application:
 
 
 async def start_sandbox(host: str, port: int, state: SandboxState | None = None) -> web.AppRunner:
-    runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, host, port, shutdown_timeout=1.0).start()
+    await web.TCPSite(runner, host, port).start()
     log.info("sandbox_listening", url=f"http://{host}:{port}")
     return runner
 

@@ -140,14 +140,16 @@ class SerwerSmsApi:
             try:
                 params = await read_params(request)
                 who = identity(request, params)
-                fault = await self.state.faults.before(who, request)
+                fault, swallow = await self.state.faults.before(who, request)
                 if fault is not None:
                     return fault
                 self.state.requests += 1
                 doc = handler(who, params)
             except ApiError as exc:
                 return web.json_response(envelope(exc.code))
-            return await self.state.faults.after(request, web.json_response(doc))
+            if swallow:
+                await self.state.faults.swallow()
+            return web.json_response(doc)
 
         return run
 

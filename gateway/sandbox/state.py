@@ -98,10 +98,11 @@ class Faults:
             fired.append(armed.rule)
         return fired
 
-    async def before(self, who: str, request: web.Request) -> web.StreamResponse | None:
-        """Apply the rules that act before the request is processed; a response ends it there."""
+    async def before(self, who: str, request: web.Request) -> tuple[web.StreamResponse | None, bool]:
+        """Apply the rules that act before the request is processed: (a response that ends it there,
+        whether the answer is to be swallowed after processing)."""
         rules = self._pick(who, request.path)
-        request["swallow"] = any(r.swallow for r in rules)
+        swallow = any(r.swallow for r in rules)
         for r in rules:
             if r.latency_ms or r.jitter_ms:
                 await asyncio.sleep((r.latency_ms + self._random.uniform(0, r.jitter_ms)) / 1000)
@@ -114,15 +115,14 @@ class Faults:
                 await asyncio.sleep(NEVER_S)
             if r.http_status is not None:
                 body = "<html><body>Server error</body></html>"
-                return web.Response(status=r.http_status, text=body, content_type="text/html")
+                return web.Response(status=r.http_status, text=body, content_type="text/html"), False
             if r.code is not None:
-                return web.json_response(self.error_body(r.code))
-        return None
+                return web.json_response(self.error_body(r.code)), False
+        return None, swallow
 
-    async def after(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-        if request.get("swallow"):
-            await asyncio.sleep(NEVER_S)  # processed and recorded; the answer never comes
-        return response
+    @staticmethod
+    async def swallow() -> None:
+        await asyncio.sleep(NEVER_S)  # processed and recorded; the answer never comes
 
 
 class SandboxState:

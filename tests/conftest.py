@@ -1,0 +1,96 @@
+"""Fixtures. Integration tests need RabbitMQ and Redis on 127.0.0.1 and fail (never skip) without them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from gateway.app import Gateway
+from gateway.config import Account, Settings, parse_accounts
+from gateway.sandbox.app import start_sandbox
+from gateway.sandbox.state import SandboxState
+from tests.support import AMQP_URL, REDIS_URL, Process, Sandbox, delete_account_queues, free_port, port_open
+from tests.support import start_sandbox as start_sandbox_process
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    missing = [name for name, port in (("RabbitMQ", 5672), ("Redis", 6379)) if not port_open(port)]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} not running on 127.0.0.1: start them (.ci/run does)", pytrace=False
+        )
+
+
+@pytest.fixture
+def redis_url(services: None) -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    yield REDIS_URL
+    client.close()
+
+
+class InProcess:
+    """A sandbox and gateways in the test's own event loop (fast, inspectable)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.state = SandboxState(seed=7)
+        self.sandbox_port = free_port()
+        self._sandbox: Any = None
+        self.gateways: list[Gateway] = []
+        self.account_names: set[str] = set()
+
+    async def start_sandbox(self) -> None:
+        self._sandbox = await start_sandbox("127.0.0.1", self.sandbox_port, self.state)
+
+    async def stop_sandbox(self) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.cleanup()
+            self._sandbox = None
+
+    def account(self, name: str, **overrides: Any) -> Account:
+        from tests.support import account_doc
+
+        self.account_names.add(name)
+        return parse_accounts([account_doc(name, self.sandbox_port, **overrides)])[0]
+
+    async def gateway(self, accounts: list[Account], **settings: Any) -> Gateway:
+        settings.setdefault("amqp_url", AMQP_URL)
+        settings.setdefault("state_path", self.tmp / "state.sqlite3")
+        settings.setdefault("http_port", 0)
+        settings.setdefault("retry_schedule_s", [0.2, 0.4])
+        settings.setdefault("drain_timeout_s", 5)
+        gw = Gateway(Settings(**settings), accounts)
+        await gw.start()
+        self.gateways.append(gw)
+        return gw
+
+    async def close(self) -> None:
+        for gw in self.gateways:
+            await gw.stop()
+        await self.stop_sandbox()
+        await delete_account_queues(self.account_names)
+
+
+@pytest.fixture
+async def world(services: None, tmp_path: Path) -> AsyncIterator[InProcess]:
+    w = InProcess(tmp_path)
+    await w.start_sandbox()
+    try:
+        yield w
+    finally:
+        await w.close()
+
+
+@pytest.fixture
+def sandbox_process(services: None, tmp_path: Path) -> Iterator[tuple[Process, Sandbox]]:
+    proc, sandbox = start_sandbox_process(tmp_path)
+    try:
+        yield proc, sandbox
+    finally:
+        proc.close()
