@@ -115,9 +115,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", secrets_dir=None)
 
-    amqp_url: SecretStr = Field(
-        default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ URL"
-    )
+    amqp_url: SecretStr = Field(default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ URL")
     redis_url: SecretStr | None = Field(
         default=None, description="Redis URL; unset means the embedded SQLite store (one node only)"
     )

@@ -220,9 +220,7 @@ class AccountWorker:
 
     @property
     def prefetch(self) -> int:
-        return min(
-            65535, min(self.account.batch_size, self._adapter.max_batch) * (self.account.concurrency + 1)
-        )
+        return min(65535, min(self.account.batch_size, self._adapter.max_batch) * (self.account.concurrency + 1))
 
     @property
     def paused(self) -> bool:
@@ -281,16 +279,12 @@ class AccountWorker:
         return None
 
     async def _crashed(self, d: Delivery, exc: Exception) -> None:
-        log.error(
-            "handler_crashed", account=d.account, error=type(exc).__name__, deliveries=d.delivery_count + 1
-        )
+        log.error("handler_crashed", account=d.account, error=type(exc).__name__, deliveries=d.delivery_count + 1)
         if d.delivery_count + 1 < self._settings.poison_deliveries:
             await requeue([d])
             return
         err = c.OutcomeError("poison", type(exc).__name__, "the handler crashed on this message", False)
-        f = p.finish(
-            c.Status.FAILED, None, attempts=d.attempts, error=err, dead=c.DeadReason.POISON, store=False
-        )
+        f = p.finish(c.Status.FAILED, None, attempts=d.attempts, error=err, dead=c.DeadReason.POISON, store=False)
         await self._settler.settle(d, f)
 
     # -- batches ------------------------------------------------------------------------------------
@@ -351,9 +345,7 @@ class AccountWorker:
         await self._send(batch, send, decisions)
         return decisions
 
-    async def _reconcile(
-        self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]
-    ) -> list[int]:
+    async def _reconcile(self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]) -> list[int]:
         """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""
         items = [batch[i].item for i in idx]
         try:
@@ -362,9 +354,7 @@ class AccountWorker:
             log.warning("reconcile_failed", account=self.account.name, count=len(idx), error=str(exc)[:200])
             unknown = ItemResult(
                 Verdict.AMBIGUOUS,
-                error=ProviderError(
-                    "lookup_failed", "LookupFailed", "could not tell whether it was sent", True
-                ),
+                error=ProviderError("lookup_failed", "LookupFailed", "could not tell whether it was sent", True),
             )
             for i in idx:
                 decisions[i] = p.decide(unknown, batch[i].attempts + 1, self._policy, self._adapter.name)
@@ -472,14 +462,10 @@ class UnroutableWorker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         account = message.routing_key or "unknown"
         d = Delivery(message, account)
-        req = c.decode_request(
-            message.body, message_id=message.message_id, max_bytes=self._settings.max_body_bytes
-        )
+        req = c.decode_request(message.body, message_id=message.message_id, max_bytes=self._settings.max_body_bytes)
         d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
         err = c.OutcomeError("unknown_account", "UnknownAccount", f"no account named {account!r}", False)
-        f = p.finish(
-            c.Status.INVALID, None, attempts=0, error=err, dead=c.DeadReason.UNKNOWN_ACCOUNT, store=False
-        )
+        f = p.finish(c.Status.INVALID, None, attempts=0, error=err, dead=c.DeadReason.UNKNOWN_ACCOUNT, store=False)
         await self._settler.settle(d, f)
 
     async def stop(self) -> None:

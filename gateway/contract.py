@@ -166,9 +166,7 @@ def decode_request(body: bytes, *, message_id: str | None, max_bytes: int) -> Se
         return InvalidRequest(exc.code, exc.message, uid, raw_to, meta)
 
 
-def _validate(
-    doc: dict[str, Any], uid: str | None, to: str | None, meta: dict[str, Any] | None
-) -> SendRequest:
+def _validate(doc: dict[str, Any], uid: str | None, to: str | None, meta: dict[str, Any] | None) -> SendRequest:
     version = doc.get("v", CONTRACT_VERSION)
     if version != CONTRACT_VERSION or isinstance(version, bool):
         raise _Invalid("bad_version", f"unsupported contract version {version!r}")
@@ -180,9 +178,7 @@ def _validate(
         raise _Invalid("missing_field" if "to" not in doc else "bad_field", "to must be a string")
     text = doc.get("text")
     if not isinstance(text, str) or not text:
-        raise _Invalid(
-            "missing_field" if "text" not in doc else "bad_field", "text must be a non-empty string"
-        )
+        raise _Invalid("missing_field" if "text" not in doc else "bad_field", "text must be a non-empty string")
     values = doc.get("vars") or {}
     if not isinstance(values, dict) or not all(
         isinstance(v, str | int | float) and not isinstance(v, bool) for v in values.values()

@@ -38,9 +38,7 @@ def retry_delays_ms(schedule_s: Iterable[float]) -> list[int]:
     return sorted({max(1, round(s * 1000)) for s in schedule_s})
 
 
-async def declare(
-    channel: AbstractChannel, accounts: Iterable[str], retry_schedule_s: Iterable[float]
-) -> None:
+async def declare(channel: AbstractChannel, accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> None:
     unroutable = await channel.declare_exchange(c.UNROUTABLE_EXCHANGE, ExchangeType.FANOUT, durable=True)
     send = await channel.declare_exchange(
         c.SEND_EXCHANGE,

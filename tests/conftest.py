@@ -21,9 +21,7 @@ from tests.support import start_sandbox as start_sandbox_process
 def services() -> None:
     missing = [name for name, port in (("RabbitMQ", 5672), ("Redis", 6379)) if not port_open(port)]
     if missing:
-        pytest.fail(
-            f"{' and '.join(missing)} not running on 127.0.0.1: start them (.ci/run does)", pytrace=False
-        )
+        pytest.fail(f"{' and '.join(missing)} not running on 127.0.0.1: start them (.ci/run does)", pytrace=False)
 
 
 @pytest.fixture

@@ -220,11 +220,7 @@ def _item_or_missing(item: dict[str, Any] | None) -> ItemResult:
 
 def parse_report(doc: Any) -> ItemResult | None:
     """One `messages/reports` answer filtered by a single unique_id: what the provider holds, if any."""
-    if (
-        not isinstance(doc, dict)
-        or isinstance(doc.get("error"), dict)
-        or not isinstance(doc.get("items"), list)
-    ):
+    if not isinstance(doc, dict) or isinstance(doc.get("error"), dict) or not isinstance(doc.get("items"), list):
         raise LookupFailed(f"unexpected messages/reports answer: {str(doc)[:200]}")
     items = [i for i in doc["items"] if isinstance(i, dict)]
     if not items:

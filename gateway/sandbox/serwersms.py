@@ -160,9 +160,7 @@ class SerwerSmsApi:
             code = 2002
         return web.json_response(envelope(code if code in CODES else 2002))
 
-    def _send(
-        self, who: str, params: dict[str, Any], pairs: list[tuple[str, str]], limit: int
-    ) -> dict[str, Any]:
+    def _send(self, who: str, params: dict[str, Any], pairs: list[tuple[str, str]], limit: int) -> dict[str, Any]:
         if not pairs:
             raise ApiError(3104)
         if len(pairs) > limit:

@@ -82,8 +82,7 @@ class SqliteStore:
             out: dict[str, Claim] = {}
             for uid in uids:
                 row = db.execute(
-                    "SELECT state, lease_until, result FROM dedupe"
-                    " WHERE account=? AND uid=? AND expires_at>=?",
+                    "SELECT state, lease_until, result FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
                     (account, uid, now),
                 ).fetchone()
                 if row is not None and row[0] == "done":

@@ -25,18 +25,14 @@ async def test_thousand_requests_two_accounts_are_batched_and_sent_once(world: I
     names = [new_account_name(), new_account_name()]
     await world.gateway([world.account(n, linger_ms=200, batch_size=100) for n in names])
     async with Bus.open(names) as bus:
-        items = [
-            (names[i % 2], request(f"m{i}", to=f"+4850060{i:04d}", text=f"code {i % 7}")) for i in range(1000)
-        ]
+        items = [(names[i % 2], request(f"m{i}", to=f"+4850060{i:04d}", text=f"code {i % 7}")) for i in range(1000)]
         await bus.publish_many(items)
         await bus.wait_for(outcomes=1000, timeout=120)
         await bus.settle(0.5)
     docs = bus.outcome_docs()
     assert len(docs) == 1000
     assert Counter(d["status"] for d in docs) == {"accepted": 1000}
-    assert {(d["account"], d["unique_id"]) for d in docs} == {
-        (a, json.loads(b)["unique_id"]) for a, b in items
-    }
+    assert {(d["account"], d["unique_id"]) for d in docs} == {(a, json.loads(b)["unique_id"]) for a, b in items}
     ledger = world.state.ledger()
     assert ledger["sends"] == 1000
     assert set(ledger["by_unique_id"].values()) == {1}

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, Settings, load_settings, parse_accounts
+
+BASE = {"name": "acme", "provider": "serwersms", "base_url": "https://api2.serwersms.pl", "token": "t0ken"}
+
+
+def test_accounts_from_a_toml_file_and_from_json_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "accounts.toml"
+    path.write_text(
+        '[[accounts]]\nname = "one"\nprovider = "mobizon"\nbase_url = "https://api.mobizon.kz"\n'
+        'api_key = "env:ONE_KEY"\nrate_per_s = 5\n'
+    )
+    monkeypatch.setenv("ONE_KEY", "k-123")
+    monkeypatch.setenv("GATEWAY_ACCOUNTS_FILE", str(path))
+    monkeypatch.setenv("GATEWAY_ACCOUNTS", json.dumps([{**BASE, "name": "two"}]))
+    accounts = load_settings().load_accounts()
+    assert [a.name for a in accounts] == ["one", "two"]
+    assert accounts[0].api_key is not None and accounts[0].api_key.get_secret_value() == "k-123"
+    assert accounts[0].rate_per_s == 5
+
+
+def test_secret_from_a_mounted_file(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    (acc,) = parse_accounts([{**BASE, "token": f"file:{secret}"}])
+    assert acc.token is not None and acc.token.get_secret_value() == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"provider": "twilio"}, "provider"),
+        ({"base_url": "ftp://x"}, "base_url"),
+        ({"rate_per_s": 0}, "rate_per_s"),
+        ({"default_country": "XX"}, "default_country"),
+        ({"token": None}, "token"),
+        ({"token": "env:NOT_SET_ANYWHERE"}, "token"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"name": "Bad Name"}, "name"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_account_names_the_field(override: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_accounts([{**BASE, **override}])
+    assert field in str(info.value) or (field == "token" and "token" in str(info.value))
+    assert "acme" in str(info.value) or override.get("name") == "Bad Name"
+
+
+def test_duplicate_account_names_are_refused() -> None:
+    with pytest.raises(ConfigError, match="acme"):
+        parse_accounts([BASE, BASE])
+
+
+def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_MAX_ATTEMPTS", "zero")
+    with pytest.raises(ConfigError, match="GATEWAY_MAX_ATTEMPTS"):
+        load_settings()
+
+
+def test_secrets_are_masked_in_repr_and_redacted_dump() -> None:
+    (acc,) = parse_accounts([BASE])
+    assert "t0ken" not in repr(acc)
+    assert "t0ken" not in json.dumps(acc.redacted())
+    settings = Settings(redis_url="redis://:hunter2@localhost:6379/0")
+    assert "hunter2" not in repr(settings)
