@@ -21,7 +21,8 @@ def test_accounts_from_a_toml_file_and_from_json_env(tmp_path: Path, monkeypatch
     monkeypatch.setenv("GATEWAY_ACCOUNTS", json.dumps([{**BASE, "name": "two"}]))
     accounts = load_settings().load_accounts()
     assert [a.name for a in accounts] == ["one", "two"]
-    assert accounts[0].api_key is not None and accounts[0].api_key.get_secret_value() == "k-123"
+    assert accounts[0].api_key is not None
+    assert accounts[0].api_key.get_secret_value() == "k-123"
     assert accounts[0].rate_per_s == 5
 
 
@@ -29,7 +30,8 @@ def test_secret_from_a_mounted_file(tmp_path: Path) -> None:
     secret = tmp_path / "token"
     secret.write_text("from-file\n")
     (acc,) = parse_accounts([{**BASE, "token": f"file:{secret}"}])
-    assert acc.token is not None and acc.token.get_secret_value() == "from-file"
+    assert acc.token is not None
+    assert acc.token.get_secret_value() == "from-file"
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,9 @@ def test_provider_ref_is_deterministic_and_provider_safe() -> None:
     ref = provider_ref("acme", "order-1/ä")
     assert ref == provider_ref("acme", "order-1/ä")
     assert ref != provider_ref("other", "order-1/ä")
-    assert ref.isalnum() and ref.isascii() and 3 <= len(ref) <= 50
+    assert ref.isalnum()
+    assert ref.isascii()
+    assert 3 <= len(ref) <= 50
 
 
 def test_items_map_back_by_order_when_unique_id_is_not_echoed() -> None:
@@ -92,7 +94,8 @@ def test_items_map_back_by_order_when_unique_id_is_not_echoed() -> None:
     first, second = parse_send(batch, doc)
     assert (first.verdict, first.provider_message_id) == (Verdict.ACCEPTED, "aaa1")
     assert second.verdict is Verdict.REJECTED
-    assert second.error is not None and second.error.code == "2001"
+    assert second.error is not None
+    assert second.error.code == "2001"
 
 
 def test_items_map_back_by_unique_id_when_echoed_in_any_order() -> None:
