@@ -265,6 +265,7 @@ def start_sandbox(tmp: Path) -> tuple[Process, Sandbox]:
 
 def start_gateway(tmp: Path, accounts: list[dict[str, Any]], **settings: Any) -> tuple[Process, int]:
     port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     settings.setdefault("state_path", str(tmp / "state.sqlite3"))
     env = gateway_env(accounts=accounts, http_port=port, **settings)
     proc = Process(["run"], env, tmp / f"gateway-{port}.log")

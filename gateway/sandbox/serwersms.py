@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -24,6 +25,7 @@ UNIQUE_ID_RE = re.compile(r"^[a-zA-Z0-9]{3,50}$")
 PHONE_RE = re.compile(r"^\+?[0-9]{9,15}$")
 MAX_NUMBERS = 100_000
 MAX_PERSONALIZED = 10_000
+RECEIVED = "\0received"  # internal parameter: when the request arrived
 
 
 class ApiError(Exception):
@@ -137,8 +139,10 @@ class SerwerSmsApi:
         async def run(request: web.Request) -> web.StreamResponse:
             if request.method not in ("GET", "POST"):
                 raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
+            received = time.time()  # the ledger times a send by its arrival, as a provider would
             try:
                 params = await read_params(request)
+                params[RECEIVED] = received
                 who = identity(request, params)
                 fault, swallow = await self.state.faults.before(who, request)
                 if fault is not None:
@@ -194,7 +198,7 @@ class SerwerSmsApi:
             else:
                 item.update(status="queued", parts=max(1, -(-len(text) // 153)) if len(text) > 160 else 1)
                 if not test:
-                    self.state.record(SendRecord(who, uid, phone, text, sender, item["id"], stat_id))
+                    self.state.record(SendRecord(who, uid, phone, text, sender, item["id"], stat_id, params[RECEIVED]))
             items.append(item)
         queued = sum(1 for i in items if i["status"] == "queued")
         doc: dict[str, Any] = {"success": True, "queued": queued, "unsent": len(items) - queued}
