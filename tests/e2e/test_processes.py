@@ -139,7 +139,6 @@ async def test_two_replicas_share_one_rate_limit(
     assert len(times) == 200
     # Sliding 1 s windows: never more than one second of rate plus the burst.
     worst = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
-    print("WORST", worst)
     assert worst <= rate + burst, f"{worst} sends in one second"
     observed = (len(times) - burst) / (times[-1] - times[0])
     assert observed >= 0.9 * rate, f"observed {observed:.1f}/s"
