@@ -51,7 +51,8 @@ def test_fresh_clone_make_run_answers_the_readme_request(tmp_path: Path, service
         assert '"status": "accepted"' in sent.stdout
         assert '"account": "demo"' in sent.stdout
     finally:
-        os.killpg(run.pid, signal.SIGTERM)
-        code = run.wait(60)
+        os.killpg(run.pid, signal.SIGTERM)  # as Ctrl-C would: make and the gateway both get it
+        run.wait(60)
         log.close()
-    assert code == 0, (tmp_path / "make-run.log").read_text()[-3000:]
+    output = (tmp_path / "make-run.log").read_text()
+    assert '"clean": true' in output, output[-3000:]  # the gateway drained and stopped by itself
