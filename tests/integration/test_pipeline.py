@@ -249,3 +249,32 @@ async def test_account_error_pauses_the_account_and_keeps_its_messages(world: In
     assert bus.outcome_docs()[1]["status"] == "accepted"
     assert gw.paused_accounts() == []
     assert rule
+
+
+async def test_message_that_crashes_the_handler_is_dead_lettered_as_poison(
+    world: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import pipeline
+
+    real_prepare = pipeline.prepare
+
+    def prepare(account, req):  # type: ignore[no-untyped-def]
+        if req.unique_id == "boom":
+            raise RuntimeError("a bug that only this message triggers")
+        return real_prepare(account, req)
+
+    monkeypatch.setattr(pipeline, "prepare", prepare)
+    name = new_account_name()
+    await world.gateway([world.account(name)], poison_deliveries=3)
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("boom"))
+        await bus.publish(name, request("fine"))
+        await bus.wait_for(outcomes=2, dead=1)
+        await bus.settle(0.5)
+    docs = {d["unique_id"]: d for d in bus.outcome_docs()}
+    assert docs["fine"]["status"] == "accepted"
+    assert docs["boom"]["status"] == "failed"
+    assert docs["boom"]["error"]["code"] == "poison"
+    (dead,) = bus.dead
+    assert dead.routing_key == f"poison.{name}"
+    assert dead.headers[c.H_REASON] == "poison"
