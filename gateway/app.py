@@ -18,7 +18,9 @@ from pathlib import Path
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import metrics as m
 from gateway import topology
 from gateway.config import Account, ConfigError, Settings, sandbox_account
 from gateway.consumer import AccountWorker, UnroutableWorker
@@ -132,8 +134,11 @@ class Gateway:
                 return web.json_response({"status": "unready", "problems": problems}, status=503)
             return web.json_response({"status": "ready", "paused": self.paused_accounts()})
 
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
         app = web.Application()
-        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz)])
+        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()

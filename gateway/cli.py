@@ -21,8 +21,10 @@ def _settings() -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import resolve_accounts, run
+    from gateway.tracing import setup_tracing
 
     settings = _settings()
+    setup_tracing()
     accounts = resolve_accounts(settings, sandbox=args.sandbox)
     asyncio.run(run(settings, accounts, sandbox=args.sandbox))
     return 0

@@ -21,9 +21,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind, StatusCode
 
 from gateway import contract as c
+from gateway import metrics as m
 from gateway import pipeline as p
+from gateway import tracing
 from gateway.batching import Batcher
 from gateway.config import Account, Settings
 from gateway.numbers import mask
@@ -50,6 +54,34 @@ class Delivery:
     request: c.SendRequest | None = None
     item: Outbound | None = None
     started: float = field(default_factory=time.monotonic)
+    span: trace.Span | None = None
+    _open: bool = False
+
+    @classmethod
+    def begin(cls, message: AbstractIncomingMessage, account: str) -> Delivery:
+        """Start tracking a consumed message: its span (continuing the publisher's trace) and the
+        in-flight gauge. `close` ends both, exactly once."""
+        span = tracing.tracer().start_span(
+            "sms.send process",
+            context=tracing.extract(message.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": "rabbitmq", "messaging.destination.name": c.account_queue(account)},
+        )
+        m.IN_FLIGHT.labels(account).inc()
+        return cls(message, account, span=span, _open=True)
+
+    def close(self, result: str) -> None:
+        if not self._open:
+            return
+        self._open = False
+        m.IN_FLIGHT.labels(self.account).dec()
+        if self.span is not None:
+            self.span.set_attribute("sms.result", result)
+            if self.unique_id:
+                self.span.set_attribute("sms.unique_id", self.unique_id)
+            if result == "requeued":
+                self.span.set_status(StatusCode.ERROR, "requeued")
+            self.span.end()
 
     @property
     def ours(self) -> bool:
@@ -104,8 +136,24 @@ class Settler:
             log.exception("settle_failed", account=d.account, unique_id=d.unique_id)
             await requeue([d])
             return False
-        self._log(d, decision)
+        self._count(d, decision)
+        if d.span is not None:
+            with trace.use_span(d.span, end_on_exit=False):
+                self._log(d, decision)
+        else:
+            self._log(d, decision)
+        d.close(_result_name(decision))
         return True
+
+    @staticmethod
+    def _count(d: Delivery, decision: p.Decision) -> None:
+        if isinstance(decision, p.Finish):
+            code = (decision.result.error or {}).get("code") or ""
+            m.OUTCOMES.labels(d.account, str(decision.status), str(code)).inc()
+            if decision.dead is not None:
+                m.DEAD_LETTERS.labels(d.account, str(decision.dead)).inc()
+        else:
+            m.RETRIES.labels(d.account, "retry" if isinstance(decision, p.Retry) else "wait").inc()
 
     async def _finish(self, d: Delivery, f: p.Finish) -> None:
         r = f.result
@@ -122,6 +170,7 @@ class Settler:
             meta=d.meta,
             original=asdict(f.original) if f.original is not None else None,
         )
+        headers = tracing.inject(d.span, {})
         jobs = []
         if d.unique_id is not None:  # an outcome nobody can correlate is noise; the dead letter says it all
             jobs.append(
@@ -131,6 +180,7 @@ class Settler:
                     body=body,
                     unique_id=d.unique_id,
                     reply_to=d.message.reply_to,
+                    headers=headers,
                 )
             )
         if f.dead is not None:
@@ -178,12 +228,19 @@ class Settler:
             log.info("sms_wait", account=d.account, unique_id=d.unique_id, to=to, waits=d.waits + 1)
 
 
+def _result_name(decision: p.Decision) -> str:
+    if isinstance(decision, p.Finish):
+        return str(decision.status)
+    return "retry" if isinstance(decision, p.Retry) else "wait"
+
+
 async def requeue(deliveries: Sequence[Delivery]) -> None:
     for d in deliveries:
         try:
             await d.message.nack(requeue=True)
         except Exception:  # noqa: BLE001 - the channel is gone; the broker requeues on its own
             log.warning("nack_failed", account=d.account, unique_id=d.unique_id)
+        d.close("requeued")
 
 
 class AccountWorker:
@@ -247,7 +304,7 @@ class AccountWorker:
     # -- admission: one message at a time ---------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        d = Delivery(message, self.account.name)
+        d = Delivery.begin(message, self.account.name)
         if self._stopping or self.paused:
             await requeue([d])
             return
@@ -295,18 +352,25 @@ class AccountWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_batch(self, batch: list[Delivery]) -> None:
+        # One span per batch: the first message's trace is its parent, the others are links.
+        parent = trace.set_span_in_context(batch[0].span) if batch[0].span is not None else None
+        links = [Link(d.span.get_span_context()) for d in batch[1:] if d.span is not None]
+        attributes: dict[str, str | int] = {"sms.account": self.account.name, "sms.batch_size": len(batch)}
         async with self._slots:
-            try:
-                decisions = await self._decide(batch)
-                await self._record(batch, decisions)
-            except Exception:
-                log.exception("batch_failed", account=self.account.name, size=len(batch))
-                await requeue(batch)
-                await self._pause(self._backoff_s, "batch_failed")
-                self._backoff_s = min(self._backoff_s * 2, 60.0)
-                return
-            self._backoff_s = 1.0
-            await asyncio.gather(*(self._settler.settle(d, decisions[i]) for i, d in enumerate(batch)))
+            with tracing.tracer().start_as_current_span(
+                "sms.batch", context=parent, links=links, attributes=attributes
+            ):
+                try:
+                    decisions = await self._decide(batch)
+                    await self._record(batch, decisions)
+                except Exception:
+                    log.exception("batch_failed", account=self.account.name, size=len(batch))
+                    await requeue(batch)
+                    await self._pause(self._backoff_s, "batch_failed")
+                    self._backoff_s = min(self._backoff_s * 2, 60.0)
+                    return
+                self._backoff_s = 1.0
+                await asyncio.gather(*(self._settler.settle(d, decisions[i]) for i, d in enumerate(batch)))
         if any(isinstance(x, p.Finish) and x.pause_account for x in decisions.values()):
             await self._pause(self._settings.account_pause_s, "account_error")
 
@@ -373,6 +437,7 @@ class AccountWorker:
         sends: list[asyncio.Task[None]] = []
 
         async def send_chunk(chunk: list[int]) -> None:
+            m.BATCH_SIZE.labels(a.name).observe(len(chunk))
             results = await self._adapter.send([x for i in chunk if (x := batch[i].item) is not None])
             for i, result in zip(chunk, results, strict=True):
                 decisions[i] = p.decide(result, batch[i].attempts + 1, self._policy, self._adapter.name)
@@ -384,7 +449,9 @@ class AccountWorker:
                 sends.append(asyncio.create_task(send_chunk(pending[:granted])))
                 pending = pending[granted:]
             if pending:
-                await asyncio.sleep(max(wait, min(a.linger_ms / 1000, 0.05)))
+                pause = max(wait, min(a.linger_ms / 1000, 0.05))
+                m.RATE_LIMIT_WAIT.labels(a.name).inc(pause)
+                await asyncio.sleep(pause)
         await asyncio.gather(*sends)
 
     async def _record(self, batch: list[Delivery], decisions: dict[int, p.Decision]) -> None:
@@ -418,6 +485,7 @@ class AccountWorker:
         if not first:
             return
         log.warning("account_paused", account=self.account.name, seconds=seconds, reason=reason)
+        m.PAUSED.labels(self.account.name).set(1)
         await self._cancel()
         await requeue(self._batcher.take_all())
         task = asyncio.create_task(self._resume_later())
@@ -427,6 +495,7 @@ class AccountWorker:
     async def _resume_later(self) -> None:
         while self.paused:  # noqa: ASYNC110 - the deadline moves when a pause is extended
             await asyncio.sleep(max(0.05, self._paused_until - time.monotonic()))
+        m.PAUSED.labels(self.account.name).set(0)
         if not self._stopping:
             log.info("account_resumed", account=self.account.name)
             await self._consume()
@@ -461,7 +530,7 @@ class UnroutableWorker:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         account = message.routing_key or "unknown"
-        d = Delivery(message, account)
+        d = Delivery.begin(message, account)
         req = c.decode_request(message.body, message_id=message.message_id, max_bytes=self._settings.max_body_bytes)
         d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
         err = c.OutcomeError("unknown_account", "UnknownAccount", f"no account named {account!r}", False)

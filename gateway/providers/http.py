@@ -11,10 +11,15 @@ and AMBIGUOUS (reconcile first):
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, StatusCode
 
+from gateway import metrics as m
+from gateway import tracing
 from gateway.providers.base import ItemResult, ProviderError, Verdict
 
 
@@ -26,6 +31,51 @@ def make_client(base_url: str, timeout_s: float, concurrency: int) -> httpx.Asyn
         headers={"User-Agent": "sms-gateway/0.1"},
         follow_redirects=False,
     )
+
+
+async def traced_post(
+    client: httpx.AsyncClient,
+    path: str,
+    *,
+    account: str,
+    provider: str,
+    json_body: Any = None,
+    data: Any = None,
+    params: Any = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """POST with a CLIENT span (child of the current batch span, `traceparent` passed on) and the
+    provider-latency histogram. The span names the path only: query strings may hold credentials."""
+    operation = path.split("?", 1)[0].removesuffix(".json")
+    started = time.perf_counter()
+    attributes = {
+        "http.request.method": "POST",
+        "url.path": operation,
+        "sms.provider": provider,
+        "sms.account": account,
+    }
+    with tracing.tracer().start_as_current_span(
+        f"POST {operation}", kind=SpanKind.CLIENT, attributes=attributes
+    ) as span:
+        try:
+            response = await client.post(
+                path, json=json_body, data=data, params=params, headers=propagate_into(dict(headers or {}))
+            )
+        except httpx.HTTPError as exc:
+            m.PROVIDER_LATENCY.labels(account, provider, operation, "transport").observe(time.perf_counter() - started)
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            raise
+        result = "ok" if response.is_success else "error"
+        m.PROVIDER_LATENCY.labels(account, provider, operation, result).observe(time.perf_counter() - started)
+        span.set_attribute("http.response.status_code", response.status_code)
+        if not response.is_success:
+            span.set_status(StatusCode.ERROR, f"HTTP {response.status_code}")
+        return response
+
+
+def propagate_into(headers: dict[str, str]) -> dict[str, str]:
+    propagate.inject(headers)
+    return headers
 
 
 def transport_failure(exc: Exception) -> ItemResult:

@@ -23,7 +23,7 @@ import httpx
 from gateway.config import Account
 from gateway.providers.base import Action as A
 from gateway.providers.base import CodeRule, ItemResult, LookupFailed, Outbound, Verdict
-from gateway.providers.http import decode_json, make_client, transport_failure
+from gateway.providers.http import decode_json, make_client, traced_post, transport_failure
 
 NAME = "serwersms"
 MAX_NUMBERS = 100_000  # per send_sms request
@@ -250,7 +250,14 @@ class SerwerSmsAdapter:
         return (item.sender, item.flash, item.test, item.send_at)
 
     async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return await self._client.post(path, json={**body, **self._auth_body}, headers=self._headers)
+        return await traced_post(
+            self._client,
+            path,
+            account=self._account.name,
+            provider=NAME,
+            json_body={**body, **self._auth_body},
+            headers=self._headers,
+        )
 
     async def send(self, batch: Sequence[Outbound]) -> list[ItemResult]:
         if not batch:

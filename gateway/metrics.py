@@ -1,0 +1,53 @@
+"""Prometheus metrics, served on `/metrics`. Labels are bounded: account, status, code, reason.
+
+Provider codes are a closed table per provider plus a few transport codes, so `code` stays small.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+OUTCOMES = Counter(
+    "sms_outcomes",
+    "Terminal outcomes published, by account, status and provider or gateway error code",
+    ["account", "status", "code"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "sms_retries",
+    "Copies parked in the delayed-retry queues: `retry` after a failed attempt, `wait` for another "
+    "worker's in-flight claim",
+    ["account", "kind"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Counter(
+    "sms_dead_letters", "Dead letters published, by reason", ["account", "reason"], registry=REGISTRY
+)
+BATCH_SIZE = Histogram(
+    "sms_batch_size",
+    "Messages per provider request",
+    ["account"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+    registry=REGISTRY,
+)
+PROVIDER_LATENCY = Histogram(
+    "sms_provider_request_seconds",
+    "Provider HTTP request latency, by operation and result (ok, error, transport)",
+    ["account", "provider", "operation", "result"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+RATE_LIMIT_WAIT = Counter(
+    "sms_rate_limit_wait_seconds", "Time batches spent waiting for rate-limit tokens", ["account"], registry=REGISTRY
+)
+IN_FLIGHT = Gauge("sms_in_flight", "Messages consumed and not yet settled", ["account"], registry=REGISTRY)
+PAUSED = Gauge("sms_account_paused", "1 while the account's consumption is paused", ["account"], registry=REGISTRY)
+DLR_EVENTS = Counter(
+    "sms_dlr_events", "Delivery-report events received, by final status", ["account", "status"], registry=REGISTRY
+)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
