@@ -92,3 +92,20 @@ def sandbox_process(services: None, tmp_path: Path) -> Iterator[tuple[Process, S
         yield proc, sandbox
     finally:
         proc.close()
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> Any:
+    """An in-memory exporter on the process's tracer provider (installed once per test session)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
