@@ -1,0 +1,229 @@
+"""The Helm chart: rendered with Helm's own SDK, linted, and validated against Kubernetes' schemas."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway.config import Settings, parse_accounts
+from tests.support import ROOT
+
+pytestmark = pytest.mark.chart
+
+CHART = ROOT / "helm" / "sms-gateway"
+KUBE_VERSION = kubernetes_validate.latest_version()
+CRDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "keda-off": {"autoscaling": {"keda": {"enabled": False}}},
+    "no-autoscaling-sqlite": {"autoscaling": {"enabled": False}, "replicaCount": 1, "state": {"existingSecret": ""}},
+    "created-secret": {"credentials": {"existingSecret": "", "create": True, "stringData": {"otp-token": "dev-only"}}},
+    "monitoring": {
+        "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        "grafanaDashboard": {"enabled": True},
+    },
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm_python.Chart.load(str(CHART)) as chart:
+        out = chart.render(values=values, name="sms", namespace="messaging")
+    docs = []
+    for path, text in out.items():
+        if path.endswith(".txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.fixture(params=sorted(VALUE_SETS), ids=sorted(VALUE_SETS))
+def manifests(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(VALUE_SETS[request.param])
+
+
+def test_lint_is_clean() -> None:
+    for values in VALUE_SETS.values():
+        report = helm_python.lint(str(CHART), values, strict=True)
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert problems == [], problems
+        assert report["errors"] == []
+
+
+def test_every_manifest_is_valid_kubernetes(manifests: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = manifests
+    assert docs
+    for doc in docs:
+        if doc["kind"] in CRDS:
+            continue  # custom resources: checked by the tests below
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_deployment_is_locked_down_and_drains(manifests: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = manifests
+    (deploy,) = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["requests"]
+    env = effective_env(docs)
+    assert pod["terminationGracePeriodSeconds"] > float(env["GATEWAY_DRAIN_TIMEOUT_S"])
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert str(Path(env["GATEWAY_STATE_PATH"]).parent) in mounts  # writable under a read-only root
+
+
+def effective_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Every variable the chart gives the container: envFrom ConfigMaps plus env (secret refs as markers)."""
+    (deploy,) = by_kind(docs, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    configmaps = {d["metadata"]["name"]: d["data"] for d in by_kind(docs, "ConfigMap")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        data = configmaps[source["configMapRef"]["name"]]
+        env.update({k: v for k, v in data.items() if k.isupper()})
+    for item in container.get("env", []):
+        env[item["name"]] = item.get("value", "<from secret>")
+    return env
+
+
+def test_every_variable_the_chart_sets_is_a_gateway_setting(
+    manifests: tuple[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, docs = manifests
+    env = effective_env(docs)
+    known = {f"GATEWAY_{field.upper()}" for field in Settings.model_fields}
+    gateway_vars = {k for k in env if k.startswith("GATEWAY_")}
+    assert gateway_vars <= known, gateway_vars - known
+    assert {"GATEWAY_AMQP_URL", "GATEWAY_ACCOUNTS_FILE", "GATEWAY_STATE_PATH", "GATEWAY_HTTP_HOST"} <= gateway_vars
+    assert env["GATEWAY_HTTP_HOST"] == "0.0.0.0"  # probes come from outside the container
+    assert ("GATEWAY_REDIS_URL" in env) is (name != "no-autoscaling-sqlite")
+    # The values parse exactly as the gateway parses its environment.
+    for key in list(os.environ):
+        if key.startswith("GATEWAY_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("GATEWAY_") and value != "<from secret>":
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.http_port == 8080
+    assert settings.retry_schedule_s == [1, 5, 30, 120, 600, 1800]
+
+
+def test_accounts_file_is_valid_and_holds_no_secret(manifests: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = manifests
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if "accounts.json" in d["data"]]
+    accounts = json.loads(cm["data"]["accounts.json"])["accounts"]
+    for account in accounts:
+        for key in ("token", "password", "api_key"):
+            assert key not in account or account[key].startswith(("file:/etc/gateway/secrets/", "env:"))
+    parsed = parse_accounts([{**a, "token": "resolved"} if "token" in a else a for a in accounts])
+    assert [a.name for a in parsed] == ["otp"]
+
+
+def test_credentials_never_rendered_unless_asked() -> None:
+    assert by_kind(render({}), "Secret") == []
+    (secret,) = by_kind(render(VALUE_SETS["created-secret"]), "Secret")
+    assert secret["stringData"] == {"otp-token": "dev-only"}
+
+
+def test_keda_scales_on_every_account_queue() -> None:
+    values = {"accounts": [{"name": n, "provider": "serwersms", "base_url": "https://x.test"} for n in ("otp", "bulk")]}
+    docs = render(values)
+    (scaled,) = by_kind(docs, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    (deploy,) = by_kind(docs, "Deployment")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deploy["metadata"]["name"]
+    triggers = scaled["spec"]["triggers"]
+    assert [t["metadata"]["queueName"] for t in triggers] == ["sms.send.otp", "sms.send.bulk"]
+    assert all(t["type"] == "rabbitmq" and t["metadata"]["mode"] == "QueueLength" for t in triggers)
+    assert all(t["metadata"]["hostFromEnv"] == "GATEWAY_AMQP_URL" for t in triggers)
+    assert "replicas" not in deploy["spec"]
+    assert by_kind(docs, "HorizontalPodAutoscaler") == []
+
+
+def test_plain_hpa_when_keda_is_off() -> None:
+    docs = render(VALUE_SETS["keda-off"])
+    assert by_kind(docs, "ScaledObject") == []
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] == 10
+
+
+def test_monitoring_resources() -> None:
+    docs = render(VALUE_SETS["monitoring"])
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    (rule,) = by_kind(docs, "PrometheusRule")
+    alerts = {r["alert"]: r["expr"] for r in rule["spec"]["groups"][0]["rules"]}
+    assert set(alerts) == {
+        "SmsGatewayAccountPaused",
+        "SmsGatewayDeadLettersGrowing",
+        "SmsGatewayErrorRate",
+        "SmsGatewayNoConsumers",
+    }
+    assert "sms_account_paused" in alerts["SmsGatewayAccountPaused"]
+    dashboard = next(d for d in by_kind(docs, "ConfigMap") if "sms-gateway.json" in d.get("data", {}))
+    panels = json.loads(dashboard["data"]["sms-gateway.json"])["panels"]
+    exprs = " ".join(p["targets"][0]["expr"] for p in panels)
+    from gateway import metrics
+
+    for metric in (
+        "sms_outcomes_total",
+        "sms_provider_request_seconds",
+        "sms_dead_letters_total",
+        "sms_account_paused",
+    ):
+        assert metric in exprs
+    registered = {m.name for m in metrics.REGISTRY.collect()}
+    assert {"sms_outcomes", "sms_account_paused", "sms_in_flight"} <= registered
+
+
+def test_schema_rejects_bad_values() -> None:
+    with helm_python.Chart.load(str(CHART)) as chart, pytest.raises(helm_python.HelmValuesError):
+        chart.render(values={"accounts": [{"name": "x", "provider": "sms", "base_url": "https://x"}]}, name="sms")
+    with helm_python.Chart.load(str(CHART)) as chart, pytest.raises(helm_python.HelmValuesError):
+        chart.render(
+            values={"accounts": [{"name": "x", "provider": "serwersms", "base_url": "https://x", "token": "plain"}]}
+        )
+
+
+def test_every_value_is_documented() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for key in schema["properties"]:
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+        above = at - 1
+        while above >= 0 and lines[above].startswith("#    "):
+            above -= 1  # a comment continued over several lines
+        assert lines[above].startswith("# --"), f"{key} has no comment"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) == set(schema["properties"])
+
+
+def test_dockerfile_is_clean_under_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.count("FROM ") >= 2  # multi-stage
+    assert "USER 10001" in text or "USER ${UID}" in text
