@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +38,7 @@ from gateway.state import ClaimState, Store, StoredResult
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.consumer")
+MIN_RATE_FACTOR = 0.05
 
 
 @dataclass(eq=False, slots=True)
@@ -56,6 +57,8 @@ class Delivery:
     started: float = field(default_factory=time.monotonic)
     span: trace.Span | None = None
     _open: bool = False
+    sent_at: float | None = None  # an earlier ambiguous attempt's time (header), for the lookup window
+    attempt_at: float | None = None  # when this copy's provider attempt started
 
     @classmethod
     def begin(cls, message: AbstractIncomingMessage, account: str) -> Delivery:
@@ -104,6 +107,16 @@ def _int_header(message: AbstractIncomingMessage, name: str) -> int:
         return 0
 
 
+def _float_header(message: AbstractIncomingMessage, name: str) -> float | None:
+    value = (message.headers or {}).get(name)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    try:
+        return float(value) if isinstance(value, int | float | str) else None
+    except ValueError:
+        return None
+
+
 class Settler:
     """Carries a decision out for one delivery: publish what is owed, then ack (or requeue)."""
 
@@ -122,6 +135,7 @@ class Settler:
                     delay_ms=decision.delay_ms,
                     attempts=decision.attempts,
                     waits=0,
+                    sent_at=(d.attempt_at or d.sent_at) if decision.ambiguous else None,
                 )
             else:
                 await self._publisher.retry(
@@ -274,6 +288,7 @@ class AccountWorker:
         self._paused_until = 0.0
         self._stopping = False
         self._backoff_s = 1.0
+        self._rate_factor = 1.0  # lowered while the provider throttles (see _adapt)
 
     @property
     def prefetch(self) -> int:
@@ -322,6 +337,7 @@ class AccountWorker:
         m = d.message
         d.attempts = _int_header(m, c.H_ATTEMPTS)
         d.waits = _int_header(m, c.H_WAITS)
+        d.sent_at = _float_header(m, c.H_SENT_AT)
         req = c.decode_request(m.body, message_id=m.message_id, max_bytes=self._settings.max_body_bytes)
         if isinstance(req, c.InvalidRequest):
             d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
@@ -411,9 +427,9 @@ class AccountWorker:
 
     async def _reconcile(self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]) -> list[int]:
         """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""
-        items = [batch[i].item for i in idx]
+        items = [replace(x, attempted_at=batch[i].sent_at) for i in idx if (x := batch[i].item) is not None]
         try:
-            found = await self._adapter.lookup([x for x in items if x is not None])
+            found = await self._adapter.lookup(items)
         except LookupFailed as exc:
             log.warning("reconcile_failed", account=self.account.name, count=len(idx), error=str(exc)[:200])
             unknown = ItemResult(
@@ -438,13 +454,18 @@ class AccountWorker:
 
         async def send_chunk(chunk: list[int]) -> None:
             m.BATCH_SIZE.labels(a.name).observe(len(chunk))
+            started = time.time()
+            for i in chunk:
+                batch[i].attempt_at = started
             results = await self._adapter.send([x for i in chunk if (x := batch[i].item) is not None])
             for i, result in zip(chunk, results, strict=True):
                 decisions[i] = p.decide(result, batch[i].attempts + 1, self._policy, self._adapter.name)
+            self._adapt(results)
 
         pending = idx
         while pending:
-            granted, wait = await self._store.acquire(a.name, len(pending), a.rate_per_s, a.burst)
+            rate, burst = a.rate_per_s * self._rate_factor, max(1, round(a.burst * self._rate_factor))
+            granted, wait = await self._store.acquire(a.name, len(pending), rate, burst)
             if granted:
                 sends.append(asyncio.create_task(send_chunk(pending[:granted])))
                 pending = pending[granted:]
@@ -453,6 +474,18 @@ class AccountWorker:
                 m.RATE_LIMIT_WAIT.labels(a.name).inc(pause)
                 await asyncio.sleep(pause)
         await asyncio.gather(*sends)
+
+    def _adapt(self, results: Sequence[ItemResult]) -> None:
+        """AIMD on the account's rate: halve it when the provider throttles, creep back on success."""
+        if any(r.error is not None and r.error.throttle for r in results):
+            self._rate_factor = max(MIN_RATE_FACTOR, self._rate_factor / 2)
+            m.RATE_FACTOR.labels(self.account.name).set(self._rate_factor)
+            log.warning(
+                "account_throttled", account=self.account.name, rate_per_s=self.account.rate_per_s * self._rate_factor
+            )
+        elif self._rate_factor < 1.0 and any(r.verdict is Verdict.ACCEPTED for r in results):
+            self._rate_factor = min(1.0, self._rate_factor * 1.1 + 0.01)
+            m.RATE_FACTOR.labels(self.account.name).set(self._rate_factor)
 
     async def _record(self, batch: list[Delivery], decisions: dict[int, p.Decision]) -> None:
         """Write what the decisions mean to the state store, before anything is published."""

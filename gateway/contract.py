@@ -39,6 +39,7 @@ def retry_queue(delay_ms: int) -> str:
 # Headers the gateway writes.
 H_ATTEMPTS = "x-gateway-attempts"  # provider attempts made so far (retry copies carry it)
 H_WAITS = "x-gateway-waits"  # times this copy waited for another worker's in-flight claim
+H_SENT_AT = "x-gateway-sent-at"  # epoch seconds of an attempt whose fate is unknown (ambiguous)
 # Selects the retry TTL queue through the headers exchange. Deliberately without the `x-` prefix:
 # RabbitMQ ignores `x-` headers when matching `x-match: all`, which would route to every queue.
 H_RETRY_DELAY = "gateway-retry-delay"
@@ -88,6 +89,7 @@ class SendRequest:
     test: bool = False
     meta: dict[str, Any] | None = None
     vars: dict[str, str | int | float] = field(default_factory=dict)
+    template: str | None = None  # the text as sent, when it had placeholders (`text` is rendered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +214,7 @@ def _validate(doc: dict[str, Any], uid: str | None, to: str | None, meta: dict[s
         test=flags["test"],
         meta=meta,
         vars=values,
+        template=text if _placeholders(text) else None,
     )
 
 

@@ -42,6 +42,12 @@ PROVIDER_LATENCY = Histogram(
 RATE_LIMIT_WAIT = Counter(
     "sms_rate_limit_wait_seconds", "Time batches spent waiting for rate-limit tokens", ["account"], registry=REGISTRY
 )
+RATE_FACTOR = Gauge(
+    "sms_rate_factor",
+    "Share of the configured rate in use (below 1 while the provider throttles)",
+    ["account"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge("sms_in_flight", "Messages consumed and not yet settled", ["account"], registry=REGISTRY)
 PAUSED = Gauge("sms_account_paused", "1 while the account's consumption is paused", ["account"], registry=REGISTRY)
 DLR_EVENTS = Counter(

@@ -111,6 +111,8 @@ def prepare(account: Account, request: SendRequest) -> Outbound | InvalidRequest
         flash=request.flash,
         test=request.test,
         send_at=request.send_at,
+        template=request.template,
+        vars=tuple(sorted((k, str(v)) for k, v in request.vars.items())) if request.template else (),
     )
 
 
@@ -130,7 +132,7 @@ def decide(item: ItemResult, attempts_made: int, policy: RetryPolicy, provider: 
     if item.verdict is Verdict.REJECTED:
         return finish(Status.REJECTED, provider, attempts=attempts_made, item=item)
     assert item.error is not None
-    if policy.exhausted(attempts_made):
+    if item.verdict is Verdict.UNDECIDED or policy.exhausted(attempts_made):
         return finish(
             Status.FAILED,
             provider,

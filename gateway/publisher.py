@@ -77,12 +77,21 @@ class Publisher:
         await self._dead.publish(_copy(original, headers), routing_key=f"{reason}.{account}")
 
     async def retry(
-        self, original: AbstractIncomingMessage, *, account: str, delay_ms: int, attempts: int, waits: int
+        self,
+        original: AbstractIncomingMessage,
+        *,
+        account: str,
+        delay_ms: int,
+        attempts: int,
+        waits: int,
+        sent_at: float | None = None,
     ) -> None:
         """Park a byte-identical copy in the TTL queue for `delay_ms`; it comes back to sms.send."""
         assert self._retry is not None
         headers = _clean_headers(original.headers)
         headers.update({c.H_ATTEMPTS: attempts, c.H_WAITS: waits, c.H_RETRY_DELAY: str(delay_ms)})
+        if sent_at is not None:
+            headers[c.H_SENT_AT] = str(round(sent_at, 3))
         await self._retry.publish(_copy(original, headers), routing_key=account)
 
 

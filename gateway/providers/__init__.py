@@ -23,4 +23,6 @@ def build_adapter(account: Account) -> ProviderAdapter:
         from gateway.providers.serwersms import SerwerSmsAdapter
 
         return SerwerSmsAdapter(account)
-    raise NotImplementedError(f"provider {account.provider} has no adapter yet")
+    from gateway.providers.mobizon import MobizonAdapter
+
+    return MobizonAdapter(account)

@@ -7,6 +7,7 @@ Error tree (what an adapter can report for one message):
       REJECTED    refused for good: the code table says permanent
       RETRY       not sent, safe to send again (e.g. connection refused, throttled)
       AMBIGUOUS   the request may have reached the provider: reconcile (lookup) before any resend
+      UNDECIDED   a lookup could not tell whether it was sent: give up (`failed`), never resend blindly
 
 An account-level code (bad credentials, blocked account, exhausted quota) is a REJECTED or RETRY
 verdict whose error has `pause_account=True`: the pipeline pauses the account's consumption.
@@ -28,6 +29,7 @@ class Verdict(StrEnum):
     REJECTED = "rejected"
     RETRY = "retry"
     AMBIGUOUS = "ambiguous"
+    UNDECIDED = "undecided"
 
 
 class Action(Enum):
@@ -38,6 +40,9 @@ class Action(Enum):
     ACCOUNT = "account"  # permanent for this message, and the account pauses
     ALREADY_ACCEPTED = "already_accepted"  # the provider has it already: reconcile, never resend
     SPLIT = "split"  # the request was too large: send it again in smaller pieces
+    THROTTLE = "throttle"  # rate limited: retried, and the whole account slows down
+    AMBIGUOUS = "ambiguous"  # the provider failed mid-way: reconcile, then retry
+    REDIRECT = "redirect"  # wrong regional host: the adapter follows it once; if it persists, retry later
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class ProviderError:
     message: str
     retryable: bool
     pause_account: bool = False
+    throttle: bool = False
 
     def to_outcome(self) -> OutcomeError:
         return OutcomeError(self.code, self.type, self.message, self.retryable)
@@ -75,6 +81,9 @@ class ItemResult:
             Action.RETRYABLE: Verdict.RETRY,
             Action.ALREADY_ACCEPTED: Verdict.AMBIGUOUS,
             Action.SPLIT: Verdict.RETRY,
+            Action.THROTTLE: Verdict.RETRY,
+            Action.AMBIGUOUS: Verdict.AMBIGUOUS,
+            Action.REDIRECT: Verdict.RETRY,
         }[rule.action]
         error = ProviderError(
             code=code,
@@ -82,6 +91,7 @@ class ItemResult:
             message=message or rule.meaning,
             retryable=verdict in (Verdict.RETRY, Verdict.AMBIGUOUS),
             pause_account=rule.action is Action.ACCOUNT,
+            throttle=rule.action is Action.THROTTLE,
         )
         return cls(verdict, error=error)
 
@@ -101,6 +111,9 @@ class Outbound:
     flash: bool = False
     test: bool = False
     send_at: datetime | None = None
+    template: str | None = None  # the text before rendering, when it had placeholders
+    vars: tuple[tuple[str, str], ...] = ()  # the placeholder values, sorted by name
+    attempted_at: float | None = None  # epoch seconds of an earlier attempt whose fate is unknown
 
 
 class LookupFailed(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from opentelemetry import propagate
@@ -46,7 +47,7 @@ async def traced_post(
 ) -> httpx.Response:
     """POST with a CLIENT span (child of the current batch span, `traceparent` passed on) and the
     provider-latency histogram. The span names the path only: query strings may hold credentials."""
-    operation = path.split("?", 1)[0].removesuffix(".json")
+    operation = urlsplit(path).path.lstrip("/").removesuffix(".json")
     started = time.perf_counter()
     attributes = {
         "http.request.method": "POST",
@@ -94,7 +95,7 @@ def transport_failure(exc: Exception) -> ItemResult:
 def decode_json(response: httpx.Response) -> tuple[Any, ItemResult | None]:
     """The JSON document of a response, or the failure verdict when there is none."""
     if response.status_code == 429:
-        error = ProviderError("http_429", "Throttled", "provider answered HTTP 429", retryable=True)
+        error = ProviderError("http_429", "Throttled", "provider answered HTTP 429", retryable=True, throttle=True)
         return None, ItemResult(Verdict.RETRY, error=error)
     if not 200 <= response.status_code < 300:
         error = ProviderError(
