@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 from opentelemetry import propagate
@@ -41,7 +41,7 @@ async def traced_post(
     account: str,
     provider: str,
     json_body: Any = None,
-    data: Any = None,
+    form: list[tuple[str, str]] | None = None,
     params: Any = None,
     headers: dict[str, str] | None = None,
 ) -> httpx.Response:
@@ -59,9 +59,12 @@ async def traced_post(
         f"POST {operation}", kind=SpanKind.CLIENT, attributes=attributes
     ) as span:
         try:
-            response = await client.post(
-                path, json=json_body, data=data, params=params, headers=propagate_into(dict(headers or {}))
-            )
+            send_headers = propagate_into(dict(headers or {}))
+            content = None
+            if form is not None:  # repeated and bracketed keys, in order: encode it ourselves
+                content = urlencode(form).encode()
+                send_headers["Content-Type"] = "application/x-www-form-urlencoded"
+            response = await client.post(path, json=json_body, content=content, params=params, headers=send_headers)
         except httpx.HTTPError as exc:
             m.PROVIDER_LATENCY.labels(account, provider, operation, "transport").observe(time.perf_counter() - started)
             span.set_status(StatusCode.ERROR, type(exc).__name__)

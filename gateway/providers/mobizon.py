@@ -166,7 +166,7 @@ class MobizonAdapter:
                 f"{self._base}/service/{method}",
                 account=self._account.name,
                 provider=NAME,
-                data=flatten("", params, []),
+                form=flatten("", params, []),
                 params=self._query,
             )
             doc, failure = decode_json(response)

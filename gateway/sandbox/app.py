@@ -3,7 +3,7 @@
 Control API (JSON):
 - `GET /_sandbox/ledger`: request count, sends, sends per unique_id, one row per send.
 - `GET /_sandbox/faults`, `POST /_sandbox/faults` (a `FaultRule`), `DELETE /_sandbox/faults`.
-- `POST /_sandbox/config` `{"duplicate_control": bool}`.
+- `POST /_sandbox/config` `{"duplicate_control": bool, "mobizon_home": {key: host}, "mobizon_rate_per_s": n}`.
 - `POST /_sandbox/reset`: forget sends and faults.
 """
 
@@ -16,6 +16,7 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from gateway.sandbox.mobizon import MobizonApi
 from gateway.sandbox.serwersms import SerwerSmsApi
 from gateway.sandbox.state import FaultRule, SandboxState
 from gateway.telemetry import get_logger
@@ -27,6 +28,9 @@ M = TypeVar("M", bound=BaseModel)
 
 class SandboxConfig(BaseModel):
     duplicate_control: bool | None = None
+    mobizon_home: dict[str, str] | None = None  # API key -> the Host it must be called on (else code 13)
+    mobizon_rate_per_s: float | None = None  # per key and method; 0 turns it off
+    mobizon_recipient_codes: dict[str, int] | None = None  # number -> AddRecipients code, once
 
 
 async def _json_model(request: web.Request, model: type[M]) -> M:
@@ -41,6 +45,8 @@ def build_app(state: SandboxState | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE_KEY] = state
     app.add_routes(SerwerSmsApi(state).routes())
+    mobizon = MobizonApi(state)
+    app.add_routes(mobizon.routes())
 
     async def ledger(_request: web.Request) -> web.Response:
         return web.json_response(state.ledger())
@@ -60,10 +66,23 @@ def build_app(state: SandboxState | None = None) -> web.Application:
         cfg = await _json_model(request, SandboxConfig)
         if cfg.duplicate_control is not None:
             state.duplicate_control = cfg.duplicate_control
-        return web.json_response({"duplicate_control": state.duplicate_control})
+        if cfg.mobizon_home is not None:
+            state.mobizon_home = dict(cfg.mobizon_home)
+        if cfg.mobizon_recipient_codes is not None:
+            state.mobizon_recipient_codes = dict(cfg.mobizon_recipient_codes)
+        if cfg.mobizon_rate_per_s is not None:
+            state.mobizon_rate_per_s = cfg.mobizon_rate_per_s or None
+        return web.json_response(
+            {
+                "duplicate_control": state.duplicate_control,
+                "mobizon_home": state.mobizon_home,
+                "mobizon_rate_per_s": state.mobizon_rate_per_s,
+            }
+        )
 
     async def reset(_request: web.Request) -> web.Response:
         state.reset()
+        mobizon.reset()
         return web.json_response({"reset": True})
 
     app.add_routes(

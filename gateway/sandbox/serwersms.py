@@ -120,7 +120,6 @@ def parse_messages(value: Any) -> list[tuple[str, str]]:
 class SerwerSmsApi:
     def __init__(self, state: SandboxState) -> None:
         self.state = state
-        state.faults.error_body = envelope
 
     def routes(self) -> list[web.RouteDef]:
         out = []
@@ -144,12 +143,14 @@ class SerwerSmsApi:
                 params = await read_params(request)
                 params[RECEIVED] = received
                 who = identity(request, params)
-                fault, swallow = await self.state.faults.before(who, request)
+                fault, swallow = await self.state.faults.before(who, request, envelope)
                 if fault is not None:
                     return fault
                 self.state.requests += 1
+                self.state.count_call("serwersms:" + request.path.lower().strip("/").removesuffix(".json"))
                 doc = handler(who, params)
             except ApiError as exc:
+                self.state.count_answer("serwersms", exc.code)
                 return web.json_response(envelope(exc.code))
             if swallow:
                 await self.state.faults.swallow()

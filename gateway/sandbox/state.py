@@ -46,7 +46,11 @@ class SendRecord:
 
 class FaultRule(BaseModel):
     match: str = Field(default="*", description="API identity (token:<t>, user:<name>) or *")
-    path: str = Field(default="messages/send", description="applies to request paths containing this")
+    path: str = Field(
+        default="send",
+        description="applies to request paths containing this (lower case); the default hits the send calls of "
+        "both APIs (messages/send_*, Message/SendSmsMessage, Campaign/Send)",
+    )
     rate: float = Field(default=1.0, ge=0, le=1)
     count: int | None = Field(default=None, ge=1, description="fire this many times, then retire")
     code: int | None = None
@@ -73,8 +77,6 @@ class Faults:
         self._rules: list[_Armed] = []
         self._ids = count(1)
         self._random = random.Random(seed)
-        # The API being served sets how an error code is answered (its error envelope).
-        self.error_body: Callable[[int], dict[str, Any]] = lambda code: {"error": {"code": code}}
 
     def add(self, rule: FaultRule) -> int:
         armed = _Armed(next(self._ids), rule)
@@ -98,10 +100,13 @@ class Faults:
             fired.append(armed.rule)
         return fired
 
-    async def before(self, who: str, request: web.Request) -> tuple[web.StreamResponse | None, bool]:
+    async def before(
+        self, who: str, request: web.Request, error_body: Callable[[int], dict[str, Any]]
+    ) -> tuple[web.StreamResponse | None, bool]:
         """Apply the rules that act before the request is processed: (a response that ends it there,
-        whether the answer is to be swallowed after processing)."""
-        rules = self._pick(who, request.path)
+        whether the answer is to be swallowed after processing). `error_body` is the served API's
+        error envelope for a code."""
+        rules = self._pick(who, request.path.lower())
         swallow = any(r.swallow for r in rules)
         for r in rules:
             if r.latency_ms or r.jitter_ms:
@@ -117,7 +122,7 @@ class Faults:
                 body = "<html><body>Server error</body></html>"
                 return web.Response(status=r.http_status, text=body, content_type="text/html"), False
             if r.code is not None:
-                return web.json_response(self.error_body(r.code)), False
+                return web.json_response(error_body(r.code)), False
         return None, swallow
 
     @staticmethod
@@ -132,18 +137,40 @@ class SandboxState:
         self.requests = 0
         self.sends: list[SendRecord] = []
         self._by_uid: dict[tuple[str, str], int] = {}
+        self._by_recipient: dict[str, int] = {}
+        self.answers: dict[str, int] = {}  # error codes answered, e.g. {"mobizon:13": 1}
+        # Mobizon: the regional host each API key belongs to (code 13 elsewhere), and a per-key,
+        # per-method request rate above which calls get code 30.
+        self.mobizon_home: dict[str, str] = {}
+        self.mobizon_rate_per_s: float | None = None
+        # Mobizon: numbers that get this per-recipient AddRecipients code once (partial results).
+        self.mobizon_recipient_codes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}  # API calls that reached a handler, by "api:method"
 
     def reset(self) -> None:
         self.faults.clear()
         self.requests = 0
         self.sends.clear()
         self._by_uid.clear()
+        self._by_recipient.clear()
+        self.answers.clear()
+        self.calls.clear()
+        self.mobizon_recipient_codes.clear()
 
     def holds(self, who: str, unique_id: str) -> bool:
         return (who, unique_id) in self._by_uid
 
+    def count_call(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def count_answer(self, api: str, code: int) -> None:
+        key = f"{api}:{code}"
+        self.answers[key] = self.answers.get(key, 0) + 1
+
     def record(self, rec: SendRecord) -> None:
         self.sends.append(rec)
+        phone = rec.phone.lstrip("+")
+        self._by_recipient[phone] = self._by_recipient.get(phone, 0) + 1
         if rec.unique_id:
             key = (rec.who, rec.unique_id)
             self._by_uid[key] = self._by_uid.get(key, 0) + 1
@@ -177,6 +204,9 @@ class SandboxState:
             "requests": self.requests,
             "sends": len(self.sends),
             "by_unique_id": per_uid,
+            "by_recipient": dict(self._by_recipient),
+            "answers": dict(self.answers),
+            "calls": dict(self.calls),
             "records": [
                 {"t": r.at, "who": r.who, "unique_id": r.unique_id, "phone": r.phone, "id": r.provider_id}
                 for r in self.sends
