@@ -24,6 +24,9 @@ from gateway.config import Account
 from gateway.providers.base import Action as A
 from gateway.providers.base import CodeRule, ItemResult, LookupFailed, Outbound, Verdict
 from gateway.providers.http import decode_json, make_client, traced_post, transport_failure
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.providers.serwersms")
 
 NAME = "serwersms"
 MAX_NUMBERS = 100_000  # per send_sms request
@@ -190,7 +193,10 @@ def parse_send(batch: Sequence[Outbound], doc: Any) -> list[ItemResult]:
         return [ItemResult(Verdict.AMBIGUOUS, error=classify("bad_response").error)] * len(batch)
     if isinstance(doc.get("error"), dict):
         err = doc["error"]
-        return [classify(err.get("code"), err.get("message"))] * len(batch)
+        result = classify(err.get("code"), err.get("message"))
+        if result.error is not None and result.error.type == UNKNOWN.type:
+            log.warning("serwersms_unknown_code", code=str(err.get("code"))[:20], body=str(doc)[:500])
+        return [result] * len(batch)
     items = doc.get("items")
     if not isinstance(items, list):
         if doc.get("success") is True and doc.get("queued") == len(batch) and not doc.get("unsent"):

@@ -278,3 +278,33 @@ async def test_message_that_crashes_the_handler_is_dead_lettered_as_poison(
     (dead,) = bus.dead
     assert dead.routing_key == f"poison.{name}"
     assert dead.headers[c.H_REASON] == "poison"
+
+
+async def test_connection_reset_mid_request_is_reconciled_and_retried(world: InProcess) -> None:
+    name = new_account_name()
+    world.state.faults.add(FaultRule(match=f"token:tok-{name}", reset=True, count=1))
+    await world.gateway([world.account(name)])
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("rs-1"))
+        await bus.wait_for(outcomes=1)
+    (doc,) = bus.outcome_docs()
+    assert doc["status"] == "accepted"
+    assert doc["attempts"] == 2
+    assert sends_of(world, name, "rs-1") == 1
+
+
+async def test_unknown_provider_code_is_permanent_and_logged_with_the_raw_body(
+    world: InProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = new_account_name()
+    world.state.faults.add(FaultRule(match=f"token:tok-{name}", code=7777))
+    await world.gateway([world.account(name)])
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("uc-1"))
+        await bus.wait_for(outcomes=1, dead=1)
+    (doc,) = bus.outcome_docs()
+    assert doc["status"] == "rejected"
+    assert doc["error"]["code"] == "7777"
+    out = capsys.readouterr().out
+    assert "serwersms_unknown_code" in out
+    assert "7777" in out
