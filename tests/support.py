@@ -214,16 +214,20 @@ def gateway_env(**settings: Any) -> dict[str, str]:
 class Process:
     """A `gateway` subprocess with its output in a log file (read it when a test fails)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path | None = None,
+        *,
+        command: list[str] | None = None,
+    ) -> None:
+        """`python -m gateway <args>`, or any `command`."""
         self.log_path = log_path
         self._log = log_path.open("ab")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-        )
+        argv = command if command is not None else [sys.executable, "-m", "gateway", *args]
+        self.popen = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -1,0 +1,100 @@
+"""The ceiling: a bare aio-pika relay with the gateway's broker layout and no SMS logic.
+
+One connection; one channel per account queue with the gateway's prefetch; one confirming
+publisher channel. Each delivery becomes an outcome-sized message on `sms.outcomes` (confirmed),
+then the delivery is acked (acks are batched with `multiple=True`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from gateway import contract as c
+
+OUTCOME = json.dumps(
+    {
+        "v": 1,
+        "unique_id": "x" * 12,
+        "account": "bench",
+        "to": "+48500600700",
+        "status": "accepted",
+        "provider": "serwersms",
+        "provider_message_id": "8931c3c014",
+        "parts": 1,
+        "attempts": 1,
+        "error": None,
+        "provider_status": "queued",
+        "meta": None,
+        "at": "2026-11-27T18:00:00.000000Z",
+    }
+).encode()
+
+
+async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int) -> None:
+    connection = await aio_pika.connect_robust(amqp_url)
+    publisher = await connection.channel(publisher_confirms=True)
+    outcomes = await publisher.get_exchange(c.OUTCOMES_EXCHANGE, ensure=False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def relay(account: str) -> None:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(c.account_queue(account), ensure=False)
+        pending: list[AbstractIncomingMessage] = []
+        lock = asyncio.Lock()
+
+        async def drain() -> None:
+            async with lock:
+                batch, pending[:] = list(pending), []
+                if not batch:
+                    return
+                await asyncio.gather(
+                    *(
+                        outcomes.publish(
+                            aio_pika.Message(
+                                OUTCOME,
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                correlation_id=m.message_id,
+                                content_type="application/json",
+                            ),
+                            routing_key=f"accepted.{account}",
+                        )
+                        for m in batch
+                    )
+                )
+                await batch[-1].ack(multiple=True)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            pending.append(message)
+            if len(pending) >= flush:
+                await drain()
+
+        await queue.consume(on_message)
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+            await drain()
+
+    tasks = [asyncio.create_task(relay(a)) for a in accounts]
+    await stop.wait()
+    for t in tasks:
+        t.cancel()
+    await connection.close()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    ap.add_argument("--prefetch", type=int, required=True)
+    ap.add_argument("--flush", type=int, default=100)
+    ap.add_argument("accounts", nargs="+")
+    args = ap.parse_args()
+    asyncio.run(main(args.amqp_url, args.accounts, args.prefetch, args.flush))

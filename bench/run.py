@@ -1,0 +1,538 @@
+"""`make bench`: throughput, CPU, memory and latency of the gateway against the broker's ceiling and
+against Celery, on this machine, all on 127.0.0.1, bounded in count and time.
+
+Each contender runs `--reps` times, interleaved (A B C ... A B C ...), and the table shows medians.
+Raw figures go to bench/results/latest.json, a chart to bench/results/latest.png.
+
+    python -m bench.run            # the full run (about 10 minutes)
+    python -m bench.run --smoke    # a few thousand messages: checks that everything still runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from hdrh.histogram import HdrHistogram
+
+from gateway import contract as c
+from gateway import topology
+from tests.support import AMQP_URL, REDIS_URL, Process, free_port, gateway_env, start_sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+ACCOUNTS = 10
+
+FULL = {
+    "drain": 50_000,
+    "slow": 5_000,
+    "celery_fast": 3_000,
+    "celery_slow": 300,
+    "backlog": 100_000,
+    "latency_s": 10,
+    "reps": 3,
+}
+SMOKE = {
+    "drain": 2_000,
+    "slow": 500,
+    "celery_fast": 200,
+    "celery_slow": 40,
+    "backlog": 3_000,
+    "latency_s": 3,
+    "reps": 1,
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and its children (Celery's prefork pool)."""
+    total = cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += tree_cpu(int(child))
+        except OSError:
+            pass
+    return total
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Run:
+    contender: str
+    rep: int
+    messages: int
+    seconds: float
+    msgs_per_s: float
+    cpu_s_per_1000: float | None = None
+    peak_rss_mb: float | None = None
+    http_per_sms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Observer:
+    """Counts outcomes for the bench accounts; notes when each arrived and its latency."""
+
+    def __init__(self, accounts: list[str]) -> None:
+        self.accounts = accounts
+        self.times: list[float] = []
+        self.latency = HdrHistogram(1, 120_000_000, 3)  # microseconds
+        self.on_first: Callable[[], None] | None = None
+        self._connection: Any = None
+
+    async def start(self) -> None:
+        self._connection = await aio_pika.connect_robust(AMQP_URL)
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=2000)
+        exchange = await channel.declare_exchange(c.OUTCOMES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue("", exclusive=True)
+        for a in self.accounts:
+            await queue.bind(exchange, routing_key=f"*.{a}")
+        await queue.consume(self._on, no_ack=True)
+
+    async def _on(self, message: AbstractIncomingMessage) -> None:
+        now = time.time()
+        if not self.times and self.on_first:
+            self.on_first()
+        self.times.append(now)
+        meta = json.loads(message.body).get("meta") or {}
+        if "t" in meta:
+            self.latency.record_value(max(1, int((now - meta["t"]) * 1e6)))
+
+    def reset(self) -> None:
+        self.times.clear()
+        self.latency.reset()
+
+    async def wait(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.times) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.times)} of {n} outcomes after {timeout}s")
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+
+class Bench:
+    def __init__(self, sizes: dict[str, int], tmp: Path) -> None:
+        self.sizes = sizes
+        self.tmp = tmp
+        self.tag = secrets.token_hex(3)
+        self.accounts = [f"bench{self.tag}{i}" for i in range(ACCOUNTS)]
+        self.runs: list[Run] = []
+        self.sandbox_proc, self.sandbox = start_sandbox(tmp)
+        self.observer = Observer(self.accounts)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def account_docs(self, **overrides: Any) -> list[dict[str, Any]]:
+        base = {
+            "provider": "serwersms",
+            "base_url": self.sandbox.url,
+            "rate_per_s": 100_000,
+            "burst": 100_000,
+            "batch_size": 100,
+            "linger_ms": 20,
+            "concurrency": 4,
+            "http_timeout_s": 10,
+        }
+        return [{"name": a, "token": f"tok-{a}", **base, **overrides} for a in self.accounts]
+
+    def latency(self, ms: float) -> None:
+        self.sandbox.clear_faults()
+        if ms:
+            self.sandbox.fault(latency_ms=ms)
+
+    async def prefill(self, n: int) -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await topology.declare(channel, self.accounts, [1, 5, 30, 120, 600, 1800])
+            for a in self.accounts:
+                await (await channel.get_queue(c.account_queue(a))).purge()
+            exchange = await channel.get_exchange(c.SEND_EXCHANGE)
+            for start in range(0, n, 500):
+                await asyncio.gather(
+                    *(
+                        exchange.publish(
+                            aio_pika.Message(self.body(i), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                            routing_key=self.accounts[i % ACCOUNTS],
+                        )
+                        for i in range(start, min(n, start + 500))
+                    )
+                )
+
+    def body(self, i: int, **extra: Any) -> bytes:
+        doc = {
+            "unique_id": f"{self.tag}-{i}-{secrets.token_hex(3)}",
+            "to": f"+4850{i % 10_000_000:07d}",
+            "text": f"Your code is {i % 10_000:04d}",
+            **extra,
+        }
+        return json.dumps(doc).encode()
+
+    async def measure(
+        self, name: str, rep: int, n: int, proc: Process, pids: Callable[[], float], timeout: float
+    ) -> Run:
+        cpu: dict[str, float] = {}
+        self.observer.reset()
+        self.observer.on_first = lambda: cpu.setdefault("first", pids())
+        before = self.sandbox.ledger()["requests"]
+        await self.observer.wait(n, timeout)
+        cpu["last"] = pids()
+        times = self.observer.times
+        seconds = max(1e-6, times[-1] - times[0])
+        ledger = self.sandbox.ledger()
+        http = (ledger["requests"] - before) / n if ledger["requests"] > before else None
+        run = Run(
+            name,
+            rep,
+            n,
+            round(seconds, 3),
+            round(n / seconds, 1),
+            cpu_s_per_1000=round((cpu["last"] - cpu.get("first", cpu["last"])) / n * 1000, 3),
+            http_per_sms=round(http, 4) if http is not None else None,
+        )
+        try:
+            run.peak_rss_mb = round(peak_rss_mb(proc.popen.pid), 1)
+        except OSError:
+            pass
+        self.runs.append(run)
+        print(
+            f"  {name:<28} rep {rep}: {run.msgs_per_s:>9.1f} msg/s  cpu/1k {run.cpu_s_per_1000}s  "
+            f"rss {run.peak_rss_mb} MB  http/sms {run.http_per_sms}",
+            flush=True,
+        )
+        return run
+
+    # -- contenders -------------------------------------------------------------------------------
+
+    async def ceiling(self, rep: int) -> None:
+        n = self.sizes["drain"]
+        self.latency(0)
+        await self.prefill(n)
+        prefetch = 100 * (4 + 1)  # the gateway's prefetch: batch_size x (concurrency + 1)
+        command = [sys.executable, "-m", "bench.relay", "--prefetch", str(prefetch), *self.accounts]
+        proc = Process([], dict(os.environ), self.tmp / "relay.log", ROOT, command=command)
+        try:
+            await self.measure("ceiling (aio-pika relay)", rep, n, proc, lambda: cpu_seconds(proc.popen.pid), 300)
+        finally:
+            proc.terminate(10)
+            proc.close()
+
+    def gateway(self, tmp: Path, **settings: Any) -> tuple[Process, int]:
+        port = free_port()
+        env = gateway_env(
+            accounts=settings.pop("accounts", self.account_docs()),
+            http_port=port,
+            redis_url=REDIS_URL,
+            state_path=str(tmp / "state.sqlite3"),
+            log_level="WARNING",
+            **settings,
+        )
+        proc = Process(["run"], env, tmp / f"gateway-{port}.log", cwd=ROOT)
+        proc.wait_http(port)
+        return proc, port
+
+    async def gateway_drain(self, rep: int, latency_ms: float, n: int, name: str) -> Run:
+        self.latency(latency_ms)
+        await self.prefill(n)
+        proc, _ = self.gateway(self.tmp)
+        try:
+            return await self.measure(name, rep, n, proc, lambda: cpu_seconds(proc.popen.pid), 600)
+        finally:
+            proc.terminate(60)
+            proc.close()
+
+    async def celery(self, rep: int, latency_ms: float, pool: str, n: int) -> None:
+        self.latency(latency_ms)
+        env = {**os.environ, "BENCH_SANDBOX_URL": self.sandbox.url, "PYTHONPATH": str(ROOT)}
+        from bench.celery_app import app, send_sms
+
+        app.control.purge()
+        for i in range(n):
+            doc = json.loads(self.body(i))
+            send_sms.apply_async((self.accounts[i % ACCOUNTS], doc))
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_app",
+            "worker",
+            "-Q",
+            "bench.celery",
+            "--loglevel",
+            "WARNING",
+            "-P",
+            pool,
+        ]
+        if pool == "threads":
+            args += ["-c", "32"]
+        proc = Process([], env, self.tmp / f"celery-{pool}.log", ROOT, command=args)
+        label = f"celery {pool}{'-32' if pool == 'threads' else ''} @{int(latency_ms)}ms"
+        try:
+            await self.measure(label, rep, n, proc, lambda: tree_cpu(proc.popen.pid), 900)
+        finally:
+            proc.terminate(30)
+            proc.close()
+
+    async def open_loop(self, rate: float, seconds: float, label: str) -> dict[str, Any]:
+        """Publish at `rate` for `seconds`, stamping the intended send time; latency to the outcome."""
+        connection = await aio_pika.connect(AMQP_URL)
+        self.observer.reset()
+        n = int(rate * seconds)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=False)
+            exchange = await channel.get_exchange(c.SEND_EXCHANGE)
+            start = time.time() + 0.2
+            for i in range(n):
+                intended = start + i / rate
+                delay = intended - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await exchange.publish(
+                    aio_pika.Message(
+                        self.body(i, meta={"t": intended}), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                    ),
+                    routing_key=self.accounts[i % ACCOUNTS],
+                )
+        await self.observer.wait(n, 120)
+        h = self.observer.latency
+        result = {
+            "label": label,
+            "rate": round(rate, 1),
+            "messages": n,
+            "p50_ms": h.get_value_at_percentile(50) / 1000,
+            "p99_ms": h.get_value_at_percentile(99) / 1000,
+            "max_ms": h.get_max_value() / 1000,
+        }
+        print(
+            f"  latency at {label} ({rate:.0f} msg/s): p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+            f"max {result['max_ms']:.1f} ms",
+            flush=True,
+        )
+        return result
+
+    async def latency_runs(self, drain_rate: float) -> list[dict[str, Any]]:
+        self.latency(0)
+        await self.prefill(0)
+        proc, _ = self.gateway(self.tmp)
+        try:
+            return [
+                await self.open_loop(drain_rate * share, self.sizes["latency_s"], f"{int(share * 100)}%")
+                for share in (0.25, 0.5, 0.75)
+            ]
+        finally:
+            proc.terminate(60)
+            proc.close()
+
+    async def backlog_rss(self) -> Run:
+        return await self.gateway_drain(0, 0, self.sizes["backlog"], "gateway backlog (peak RSS)")
+
+    async def shared_rate_limit(self) -> dict[str, Any]:
+        """Two processes sharing Redis, one account limited: the sandbox sees at most rate + burst per second."""
+        self.latency(0)
+        rate, burst, n = 50, 10, 500 if self.sizes is FULL else 200
+        account = self.accounts[0]
+        docs = [d for d in self.account_docs(rate_per_s=rate, burst=burst) if d["name"] == account]
+        for i in range(2):
+            (self.tmp / f"r{i}").mkdir(exist_ok=True)
+        procs = [self.gateway(self.tmp / f"r{i}", accounts=docs) for i in range(2)]
+        try:
+            self.observer.reset()
+            connection = await aio_pika.connect(AMQP_URL)
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await channel.get_exchange(c.SEND_EXCHANGE)
+                before = len(self.sandbox.ledger()["records"])
+                await asyncio.gather(
+                    *(exchange.publish(aio_pika.Message(self.body(i)), routing_key=account) for i in range(n))
+                )
+            await self.observer.wait(n, 120)
+            times = sorted(
+                r["t"] for r in self.sandbox.ledger()["records"][before:] if r["who"] == f"token:tok-{account}"
+            )
+            worst = max(sum(1 for t in times[i:] if t < s + 1.0) for i, s in enumerate(times))
+            observed = (len(times) - burst) / (times[-1] - times[0])
+            result = {
+                "rate": rate,
+                "burst": burst,
+                "messages": n,
+                "worst_1s_window": worst,
+                "observed_rate": round(observed, 1),
+                "within_limit": worst <= rate + burst,
+            }
+            print(f"  shared limit {rate}/s + {burst}: worst 1 s window {worst}, observed {observed:.1f}/s", flush=True)
+            return result
+        finally:
+            for proc, _ in procs:
+                proc.terminate(30)
+                proc.close()
+
+    async def run(self) -> dict[str, Any]:
+        await self.observer.start()
+        s = self.sizes
+        contenders: list[tuple[str, Callable[[int], Any]]] = [
+            ("ceiling", self.ceiling),
+            ("gateway@0", lambda r: self.gateway_drain(r, 0, s["drain"], "gateway @0ms")),
+            ("gateway@200", lambda r: self.gateway_drain(r, 200, s["slow"], "gateway @200ms")),
+            ("celery-prefork@0", lambda r: self.celery(r, 0, "prefork", s["celery_fast"])),
+            ("celery-threads@0", lambda r: self.celery(r, 0, "threads", s["celery_fast"])),
+            ("celery-prefork@200", lambda r: self.celery(r, 200, "prefork", s["celery_slow"])),
+            ("celery-threads@200", lambda r: self.celery(r, 200, "threads", s["celery_slow"])),
+        ]
+        for rep in range(1, s["reps"] + 1):
+            print(f"round {rep} of {s['reps']}", flush=True)
+            for _name, fn in contenders:
+                await fn(rep)
+        drain = statistics.median(r.msgs_per_s for r in self.runs if r.contender == "gateway @0ms")
+        latencies = await self.latency_runs(drain)
+        backlog = await self.backlog_rss()
+        shared = await self.shared_rate_limit()
+        await self.observer.close()
+        return {"latency": latencies, "backlog": asdict(backlog), "shared_rate_limit": shared}
+
+    def close(self) -> None:
+        self.sandbox_proc.close()
+
+
+def summarize(runs: list[Run]) -> dict[str, dict[str, float | None]]:
+    table: dict[str, dict[str, float | None]] = {}
+    for name in dict.fromkeys(r.contender for r in runs):
+        mine = [r for r in runs if r.contender == name]
+
+        def med(attr: str, rows: list[Run] = mine) -> float | None:
+            values = [getattr(r, attr) for r in rows if getattr(r, attr) is not None]
+            return round(statistics.median(values), 3) if values else None
+
+        table[name] = {k: med(k) for k in ("msgs_per_s", "cpu_s_per_1000", "peak_rss_mb", "http_per_sms")}
+    return table
+
+
+def render_table(table: dict[str, dict[str, float | None]], extra: dict[str, Any]) -> str:
+    ceiling = table.get("ceiling (aio-pika relay)", {}).get("msgs_per_s") or 0
+    celery_slow = max((v["msgs_per_s"] or 0) for k, v in table.items() if k.startswith("celery") and "@200" in k) or 1
+    lines = [
+        "| contender | msg/s (median) | vs ceiling | CPU s / 1k msgs | peak RSS MB | HTTP requests / SMS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in table.items():
+        ratio = f"{(v['msgs_per_s'] or 0) / ceiling:.0%}" if ceiling else "-"
+        cells = [name, v["msgs_per_s"], ratio, v["cpu_s_per_1000"], v["peak_rss_mb"], v["http_per_sms"]]
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    slow = table.get("gateway @200ms", {}).get("msgs_per_s") or 0
+    lines.append("")
+    lines.append(f"- gateway @200 ms vs the better Celery @200 ms: {slow / celery_slow:.1f}x")
+    for lat in extra["latency"]:
+        lines.append(
+            f"- open-loop latency at {lat['label']} of the drain rate ({lat['rate']} msg/s): "
+            f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms"
+        )
+    b = extra["backlog"]
+    lines.append(f"- backlog of {b['messages']}: peak RSS {b['peak_rss_mb']} MB, {b['msgs_per_s']} msg/s")
+    sh = extra["shared_rate_limit"]
+    lines.append(
+        f"- two processes, one account at {sh['rate']}/s + burst {sh['burst']}: worst 1 s window "
+        f"{sh['worst_1s_window']} sends, observed {sh['observed_rate']}/s"
+    )
+    return "\n".join(lines)
+
+
+def chart(table: dict[str, dict[str, float | None]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    values = [table[n]["msgs_per_s"] or 0 for n in names]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.barh(
+        names,
+        values,
+        color=["#888" if n.startswith("ceiling") else "#2a7" if n.startswith("gateway") else "#c63" for n in names],
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("messages per second (median, log scale)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="small counts, one round")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "work"
+    tmp.mkdir(exist_ok=True)
+    bench = Bench(sizes, tmp)
+    try:
+        extra = asyncio.run(bench.run())
+    finally:
+        bench.close()
+    table = summarize(bench.runs)
+    text = render_table(table, extra)
+    doc = {
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "sizes": sizes,
+        "runs": [asdict(r) for r in bench.runs],
+        "medians": table,
+        **extra,
+        "table": text,
+    }
+    name = "smoke" if args.smoke else "latest"
+    (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    chart(table, args.out / f"{name}.png")
+    print(f"\nmachine: {doc['machine']}\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
