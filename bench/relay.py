@@ -2,7 +2,7 @@
 
 One connection; one channel per account queue with the gateway's prefetch; one confirming
 publisher channel. Each delivery becomes an outcome-sized message on `sms.outcomes` (confirmed),
-then the delivery is acked (acks are batched with `multiple=True`).
+then the delivery is acked.
 """
 
 from __future__ import annotations
@@ -50,28 +50,27 @@ async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int) ->
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.get_queue(c.account_queue(account), ensure=False)
         pending: list[AbstractIncomingMessage] = []
-        lock = asyncio.Lock()
 
         async def drain() -> None:
-            async with lock:
-                batch, pending[:] = list(pending), []
-                if not batch:
-                    return
-                await asyncio.gather(
-                    *(
-                        outcomes.publish(
-                            aio_pika.Message(
-                                OUTCOME,
-                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                correlation_id=m.message_id,
-                                content_type="application/json",
-                            ),
-                            routing_key=f"accepted.{account}",
-                        )
-                        for m in batch
+            # Several batches may be in flight at once, as in the gateway; each acks its own messages.
+            batch, pending[:] = list(pending), []
+            if not batch:
+                return
+            await asyncio.gather(
+                *(
+                    outcomes.publish(
+                        aio_pika.Message(
+                            OUTCOME,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            correlation_id=m.message_id,
+                            content_type="application/json",
+                        ),
+                        routing_key=f"accepted.{account}",
                     )
+                    for m in batch
                 )
-                await batch[-1].ack(multiple=True)
+            )
+            await asyncio.gather(*(m.ack() for m in batch))
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             pending.append(message)

@@ -76,6 +76,10 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def _cpu(proc: Process) -> float:
+    return cpu_seconds(proc.popen.pid)
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -103,7 +107,6 @@ class Observer:
         self.accounts = accounts
         self.times: list[float] = []
         self.latency = HdrHistogram(1, 120_000_000, 3)  # microseconds
-        self.on_first: Callable[[], None] | None = None
         self._connection: Any = None
 
     async def start(self) -> None:
@@ -118,8 +121,6 @@ class Observer:
 
     async def _on(self, message: AbstractIncomingMessage) -> None:
         now = time.time()
-        if not self.times and self.on_first:
-            self.on_first()
         self.times.append(now)
         meta = json.loads(message.body).get("meta") or {}
         if "t" in meta:
@@ -159,7 +160,7 @@ class Bench:
             "rate_per_s": 100_000,
             "burst": 100_000,
             "batch_size": 100,
-            "linger_ms": 20,
+            "linger_ms": 100,
             "concurrency": 4,
             "http_timeout_s": 10,
         }
@@ -198,32 +199,54 @@ class Bench:
         }
         return json.dumps(doc).encode()
 
+    async def consumers(self, queues: list[str]) -> int:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            total = 0
+            for name in queues:
+                queue = await channel.declare_queue(name, passive=True)
+                total += queue.declaration_result.consumer_count or 0
+            return total
+
     async def measure(
-        self, name: str, rep: int, n: int, proc: Process, pids: Callable[[], float], timeout: float
+        self,
+        name: str,
+        rep: int,
+        n: int,
+        start: Callable[[], Process],
+        cpu_of: Callable[[Process], float],
+        queues: list[str],
+        timeout: float,
     ) -> Run:
-        cpu: dict[str, float] = {}
+        """Start the contender over a prefilled backlog; time from its first consumer to the last outcome."""
         self.observer.reset()
-        self.observer.on_first = lambda: cpu.setdefault("first", pids())
         before = self.sandbox.ledger()["requests"]
-        await self.observer.wait(n, timeout)
-        cpu["last"] = pids()
-        times = self.observer.times
-        seconds = max(1e-6, times[-1] - times[0])
-        ledger = self.sandbox.ledger()
-        http = (ledger["requests"] - before) / n if ledger["requests"] > before else None
-        run = Run(
-            name,
-            rep,
-            n,
-            round(seconds, 3),
-            round(n / seconds, 1),
-            cpu_s_per_1000=round((cpu["last"] - cpu.get("first", cpu["last"])) / n * 1000, 3),
-            http_per_sms=round(http, 4) if http is not None else None,
-        )
+        proc = start()
         try:
-            run.peak_rss_mb = round(peak_rss_mb(proc.popen.pid), 1)
-        except OSError:
-            pass
+            deadline = time.monotonic() + 60
+            while await self.consumers(queues) == 0:
+                if time.monotonic() > deadline or proc.popen.poll() is not None:
+                    raise RuntimeError(f"{name} never consumed:\n{proc.log()[-2000:]}")
+                await asyncio.sleep(0.01)
+            t0, cpu0 = time.time(), cpu_of(proc)
+            await self.observer.wait(n, timeout)
+            cpu1 = cpu_of(proc)
+            seconds = max(1e-6, self.observer.times[-1] - t0)
+            requests = self.sandbox.ledger()["requests"] - before
+            run = Run(
+                name,
+                rep,
+                n,
+                round(seconds, 3),
+                round(n / seconds, 1),
+                cpu_s_per_1000=round((cpu1 - cpu0) / n * 1000, 3),
+                peak_rss_mb=round(peak_rss_mb(proc.popen.pid), 1),
+                http_per_sms=round(requests / n, 4) if requests > 0 else None,
+            )
+        finally:
+            proc.terminate(60)
+            proc.close()
         self.runs.append(run)
         print(
             f"  {name:<28} rep {rep}: {run.msgs_per_s:>9.1f} msg/s  cpu/1k {run.cpu_s_per_1000}s  "
@@ -234,20 +257,22 @@ class Bench:
 
     # -- contenders -------------------------------------------------------------------------------
 
+    def queues(self) -> list[str]:
+        return [c.account_queue(a) for a in self.accounts]
+
     async def ceiling(self, rep: int) -> None:
         n = self.sizes["drain"]
         self.latency(0)
         await self.prefill(n)
         prefetch = 100 * (4 + 1)  # the gateway's prefetch: batch_size x (concurrency + 1)
         command = [sys.executable, "-m", "bench.relay", "--prefetch", str(prefetch), *self.accounts]
-        proc = Process([], dict(os.environ), self.tmp / "relay.log", ROOT, command=command)
-        try:
-            await self.measure("ceiling (aio-pika relay)", rep, n, proc, lambda: cpu_seconds(proc.popen.pid), 300)
-        finally:
-            proc.terminate(10)
-            proc.close()
 
-    def gateway(self, tmp: Path, **settings: Any) -> tuple[Process, int]:
+        def start() -> Process:
+            return Process([], dict(os.environ), self.tmp / "relay.log", ROOT, command=command)
+
+        await self.measure("ceiling (aio-pika relay)", rep, n, start, _cpu, self.queues(), 300)
+
+    def gateway(self, tmp: Path, *, wait: bool = True, **settings: Any) -> tuple[Process, int]:
         port = free_port()
         env = gateway_env(
             accounts=settings.pop("accounts", self.account_docs()),
@@ -258,18 +283,14 @@ class Bench:
             **settings,
         )
         proc = Process(["run"], env, tmp / f"gateway-{port}.log", cwd=ROOT)
-        proc.wait_http(port)
+        if wait:
+            proc.wait_http(port)
         return proc, port
 
     async def gateway_drain(self, rep: int, latency_ms: float, n: int, name: str) -> Run:
         self.latency(latency_ms)
         await self.prefill(n)
-        proc, _ = self.gateway(self.tmp)
-        try:
-            return await self.measure(name, rep, n, proc, lambda: cpu_seconds(proc.popen.pid), 600)
-        finally:
-            proc.terminate(60)
-            proc.close()
+        return await self.measure(name, rep, n, lambda: self.gateway(self.tmp, wait=False)[0], _cpu, self.queues(), 600)
 
     async def celery(self, rep: int, latency_ms: float, pool: str, n: int) -> None:
         self.latency(latency_ms)
@@ -296,13 +317,12 @@ class Bench:
         ]
         if pool == "threads":
             args += ["-c", "32"]
-        proc = Process([], env, self.tmp / f"celery-{pool}.log", ROOT, command=args)
         label = f"celery {pool}{'-32' if pool == 'threads' else ''} @{int(latency_ms)}ms"
-        try:
-            await self.measure(label, rep, n, proc, lambda: tree_cpu(proc.popen.pid), 900)
-        finally:
-            proc.terminate(30)
-            proc.close()
+
+        def start() -> Process:
+            return Process([], env, self.tmp / f"celery-{pool}.log", ROOT, command=args)
+
+        await self.measure(label, rep, n, start, lambda p: tree_cpu(p.popen.pid), ["bench.celery"], 900)
 
     async def open_loop(self, rate: float, seconds: float, label: str) -> dict[str, Any]:
         """Publish at `rate` for `seconds`, stamping the intended send time; latency to the outcome."""
@@ -310,20 +330,23 @@ class Bench:
         self.observer.reset()
         n = int(rate * seconds)
         async with connection:
-            channel = await connection.channel(publisher_confirms=False)
+            # Confirmed, but never awaited one by one: the schedule must not wait for the broker.
+            channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(c.SEND_EXCHANGE)
+            confirms = []
             start = time.time() + 0.2
             for i in range(n):
                 intended = start + i / rate
                 delay = intended - time.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await exchange.publish(
-                    aio_pika.Message(
-                        self.body(i, meta={"t": intended}), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                    ),
-                    routing_key=self.accounts[i % ACCOUNTS],
+                message = aio_pika.Message(
+                    self.body(i, meta={"t": intended}), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
                 )
+                confirms.append(
+                    asyncio.ensure_future(exchange.publish(message, routing_key=self.accounts[i % ACCOUNTS]))
+                )
+            await asyncio.gather(*confirms)
         await self.observer.wait(n, 120)
         h = self.observer.latency
         result = {
@@ -360,7 +383,7 @@ class Bench:
     async def shared_rate_limit(self) -> dict[str, Any]:
         """Two processes sharing Redis, one account limited: the sandbox sees at most rate + burst per second."""
         self.latency(0)
-        rate, burst, n = 50, 10, 500 if self.sizes is FULL else 200
+        rate, burst, n = 50, 10, 500 if self.sizes["reps"] > 1 else 200
         account = self.accounts[0]
         docs = [d for d in self.account_docs(rate_per_s=rate, burst=burst) if d["name"] == account]
         for i in range(2):
@@ -397,7 +420,7 @@ class Bench:
                 proc.terminate(30)
                 proc.close()
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self, only: set[str] | None = None) -> dict[str, Any]:
         await self.observer.start()
         s = self.sizes
         contenders: list[tuple[str, Callable[[int], Any]]] = [
@@ -411,8 +434,12 @@ class Bench:
         ]
         for rep in range(1, s["reps"] + 1):
             print(f"round {rep} of {s['reps']}", flush=True)
-            for _name, fn in contenders:
-                await fn(rep)
+            for key, fn in contenders:
+                if only is None or key in only:
+                    await fn(rep)
+        if only is not None:
+            await self.observer.close()
+            return {}
         drain = statistics.median(r.msgs_per_s for r in self.runs if r.contender == "gateway @0ms")
         latencies = await self.latency_runs(drain)
         backlog = await self.backlog_rss()
@@ -505,16 +532,23 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="small counts, one round")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--only", help="comma-separated contenders (ceiling, gateway@0, celery-threads@200, ...)")
+    ap.add_argument("--reps", type=int, help="rounds (default 3; 1 with --smoke)")
     args = ap.parse_args()
-    sizes = SMOKE if args.smoke else FULL
+    sizes = dict(SMOKE if args.smoke else FULL)
+    if args.reps:
+        sizes["reps"] = args.reps
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / "work"
     tmp.mkdir(exist_ok=True)
     bench = Bench(sizes, tmp)
     try:
-        extra = asyncio.run(bench.run())
+        extra = asyncio.run(bench.run(set(args.only.split(",")) if args.only else None))
     finally:
         bench.close()
+    if args.only:
+        print(json.dumps(summarize(bench.runs), indent=2))
+        return 0
     table = summarize(bench.runs)
     text = render_table(table, extra)
     doc = {

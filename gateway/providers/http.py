@@ -31,6 +31,7 @@ def make_client(base_url: str, timeout_s: float, concurrency: int) -> httpx.Asyn
         limits=httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2),
         headers={"User-Agent": "sms-gateway/0.1"},
         follow_redirects=False,
+        trust_env=False,  # no proxy or netrc lookups: the provider URL is configured explicitly
     )
 
 

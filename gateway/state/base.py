@@ -16,7 +16,7 @@ Dedupe record per (account, unique_id), one of:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -41,7 +41,16 @@ class StoredResult:
     at: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        doc = {
+            "status": self.status,
+            "provider": self.provider,
+            "provider_message_id": self.provider_message_id,
+            "parts": self.parts,
+            "error": self.error,
+            "attempts": self.attempts,
+            "at": self.at,
+        }
+        return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> StoredResult:

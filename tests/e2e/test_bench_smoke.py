@@ -1,0 +1,40 @@
+"""The benchmark still runs end to end (a few thousand messages); its figures are not judged here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.timeout(900)
+def test_benchmark_smoke_run_completes_and_reports_every_contender(tmp_path: Path, services: None) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    contenders = set(doc["medians"])
+    assert {"ceiling (aio-pika relay)", "gateway @0ms", "gateway @200ms"} <= contenders
+    assert {c for c in contenders if c.startswith("celery")} == {
+        "celery prefork @0ms",
+        "celery threads-32 @0ms",
+        "celery prefork @200ms",
+        "celery threads-32 @200ms",
+    }
+    assert all(v["msgs_per_s"] and v["msgs_per_s"] > 0 for v in doc["medians"].values())
+    assert [x["label"] for x in doc["latency"]] == ["25%", "50%", "75%"]
+    assert doc["shared_rate_limit"]["messages"] > 0
+    assert (tmp_path / "smoke.png").stat().st_size > 1000
