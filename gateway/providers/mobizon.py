@@ -11,6 +11,8 @@
   while adding recipients abandons the campaign and retries its messages safely.
 - Code 13 (wrong regional host) names the right host in `data`: followed once per call, and
   remembered for the life of the adapter.
+- Mobizon has no test mode: requests with `test: true` are validated and answered `accepted`
+  (provider_status `test`) without any API call.
 - Mobizon has no client message id, so an ambiguous send is looked up with `Message/List`
   (recipient + exact text since shortly before the attempt): none found means not sent, one found
   means sent, more than one means nobody can tell (`failed`, never a blind resend).
@@ -203,6 +205,9 @@ class MobizonAdapter:
         results: list[ItemResult | None] = [None] * len(batch)
         groups: dict[tuple[str, bool], list[int]] = defaultdict(list)
         for i, item in enumerate(batch):
+            if item.test:  # Mobizon has no test mode: a dry run must never reach the API
+                results[i] = ItemResult(Verdict.ACCEPTED, provider_status="test")
+                continue
             templated = item.template is not None and "{{" not in item.template and "}}" not in item.template
             groups[(item.template if templated and item.template else item.text, templated)].append(i)
         jobs = []

@@ -141,3 +141,18 @@ async def test_campaign_abandoned_when_adding_recipients_is_in_doubt() -> None:
     await adapter.close()
     assert "Campaign/Send" not in calls
     assert {r.verdict for r in results} == {Verdict.RETRY}  # nothing was sent: safe to retry all
+
+
+async def test_test_requests_never_reach_mobizon() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200, json={"code": 0, "data": {"messageId": "1"}, "message": ""})
+
+    adapter = MobizonAdapter(account(), httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    dry = Outbound("t1", "r", "+77010000001", "hi", None, test=True)
+    (result,) = await adapter.send([dry])
+    await adapter.close()
+    assert (result.verdict, result.provider_status) == (Verdict.ACCEPTED, "test")
+    assert calls == []
