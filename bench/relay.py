@@ -2,7 +2,7 @@
 
 One connection; one channel per account queue with the gateway's prefetch; one confirming
 publisher channel. Each delivery becomes an outcome-sized message on `sms.outcomes` (confirmed),
-then the delivery is acked.
+then the delivery is acked (acks are batched with `multiple=True`).
 """
 
 from __future__ import annotations
@@ -50,27 +50,30 @@ async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int) ->
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.get_queue(c.account_queue(account), ensure=False)
         pending: list[AbstractIncomingMessage] = []
+        # One batch in flight per channel, so `ack(multiple=True)` never acks an unconfirmed message.
+        # (Several concurrent batches with one ack each measured slower here: acks dominate.)
+        lock = asyncio.Lock()
 
         async def drain() -> None:
-            # Several batches may be in flight at once, as in the gateway; each acks its own messages.
-            batch, pending[:] = list(pending), []
-            if not batch:
-                return
-            await asyncio.gather(
-                *(
-                    outcomes.publish(
-                        aio_pika.Message(
-                            OUTCOME,
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            correlation_id=m.message_id,
-                            content_type="application/json",
-                        ),
-                        routing_key=f"accepted.{account}",
+            async with lock:
+                batch, pending[:] = list(pending), []
+                if not batch:
+                    return
+                await asyncio.gather(
+                    *(
+                        outcomes.publish(
+                            aio_pika.Message(
+                                OUTCOME,
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                correlation_id=m.message_id,
+                                content_type="application/json",
+                            ),
+                            routing_key=f"accepted.{account}",
+                        )
+                        for m in batch
                     )
-                    for m in batch
                 )
-            )
-            await asyncio.gather(*(m.ack() for m in batch))
+                await batch[-1].ack(multiple=True)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             pending.append(message)

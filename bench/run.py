@@ -30,7 +30,7 @@ from hdrh.histogram import HdrHistogram
 
 from gateway import contract as c
 from gateway import topology
-from tests.support import AMQP_URL, REDIS_URL, Process, free_port, gateway_env, start_sandbox
+from tests.support import AMQP_URL, REDIS_URL, Process, delete_account_queues, free_port, gateway_env, start_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -449,6 +449,7 @@ class Bench:
 
     def close(self) -> None:
         self.sandbox_proc.close()
+        asyncio.run(delete_account_queues(self.accounts))
 
 
 def summarize(runs: list[Run]) -> dict[str, dict[str, float | None]]:
