@@ -156,3 +156,29 @@ async def test_test_requests_never_reach_mobizon() -> None:
     await adapter.close()
     assert (result.verdict, result.provider_status) == (Verdict.ACCEPTED, "test")
     assert calls == []
+
+
+@pytest.mark.parametrize(("matches", "verdict"), [(0, None), (1, Verdict.ACCEPTED), (2, Verdict.UNDECIDED)])
+async def test_lookup_decides_only_on_exactly_one_match(matches: int, verdict: Verdict | None) -> None:
+    from gateway.pipeline import Finish, decide
+    from gateway.retry import RetryPolicy
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        form = dict(parse_qsl(request.content.decode()))
+        assert request.url.path == "/service/Message/List"
+        assert form["criteria[to]"] == "77010000001"
+        assert form["criteria[text]"] == "hi"
+        items = [{"id": str(i), "to": "77010000001", "text": "hi"} for i in range(matches)]
+        return httpx.Response(200, json={"code": 0, "data": {"items": items, "totalItemCount": str(matches)}})
+
+    adapter = MobizonAdapter(account(), httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    (found,) = await adapter.lookup([Outbound("u", "r", "+77010000001", "hi", None, attempted_at=1.8e9)])
+    await adapter.close()
+    assert (found.verdict if found else None) is verdict
+    if verdict is Verdict.UNDECIDED:
+        assert found is not None
+        decision = decide(found, 1, RetryPolicy([1], 5), "mobizon")
+        assert isinstance(decision, Finish)
+        assert decision.status == "failed"
+        assert decision.result.error is not None
+        assert decision.result.error["code"] == "unreconciled"
