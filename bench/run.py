@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,6 @@ class Run:
     cpu_s_per_1000: float | None = None
     peak_rss_mb: float | None = None
     http_per_sms: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Observer:

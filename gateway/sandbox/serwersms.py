@@ -25,7 +25,6 @@ UNIQUE_ID_RE = re.compile(r"^[a-zA-Z0-9]{3,50}$")
 PHONE_RE = re.compile(r"^\+?[0-9]{9,15}$")
 MAX_NUMBERS = 100_000
 MAX_PERSONALIZED = 10_000
-RECEIVED = "\0received"  # internal parameter: when the request arrived
 
 
 class ApiError(Exception):
@@ -141,14 +140,13 @@ class SerwerSmsApi:
             received = time.time()  # the ledger times a send by its arrival, as a provider would
             try:
                 params = await read_params(request)
-                params[RECEIVED] = received
                 who = identity(request, params)
                 fault, swallow = await self.state.faults.before(who, request, envelope)
                 if fault is not None:
                     return fault
                 self.state.requests += 1
                 self.state.count_call("serwersms:" + request.path.lower().strip("/").removesuffix(".json"))
-                doc = handler(who, params)
+                doc = handler(who, params, received)
             except ApiError as exc:
                 self.state.count_answer("serwersms", exc.code)
                 return web.json_response(envelope(exc.code))
@@ -165,7 +163,9 @@ class SerwerSmsApi:
             code = 2002
         return web.json_response(envelope(code if code in CODES else 2002))
 
-    def _send(self, who: str, params: dict[str, Any], pairs: list[tuple[str, str]], limit: int) -> dict[str, Any]:
+    def _send(
+        self, who: str, params: dict[str, Any], pairs: list[tuple[str, str]], limit: int, at: float
+    ) -> dict[str, Any]:
         if not pairs:
             raise ApiError(3104)
         if len(pairs) > limit:
@@ -199,7 +199,7 @@ class SerwerSmsApi:
             else:
                 item.update(status="queued", parts=max(1, -(-len(text) // 153)) if len(text) > 160 else 1)
                 if not test:
-                    self.state.record(SendRecord(who, uid, phone, text, sender, item["id"], stat_id, params[RECEIVED]))
+                    self.state.record(SendRecord(who, uid, phone, text, sender, item["id"], stat_id, at))
             items.append(item)
         queued = sum(1 for i in items if i["status"] == "queued")
         doc: dict[str, Any] = {"success": True, "queued": queued, "unsent": len(items) - queued}
@@ -207,18 +207,18 @@ class SerwerSmsApi:
             doc["items"] = items
         return doc
 
-    def send_sms(self, who: str, params: dict[str, Any]) -> dict[str, Any]:
+    def send_sms(self, who: str, params: dict[str, Any], at: float) -> dict[str, Any]:
         if "text" not in params:
             raise ApiError(2000)
         text = str(params["text"])
-        return self._send(who, params, [(p, text) for p in as_list(params.get("phone"))], MAX_NUMBERS)
+        return self._send(who, params, [(p, text) for p in as_list(params.get("phone"))], MAX_NUMBERS, at)
 
-    def send_personalized(self, who: str, params: dict[str, Any]) -> dict[str, Any]:
+    def send_personalized(self, who: str, params: dict[str, Any], at: float) -> dict[str, Any]:
         if "messages" not in params:
             raise ApiError(2000)
-        return self._send(who, params, parse_messages(params["messages"]), MAX_PERSONALIZED)
+        return self._send(who, params, parse_messages(params["messages"]), MAX_PERSONALIZED, at)
 
-    def reports(self, who: str, params: dict[str, Any]) -> dict[str, Any]:
+    def reports(self, who: str, params: dict[str, Any], _at: float = 0.0) -> dict[str, Any]:
         ids = set(as_list(params.get("id")))
         if len(ids) > 500:
             raise ApiError(3110)
@@ -234,7 +234,7 @@ class SerwerSmsApi:
         ]
         return {"paging": {"page": 1, "count": 1}, "items": [self.state.report_item(r) for r in rows]}
 
-    def view(self, who: str, params: dict[str, Any]) -> dict[str, Any]:
+    def view(self, who: str, params: dict[str, Any], _at: float = 0.0) -> dict[str, Any]:
         doc = self.reports(who, {"id": params.get("id"), "unique_id": params.get("unique_id")})
         if not doc["items"]:
             raise ApiError(1004)
