@@ -35,10 +35,8 @@ def summarize(raw: Path, top: int = 40) -> str:
     return "\n".join(lines)
 
 
-async def main(drain: int, label: str) -> None:
-    tmp = RESULTS / "work"
-    tmp.mkdir(parents=True, exist_ok=True)
-    bench = Bench(dict(SMOKE), tmp)
+async def main(bench: Bench, drain: int, label: str) -> None:
+    tmp = bench.tmp
     try:
         await bench.observer.start()
         bench.latency(0)
@@ -52,9 +50,9 @@ async def main(drain: int, label: str) -> None:
             log_level="WARNING",
         )
         raw = RESULTS / f"profile-{label}.raw"
+        await bench.prefill(drain)  # as in the drain benchmark: the backlog is there before the gateway starts
         gateway = Process([], env, tmp / "profiled.log", Path.cwd(), command=[sys.executable, "-m", "gateway", "run"])
         gateway.wait_http(port)
-        await bench.prefill(drain)
         spy = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "py-spy"),
@@ -79,13 +77,21 @@ async def main(drain: int, label: str) -> None:
             spy.wait(30)
             gateway.terminate(60)
             gateway.close()
-        await bench.observer.close()
         out = RESULTS / f"profile-{label}.txt"
         out.write_text(summarize(raw))
         print(f"profile written to {out}")
     finally:
-        bench.close()
+        await bench.observer.close()
+
+
+def profile(drain: int, label: str) -> None:
+    (RESULTS / "work").mkdir(parents=True, exist_ok=True)
+    bench = Bench(dict(SMOKE), RESULTS / "work")
+    try:
+        asyncio.run(main(bench, drain, label))
+    finally:
+        bench.close()  # runs its own event loop
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000, sys.argv[2] if len(sys.argv) > 2 else "latest"))
+    profile(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000, sys.argv[2] if len(sys.argv) > 2 else "latest")
