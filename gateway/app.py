@@ -83,10 +83,9 @@ class Gateway:
         await topology.declare(setup, [a.name for a in self.accounts], s.retry_schedule_s)
         await setup.close()
 
-        pub_channel = await self._connection.channel(publisher_confirms=True)
+        pub_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channels.append(pub_channel)
         publisher = Publisher(pub_channel)
-        await publisher.start()
 
         for account in self.accounts:
             adapter = build_adapter(account)

@@ -14,8 +14,9 @@ Failure handling:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,7 @@ from gateway import contract as c
 from gateway import metrics as m
 from gateway import pipeline as p
 from gateway import tracing
+from gateway.acks import AckTracker
 from gateway.batching import Batcher
 from gateway.config import Account, Settings
 from gateway.numbers import mask
@@ -118,46 +120,71 @@ def _float_header(message: AbstractIncomingMessage, name: str) -> float | None:
 
 
 class Settler:
-    """Carries a decision out for one delivery: publish what is owed, then ack (or requeue)."""
+    """Carries decisions out: publish what each delivery is owed, then ack the ones whose
+    publishes the broker confirmed (coalesced by the channel's AckTracker) and requeue the rest."""
 
-    def __init__(self, publisher: Publisher, provider: str | None) -> None:
+    def __init__(self, publisher: Publisher, provider: str | None, acks: AckTracker) -> None:
         self._publisher = publisher
         self._provider = provider
+        self._acks = acks
 
     async def settle(self, d: Delivery, decision: p.Decision) -> bool:
-        try:
-            if isinstance(decision, p.Finish):
-                await self._finish(d, decision)
-            elif isinstance(decision, p.Retry):
-                await self._publisher.retry(
-                    d.message,
-                    account=d.account,
-                    delay_ms=decision.delay_ms,
-                    attempts=decision.attempts,
-                    waits=0,
-                    sent_at=(d.attempt_at or d.sent_at) if decision.ambiguous else None,
-                )
-            else:
-                await self._publisher.retry(
-                    d.message,
-                    account=d.account,
-                    delay_ms=decision.delay_ms,
-                    attempts=d.attempts,
-                    waits=d.waits + 1,
-                )
-            await d.message.ack()
-        except Exception:
-            log.exception("settle_failed", account=d.account, unique_id=d.unique_id)
-            await requeue([d])
-            return False
-        self._count(d, decision)
-        if d.span is not None:
-            with trace.use_span(d.span, end_on_exit=False):
-                self._log(d, decision)
+        return await self.settle_all([(d, decision)]) == 1
+
+    async def settle_all(self, items: Sequence[tuple[Delivery, p.Decision]]) -> int:
+        """Settle deliveries together; returns how many were acked."""
+        if len(items) == 1:
+            failures: list[BaseException | None] = [await _failure(self._publish(*items[0]))]
         else:
-            self._log(d, decision)
-        d.close(_result_name(decision))
-        return True
+            failures = await asyncio.gather(*(self._publish(d, x) for d, x in items), return_exceptions=True)
+        done: list[tuple[Delivery, p.Decision]] = []
+        for (d, decision), exc in zip(items, failures, strict=True):
+            if exc is None:
+                done.append((d, decision))
+                continue
+            log.error("settle_failed", account=d.account, unique_id=d.unique_id, exc_info=exc)
+            await requeue(self._acks, [d])
+        if not done:
+            return 0
+        try:
+            await self._acks.ack([d.message for d, _ in done])
+        except Exception as exc:  # noqa: BLE001 - the channel is gone: the broker redelivers them
+            log.warning("ack_failed", account=done[0][0].account, count=len(done), error=type(exc).__name__)
+            for d, _ in done:
+                d.close("requeued")
+            return 0
+        for d, decision in done:
+            self._count(d, decision)
+            if log.is_enabled_for(logging.INFO):
+                if d.span is not None:
+                    with trace.use_span(d.span, end_on_exit=False):
+                        self._log(d, decision)
+                else:
+                    self._log(d, decision)
+            d.close(_result_name(decision))
+        return len(done)
+
+    async def _publish(self, d: Delivery, decision: p.Decision) -> None:
+        """Publish what the decision owes (outcome, dead letter or retry copy), confirmed."""
+        if isinstance(decision, p.Finish):
+            await self._finish(d, decision)
+        elif isinstance(decision, p.Retry):
+            await self._publisher.retry(
+                d.message,
+                account=d.account,
+                delay_ms=decision.delay_ms,
+                attempts=decision.attempts,
+                waits=0,
+                sent_at=(d.attempt_at or d.sent_at) if decision.ambiguous else None,
+            )
+        else:
+            await self._publisher.retry(
+                d.message,
+                account=d.account,
+                delay_ms=decision.delay_ms,
+                attempts=d.attempts,
+                waits=d.waits + 1,
+            )
 
     @staticmethod
     def _count(d: Delivery, decision: p.Decision) -> None:
@@ -184,7 +211,6 @@ class Settler:
             meta=d.meta,
             original=asdict(f.original) if f.original is not None else None,
         )
-        headers = tracing.inject(d.span, {})
         jobs = []
         if d.unique_id is not None:  # an outcome nobody can correlate is noise; the dead letter says it all
             jobs.append(
@@ -194,7 +220,7 @@ class Settler:
                     body=body,
                     unique_id=d.unique_id,
                     reply_to=d.message.reply_to,
-                    headers=headers,
+                    headers=tracing.inject(d.span, {}),
                 )
             )
         if f.dead is not None:
@@ -209,7 +235,10 @@ class Settler:
                     attempts=r.attempts,
                 )
             )
-        await asyncio.gather(*jobs)
+        if len(jobs) == 1:
+            await jobs[0]
+        else:
+            await asyncio.gather(*jobs)
 
     def _log(self, d: Delivery, decision: p.Decision) -> None:
         ms = round((time.monotonic() - d.started) * 1000, 1)
@@ -248,10 +277,18 @@ def _result_name(decision: p.Decision) -> str:
     return "retry" if isinstance(decision, p.Retry) else "wait"
 
 
-async def requeue(deliveries: Sequence[Delivery]) -> None:
+async def _failure(job: Awaitable[None]) -> BaseException | None:
+    try:
+        await job
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return exc
+    return None
+
+
+async def requeue(acks: AckTracker, deliveries: Sequence[Delivery]) -> None:
     for d in deliveries:
         try:
-            await d.message.nack(requeue=True)
+            await acks.requeue(d.message)
         except Exception:  # noqa: BLE001 - the channel is gone; the broker requeues on its own
             log.warning("nack_failed", account=d.account, unique_id=d.unique_id)
         d.close("requeued")
@@ -271,7 +308,8 @@ class AccountWorker:
         self.account = account
         self._adapter = adapter
         self._store = store
-        self._settler = Settler(publisher, adapter.name)
+        self._acks = AckTracker()
+        self._settler = Settler(publisher, adapter.name, self._acks)
         self._settings = settings
         self._policy = RetryPolicy(settings.retry_schedule_s, settings.max_attempts)
         self._owner = owner
@@ -319,9 +357,10 @@ class AccountWorker:
     # -- admission: one message at a time ---------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._acks.delivered(message)  # before any await: tags are registered in delivery order
         d = Delivery.begin(message, self.account.name)
         if self._stopping or self.paused:
-            await requeue([d])
+            await requeue(self._acks, [d])
             return
         try:
             decision = self._admit(d)
@@ -354,7 +393,7 @@ class AccountWorker:
     async def _crashed(self, d: Delivery, exc: Exception) -> None:
         log.error("handler_crashed", account=d.account, error=type(exc).__name__, deliveries=d.delivery_count + 1)
         if d.delivery_count + 1 < self._settings.poison_deliveries:
-            await requeue([d])
+            await requeue(self._acks, [d])
             return
         err = c.OutcomeError("poison", type(exc).__name__, "the handler crashed on this message", False)
         f = p.finish(c.Status.FAILED, None, attempts=d.attempts, error=err, dead=c.DeadReason.POISON, store=False)
@@ -381,12 +420,12 @@ class AccountWorker:
                     await self._record(batch, decisions)
                 except Exception:
                     log.exception("batch_failed", account=self.account.name, size=len(batch))
-                    await requeue(batch)
+                    await requeue(self._acks, batch)
                     await self._pause(self._backoff_s, "batch_failed")
                     self._backoff_s = min(self._backoff_s * 2, 60.0)
                     return
                 self._backoff_s = 1.0
-                await asyncio.gather(*(self._settler.settle(d, decisions[i]) for i, d in enumerate(batch)))
+                await self._settler.settle_all([(d, decisions[i]) for i, d in enumerate(batch)])
         if any(isinstance(x, p.Finish) and x.pause_account for x in decisions.values()):
             await self._pause(self._settings.account_pause_s, "account_error")
 
@@ -520,7 +559,7 @@ class AccountWorker:
         log.warning("account_paused", account=self.account.name, seconds=seconds, reason=reason)
         m.PAUSED.labels(self.account.name).set(1)
         await self._cancel()
-        await requeue(self._batcher.take_all())
+        await requeue(self._acks, self._batcher.take_all())
         task = asyncio.create_task(self._resume_later())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -551,7 +590,8 @@ class UnroutableWorker:
     """Requests whose routing key names no configured account: `invalid` outcome + dead letter."""
 
     def __init__(self, publisher: Publisher, settings: Settings) -> None:
-        self._settler = Settler(publisher, None)
+        self._acks = AckTracker()
+        self._settler = Settler(publisher, None, self._acks)
         self._settings = settings
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
@@ -562,6 +602,7 @@ class UnroutableWorker:
         self._tag = await self._queue.consume(self._on_message)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._acks.delivered(message)
         account = message.routing_key or "unknown"
         d = Delivery.begin(message, account)
         req = c.decode_request(message.body, message_id=message.message_id, max_bytes=self._settings.max_body_bytes)

@@ -1,7 +1,13 @@
 """Outcomes, dead letters and delayed retries, each confirmed by the broker before anyone acks.
 
-The channel runs with publisher confirms: `publish` returns only once RabbitMQ has taken the
+The channel runs with publisher confirms: a publish returns only once RabbitMQ has taken the
 message (or raises), so the consumer acks a request only after everything it owes is safe.
+
+Publishes go straight to the channel's AMQP layer with ready-made properties (no aio-pika
+`Message` per publish: it was a measurable share of the CPU per SMS). Outcomes are published
+without `mandatory`: an outcome nobody has bound a queue for is dropped by the broker, by design.
+Dead letters and retry copies are `mandatory` on a channel opened with `on_return_raises`, so one
+that no queue takes fails the publish and the request is requeued instead of acked.
 """
 
 from __future__ import annotations
@@ -9,11 +15,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from pamqp.commands import Basic
 
 from gateway import contract as c
-from gateway.topology import persistent
 
 _STRIP = {
     "x-death",
@@ -22,19 +27,21 @@ _STRIP = {
     "x-first-death-queue",
     "x-first-death-reason",
 }
+PERSISTENT = 2
 
 
 class Publisher:
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
-        self._outcomes: AbstractExchange | None = None
-        self._dead: AbstractExchange | None = None
-        self._retry: AbstractExchange | None = None
 
-    async def start(self) -> None:
-        self._outcomes = await self._channel.get_exchange(c.OUTCOMES_EXCHANGE, ensure=False)
-        self._dead = await self._channel.get_exchange(c.DEAD_EXCHANGE, ensure=False)
-        self._retry = await self._channel.get_exchange(c.RETRY_EXCHANGE, ensure=False)
+    async def _publish(
+        self, exchange: str, routing_key: str, body: bytes, props: Basic.Properties, *, mandatory: bool
+    ) -> None:
+        # The underlying channel is looked up per publish: a robust channel swaps it on reconnect.
+        channel = await self._channel.get_underlay_channel()
+        await channel.basic_publish(
+            body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=mandatory
+        )
 
     async def outcome(
         self,
@@ -46,12 +53,20 @@ class Publisher:
         reply_to: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None:
-        assert self._outcomes is not None
-        msg = persistent(body, correlation_id=unique_id, headers=headers or {})
-        jobs = [self._outcomes.publish(msg, routing_key=f"{status}.{account}")]
-        if reply_to:
-            jobs.append(self._channel.default_exchange.publish(msg, routing_key=reply_to))
-        await asyncio.gather(*jobs)
+        props = Basic.Properties(
+            content_type="application/json",
+            delivery_mode=PERSISTENT,
+            correlation_id=unique_id,
+            headers=headers or None,
+        )
+        routing_key = f"{status}.{account}"
+        if not reply_to:
+            await self._publish(c.OUTCOMES_EXCHANGE, routing_key, body, props, mandatory=False)
+            return
+        await asyncio.gather(
+            self._publish(c.OUTCOMES_EXCHANGE, routing_key, body, props, mandatory=False),
+            self._publish("", reply_to, body, props, mandatory=False),
+        )
 
     async def dead_letter(
         self,
@@ -63,7 +78,6 @@ class Publisher:
         error_message: str,
         attempts: int,
     ) -> None:
-        assert self._dead is not None
         headers = _clean_headers(original.headers)
         headers.update(
             {
@@ -74,7 +88,9 @@ class Publisher:
                 c.H_ACCOUNT: account,
             }
         )
-        await self._dead.publish(_copy(original, headers), routing_key=f"{reason}.{account}")
+        await self._publish(
+            c.DEAD_EXCHANGE, f"{reason}.{account}", original.body, _copy(original, headers), mandatory=True
+        )
 
     async def retry(
         self,
@@ -87,29 +103,28 @@ class Publisher:
         sent_at: float | None = None,
     ) -> None:
         """Park a byte-identical copy in the TTL queue for `delay_ms`; it comes back to sms.send."""
-        assert self._retry is not None
         headers = _clean_headers(original.headers)
         headers.update({c.H_ATTEMPTS: attempts, c.H_WAITS: waits, c.H_RETRY_DELAY: str(delay_ms)})
         if sent_at is not None:
             headers[c.H_SENT_AT] = str(round(sent_at, 3))
-        await self._retry.publish(_copy(original, headers), routing_key=account)
+        await self._publish(c.RETRY_EXCHANGE, account, original.body, _copy(original, headers), mandatory=True)
 
 
 def _clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (headers or {}).items() if k not in _STRIP}
 
 
-def _copy(original: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    return aio_pika.Message(
-        original.body,
+def _copy(original: AbstractIncomingMessage, headers: dict[str, Any]) -> Basic.Properties:
+    """The original's properties with new headers; persistent whatever the producer chose."""
+    return Basic.Properties(
         headers=headers,
         content_type=original.content_type or "application/json",
         content_encoding=original.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        delivery_mode=PERSISTENT,
         correlation_id=original.correlation_id,
         reply_to=original.reply_to,
         message_id=original.message_id,
         timestamp=original.timestamp,
-        type=original.type,
+        message_type=original.type,
         app_id=original.app_id,
     )

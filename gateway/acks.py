@@ -1,0 +1,88 @@
+"""Acks and requeues for one consumer channel, coalesced where it is safe.
+
+A `basic.ack` with `multiple=True` settles every outstanding delivery up to its tag at once. That
+is only safe for a tag when every delivery of the channel with a lower tag is already settled, so
+the tracker keeps the channel's open deliveries in delivery order (tags only grow on a channel):
+
+- settled deliveries older than the oldest still-open one go out as ONE multiple ack;
+- settled deliveries behind a still-open one are acked one by one at once, so a slow batch never
+  holds later acks (and the prefetch window) hostage;
+- every frame for the channel goes out under one lock, in the order it was decided: a nack or an
+  ack is never overtaken by a multiple ack that would cover its tag.
+
+After a reconnect the channel is a new one and its tags start again at 1; deliveries of the old
+channel cannot be settled any more (the broker has already requeued them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import AbstractChannel
+
+
+class StaleDelivery(Exception):
+    """The delivery's channel is closed or replaced; the broker requeues it on its own."""
+
+
+class AckTracker:
+    def __init__(self) -> None:
+        self._channel: AbstractChannel | None = None
+        self._open: dict[int, None] = {}  # delivery tags not yet settled, oldest first
+        self._lock = asyncio.Lock()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        """Register a delivery. Call it before the first `await` of the message's handler."""
+        channel = _channel(message)
+        if channel is not self._channel:
+            self._channel = channel
+            self._open.clear()
+        assert message.delivery_tag is not None
+        self._open[message.delivery_tag] = None
+
+    async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Ack deliveries whose outcomes are safe. Raises StaleDelivery when none of them can be."""
+        async with self._lock:
+            channel = self._channel
+            tags = [t for m in messages if (t := self._tag(m)) is not None]
+            if not tags or channel is None or channel.is_closed:
+                raise StaleDelivery(f"{len(messages)} deliveries of a closed channel")
+            for tag in tags:
+                self._open.pop(tag, None)
+            oldest_open = next(iter(self._open), None)
+            behind = [t for t in tags if oldest_open is not None and t > oldest_open]
+            upto = max((t for t in tags if oldest_open is None or t < oldest_open), default=None)
+            if upto is not None:
+                await channel.basic_ack(upto, multiple=True, wait=False)
+            for tag in behind:
+                await channel.basic_ack(tag, wait=False)
+
+    async def requeue(self, message: AbstractIncomingMessage) -> None:
+        """Give a delivery back to the queue (nack with requeue)."""
+        async with self._lock:
+            channel = self._channel
+            tag = self._tag(message)
+            if tag is None or channel is None or channel.is_closed:
+                raise StaleDelivery("delivery of a closed channel")
+            self._open.pop(tag, None)
+            await channel.basic_nack(tag, requeue=True, wait=False)
+
+    def _tag(self, message: AbstractIncomingMessage) -> int | None:
+        """The message's tag if it belongs to the tracked channel and is still open."""
+        if self._channel is None or _channel(message) is not self._channel or message.delivery_tag not in self._open:
+            return None
+        return message.delivery_tag
+
+
+def _channel(message: AbstractIncomingMessage) -> AbstractChannel | None:
+    try:
+        return message.channel
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return None

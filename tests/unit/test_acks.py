@@ -1,0 +1,106 @@
+"""AckTracker: which ack/nack frames go out, and in what order, for a channel's deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiormq
+import pytest
+
+from gateway.acks import AckTracker, StaleDelivery
+
+
+class FakeChannel:
+    def __init__(self, stalls: list[int] | None = None) -> None:
+        self.frames: list[tuple[Any, ...]] = []
+        self.is_closed = False
+        self._stalls = stalls or []  # loop turns each successive ack waits (a full write queue)
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        for _ in range(self._stalls.pop(0) if self._stalls else 0):
+            await asyncio.sleep(0)
+        self.frames.append(("ack", tag, multiple))
+
+    async def basic_nack(self, tag: int, multiple: bool = False, requeue: bool = True, wait: bool = True) -> None:
+        self.frames.append(("nack", tag, requeue))
+
+
+class FakeMessage:
+    def __init__(self, channel: FakeChannel, tag: int) -> None:
+        self._channel = channel
+        self.delivery_tag = tag
+
+    @property
+    def channel(self) -> FakeChannel:
+        if self._channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError
+        return self._channel
+
+
+def deliver(tracker: AckTracker, channel: FakeChannel, tags: range) -> list[Any]:
+    messages = [FakeMessage(channel, t) for t in tags]
+    for m in messages:
+        tracker.delivered(m)  # type: ignore[arg-type]
+    return messages
+
+
+async def test_settled_prefix_is_one_multiple_ack() -> None:
+    ch, tracker = FakeChannel(), AckTracker()
+    ms = deliver(tracker, ch, range(1, 101))
+    await tracker.ack(ms[:60])
+    assert ch.frames == [("ack", 60, True)]
+    assert tracker.open_count == 40
+
+
+async def test_acks_behind_an_open_delivery_go_one_by_one_at_once() -> None:
+    ch, tracker = FakeChannel(), AckTracker()
+    ms = deliver(tracker, ch, range(1, 7))
+    await tracker.ack(ms[3:5])  # 4 and 5 while 1..3 are still in a batch
+    assert ch.frames == [("ack", 4, False), ("ack", 5, False)]
+    await tracker.ack(ms[:3])  # 1..3: a multiple ack stopping before the still-open 6
+    assert ch.frames[2:] == [("ack", 3, True)]
+    await tracker.ack(ms[5:])
+    assert ch.frames[3:] == [("ack", 6, True)]
+    assert tracker.open_count == 0
+
+
+async def test_a_requeued_delivery_is_never_covered_by_a_later_multiple_ack() -> None:
+    ch, tracker = FakeChannel(), AckTracker()
+    ms = deliver(tracker, ch, range(1, 5))
+    await tracker.requeue(ms[1])
+    await tracker.ack([ms[0], ms[2], ms[3]])
+    # The nack of 2 went out first, so the multiple ack at 4 settles 1, 3 and 4 only.
+    assert ch.frames == [("nack", 2, True), ("ack", 4, True)]
+
+
+async def test_a_delivery_is_settled_at_most_once() -> None:
+    ch, tracker = FakeChannel(), AckTracker()
+    ms = deliver(tracker, ch, range(1, 3))
+    await tracker.ack(ms[:1])
+    with pytest.raises(StaleDelivery):
+        await tracker.ack(ms[:1])
+    with pytest.raises(StaleDelivery):
+        await tracker.requeue(ms[0])
+    assert ch.frames == [("ack", 1, True)]
+
+
+async def test_deliveries_of_a_replaced_channel_are_stale() -> None:
+    old, new, tracker = FakeChannel(), FakeChannel(), AckTracker()
+    stale = deliver(tracker, old, range(1, 4))
+    old.is_closed = True
+    fresh = deliver(tracker, new, range(1, 3))  # tags start again on the new channel
+    with pytest.raises(StaleDelivery):
+        await tracker.ack(stale)
+    await tracker.ack(fresh)
+    assert old.frames == []
+    assert new.frames == [("ack", 2, True)]
+
+
+async def test_frames_leave_in_the_order_they_were_decided() -> None:
+    ch, tracker = FakeChannel(stalls=[5, 0]), AckTracker()
+    ms = deliver(tracker, ch, range(1, 5))
+    # Two batches settle concurrently; the first decision (ack up to 2) must reach the broker first,
+    # or the broker would see "ack up to 4" and then an unknown tag 2 and close the channel.
+    await asyncio.gather(tracker.ack(ms[:2]), tracker.ack(ms[2:]))
+    assert ch.frames == [("ack", 2, True), ("ack", 4, True)]
