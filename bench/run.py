@@ -419,7 +419,7 @@ class Bench:
                 proc.terminate(30)
                 proc.close()
 
-    async def run(self, only: set[str] | None = None) -> dict[str, Any]:
+    async def run(self, only: set[str] | None = None, rate: float | None = None) -> dict[str, Any]:
         await self.observer.start()
         s = self.sizes
         contenders: list[tuple[str, Callable[[int], Any]]] = [
@@ -437,6 +437,9 @@ class Bench:
                 if only is None or key in only:
                     await fn(rep)
         if only is not None:
+            if "latency" in only:  # at --rate, or at the drain rate measured in this run
+                drain = rate or statistics.median(r.msgs_per_s for r in self.runs if r.contender == "gateway @0ms")
+                await self.latency_runs(drain)
             await self.observer.close()
             return {}
         drain = statistics.median(r.msgs_per_s for r in self.runs if r.contender == "gateway @0ms")
@@ -534,6 +537,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", help="comma-separated contenders (ceiling, gateway@0, celery-threads@200, ...)")
     ap.add_argument("--reps", type=int, help="rounds (default 3; 1 with --smoke)")
+    ap.add_argument("--rate", type=float, help="with --only latency: the drain rate the loads are shares of")
     args = ap.parse_args()
     sizes = dict(SMOKE if args.smoke else FULL)
     if args.reps:
@@ -543,7 +547,7 @@ def main() -> int:
     tmp.mkdir(exist_ok=True)
     bench = Bench(sizes, tmp)
     try:
-        extra = asyncio.run(bench.run(set(args.only.split(",")) if args.only else None))
+        extra = asyncio.run(bench.run(set(args.only.split(",")) if args.only else None, args.rate))
     finally:
         bench.close()
     if args.only:

@@ -1,6 +1,12 @@
-"""Groups compatible items and hands a group over when it is full or has lingered long enough.
+"""Groups compatible items and hands a group over when it is full or has lingered long enough,
+and only while its owner is ready for another batch.
 
-No I/O: the owner decides what a flush does (the consumer starts a send task).
+A group that becomes due while the owner is busy (every send slot taken) keeps growing instead of
+queueing up as a row of small batches: under load, batches grow to the size the owner can keep
+up with, so the cost per message falls as the load rises instead of the backlog running away.
+
+No I/O: the owner decides what a flush does (the consumer starts a send task) and calls `pump`
+when it becomes ready again.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+def _always() -> bool:
+    return True
+
+
 class Batcher(Generic[T]):
     def __init__(
         self,
@@ -20,13 +30,16 @@ class Batcher(Generic[T]):
         linger_s: float,
         key: Callable[[T], Hashable],
         on_flush: Callable[[list[T]], None],
+        ready: Callable[[], bool] = _always,
     ) -> None:
         self._max = max_size
         self._linger = linger_s
         self._key = key
         self._on_flush = on_flush
+        self._ready = ready
         self._groups: dict[Hashable, list[T]] = {}
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._due: dict[Hashable, None] = {}  # groups full or past their linger, oldest first
 
     def __len__(self) -> int:
         return sum(len(g) for g in self._groups.values())
@@ -36,27 +49,48 @@ class Batcher(Generic[T]):
         group = self._groups.setdefault(k, [])
         group.append(item)
         if len(group) >= self._max or self._linger <= 0:
-            self._flush(k)
-        elif k not in self._timers:
-            self._timers[k] = asyncio.get_running_loop().call_later(self._linger, self._flush, k)
+            self._make_due(k)
+        elif k not in self._timers and k not in self._due:
+            self._timers[k] = asyncio.get_running_loop().call_later(self._linger, self._make_due, k)
+
+    def pump(self) -> None:
+        """Hand due groups over, oldest first, at most `max_size` items each, while the owner is ready."""
+        while self._due and self._ready():
+            k = next(iter(self._due))
+            group = self._groups.pop(k, [])
+            batch, rest = group[: self._max], group[self._max :]
+            if rest:  # arrived while the owner was busy: due at once
+                self._groups[k] = rest
+            else:
+                del self._due[k]
+            if batch:
+                self._on_flush(batch)
 
     def flush_all(self) -> None:
-        for k in list(self._groups):
-            self._flush(k)
+        """Hand everything over now, ready or not (shutdown)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._due.clear()
+        groups, self._groups = self._groups, {}
+        for group in groups.values():
+            for start in range(0, len(group), self._max):
+                self._on_flush(group[start : start + self._max])
 
     def take_all(self) -> list[T]:
         """Remove and return everything waiting, without flushing (pause, shutdown)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._due.clear()
         items = [i for g in self._groups.values() for i in g]
         self._groups.clear()
         return items
 
-    def _flush(self, k: Hashable) -> None:
+    def _make_due(self, k: Hashable) -> None:
         timer = self._timers.pop(k, None)
         if timer is not None:
             timer.cancel()
-        group = self._groups.pop(k, None)
-        if group:
-            self._on_flush(group)
+        if k in self._groups:
+            self._due.setdefault(k, None)
+        self.pump()

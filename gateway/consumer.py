@@ -319,7 +319,9 @@ class AccountWorker:
             linger_s=account.linger_ms / 1000,
             key=lambda d: adapter.batch_key(d.item) if d.item else None,
             on_flush=self._flush,
+            ready=lambda: self._batches < self.account.concurrency,
         )
+        self._batches = 0  # batches handed over and not finished
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
@@ -402,9 +404,15 @@ class AccountWorker:
     # -- batches ------------------------------------------------------------------------------------
 
     def _flush(self, batch: list[Delivery]) -> None:
+        self._batches += 1
         task = asyncio.create_task(self._run_batch(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._batches -= 1
+        self._batcher.pump()  # due groups that waited for a slot, grown meanwhile
 
     async def _run_batch(self, batch: list[Delivery]) -> None:
         # One span per batch: the first message's trace is its parent, the others are links.

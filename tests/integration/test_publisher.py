@@ -16,6 +16,13 @@ pytestmark = pytest.mark.integration
 
 async def test_a_retry_copy_no_queue_takes_fails_instead_of_vanishing() -> None:
     account = new_account_name()
+    try:
+        await _retry_copies(account)
+    finally:
+        await delete_account_queues([account])
+
+
+async def _retry_copies(account: str) -> None:
     async with Bus.open([account]) as bus:
         await topology.declare(bus.channel, [account], [1])
         await bus.publish(account, request("lost-1"))
@@ -34,4 +41,3 @@ async def test_a_retry_copy_no_queue_takes_fails_instead_of_vanishing() -> None:
             # An outcome nobody listens for is not an error: it is dropped by the broker, by design.
             await publisher.outcome(account="nobody-listens", status="accepted", body=b"{}", unique_id="x")
             await original.ack()
-    await delete_account_queues([account])

@@ -33,3 +33,41 @@ async def test_batcher_take_all_cancels_timers() -> None:
     assert b.take_all() == [1, 2]
     await asyncio.sleep(0.1)
     assert flushed == []
+
+
+async def test_batcher_holds_due_groups_while_the_owner_is_busy_and_they_grow() -> None:
+    flushed: list[list[int]] = []
+    slots = {"free": 0}
+    b: Batcher[int] = Batcher(
+        max_size=4, linger_s=0.02, key=lambda n: 0, on_flush=flushed.append, ready=lambda: slots["free"] > 0
+    )
+    b.add(0)
+    await asyncio.sleep(0.05)  # lingered, but no slot: nothing handed over
+    assert flushed == []
+    for n in range(1, 10):
+        b.add(n)
+    assert flushed == []
+    assert len(b) == 10
+    slots["free"] = 1
+    b.pump()  # a slot is free: the grown group goes out in max-size batches, oldest first
+    assert flushed == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert len(b) == 0
+
+
+async def test_batcher_hands_over_one_batch_per_free_slot() -> None:
+    flushed: list[list[int]] = []
+    busy = {"n": 0}
+
+    def take(batch: list[int]) -> None:
+        flushed.append(batch)
+        busy["n"] += 1
+
+    b: Batcher[int] = Batcher(max_size=2, linger_s=10, key=lambda n: n % 3, on_flush=take, ready=lambda: busy["n"] < 1)
+    for n in (0, 3, 1, 4, 2, 5):
+        b.add(n)
+    assert flushed == [[0, 3]]  # full groups wait for the only slot
+    busy["n"] = 0
+    b.pump()
+    assert flushed == [[0, 3], [1, 4]]
+    b.flush_all()  # shutdown hands over everything, ready or not
+    assert flushed == [[0, 3], [1, 4], [2, 5]]
