@@ -38,9 +38,13 @@ class Publisher:
         self, exchange: str, routing_key: str, body: bytes, props: Basic.Properties, *, mandatory: bool
     ) -> None:
         # The underlying channel is looked up per publish: a robust channel swaps it on reconnect.
+        # wait=False: do not hold the channel's publish lock until this frame has been written
+        # (aiormq's default), which let only one publish per loop turn onto the socket. The
+        # broker's confirm, awaited here, comes after the write anyway; the write queue is bounded
+        # and publishes in flight are bounded by the consumers' prefetch.
         channel = await self._channel.get_underlay_channel()
-        await channel.basic_publish(
-            body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=mandatory
+        await channel.basic_publish(  # type: ignore[call-arg]  # `wait` is on aiormq's Channel, not its ABC
+            body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=mandatory, wait=False
         )
 
     async def outcome(
