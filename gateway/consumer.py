@@ -447,7 +447,11 @@ class AccountWorker:
                 decisions[i] = p.Wait(self._policy.wait_ms)  # the same id twice in one batch
             else:
                 first_of[d.unique_id] = i
-        claims = await self._store.claim(name, list(first_of), self._owner, self._settings.claim_lease_s)
+        # One round trip claims the ids and takes rate-limit tokens for the new ones.
+        rate, burst = self._limits()
+        claims, granted, wait = await self._store.claim_and_acquire(
+            name, list(first_of), self._owner, self._settings.claim_lease_s, rate, burst
+        )
         reconcile: list[int] = []
         send: list[int] = []
         for uid, i in first_of.items():
@@ -469,7 +473,7 @@ class AccountWorker:
             if req is not None and p.is_expired(req, now):
                 decisions[i] = p.expired(self._adapter.name, batch[i].attempts)
                 send.remove(i)
-        await self._send(batch, send, decisions)
+        await self._send(batch, send, decisions, (granted, wait) if granted or wait else None)
         return decisions
 
     async def _reconcile(self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]) -> list[int]:
@@ -495,7 +499,19 @@ class AccountWorker:
         log.info("reconciled", account=self.account.name, found=len(idx) - len(to_send), missing=len(to_send))
         return to_send
 
-    async def _send(self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]) -> None:
+    def _limits(self) -> tuple[float, int]:
+        """The account's rate and burst, scaled down while the provider throttles (see _adapt)."""
+        a = self.account
+        return a.rate_per_s * self._rate_factor, max(1, round(a.burst * self._rate_factor))
+
+    async def _send(
+        self,
+        batch: list[Delivery],
+        idx: list[int],
+        decisions: dict[int, p.Decision],
+        taken: tuple[int, float] | None = None,
+    ) -> None:
+        """Send `idx` as rate-limit tokens allow; `taken` is (tokens, wait) from the claim step."""
         a = self.account
         sends: list[asyncio.Task[None]] = []
 
@@ -511,8 +527,10 @@ class AccountWorker:
 
         pending = idx
         while pending:
-            rate, burst = a.rate_per_s * self._rate_factor, max(1, round(a.burst * self._rate_factor))
-            granted, wait = await self._store.acquire(a.name, len(pending), rate, burst)
+            granted, wait = (
+                taken if taken is not None else await self._store.acquire(a.name, len(pending), *self._limits())
+            )
+            taken = None
             if granted:
                 sends.append(asyncio.create_task(send_chunk(pending[:granted])))
                 pending = pending[granted:]

@@ -68,6 +68,13 @@ class Store(Protocol):
         """Claim every id of a batch at once (see the module docstring)."""
         ...
 
+    async def claim_and_acquire(
+        self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
+    ) -> tuple[dict[str, Claim], int, float]:
+        """`claim`, then `acquire` on the account's bucket for the NEW claims, in one atomic step
+        (one round trip): (claims, tokens granted, seconds until 1 more)."""
+        ...
+
     async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
         """Terminal results already known for these ids (ids without one are left out)."""
         ...

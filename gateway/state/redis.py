@@ -25,32 +25,70 @@ def bucket_key(key: str) -> str:
     return f"{PREFIX}:rl:{{{key}}}"
 
 
-# KEYS = dedupe keys; ARGV = owner, lease ms, window ms. Returns, per key, {state, result-json}.
-_CLAIM = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local owner, lease, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {}
-for i, key in ipairs(KEYS) do
-  local raw = redis.call('GET', key)
-  local mine = cjson.encode({s = 'inflight', o = owner, l = now + lease})
-  if not raw then
-    redis.call('SET', key, mine, 'PX', window)
-    out[i] = {'new', ''}
-  else
-    local rec = cjson.decode(raw)
-    if rec.s == 'done' then
-      out[i] = {'done', rec.r}
-    elseif rec.s == 'inflight' and tonumber(rec.l) > now then
-      out[i] = {'busy', ''}
-    else
+# claim(n, ...): claims KEYS[1..n]; returns, per key, {state, result-json}, and how many are new.
+_CLAIM_FN = """
+local function claim(n, owner, lease, window)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local out, fresh = {}, 0
+  for i = 1, n do
+    local key = KEYS[i]
+    local raw = redis.call('GET', key)
+    local mine = cjson.encode({s = 'inflight', o = owner, l = now + lease})
+    if not raw then
       redis.call('SET', key, mine, 'PX', window)
-      out[i] = {'reconcile', ''}
+      out[i] = {'new', ''}
+      fresh = fresh + 1
+    else
+      local rec = cjson.decode(raw)
+      if rec.s == 'done' then
+        out[i] = {'done', rec.r}
+      elseif rec.s == 'inflight' and tonumber(rec.l) > now then
+        out[i] = {'busy', ''}
+      else
+        redis.call('SET', key, mine, 'PX', window)
+        out[i] = {'reconcile', ''}
+      end
     end
   end
+  return out, fresh
 end
-return out
 """
+
+# take(bucket, rate per s, burst, wanted): token bucket; returns granted and seconds until 1 more.
+_TAKE_FN = """
+local function take(bucket, rate, burst, want)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local st = redis.call('HMGET', bucket, 'tk', 'ts')
+  local tokens = tonumber(st[1]) or burst
+  local ts = tonumber(st[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+  local grant = math.min(want, math.floor(tokens))
+  tokens = tokens - grant
+  redis.call('HSET', bucket, 'tk', tostring(tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
+  local wait = 0
+  if tokens < 1 then wait = (1 - tokens) / rate end
+  return grant, wait
+end
+"""
+
+# KEYS = dedupe keys; ARGV = owner, lease ms, window ms.
+_CLAIM = _CLAIM_FN + "return (claim(#KEYS, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])))"
+
+# KEYS = dedupe keys, then the account's bucket (same hash tag); ARGV = owner, lease ms, window ms,
+# rate per s, burst. Claims, then takes a token for each new claim: {claims, granted, wait}.
+_CLAIM_TAKE = (
+    _CLAIM_FN
+    + _TAKE_FN
+    + """
+local out, fresh = claim(#KEYS - 1, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+if fresh == 0 then return {out, 0, '0'} end
+local grant, wait = take(KEYS[#KEYS], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh)
+return {out, grant, tostring(wait)}
+"""
+)
 
 # KEYS = dedupe keys; ARGV = window ms, then one result JSON per key.
 _COMPLETE = """
@@ -77,28 +115,20 @@ return n
 """
 
 # KEYS[1] = bucket; ARGV = rate per s, burst, wanted. Returns {granted, seconds-until-next (string)}.
-_ACQUIRE = """
-local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local st = redis.call('HMGET', KEYS[1], 'tk', 'ts')
-local tokens = tonumber(st[1]) or burst
-local ts = tonumber(st[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local grant = math.min(want, math.floor(tokens))
-tokens = tokens - grant
-redis.call('HSET', KEYS[1], 'tk', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-local wait = 0
-if tokens < 1 then wait = (1 - tokens) / rate end
+_ACQUIRE = (
+    _TAKE_FN
+    + """
+local grant, wait = take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 return {grant, tostring(wait)}
 """
+)
 
 
 class RedisStore:
     def __init__(self, url: str) -> None:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
         self._claim = self._redis.register_script(_CLAIM)
+        self._claim_take = self._redis.register_script(_CLAIM_TAKE)
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)
         self._acquire = self._redis.register_script(_ACQUIRE)
@@ -114,11 +144,18 @@ class RedisStore:
         rows: list[Any] = await self._claim(
             keys=keys, args=[owner, int(lease_s * 1000), int(max(lease_s * 4, 3600) * 1000)]
         )
-        out: dict[str, Claim] = {}
-        for uid, (state, result) in zip(uids, rows, strict=True):
-            st = ClaimState(state)
-            out[uid] = Claim(st, StoredResult.from_json(result) if st is ClaimState.DONE else None)
-        return out
+        return _claims(uids, rows)
+
+    async def claim_and_acquire(
+        self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
+    ) -> tuple[dict[str, Claim], int, float]:
+        if not uids:
+            return {}, 0, 0.0
+        keys = [*(dedupe_key(account, u) for u in uids), bucket_key(account)]
+        rows, granted, wait = await self._claim_take(
+            keys=keys, args=[owner, int(lease_s * 1000), int(max(lease_s * 4, 3600) * 1000), rate, burst]
+        )
+        return _claims(uids, rows), int(granted), float(wait)
 
     async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
         if not uids:
@@ -160,3 +197,11 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _claims(uids: list[str], rows: list[Any]) -> dict[str, Claim]:
+    out: dict[str, Claim] = {}
+    for uid, (state, result) in zip(uids, rows, strict=True):
+        st = ClaimState(state)
+        out[uid] = Claim(st, StoredResult.from_json(result) if st is ClaimState.DONE else None)
+    return out

@@ -76,29 +76,41 @@ class SqliteStore:
             db.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
 
     async def claim(self, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
-        def op(db: sqlite3.Connection) -> dict[str, Claim]:
-            now = self._clock()
-            self._sweep(db, now)
-            out: dict[str, Claim] = {}
-            for uid in uids:
-                row = db.execute(
-                    "SELECT state, lease_until, result FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
-                    (account, uid, now),
-                ).fetchone()
-                if row is not None and row[0] == "done":
-                    out[uid] = Claim(ClaimState.DONE, StoredResult.from_json(row[2]))
-                    continue
-                if row is not None and row[0] == "inflight" and row[1] > now:
-                    out[uid] = Claim(ClaimState.BUSY)
-                    continue
-                db.execute(
-                    "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'inflight', ?, ?, NULL, ?)",
-                    (account, uid, owner, now + lease_s, now + max(lease_s * 4, 3600)),
-                )
-                out[uid] = Claim(ClaimState.NEW if row is None else ClaimState.RECONCILE)
-            return out
+        return await self._run(lambda db: self._claim(db, account, uids, owner, lease_s)) if uids else {}
 
-        return await self._run(op) if uids else {}
+    async def claim_and_acquire(
+        self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
+    ) -> tuple[dict[str, Claim], int, float]:
+        def op(db: sqlite3.Connection) -> tuple[dict[str, Claim], int, float]:
+            claims = self._claim(db, account, uids, owner, lease_s)
+            fresh = sum(1 for c in claims.values() if c.state is ClaimState.NEW)
+            return (claims, *self._take(db, account, fresh, rate, burst)) if fresh else (claims, 0, 0.0)
+
+        return await self._run(op) if uids else ({}, 0, 0.0)
+
+    def _claim(
+        self, db: sqlite3.Connection, account: str, uids: list[str], owner: str, lease_s: float
+    ) -> dict[str, Claim]:
+        now = self._clock()
+        self._sweep(db, now)
+        out: dict[str, Claim] = {}
+        for uid in uids:
+            row = db.execute(
+                "SELECT state, lease_until, result FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
+                (account, uid, now),
+            ).fetchone()
+            if row is not None and row[0] == "done":
+                out[uid] = Claim(ClaimState.DONE, StoredResult.from_json(row[2]))
+                continue
+            if row is not None and row[0] == "inflight" and row[1] > now:
+                out[uid] = Claim(ClaimState.BUSY)
+                continue
+            db.execute(
+                "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'inflight', ?, ?, NULL, ?)",
+                (account, uid, owner, now + lease_s, now + max(lease_s * 4, 3600)),
+            )
+            out[uid] = Claim(ClaimState.NEW if row is None else ClaimState.RECONCILE)
+        return out
 
     async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
         def op(db: sqlite3.Connection) -> dict[str, StoredResult]:
@@ -148,17 +160,17 @@ class SqliteStore:
             await self._run(op)
 
     async def acquire(self, key: str, want: int, rate: float, burst: int) -> tuple[int, float]:
-        def op(db: sqlite3.Connection) -> tuple[int, float]:
-            now = self._clock()
-            row = db.execute("SELECT tokens, ts FROM bucket WHERE key=?", (key,)).fetchone()
-            tokens, ts = (float(burst), now) if row is None else (row[0], row[1])
-            tokens = min(float(burst), tokens + max(0.0, now - ts) * rate)
-            grant = min(want, int(tokens))
-            tokens -= grant
-            db.execute("INSERT OR REPLACE INTO bucket VALUES (?, ?, ?)", (key, tokens, now))
-            return grant, (1 - tokens) / rate if tokens < 1 else 0.0
+        return await self._run(lambda db: self._take(db, key, want, rate, burst))
 
-        return await self._run(op)
+    def _take(self, db: sqlite3.Connection, key: str, want: int, rate: float, burst: int) -> tuple[int, float]:
+        now = self._clock()
+        row = db.execute("SELECT tokens, ts FROM bucket WHERE key=?", (key,)).fetchone()
+        tokens, ts = (float(burst), now) if row is None else (row[0], row[1])
+        tokens = min(float(burst), tokens + max(0.0, now - ts) * rate)
+        grant = min(want, int(tokens))
+        tokens -= grant
+        db.execute("INSERT OR REPLACE INTO bucket VALUES (?, ?, ?)", (key, tokens, now))
+        return grant, (1 - tokens) / rate if tokens < 1 else 0.0
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

@@ -106,3 +106,28 @@ async def test_token_bucket_is_shared_by_concurrent_callers(store: Store, accoun
     # Never more than the burst plus what the rate refilled over the elapsed time.
     assert total <= 10 + 50 * elapsed + 1
     assert total >= 10 + 50 * 0.5
+
+
+async def test_claim_and_acquire_takes_tokens_for_new_claims_only(store: Store, account: str) -> None:
+    await store.complete(account, {"done": RESULT}, 60)
+    await store.claim(account, ["busy"], "w2", 30)
+    claims, granted, wait = await store.claim_and_acquire(
+        account, ["done", "busy", "n1", "n2", "n3"], "w1", 30, rate=10, burst=2
+    )
+    assert {k: v.state for k, v in claims.items()} == {
+        "done": ClaimState.DONE,
+        "busy": ClaimState.BUSY,
+        "n1": ClaimState.NEW,
+        "n2": ClaimState.NEW,
+        "n3": ClaimState.NEW,
+    }
+    assert claims["done"].result == RESULT
+    assert (granted, round(wait, 2)) == (2, 0.1)  # three new, the burst of 2 granted, 1 more in 0.1 s
+    # The same bucket as `acquire`: it is empty now.
+    assert (await store.acquire(account, 1, rate=10, burst=2))[0] == 0
+    # Nothing new: no tokens taken, no wait.
+    assert await store.claim_and_acquire(account, ["done"], "w1", 30, rate=10, burst=2) == (
+        {"done": claims["done"]},
+        0,
+        0.0,
+    )
