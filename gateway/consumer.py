@@ -1,8 +1,12 @@
-"""One worker per account queue: decode -> batch -> claim -> rate limit -> send -> settle.
+"""One worker per account queue: decode -> batch -> claim + rate limit -> send -> settle.
 
-This is the only module that acks. Every message ends in exactly one of:
+This is the only module that decides acks (acks.py only coalesces the frames). Every message ends
+in exactly one of:
 - ack, after its outcome (and dead letter, or retry copy) has been confirmed by the broker;
 - nack with requeue (pause, shutdown, an infrastructure failure), so it is delivered again.
+
+Batches are handed over only while the account has a free send slot (`concurrency`); under load
+the waiting batch grows instead, so the cost per message falls as the load rises.
 
 Failure handling:
 - A crash while admitting one message (its own fault) requeues it, and after
