@@ -4,7 +4,9 @@ against Celery, on this machine, all on 127.0.0.1, bounded in count and time.
 Each contender runs `--reps` times, interleaved (A B C ... A B C ...), and the table shows medians.
 Raw figures go to bench/results/latest.json, a chart to bench/results/latest.png.
 
-    python -m bench.run            # the full run (about 10 minutes)
+    python -m bench.run            # the full run (about 20 minutes)
+    python -m bench.run --only ceiling,gateway@0 --reps 2    # some contenders
+    python -m bench.run --only latency --rate 1000           # the open-loop latency runs at shares of 1000 msg/s
     python -m bench.run --smoke    # a few thousand messages: checks that everything still runs
 """
 
