@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, ExchangeType
 
 from gateway import contract as c
@@ -85,12 +84,3 @@ async def declare_account_queue(channel: AbstractChannel, send: AbstractExchange
         },
     )
     await q.bind(send, routing_key=account)
-
-
-def persistent(body: bytes, **kwargs: object) -> aio_pika.Message:
-    return aio_pika.Message(
-        body,
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        **kwargs,  # type: ignore[arg-type]
-    )
