@@ -157,9 +157,10 @@ class Settler:
             for d, _ in done:
                 d.close("requeued")
             return 0
+        logging_info = log.is_enabled_for(logging.INFO)
         for d, decision in done:
             self._count(d, decision)
-            if log.is_enabled_for(logging.INFO):
+            if logging_info:
                 if d.span is not None:
                     with trace.use_span(d.span, end_on_exit=False):
                         self._log(d, decision)

@@ -5,7 +5,7 @@ Dedupe record per (account, unique_id), one of:
 - unknown:   a send may or may not have reached the provider; the next claim must reconcile.
 - done:      the terminal result, kept for the dedupe window; copies get `duplicate`.
 
-`claim` decides atomically, for each id of a batch:
+`claim_and_acquire` decides atomically, for each id of a batch:
 - NEW:       nothing was known; the caller now holds the claim and may send.
 - DONE:      a result exists (returned).
 - BUSY:      another live claim holds it; the caller must not send (wait and look again).
@@ -64,15 +64,12 @@ class Claim:
 
 
 class Store(Protocol):
-    async def claim(self, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
-        """Claim every id of a batch at once (see the module docstring)."""
-        ...
-
     async def claim_and_acquire(
         self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
     ) -> tuple[dict[str, Claim], int, float]:
-        """`claim`, then `acquire` on the account's bucket for the NEW claims, in one atomic step
-        (one round trip): (claims, tokens granted, seconds until 1 more)."""
+        """Claim every id of a batch at once (see the module docstring), then take tokens from the
+        account's bucket (as `acquire`) for the NEW claims, in one atomic step and one round trip:
+        (claims, tokens granted, seconds until 1 more)."""
         ...
 
     async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:

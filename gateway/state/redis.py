@@ -74,9 +74,6 @@ local function take(bucket, rate, burst, want)
 end
 """
 
-# KEYS = dedupe keys; ARGV = owner, lease ms, window ms.
-_CLAIM = _CLAIM_FN + "return (claim(#KEYS, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])))"
-
 # KEYS = dedupe keys, then the account's bucket (same hash tag); ARGV = owner, lease ms, window ms,
 # rate per s, burst. Claims, then takes a token for each new claim: {claims, granted, wait}.
 _CLAIM_TAKE = (
@@ -127,7 +124,6 @@ return {grant, tostring(wait)}
 class RedisStore:
     def __init__(self, url: str) -> None:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
-        self._claim = self._redis.register_script(_CLAIM)
         self._claim_take = self._redis.register_script(_CLAIM_TAKE)
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)
@@ -136,22 +132,13 @@ class RedisStore:
     def __repr__(self) -> str:
         return "RedisStore()"  # the URL may hold a password
 
-    async def claim(self, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
-        if not uids:
-            return {}
-        keys = [dedupe_key(account, u) for u in uids]
-        # The window is applied when the result is stored; a claim only needs to outlive its lease.
-        rows: list[Any] = await self._claim(
-            keys=keys, args=[owner, int(lease_s * 1000), int(max(lease_s * 4, 3600) * 1000)]
-        )
-        return _claims(uids, rows)
-
     async def claim_and_acquire(
         self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
     ) -> tuple[dict[str, Claim], int, float]:
         if not uids:
             return {}, 0, 0.0
         keys = [*(dedupe_key(account, u) for u in uids), bucket_key(account)]
+        # The window is applied when the result is stored; a claim only needs to outlive its lease.
         rows, granted, wait = await self._claim_take(
             keys=keys, args=[owner, int(lease_s * 1000), int(max(lease_s * 4, 3600) * 1000), rate, burst]
         )

@@ -75,9 +75,6 @@ class SqliteStore:
         if self._ops % 1000 == 0:
             db.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
 
-    async def claim(self, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
-        return await self._run(lambda db: self._claim(db, account, uids, owner, lease_s)) if uids else {}
-
     async def claim_and_acquire(
         self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
     ) -> tuple[dict[str, Claim], int, float]:
