@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import contract as c
 from gateway import metrics as m
 from gateway import topology
 from gateway.config import Account, ConfigError, Settings, sandbox_account
@@ -125,6 +126,7 @@ class Gateway:
             problems = []
             if self._connection is None or self._connection.is_closed:
                 problems.append("broker disconnected")
+            problems += [f"no consumer on {q}" for q in self.queues_without_consumer()]
             try:
                 assert self._store is not None
                 await asyncio.wait_for(self._store.ping(), 2.0)
@@ -143,6 +145,14 @@ class Gateway:
         await runner.setup()
         await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()
         return runner
+
+    def queues_without_consumer(self) -> list[str]:
+        """Queues that should be consumed and are not: every account that is not paused, and the
+        unknown-account queue. After a broker reconnect they stay here until consumers are back."""
+        missing = [c.account_queue(w.account.name) for w in self._workers if not w.paused and not w.consuming]
+        if self._unroutable is not None and not self._unroutable.consuming:
+            missing.append(c.UNROUTABLE_QUEUE)
+        return missing
 
     def paused_accounts(self) -> list[str]:
         return [w.account.name for w in self._workers if w.paused]

@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.telemetry import setup_logging
+from gateway.telemetry import get_logger, setup_logging
 
 
 def _settings() -> Settings:
@@ -26,7 +26,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     setup_tracing()
     accounts = resolve_accounts(settings, sandbox=args.sandbox)
-    asyncio.run(run(settings, accounts, sandbox=args.sandbox))
+    try:
+        asyncio.run(run(settings, accounts, sandbox=args.sandbox))
+    except Exception:  # noqa: BLE001 - anything that ends the process
+        # Logged, not printed: with JSON logs asked for, the traceback is a field of one JSON line.
+        get_logger("gateway").exception("gateway_crashed")
+        return 1
     return 0
 
 

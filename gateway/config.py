@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(default=7, ge=1, description="provider attempts before `failed`")
     max_body_bytes: int = Field(default=65536, ge=1024, description="larger requests are invalid")
+    max_text_chars: int = Field(
+        default=1530, ge=1, description="longest text after templating (1,530 = 10 parts of UCS-2); longer is invalid"
+    )
+    max_waits: int = Field(
+        default=20, ge=1, description="times a copy may wait for another worker's claim before it fails"
+    )
+    store_recovery_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="after the state store comes back empty, new claims are reconciled with the provider for this "
+        "long (cover the longest retry delay plus the claim lease)",
+    )
     poison_deliveries: int = Field(
         default=5, ge=2, description="deliveries that crashed the handler before a `poison` dead letter"
     )

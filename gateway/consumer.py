@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, StatusCode
@@ -45,6 +46,7 @@ from gateway.telemetry import get_logger
 
 log = get_logger("gateway.consumer")
 MIN_RATE_FACTOR = 0.05
+MAX_ACCOUNT_LABEL = 64  # an unknown routing key, shortened, as it appears in routing keys and metrics
 
 
 @dataclass(eq=False, slots=True)
@@ -98,6 +100,14 @@ class Delivery:
         return self.message.redelivered or self.attempts > 0
 
     @property
+    def seen_before(self) -> bool:
+        """A copy whose id the gateway may have claimed and sent before without recording it: a
+        redelivery (a crash or a lost channel mid-batch) or a wait copy (another worker's claim).
+        Retry copies are not: an ambiguous one carries `sent_at` and is always reconciled, any other
+        one follows an attempt that surely did not reach the provider."""
+        return self.message.redelivered or self.waits > 0
+
+    @property
     def delivery_count(self) -> int:
         value = (self.message.headers or {}).get(c.H_DELIVERY_COUNT, 0)
         return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
@@ -121,6 +131,97 @@ def _float_header(message: AbstractIncomingMessage, name: str) -> float | None:
         return float(value) if isinstance(value, int | float | str) else None
     except ValueError:
         return None
+
+
+WATCH_INTERVAL_S = 1.0
+
+
+class QueueConsumer:
+    """The AMQP side of a worker: one consumer on one queue, on the worker's own robust channel.
+
+    aio-pika restores after a reconnect only the queues it declared and the consumers it started
+    on them; the gateway takes its queues without declaring them again, so it keeps its consumer
+    alive itself. The consumer is live while its tag is registered on the channel's current
+    AMQP channel: a reconnect replaces that channel, a broker-side cancel (queue deleted, node
+    gone) drops the tag. A watchdog looks every `WATCH_INTERVAL_S` and consumes again whenever
+    the worker wants messages (`wanted`) and the consumer is not live.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queue: str,
+        callback: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        prefetch: int,
+    ) -> None:
+        self.queue_name = queue
+        self._channel = channel
+        self._callback = callback
+        self._prefetch = prefetch
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._underlay: aiormq.Channel | None = None
+        self._lock = asyncio.Lock()
+        self._wanted: Callable[[], bool] = lambda: True
+        self._watch: asyncio.Task[None] | None = None
+        self._closed = False
+        self.restored = 0  # consumers started again after a loss (a metric and the tests read it)
+
+    async def start(self, wanted: Callable[[], bool]) -> None:
+        self._wanted = wanted
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        self._queue = await self._channel.get_queue(self.queue_name, ensure=False)
+        await self.ensure()
+        self._watch = asyncio.create_task(self._watchdog(), name=f"watch {self.queue_name}")
+
+    @property
+    def live(self) -> bool:
+        u = self._underlay
+        return self._tag is not None and u is not None and not u.is_closed and self._tag in u.consumers
+
+    async def ensure(self) -> None:
+        """Consume if the worker wants messages and no live consumer exists."""
+        async with self._lock:
+            if self._closed or not self._wanted() or self.live:
+                return
+            assert self._queue is not None
+            lost = self._tag is not None
+            self._tag = None
+            underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+            self._tag = await self._queue.consume(self._callback)
+            self._underlay = underlay
+            if lost:
+                self.restored += 1
+                m.CONSUMER_RESTORED.labels(self.queue_name).inc()
+                log.warning("consumer_restored", queue=self.queue_name)
+
+    async def cancel(self) -> None:
+        async with self._lock:
+            tag, self._tag = self._tag, None
+            if tag is None or self._queue is None:
+                return
+            try:
+                await self._queue.cancel(tag)
+            except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
+                log.warning("cancel_failed", queue=self.queue_name)
+
+    async def close(self) -> None:
+        """Cancel for good (shutdown): the watchdog stops too."""
+        self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.cancel()
+
+    async def _watchdog(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self.ensure(), timeout=10)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker is away: look again next round
+                log.info("consumer_not_restored_yet", queue=self.queue_name, error=type(exc).__name__)
+            m.CONSUMER_LIVE.labels(self.queue_name).set(1 if self.live else 0)
 
 
 class Settler:
@@ -203,19 +304,28 @@ class Settler:
 
     async def _finish(self, d: Delivery, f: p.Finish) -> None:
         r = f.result
-        body = c.outcome_body(
-            unique_id=d.unique_id,
-            account=d.account,
-            to=d.item.phone if d.item else d.to,
-            status=f.status,
-            provider=r.provider or self._provider,
-            provider_message_id=r.provider_message_id,
-            parts=r.parts,
-            attempts=r.attempts,
-            error=c.OutcomeError(**r.error) if r.error else None,
-            meta=d.meta,
-            original=asdict(f.original) if f.original is not None else None,
-        )
+        fields: dict[str, Any] = {
+            "unique_id": d.unique_id,
+            "account": d.account,
+            "to": d.item.phone if d.item else d.to,
+            "status": f.status,
+            "provider": r.provider or self._provider,
+            "provider_message_id": r.provider_message_id,
+            "parts": r.parts,
+            "attempts": r.attempts,
+            "error": c.OutcomeError(**r.error) if r.error else None,
+            "meta": d.meta,
+            "original": asdict(f.original) if f.original is not None else None,
+        }
+        try:
+            body = c.outcome_body(**fields)
+        except (ValueError, TypeError, RecursionError) as exc:
+            # Not strict JSON (decoding lets no such request through; this guards the outcome all
+            # the same): the outcome goes out without the producer's fields rather than not at all.
+            log.error(  # noqa: TRY400 - the cause is the data, not a traceback
+                "outcome_unencodable", account=d.account, unique_id=d.unique_id, error=type(exc).__name__
+            )
+            body = c.outcome_body(**{**fields, "meta": None, "to": None})
         jobs = []
         if d.unique_id is not None:  # an outcome nobody can correlate is noise; the dead letter says it all
             jobs.append(
@@ -328,8 +438,7 @@ class AccountWorker:
         )
         self._batches = 0  # batches handed over and not finished
         self._tasks: set[asyncio.Task[None]] = set()
-        self._queue: AbstractQueue | None = None
-        self._tag: str | None = None
+        self._consumer: QueueConsumer | None = None
         self._paused_until = 0.0
         self._stopping = False
         self._backoff_s = 1.0
@@ -344,22 +453,13 @@ class AccountWorker:
         return self._paused_until > time.monotonic()
 
     async def start(self, channel: AbstractChannel) -> None:
-        await channel.set_qos(prefetch_count=self.prefetch)
-        self._queue = await channel.get_queue(c.account_queue(self.account.name), ensure=False)
-        await self._consume()
+        self._consumer = QueueConsumer(channel, c.account_queue(self.account.name), self._on_message, self.prefetch)
+        await self._consumer.start(wanted=lambda: not (self._stopping or self.paused))
 
-    async def _consume(self) -> None:
-        assert self._queue is not None
-        if self._tag is None and not self._stopping:
-            self._tag = await self._queue.consume(self._on_message)
-
-    async def _cancel(self) -> None:
-        if self._queue is not None and self._tag is not None:
-            tag, self._tag = self._tag, None
-            try:
-                await self._queue.cancel(tag)
-            except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
-                log.warning("cancel_failed", account=self.account.name)
+    @property
+    def consuming(self) -> bool:
+        """A live consumer is registered on the broker for this account's queue."""
+        return self._consumer is not None and self._consumer.live
 
     # -- admission: one message at a time ---------------------------------------------------------
 
@@ -384,7 +484,12 @@ class AccountWorker:
         d.attempts = _int_header(m, c.H_ATTEMPTS)
         d.waits = _int_header(m, c.H_WAITS)
         d.sent_at = _float_header(m, c.H_SENT_AT)
-        req = c.decode_request(m.body, message_id=m.message_id, max_bytes=self._settings.max_body_bytes)
+        req = c.decode_request(
+            m.body,
+            message_id=m.message_id,
+            max_bytes=self._settings.max_body_bytes,
+            max_text_chars=self._settings.max_text_chars,
+        )
         if isinstance(req, c.InvalidRequest):
             d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
             return p.invalid(req)
@@ -429,33 +534,66 @@ class AccountWorker:
                 "sms.batch", context=parent, links=links, attributes=attributes
             ):
                 try:
-                    decisions = await self._decide(batch)
-                    await self._record(batch, decisions)
+                    decisions, store_failed = await self._decide(batch)
                 except Exception:
+                    # Nothing of the batch reached the provider before this point (the claim failed).
                     log.exception("batch_failed", account=self.account.name, size=len(batch))
                     await requeue(self._acks, batch)
-                    await self._pause(self._backoff_s, "batch_failed")
-                    self._backoff_s = min(self._backoff_s * 2, 60.0)
+                    await self._back_off("batch_failed")
                     return
-                self._backoff_s = 1.0
+                try:
+                    await self._record(batch, decisions)
+                except Exception:
+                    # Part of the batch may have reached the provider: never requeue it for a blind
+                    # resend. The results known are published; the claims left behind in the store
+                    # make any later copy reconcile once their lease ends.
+                    log.exception("record_failed", account=self.account.name, size=len(batch))
+                    store_failed = True
                 await self._settler.settle_all([(d, decisions[i]) for i, d in enumerate(batch)])
+        if store_failed:
+            await self._back_off("store_failed")
+        else:
+            self._backoff_s = 1.0
         if any(isinstance(x, p.Finish) and x.pause_account for x in decisions.values()):
             await self._pause(self._settings.account_pause_s, "account_error")
 
-    async def _decide(self, batch: list[Delivery]) -> dict[int, p.Decision]:
+    async def _back_off(self, reason: str) -> None:
+        await self._pause(self._backoff_s, reason)
+        self._backoff_s = min(self._backoff_s * 2, 60.0)
+
+    def _wait(self, d: Delivery) -> p.Decision:
+        """Look again later without an attempt (another claim holds the id, or the store failed);
+        the delay grows with each wait, and after `max_waits` the message fails instead of looping."""
+        if d.waits + 1 > self._settings.max_waits:
+            err = c.OutcomeError("waits_exhausted", "WaitsExhausted", "gave up waiting for the id's claim", False)
+            return p.finish(
+                c.Status.FAILED, self._adapter.name, attempts=d.attempts, error=err, dead=c.DeadReason.RETRIES_EXHAUSTED
+            )
+        return p.Wait(self._policy.delay_ms(d.waits + 1))
+
+    async def _decide(self, batch: list[Delivery]) -> tuple[dict[int, p.Decision], bool]:
+        """Claim, reconcile, send: a decision for every delivery, and whether the store failed on
+        the way. Raises only when the claim itself fails (then nothing has been sent)."""
         name = self.account.name
         decisions: dict[int, p.Decision] = {}
         first_of: dict[str, int] = {}
         for i, d in enumerate(batch):
             assert d.unique_id is not None
             if d.unique_id in first_of:
-                decisions[i] = p.Wait(self._policy.wait_ms)  # the same id twice in one batch
+                decisions[i] = self._wait(d)  # the same id twice in one batch
             else:
                 first_of[d.unique_id] = i
         # One round trip claims the ids and takes rate-limit tokens for the new ones.
         rate, burst = self._limits()
         claims, granted, wait = await self._store.claim_and_acquire(
-            name, list(first_of), self._owner, self._settings.claim_lease_s, rate, burst
+            name,
+            list(first_of),
+            self._owner,
+            self._settings.claim_lease_s,
+            rate,
+            burst,
+            suspect={uid for uid, i in first_of.items() if batch[i].seen_before},
+            recovery_s=self._settings.store_recovery_s,
         )
         reconcile: list[int] = []
         send: list[int] = []
@@ -465,8 +603,10 @@ class AccountWorker:
                 assert claim.result is not None
                 decisions[i] = p.already_done(claim.result, ours=batch[i].ours)
             elif claim.state is ClaimState.BUSY:
-                decisions[i] = p.Wait(self._policy.wait_ms)
-            elif claim.state is ClaimState.RECONCILE:
+                decisions[i] = self._wait(batch[i])
+            elif claim.state is ClaimState.RECONCILE or batch[i].sent_at is not None:
+                # A copy that says an earlier attempt may have gone out is reconciled whatever the
+                # store says: a store that lost its records answers NEW for it.
                 reconcile.append(i)
             else:
                 send.append(i)
@@ -478,8 +618,8 @@ class AccountWorker:
             if req is not None and p.is_expired(req, now):
                 decisions[i] = p.expired(self._adapter.name, batch[i].attempts)
                 send.remove(i)
-        await self._send(batch, send, decisions, (granted, wait) if granted or wait else None)
-        return decisions
+        store_failed = await self._send(batch, send, decisions, (granted, wait) if granted or wait else None)
+        return decisions, store_failed
 
     async def _reconcile(self, batch: list[Delivery], idx: list[int], decisions: dict[int, p.Decision]) -> list[int]:
         """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""
@@ -515,8 +655,10 @@ class AccountWorker:
         idx: list[int],
         decisions: dict[int, p.Decision],
         taken: tuple[int, float] | None = None,
-    ) -> None:
-        """Send `idx` as rate-limit tokens allow; `taken` is (tokens, wait) from the claim step."""
+    ) -> bool:
+        """Send `idx` as rate-limit tokens allow; `taken` is (tokens, wait) from the claim step.
+        Returns True when the store failed while taking tokens: the ids still waiting for tokens
+        were not sent and wait (their claims stay, so a later copy reconciles after the lease)."""
         a = self.account
         sends: list[asyncio.Task[None]] = []
 
@@ -525,17 +667,32 @@ class AccountWorker:
             started = time.time()
             for i in chunk:
                 batch[i].attempt_at = started
-            results = await self._adapter.send([x for i in chunk if (x := batch[i].item) is not None])
+            items = [x for i in chunk if (x := batch[i].item) is not None]
+            try:
+                results = await self._adapter.send(items)
+            except Exception as exc:  # an adapter bug: the request may have gone out
+                log.exception("adapter_failed", account=a.name, size=len(chunk))
+                error = ProviderError("internal", type(exc).__name__, "the provider call failed in the gateway", True)
+                results = [ItemResult(Verdict.AMBIGUOUS, error=error)] * len(chunk)
             for i, result in zip(chunk, results, strict=True):
                 decisions[i] = p.decide(result, batch[i].attempts + 1, self._policy, self._adapter.name)
             self._adapt(results)
 
         pending = idx
+        store_failed = False
         while pending:
-            granted, wait = (
-                taken if taken is not None else await self._store.acquire(a.name, len(pending), *self._limits())
-            )
-            taken = None
+            if taken is not None:
+                granted, wait = taken
+                taken = None
+            else:
+                try:
+                    granted, wait = await self._store.acquire(a.name, len(pending), *self._limits())
+                except Exception:  # the store is away; what is sent stays sent
+                    log.exception("acquire_failed", account=a.name, waiting=len(pending))
+                    for i in pending:
+                        decisions[i] = self._wait(batch[i])
+                    store_failed = True
+                    break
             if granted:
                 sends.append(asyncio.create_task(send_chunk(pending[:granted])))
                 pending = pending[granted:]
@@ -544,6 +701,7 @@ class AccountWorker:
                 m.RATE_LIMIT_WAIT.labels(a.name).inc(pause)
                 await asyncio.sleep(pause)
         await asyncio.gather(*sends)
+        return store_failed
 
     def _adapt(self, results: Sequence[ItemResult]) -> None:
         """AIMD on the account's rate: halve it when the provider throttles, creep back on success."""
@@ -589,7 +747,8 @@ class AccountWorker:
             return
         log.warning("account_paused", account=self.account.name, seconds=seconds, reason=reason)
         m.PAUSED.labels(self.account.name).set(1)
-        await self._cancel()
+        if self._consumer is not None:
+            await self._consumer.cancel()
         await requeue(self._acks, self._batcher.take_all())
         task = asyncio.create_task(self._resume_later())
         self._tasks.add(task)
@@ -601,12 +760,14 @@ class AccountWorker:
         m.PAUSED.labels(self.account.name).set(0)
         if not self._stopping:
             log.info("account_resumed", account=self.account.name)
-            await self._consume()
+            if self._consumer is not None:
+                await self._consumer.ensure()
 
     async def stop(self, timeout_s: float) -> bool:
         """Stop taking messages, send what is batched, wait for in-flight work. True if all finished."""
         self._stopping = True
-        await self._cancel()
+        if self._consumer is not None:
+            await self._consumer.close()
         self._batcher.flush_all()
         pending = [t for t in self._tasks if not t.done()]
         if not pending:
@@ -618,34 +779,47 @@ class AccountWorker:
 
 
 class UnroutableWorker:
-    """Requests whose routing key names no configured account: `invalid` outcome + dead letter."""
+    """Requests whose routing key names no configured account: `invalid` outcome + dead letter.
+
+    Nothing about the message may stop this: an undecodable body still gets its dead letter (the
+    outcome needs a readable `unique_id`), and a routing key too long to be part of another one is
+    shortened for the outcome's and the dead letter's routing keys."""
 
     def __init__(self, publisher: Publisher, settings: Settings) -> None:
         self._acks = AckTracker()
         self._settler = Settler(publisher, None, self._acks)
         self._settings = settings
-        self._queue: AbstractQueue | None = None
-        self._tag: str | None = None
+        self._consumer: QueueConsumer | None = None
+        self._stopping = False
 
     async def start(self, channel: AbstractChannel) -> None:
-        await channel.set_qos(prefetch_count=50)
-        self._queue = await channel.get_queue(c.UNROUTABLE_QUEUE, ensure=False)
-        self._tag = await self._queue.consume(self._on_message)
+        self._consumer = QueueConsumer(channel, c.UNROUTABLE_QUEUE, self._on_message, 50)
+        await self._consumer.start(wanted=lambda: not self._stopping)
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumer is not None and self._consumer.live
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._acks.delivered(message)
-        account = message.routing_key or "unknown"
+        routing_key = message.routing_key or "unknown"
+        account = routing_key[:MAX_ACCOUNT_LABEL]
         d = Delivery.begin(message, account)
-        req = c.decode_request(message.body, message_id=message.message_id, max_bytes=self._settings.max_body_bytes)
-        d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
-        err = c.OutcomeError("unknown_account", "UnknownAccount", f"no account named {account!r}", False)
+        try:
+            req = c.decode_request(
+                message.body,
+                message_id=message.message_id,
+                max_bytes=self._settings.max_body_bytes,
+                max_text_chars=self._settings.max_text_chars,
+            )
+            d.unique_id, d.to, d.meta = req.unique_id, req.to, req.meta
+        except Exception as exc:
+            log.exception("decode_crashed", queue=c.UNROUTABLE_QUEUE, error=type(exc).__name__)
+        err = c.OutcomeError("unknown_account", "UnknownAccount", f"no account named {routing_key[:200]!r}", False)
         f = p.finish(c.Status.INVALID, None, attempts=0, error=err, dead=c.DeadReason.UNKNOWN_ACCOUNT, store=False)
         await self._settler.settle(d, f)
 
     async def stop(self) -> None:
-        if self._queue is not None and self._tag is not None:
-            tag, self._tag = self._tag, None
-            try:
-                await self._queue.cancel(tag)
-            except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
-                log.warning("cancel_failed", queue=c.UNROUTABLE_QUEUE)
+        self._stopping = True
+        if self._consumer is not None:
+            await self._consumer.close()

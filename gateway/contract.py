@@ -9,6 +9,7 @@ that says exactly what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class DeadReason(StrEnum):
 
 UNIQUE_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_META_BYTES = 4096
+MAX_DEPTH = 32  # nesting of arrays and objects in a request
+MAX_INT_DIGITS = 20  # an integer anywhere in a request (a 64-bit value has at most 20 digits)
+MAX_TEXT_CHARS = 1530  # default limit of the rendered text: 10 parts of UCS-2 (153 characters each)
 _PLACEHOLDER_FIELDS = string.Formatter()
 
 
@@ -115,47 +119,152 @@ def _parse_ts(value: Any, name: str) -> datetime:
         raise _Invalid("bad_field", f"{name} is not an RFC 3339 timestamp") from None
     if ts.tzinfo is None:
         raise _Invalid("bad_field", f"{name} must carry a UTC offset")
-    return ts.astimezone(UTC)
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00 is past year 9999 in UTC
+        raise _Invalid("bad_field", f"{name} is out of range") from None
 
 
 class _Invalid(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, readable: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.readable = readable  # the document parses leniently: its unique_id can still be read
+
+
+def _template(text: str) -> list[tuple[str, str | None]]:
+    """The text as (literal, placeholder name or None) pieces. Only `{name}` is a placeholder:
+    format specs, conversions, indexing and attributes (`{a:>9}`, `{a!r}`, `{a[0]}`, `{a.b}`) are
+    refused, so a template can neither grow its text nor reach into objects."""
+    try:
+        pieces = list(_PLACEHOLDER_FIELDS.parse(text))
+    except ValueError as exc:
+        raise _Invalid("bad_template", f"text is not a valid template: {exc}") from None
+    out: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in pieces:
+        if name is not None and (spec or conversion or not name.isidentifier()):
+            raise _Invalid("bad_template", "placeholders must be plain names like {name}, without format specs")
+        out.append((literal, name))
+    return out
 
 
 def _placeholders(text: str) -> set[str]:
-    names: set[str] = set()
-    for _literal, name, _spec, _conv in _PLACEHOLDER_FIELDS.parse(text):
-        if name is not None:
-            names.add(name)
-    return names
+    return {name for _literal, name in _template(text) if name is not None}
 
 
-def render_text(text: str, values: dict[str, str | int | float]) -> str:
-    """Fill `{placeholders}`; `{{` and `}}` are literal braces. Raises _Invalid on a missing value."""
-    try:
-        names = _placeholders(text)
-    except ValueError as exc:
-        raise _Invalid("bad_template", f"text is not a valid template: {exc}") from None
-    missing = sorted(n for n in names if n not in values)
+def render_text(text: str, values: dict[str, str | int | float], max_chars: int = MAX_TEXT_CHARS) -> str:
+    """Fill `{placeholders}`; `{{` and `}}` are literal braces. Raises _Invalid on a missing value,
+    a placeholder that is not a plain name, or a result longer than `max_chars`."""
+    pieces = _template(text)
+    missing = sorted({n for _lit, n in pieces if n is not None and n not in values})
     if missing:
         raise _Invalid("missing_var", f"no value for placeholder(s): {', '.join(missing)}")
-    if any(not n.isidentifier() for n in names):
-        raise _Invalid("bad_template", "placeholders must be plain names like {name}")
-    return text.format_map(values) if names else text.replace("{{", "{").replace("}}", "}")
+    rendered = "".join(lit + (_var_text(values[n]) if n is not None else "") for lit, n in pieces)
+    if len(rendered) > max_chars:
+        raise _Invalid("text_too_long", f"text is {len(rendered)} characters after templating, limit {max_chars}")
+    return rendered
 
 
-def decode_request(body: bytes, *, message_id: str | None, max_bytes: int) -> SendRequest | InvalidRequest:
-    """Parse and validate one send request (contract v1)."""
+def _var_text(value: str | int | float) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Invalid("bad_json", f"{name} is not a JSON number", readable=True)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Invalid("bad_number", f"an integer has more than {MAX_INT_DIGITS} digits", readable=True)
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Invalid("bad_number", f"number {text[:40]} is out of range", readable=True)
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float)
+# Reads a refused document only to find its unique_id and number, so the outcome can name them.
+_SALVAGE = json.JSONDecoder(parse_constant=lambda _: None, parse_int=lambda _: 0, parse_float=lambda _: 0.0)
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict, bounded JSON: UTF-8, no NaN or Infinity, integers of at most MAX_INT_DIGITS digits,
+    nesting at most MAX_DEPTH deep, and no lone UTF-16 surrogates (valid JSON escapes such as
+    "\\ud800" that no UTF-8 encoder can write back: the provider request and the outcome need it).
+    Raises _Invalid."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid("bad_json", f"body is not UTF-8: {exc}") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH:  # cheap test first: only then can it be deep
+        _check_depth(text)
+    try:
+        doc = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise _Invalid("bad_json", f"body is not JSON: {exc}") from None
+    except (RecursionError, ValueError) as exc:  # depth and digits are checked first; this is the backstop
+        raise _Invalid("bad_json", f"body is not acceptable JSON: {type(exc).__name__}") from None
+    if "\\u" in text and _has_lone_surrogate(doc):
+        raise _Invalid("bad_unicode", "a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)", readable=True)
+    return doc
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before the parser recurses into it."""
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _Invalid("bad_json", f"nesting is deeper than {MAX_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def decode_request(
+    body: bytes, *, message_id: str | None, max_bytes: int, max_text_chars: int = MAX_TEXT_CHARS
+) -> SendRequest | InvalidRequest:
+    """Parse and validate one send request (contract v1). Never raises: whatever the bytes, the
+    answer is a request or the reason it is not one."""
     uid = message_id if message_id and UNIQUE_ID_RE.match(message_id) else None
     if len(body) > max_bytes:
         return InvalidRequest("too_large", f"body is {len(body)} bytes, limit {max_bytes}", uid)
     try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return InvalidRequest("bad_json", f"body is not UTF-8 JSON: {exc}", uid)
+        doc = parse_json(body)
+    except _Invalid as exc:
+        return InvalidRequest(exc.code, exc.message, *(_salvage(body, message_id) if exc.readable else (uid, None)))
     if not isinstance(doc, dict):
         return InvalidRequest("bad_json", "body must be a JSON object", uid)
     raw_uid = doc.get("unique_id", message_id)
@@ -163,12 +272,34 @@ def decode_request(body: bytes, *, message_id: str | None, max_bytes: int) -> Se
     raw_to = doc.get("to") if isinstance(doc.get("to"), str) else None
     meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else None
     try:
-        return _validate(doc, uid, raw_to, meta)
+        return _validate(doc, uid, raw_to, meta, max_text_chars)
     except _Invalid as exc:
-        return InvalidRequest(exc.code, exc.message, uid, raw_to, meta)
+        return InvalidRequest(exc.code, exc.message, uid, raw_to, _small_meta(meta))
 
 
-def _validate(doc: dict[str, Any], uid: str | None, to: str | None, meta: dict[str, Any] | None) -> SendRequest:
+def _salvage(body: bytes, message_id: str | None) -> tuple[str | None, str | None]:
+    """unique_id and `to` of a document refused for its contents (not its syntax), when readable."""
+    try:
+        doc = _SALVAGE.decode(body.decode("utf-8"))
+    except (ValueError, RecursionError):  # the strict parse stopped early: the rest may be broken too
+        return None, None
+    doc = doc if isinstance(doc, dict) else {}
+    raw_uid = doc.get("unique_id", message_id)
+    uid = raw_uid if isinstance(raw_uid, str) and UNIQUE_ID_RE.match(raw_uid) else None
+    to = doc.get("to")
+    return uid, to if isinstance(to, str) and to.isascii() and len(to) <= 64 else None
+
+
+def _small_meta(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Meta as an invalid request's outcome may echo it: only when it is within the limit."""
+    if meta is None:
+        return None
+    return meta if len(json.dumps(meta, separators=(",", ":"), ensure_ascii=False)) <= MAX_META_BYTES else None
+
+
+def _validate(
+    doc: dict[str, Any], uid: str | None, to: str | None, meta: dict[str, Any] | None, max_text_chars: int
+) -> SendRequest:
     version = doc.get("v", CONTRACT_VERSION)
     if version != CONTRACT_VERSION or isinstance(version, bool):
         raise _Invalid("bad_version", f"unsupported contract version {version!r}")
@@ -186,7 +317,7 @@ def _validate(doc: dict[str, Any], uid: str | None, to: str | None, meta: dict[s
         isinstance(v, str | int | float) and not isinstance(v, bool) for v in values.values()
     ):
         raise _Invalid("bad_field", "vars must be an object of string to string or number")
-    rendered = render_text(text, values)
+    rendered = render_text(text, values, max_text_chars)
     sender = doc.get("sender")
     if sender is not None and (not isinstance(sender, str) or not sender.strip()):
         raise _Invalid("bad_field", "sender must be a non-empty string")
@@ -199,7 +330,7 @@ def _validate(doc: dict[str, Any], uid: str | None, to: str | None, meta: dict[s
     if "meta" in doc and doc["meta"] is not None:
         if not isinstance(doc["meta"], dict):
             raise _Invalid("bad_field", "meta must be an object")
-        if len(json.dumps(doc["meta"], separators=(",", ":")).encode()) > MAX_META_BYTES:
+        if len(json.dumps(doc["meta"], separators=(",", ":"), ensure_ascii=False).encode()) > MAX_META_BYTES:
             raise _Invalid("bad_field", f"meta is larger than {MAX_META_BYTES} bytes")
     send_at = _parse_ts(doc["send_at"], "send_at") if doc.get("send_at") is not None else None
     expires_at = _parse_ts(doc["expires_at"], "expires_at") if doc.get("expires_at") is not None else None
@@ -263,4 +394,5 @@ def outcome_body(
     }
     if original is not None:
         doc["original"] = original
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    # Strict JSON: NaN or a lone surrogate raises here rather than reach a consumer's parser.
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

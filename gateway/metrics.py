@@ -50,6 +50,22 @@ RATE_FACTOR = Gauge(
 )
 IN_FLIGHT = Gauge("sms_in_flight", "Messages consumed and not yet settled", ["account"], registry=REGISTRY)
 PAUSED = Gauge("sms_account_paused", "1 while the account's consumption is paused", ["account"], registry=REGISTRY)
+CONSUMER_RESTORED = Counter(
+    "sms_consumer_restored",
+    "Consumers started again after the broker connection or the consumer was lost",
+    ["queue"],
+    registry=REGISTRY,
+)
+CONSUMER_LIVE = Gauge(
+    "sms_consumer_live", "1 while a live consumer is registered on the queue", ["queue"], registry=REGISTRY
+)
+STORE_EPOCH_RESETS = Counter(
+    "sms_store_epoch_resets",
+    "Times this process found the state store empty after having used it (Redis failover or restart "
+    "without persistence); new claims are reconciled for a while after",
+    ["account"],
+    registry=REGISTRY,
+)
 DLR_EVENTS = Counter(
     "sms_dlr_events", "Delivery-report events received, by final status", ["account", "status"], registry=REGISTRY
 )

@@ -18,10 +18,5 @@ class RetryPolicy:
         """Delay before attempt `attempts_made + 1` (attempts_made >= 1)."""
         return self._schedule[min(max(attempts_made, 1), len(self._schedule)) - 1]
 
-    @property
-    def wait_ms(self) -> int:
-        """How long a copy waits for another worker's in-flight claim before looking again."""
-        return self._schedule[0]
-
     def exhausted(self, attempts_made: int) -> bool:
         return attempts_made >= self.max_attempts

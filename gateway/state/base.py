@@ -11,11 +11,23 @@ Dedupe record per (account, unique_id), one of:
 - BUSY:      another live claim holds it; the caller must not send (wait and look again).
 - RECONCILE: the record was unknown, or a claim whose lease ran out (a crashed worker); the caller
              now holds the claim and must ask the provider what happened before sending.
+
+A store that forgets (Redis restarted without persistence, a failover to a replica that had not
+caught up, a deleted SQLite file) would answer NEW for ids that were claimed, and maybe sent, before
+the loss. So each account has an *epoch* record that never expires: created with the store's first
+claim, it is gone after a loss. A claim that finds no epoch creates one; when the caller had seen an
+earlier epoch, the new one is marked `lost` (a process that used the store found it empty). For
+`recovery_s` after an epoch starts, NEW is not trusted and is answered RECONCILE instead:
+- for every id when the epoch is `lost`;
+- for the `suspect` ids (copies the gateway has handled before: redeliveries and its own retry
+  copies) when no process saw the loss (a fresh store: the first start, or every replica was
+  restarted together with the store).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -63,13 +75,45 @@ class Claim:
     result: StoredResult | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """The account's store epoch as one claim found it."""
+
+    id: str
+    age_s: float
+    lost: bool
+
+
+def distrust_new(
+    claims: dict[str, Claim], epoch: Epoch, suspect: Collection[str], recovery_s: float
+) -> dict[str, Claim]:
+    """Answer RECONCILE instead of NEW where the store may have forgotten a claim (module docstring)."""
+    if epoch.age_s >= recovery_s:
+        return claims
+    out = dict(claims)
+    for uid, claim in claims.items():
+        if claim.state is ClaimState.NEW and (epoch.lost or uid in suspect):
+            out[uid] = Claim(ClaimState.RECONCILE)
+    return out
+
+
 class Store(Protocol):
     async def claim_and_acquire(
-        self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
+        self,
+        account: str,
+        uids: list[str],
+        owner: str,
+        lease_s: float,
+        rate: float,
+        burst: int,
+        *,
+        suspect: Collection[str] = (),
+        recovery_s: float = 0.0,
     ) -> tuple[dict[str, Claim], int, float]:
         """Claim every id of a batch at once (see the module docstring), then take tokens from the
         account's bucket (as `acquire`) for the NEW claims, in one atomic step and one round trip:
-        (claims, tokens granted, seconds until 1 more)."""
+        (claims, tokens granted, seconds until 1 more). NEW answers are then checked against the
+        account's epoch (`distrust_new`); ids turned into RECONCILE keep the tokens taken for them."""
         ...
 
     async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:

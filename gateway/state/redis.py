@@ -2,23 +2,33 @@
 
 Keys (all here, one place); `{account}` is a hash tag so one account's keys share a cluster slot:
     smsgw:{<account>}:d:<unique_id>   dedupe record (JSON: s=state, o=owner, l=lease ms, r=result)
+    smsgw:{<account>}:epoch           store epoch (hash: id, since=ms, lost=0|1), never expires
     smsgw:rl:{<key>}                  token bucket (hash: tk=tokens, ts=seconds)
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+from collections.abc import Collection
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway.state.base import Claim, ClaimState, StoredResult
+from gateway import metrics as m
+from gateway.state.base import Claim, ClaimState, Epoch, StoredResult, distrust_new
+from gateway.telemetry import get_logger
 
 PREFIX = "smsgw"
+log = get_logger("gateway.state.redis")
 
 
 def dedupe_key(account: str, uid: str) -> str:
     return f"{PREFIX}:{{{account}}}:d:{uid}"
+
+
+def epoch_key(account: str) -> str:
+    return f"{PREFIX}:{{{account}}}:epoch"
 
 
 def bucket_key(key: str) -> str:
@@ -74,16 +84,42 @@ local function take(bucket, rate, burst, want)
 end
 """
 
-# KEYS = dedupe keys, then the account's bucket (same hash tag); ARGV = owner, lease ms, window ms,
-# rate per s, burst. Claims, then takes a token for each new claim: {claims, granted, wait}.
+# epoch(key, known id, id for a new epoch): the account's epoch, created when missing (a new or an
+# emptied store); `lost` once a caller that knew an earlier epoch finds it gone or replaced.
+# Returns {id, age ms, lost}.
+_EPOCH_FN = """
+local function epoch(key, known, fresh_id)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ep = redis.call('HMGET', key, 'id', 'since', 'lost')
+  if not ep[1] then
+    local lost = 0
+    if known ~= '' then lost = 1 end
+    redis.call('HSET', key, 'id', fresh_id, 'since', now, 'lost', lost)
+    return {fresh_id, 0, lost}
+  end
+  local lost = tonumber(ep[3]) or 0
+  if known ~= '' and known ~= ep[1] and lost == 0 then
+    lost = 1
+    redis.call('HSET', key, 'lost', 1)
+  end
+  return {ep[1], now - tonumber(ep[2]), lost}
+end
+"""
+
+# KEYS = dedupe keys, then the account's bucket and epoch (same hash tag); ARGV = owner, lease ms,
+# window ms, rate per s, burst, known epoch id, new epoch id. Claims, then takes a token for each
+# new claim: {claims, granted, wait, epoch}.
 _CLAIM_TAKE = (
     _CLAIM_FN
     + _TAKE_FN
+    + _EPOCH_FN
     + """
-local out, fresh = claim(#KEYS - 1, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
-if fresh == 0 then return {out, 0, '0'} end
-local grant, wait = take(KEYS[#KEYS], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh)
-return {out, grant, tostring(wait)}
+local ep = epoch(KEYS[#KEYS], ARGV[6], ARGV[7])
+local out, fresh = claim(#KEYS - 2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+if fresh == 0 then return {out, 0, '0', ep} end
+local grant, wait = take(KEYS[#KEYS - 1], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh)
+return {out, grant, tostring(wait), ep}
 """
 )
 
@@ -128,21 +164,50 @@ class RedisStore:
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)
         self._acquire = self._redis.register_script(_ACQUIRE)
+        self._epochs: dict[str, str] = {}  # account -> the epoch id this process last saw
 
     def __repr__(self) -> str:
         return "RedisStore()"  # the URL may hold a password
 
     async def claim_and_acquire(
-        self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
+        self,
+        account: str,
+        uids: list[str],
+        owner: str,
+        lease_s: float,
+        rate: float,
+        burst: int,
+        *,
+        suspect: Collection[str] = (),
+        recovery_s: float = 0.0,
     ) -> tuple[dict[str, Claim], int, float]:
         if not uids:
             return {}, 0, 0.0
-        keys = [*(dedupe_key(account, u) for u in uids), bucket_key(account)]
+        keys = [*(dedupe_key(account, u) for u in uids), bucket_key(account), epoch_key(account)]
+        known = self._epochs.get(account, "")
         # The window is applied when the result is stored; a claim only needs to outlive its lease.
-        rows, granted, wait = await self._claim_take(
-            keys=keys, args=[owner, int(lease_s * 1000), int(max(lease_s * 4, 3600) * 1000), rate, burst]
+        rows, granted, wait, (epoch_id, age_ms, lost) = await self._claim_take(
+            keys=keys,
+            args=[
+                owner,
+                int(lease_s * 1000),
+                int(max(lease_s * 4, 3600) * 1000),
+                rate,
+                burst,
+                known,
+                secrets.token_hex(8),
+            ],
         )
-        return _claims(uids, rows), int(granted), float(wait)
+        epoch = Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost)))
+        self._saw_epoch(account, epoch)
+        return distrust_new(_claims(uids, rows), epoch, suspect, recovery_s), int(granted), float(wait)
+
+    def _saw_epoch(self, account: str, epoch: Epoch) -> None:
+        known = self._epochs.get(account)
+        if known is not None and known != epoch.id:
+            m.STORE_EPOCH_RESETS.labels(account).inc()
+            log.warning("store_epoch_changed", account=account, lost=epoch.lost)
+        self._epochs[account] = epoch.id
 
     async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
         if not uids:

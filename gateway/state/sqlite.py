@@ -8,14 +8,19 @@ the file lock.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.state.base import Claim, ClaimState, StoredResult
+from gateway import metrics as m
+from gateway.state.base import Claim, ClaimState, Epoch, StoredResult, distrust_new
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.state.sqlite")
 
 T = TypeVar("T")
 
@@ -32,6 +37,9 @@ CREATE TABLE IF NOT EXISTS dedupe (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at);
 CREATE TABLE IF NOT EXISTS bucket (key TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS epoch (
+    account TEXT PRIMARY KEY, id TEXT NOT NULL, since REAL NOT NULL, lost INTEGER NOT NULL
+);
 """
 
 
@@ -42,6 +50,7 @@ class SqliteStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
         self._ops = 0
+        self._epochs: dict[str, str] = {}  # account -> the epoch id this process last saw
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self._path)!r})"
@@ -76,14 +85,49 @@ class SqliteStore:
             db.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
 
     async def claim_and_acquire(
-        self, account: str, uids: list[str], owner: str, lease_s: float, rate: float, burst: int
+        self,
+        account: str,
+        uids: list[str],
+        owner: str,
+        lease_s: float,
+        rate: float,
+        burst: int,
+        *,
+        suspect: Collection[str] = (),
+        recovery_s: float = 0.0,
     ) -> tuple[dict[str, Claim], int, float]:
-        def op(db: sqlite3.Connection) -> tuple[dict[str, Claim], int, float]:
+        known = self._epochs.get(account, "")
+
+        def op(db: sqlite3.Connection) -> tuple[dict[str, Claim], int, float, Epoch]:
+            epoch = self._epoch(db, account, known)
             claims = self._claim(db, account, uids, owner, lease_s)
             fresh = sum(1 for c in claims.values() if c.state is ClaimState.NEW)
-            return (claims, *self._take(db, account, fresh, rate, burst)) if fresh else (claims, 0, 0.0)
+            granted, wait = self._take(db, account, fresh, rate, burst) if fresh else (0, 0.0)
+            return claims, granted, wait, epoch
 
-        return await self._run(op) if uids else ({}, 0, 0.0)
+        if not uids:
+            return {}, 0, 0.0
+        claims, granted, wait, epoch = await self._run(op)
+        if known and known != epoch.id:
+            m.STORE_EPOCH_RESETS.labels(account).inc()
+            log.warning("store_epoch_changed", account=account, lost=epoch.lost)
+        self._epochs[account] = epoch.id
+        return distrust_new(claims, epoch, suspect, recovery_s), granted, wait
+
+    def _epoch(self, db: sqlite3.Connection, account: str, known: str) -> Epoch:
+        """The account's epoch (see state.base), created when missing; `lost` once a caller that
+        knew an earlier one finds it gone or replaced."""
+        now = self._clock()
+        row = db.execute("SELECT id, since, lost FROM epoch WHERE account=?", (account,)).fetchone()
+        if row is None:
+            epoch = Epoch(secrets.token_hex(8), 0.0, bool(known))
+            db.execute("INSERT INTO epoch VALUES (?, ?, ?, ?)", (account, epoch.id, now, int(epoch.lost)))
+            return epoch
+        epoch_id, since, lost = row
+        if known and known != epoch_id and not lost:
+            lost = 1
+            db.execute("UPDATE epoch SET lost=1 WHERE account=?", (account,))
+        return Epoch(epoch_id, now - since, bool(lost))
 
     def _claim(
         self, db: sqlite3.Connection, account: str, uids: list[str], owner: str, lease_s: float
