@@ -20,6 +20,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from yarl import URL
 
 from gateway import contract as c
 from gateway import metrics as m
@@ -33,6 +34,7 @@ from gateway.state import Store
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.app")
+RECONNECT_INTERVAL_S = 2
 
 
 def open_store(settings: Settings) -> Store:
@@ -78,9 +80,12 @@ class Gateway:
             self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
         self._store = open_store(s)
         await self._store.ping()
-        self._connection = await aio_pika.connect_robust(
-            s.amqp_url.get_secret_value(), client_properties={"connection_name": f"sms-gateway {self._owner}"}
-        )
+        # The connection's name (shown by the broker's tools) travels in the URL: aio-pika ignores
+        # `client_properties` when it is given a URL.
+        url = URL(s.amqp_url.get_secret_value()).update_query(name=f"sms-gateway {self._owner}")
+        if "reconnect_interval" not in url.query:  # aio-pika's default is 5 s
+            url = url.update_query(reconnect_interval=RECONNECT_INTERVAL_S)
+        self._connection = await aio_pika.connect_robust(url)
         setup = await self._connection.channel()
         await topology.declare(setup, [a.name for a in self.accounts], s.retry_schedule_s)
         await setup.close()

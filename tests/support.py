@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -275,3 +276,36 @@ def start_gateway(tmp: Path, accounts: list[dict[str, Any]], **settings: Any) ->
     proc = Process(["run"], env, tmp / f"gateway-{port}.log")
     proc.wait_http(port)
     return proc, port
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """Run `rabbitmqctl` against the local node; fail loudly when it does not work."""
+    try:
+        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as exc:
+        raise RuntimeError("rabbitmqctl is not installed: the broker fault tests need it") from exc
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def close_broker_connections(name_contains: str, node: str | None = None) -> int:
+    """Close, from the broker's side, every client connection whose name contains the text (as an
+    operator's `rabbitmqctl close_connection` would); returns how many were closed."""
+    prefix = ["-n", node] if node else []
+    # The table form names pids as close_connection wants them (<rabbit@host.N.N.N>); the JSON form does not.
+    closed = 0
+    for line in rabbitmqctl(*prefix, "list_connections", "-q", "pid", "client_properties").splitlines():
+        pid, _, props = line.partition("\t")
+        name = re.search(r'"connection_name","([^"]*)"', props)
+        if pid.startswith("<") and name is not None and name_contains in name.group(1):
+            rabbitmqctl(*prefix, "close_connection", pid, "fault test")
+            closed += 1
+    return closed
+
+
+def consumers_on(queue: str, node: str | None = None, vhost: str = "/") -> int:
+    prefix = ["-n", node] if node else []
+    out = rabbitmqctl(*prefix, "list_queues", "-q", "-p", vhost, "name", "consumers", "--formatter", "json")
+    rows = json.loads(out)
+    return sum(int(r["consumers"]) for r in rows if r["name"] == queue)

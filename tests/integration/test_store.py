@@ -137,3 +137,59 @@ async def test_claim_and_acquire_takes_tokens_for_new_claims_only(store: Store, 
         0,
         0.0,
     )
+
+
+async def forget(store: Store, account: str) -> None:
+    """What a Redis restarted without persistence (or a lost SQLite file) does to one account."""
+    if isinstance(store, RedisStore):
+        keys = [k async for k in store._redis.scan_iter(match=f"smsgw:{{{account}}}:*")]
+        if keys:
+            await store._redis.delete(*keys)
+    else:
+        assert isinstance(store, SqliteStore)
+
+        def wipe(db: object) -> None:
+            db.execute("DELETE FROM dedupe WHERE account=?", (account,))  # type: ignore[attr-defined]
+            db.execute("DELETE FROM epoch WHERE account=?", (account,))  # type: ignore[attr-defined]
+
+        await store._run(wipe)
+
+
+async def test_a_store_that_forgot_is_reconciled_not_trusted(store: Store, account: str) -> None:
+    first, _, _ = await store.claim_and_acquire(account, ["sent"], "w1", 30, 1e6, 10**6, recovery_s=600)
+    assert first["sent"].state is ClaimState.NEW
+    await forget(store, account)
+    # The same process finds its epoch gone: every NEW answer is distrusted for the recovery window,
+    # the id it had claimed and ids it never saw alike.
+    after, _, _ = await store.claim_and_acquire(account, ["sent", "other"], "w1", 30, 1e6, 10**6, recovery_s=600)
+    assert {k: v.state for k, v in after.items()} == {"sent": ClaimState.RECONCILE, "other": ClaimState.RECONCILE}
+    # Once the window is over, NEW is NEW again.
+    later, _, _ = await store.claim_and_acquire(account, ["third"], "w1", 30, 1e6, 10**6, recovery_s=0)
+    assert later["third"].state is ClaimState.NEW
+
+
+async def test_a_process_that_joins_after_the_loss_learns_it_from_the_epoch(
+    store: Store, account: str, tmp_path: Path
+) -> None:
+    await store.claim_and_acquire(account, ["a"], "w1", 30, 1e6, 10**6)
+    await forget(store, account)
+    await store.claim_and_acquire(account, ["b"], "w1", 30, 1e6, 10**6)  # marks the new epoch lost
+    other: Store = SqliteStore(tmp_path / "state.sqlite3") if isinstance(store, SqliteStore) else RedisStore(REDIS_URL)
+    try:
+        claims, _, _ = await other.claim_and_acquire(account, ["c"], "w2", 30, 1e6, 10**6, recovery_s=600)
+    finally:
+        await other.close()
+    assert claims["c"].state is ClaimState.RECONCILE
+
+
+async def test_a_fresh_store_distrusts_only_copies_seen_before(store: Store, account: str) -> None:
+    # Nobody saw an earlier epoch (first start, or the store and every replica restarted together):
+    # a producer's new id is NEW, a redelivered copy is reconciled.
+    claims, granted, _ = await store.claim_and_acquire(
+        account, ["fresh", "redelivered"], "w1", 30, 1e6, 10**6, suspect={"redelivered"}, recovery_s=600
+    )
+    assert {k: v.state for k, v in claims.items()} == {
+        "fresh": ClaimState.NEW,
+        "redelivered": ClaimState.RECONCILE,
+    }
+    assert granted == 2  # the reconciled id keeps its token for the send that may follow

@@ -1,0 +1,193 @@
+"""Faults of the infrastructure and of single messages, against the real broker and Redis:
+the broker drops the gateway's connection, the store fails or forgets mid-flight, one message of
+a batch cannot be sent or answered, an unknown-account body is hostile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import contract as c
+from gateway.providers import provider_ref
+from gateway.sandbox.state import FaultRule
+from gateway.state import Store
+from tests.conftest import InProcess
+from tests.support import (
+    REDIS_URL,
+    Bus,
+    close_broker_connections,
+    consumers_on,
+    new_account_name,
+    request,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def sends_of(world: InProcess, account: str, uid: str) -> int:
+    return int(world.state.ledger()["by_unique_id"].get(provider_ref(account, uid), 0))
+
+
+async def eventually(check: Any, timeout: float, what: str) -> float:
+    """Poll `check()` until it is true; return the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not {what} after {timeout}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+# aiormq leaves the socket of a connection the broker closed to the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_consumers_come_back_after_the_broker_closes_the_connection(world: InProcess) -> None:
+    name = new_account_name()
+    ghost = new_account_name("ghost")
+    gw = await world.gateway([world.account(name)])
+    queue = c.account_queue(name)
+    async with Bus.open([name, ghost]) as bus:
+        await bus.publish(name, request("before"))
+        await bus.wait_for(outcomes=1)
+        assert gw.queues_without_consumer() == []
+
+        assert close_broker_connections(gw._owner) == 1
+        # Honest meanwhile: not ready while the consumers are gone.
+        await eventually(lambda: gw.queues_without_consumer() != [], 5, "unready after the connection closed")
+        await eventually(lambda: gw.queues_without_consumer() == [], 30, "consuming again")
+        # The broker's own view (its consumer count of a quorum queue lags by a few seconds).
+        await eventually(lambda: consumers_on(queue) == 1, 30, "one consumer on the account queue")
+        assert consumers_on(c.UNROUTABLE_QUEUE) >= 1
+
+        await bus.publish(name, request("after"))
+        await bus.publish(ghost, request("after-ghost"))
+        await bus.wait_for(outcomes=3, dead=1, timeout=30)
+    statuses = {d["unique_id"]: d["status"] for d in bus.outcome_docs()}
+    assert statuses == {"before": "accepted", "after": "accepted", "after-ghost": "invalid"}
+    assert sends_of(world, name, "after") == 1
+
+
+async def test_one_unencodable_message_does_not_wedge_its_batch(world: InProcess) -> None:
+    name = new_account_name()
+    bad_text = b'{"unique_id":"bad-text","to":"+48500600700","text":"\\ud800 x"}'
+    bad_meta = b'{"unique_id":"bad-meta","to":"+48500600701","text":"x","meta":{"k":"\\ud800"}}'
+    acc = world.account(name, linger_ms=300, batch_size=100)
+    async with Bus.open([name]) as bus:
+        # Queued before the gateway starts, so the bad ones share a batch with the good ones.
+        await world.gateway([acc])
+        good = [(name, request(f"g{i}", to=f"+4850070{i:04d}")) for i in range(60)]
+        await bus.publish_many([*good[:30], (name, bad_text), *good[30:], (name, bad_meta)])
+        await bus.wait_for(outcomes=62, dead=2, timeout=30)
+        await bus.settle(0.5)
+    docs = {d["unique_id"]: d for d in bus.outcome_docs()}
+    assert Counter(d["status"] for d in docs.values()) == {"accepted": 60, "invalid": 2}
+    assert docs["bad-text"]["error"]["code"] == "bad_unicode"
+    assert docs["bad-meta"]["error"]["code"] == "bad_unicode"
+    assert sorted(d.headers[c.H_REASON] for d in bus.dead) == ["invalid", "invalid"]
+    assert world.state.ledger()["sends"] == 60
+
+
+async def test_inputs_that_crashed_the_handler_end_invalid_with_an_outcome(world: InProcess) -> None:
+    name = new_account_name()
+    await world.gateway([world.account(name)])
+    bodies = {
+        "deep": b'{"unique_id":"deep","to":"1","text":"x","meta":' + b"[" * 500 + b"]" * 500 + b"}",
+        "digits": b'{"unique_id":"digits","to":"1","text":"x","v":' + b"7" * 5000 + b"}",
+        "spec": request("spec", text="{a:d}", vars={"a": 1}),
+        "nested-spec": request("nested-spec", text="{a:{b}}", vars={"a": 1, "b": 2}),
+        "conversion": request("conversion", text="{a!x}", vars={"a": 1}),
+        "far-future": request("far-future", expires_at="9999-12-31T23:59:59-14:00"),
+        "grow": request("grow", text="{a:>2000000}", vars={"a": 1}),
+        "nan": b'{"unique_id":"nan","to":"+48500600700","text":"{a}","vars":{"a":NaN}}',
+    }
+    async with Bus.open([name]) as bus:
+        for uid, body in bodies.items():
+            # Nesting is refused before parsing, so only the message_id property can name that one.
+            await bus.publish(name, body, message_id=uid)
+        await bus.publish(name, request("after"))
+        await bus.wait_for(outcomes=len(bodies) + 1, dead=len(bodies), timeout=30)
+        await bus.settle(0.5)
+    docs = {d["unique_id"]: d for d in bus.outcome_docs()}
+    assert docs.pop("after")["status"] == "accepted"
+    assert {uid: d["status"] for uid, d in docs.items()} == dict.fromkeys(bodies, "invalid")
+    assert {d.headers[c.H_REASON] for d in bus.dead} == {"invalid"}
+    assert world.state.ledger()["sends"] == 1
+
+
+async def test_unknown_account_worker_survives_hostile_bodies(world: InProcess) -> None:
+    name = new_account_name()
+    ghost = new_account_name("ghost")
+    await world.gateway([world.account(name)])
+    async with Bus.open([ghost]) as bus:
+        for i in range(60):
+            await bus.publish(ghost, b"[" * 60_000, message_id=f"deep{i}")
+        await bus.publish(ghost, b'{"unique_id":"surrogate","to":"1","text":"\\ud800"}', message_id=None)
+        await bus.publish(ghost, request("plain"))
+        await bus.wait_for(outcomes=62, dead=62, timeout=60)
+    assert {d.headers[c.H_REASON] for d in bus.dead} == {"unknown_account"}
+    assert {d["unique_id"] for d in bus.outcome_docs()} == {*(f"deep{i}" for i in range(60)), "surrogate", "plain"}
+
+
+class FailingStore:
+    """The real store, with chosen calls failing (a Redis that went away mid-batch)."""
+
+    def __init__(self, inner: Store, fail: set[str]) -> None:
+        self._inner = inner
+        self.fail = fail
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._inner, name)
+        if name not in self.fail:
+            return real
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            self.failed += 1
+            raise ConnectionError(f"store down during {name}")
+
+        return broken
+
+
+async def test_a_store_failure_after_the_send_publishes_the_results_and_resends_nothing(world: InProcess) -> None:
+    name = new_account_name()
+    gw = await world.gateway([world.account(name, linger_ms=200)])
+    (worker,) = gw._workers
+    flaky = FailingStore(worker._store, {"complete", "mark_unknown", "release"})
+    worker._store = flaky  # type: ignore[assignment]
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"s{i}", to=f"+4850080{i:04d}")) for i in range(20)])
+        await bus.wait_for(outcomes=20, timeout=30)
+        flaky.fail.clear()
+        await bus.settle(1.5)
+    assert flaky.failed >= 1
+    assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 20}
+    assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+
+
+async def test_a_retry_copy_is_reconciled_even_when_the_store_forgot_it(world: InProcess) -> None:
+    """The provider took the message but its answer was lost; while the retry copy waits in the
+    broker, Redis loses everything. The copy must be reconciled with the provider, not resent."""
+    name = new_account_name()
+    world.state.faults.add(FaultRule(match=f"token:tok-{name}", swallow=True, count=1))
+    await world.gateway(
+        [world.account(name, http_timeout_s=0.5)], redis_url=REDIS_URL, retry_schedule_s=[3.0], store_recovery_s=0
+    )
+    client = aioredis.Redis.from_url(REDIS_URL)
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("lost-1"))
+        key = f"smsgw:{{{name}}}:d:lost-1"
+        started = time.monotonic()
+        while b"unknown" not in (await client.get(key) or b""):  # the retry copy is parked now
+            assert time.monotonic() - started < 10, "the ambiguous send was never recorded"
+            await asyncio.sleep(0.05)
+        await client.delete(*[k async for k in client.scan_iter(match=f"smsgw:{{{name}}}:*")])
+        await bus.wait_for(outcomes=1, timeout=30)
+        await bus.settle(0.5)
+    await client.aclose()
+    (doc,) = bus.outcome_docs()
+    assert doc["status"] == "accepted"
+    assert sends_of(world, name, "lost-1") == 1
