@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run sandbox test lint typecheck unit integration bench clean
+.PHONY: install run sandbox test lint typecheck unit integration bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test: lint typecheck
 ## Throughput, CPU, memory and latency against the broker's ceiling and Celery (about 10 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+## Every chaos scenario at full size (20,000 messages under kill -9, a 3-node cluster, ...), with the
+## suite's own RabbitMQ nodes and Redis; prints the ledger table (about 15 minutes).
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --size full
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache gateway-state.sqlite3*

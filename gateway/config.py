@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=7, ge=1, description="provider attempts before `failed`")
     max_body_bytes: int = Field(default=65536, ge=1024, description="larger requests are invalid")
     max_text_chars: int = Field(
-        default=1530, ge=1, description="longest text after templating (1,530 = 10 parts of UCS-2); longer is invalid"
+        default=1530, ge=1, description="longest text after templating (1,530 = 10 GSM-7 parts); longer is invalid"
     )
     max_waits: int = Field(
         default=20, ge=1, description="times a copy may wait for another worker's claim before it fails"

@@ -75,7 +75,7 @@ UNIQUE_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_META_BYTES = 4096
 MAX_DEPTH = 32  # nesting of arrays and objects in a request
 MAX_INT_DIGITS = 20  # an integer anywhere in a request (a 64-bit value has at most 20 digits)
-MAX_TEXT_CHARS = 1530  # default limit of the rendered text: 10 parts of UCS-2 (153 characters each)
+MAX_TEXT_CHARS = 1530  # default limit of the rendered text: 10 parts of GSM-7 (153 each), 23 of UCS-2 (67 each)
 _PLACEHOLDER_FIELDS = string.Formatter()
 
 

@@ -1,0 +1,350 @@
+"""Chaos scenarios. Each one builds its world, publishes, breaks one thing mid-run, lets the system
+recover by itself, and returns the ledger. `Size` scales them: `CI` runs inside `make test`,
+`FULL` is `make chaos`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+
+from gateway import contract as c
+from gateway import topology
+from tests.chaos.harness import RETRY_SCHEDULE_S, Ledger, RabbitNode, RedisServer, World, request_body
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    messages: int  # per scenario
+    kill9_messages: int
+    replicas: int
+    kills: int
+    noisy_backlog: int
+
+
+CI = Size("ci", messages=600, kill9_messages=1500, replicas=2, kills=2, noisy_backlog=3000)
+FULL = Size("full", messages=3000, kill9_messages=20000, replicas=3, kills=6, noisy_backlog=100_000)
+
+Scenario = Callable[[Path, list[RabbitNode], RedisServer, Size], Awaitable[Ledger]]
+
+
+def _account(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+async def _world(
+    root: Path, nodes: list[RabbitNode], redis_server: RedisServer, accounts: list[str], replicas: int, **acc: object
+) -> World:
+    world = World(root, nodes[0], redis_server, accounts)
+    for name in accounts:
+        world.account_overrides[name] = dict(acc)
+    world.start_sandbox()
+    await world.start_observer()
+    for i in range(replicas):
+        await asyncio.to_thread(world.start_gateway, i)
+    return world
+
+
+def _items(account: str, prefix: str, n: int) -> list[tuple[str, str, bytes]]:
+    return [(account, f"{prefix}{i}", request_body(f"{prefix}{i}", i)) for i in range(n)]
+
+
+async def _finish(world: World, name: str, settle_timeout: float) -> Ledger:
+    await world.wait_settled(settle_timeout)
+    led = world.ledger(name)
+    await world.close()
+    return led
+
+
+async def kill9(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """kill -9 of replicas at random moments, each restarted at once."""
+    account = _account("k")
+    # The shared rate keeps the drain long enough for the kills to land mid-flight.
+    rate = max(200, size.kill9_messages // 12)
+    world = await _world(root, nodes, redis_server, [account], size.replicas, rate_per_s=rate, burst=rate // 4)
+    await world.publish(_items(account, "k", size.kill9_messages))
+    last = time.monotonic()
+    for _ in range(size.kills):
+        await asyncio.sleep(world.rng.uniform(0.5, 2.5))
+        victim = world.rng.choice(sorted(world.gateways))
+        last = time.monotonic()
+        world.kill(victim)
+        await asyncio.to_thread(world.start_gateway, victim)  # as Kubernetes would restart it
+    recovered = await world.wait_recovered(last, 60)
+    led = await _finish(world, f"kill -9 x{size.kills} ({size.replicas} replicas)", 240)
+    led.recovered_s = recovered
+    return led
+
+
+async def sigterm(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """SIGTERM of one replica under load: it drains and exits 0; it is started again."""
+    account = _account("t")
+    rate = max(200, size.messages // 6)
+    world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
+    await world.publish(_items(account, "t", size.messages))
+    await asyncio.sleep(1.0)
+    code = await asyncio.to_thread(world.terminate, 0)
+    await asyncio.to_thread(world.start_gateway, 0)
+    since = time.monotonic()
+    recovered = await world.wait_recovered(since, 60)
+    led = await _finish(world, "SIGTERM under load", 120)
+    led.recovered_s = recovered
+    if code != 0:
+        led.consumers_restored = False
+        led.notes.append(f"SIGTERM exit code {code}")
+    return led
+
+
+async def _broker_fault(
+    name: str,
+    fault: Callable[[World], None],
+    heal: Callable[[World], None] | None,
+    root: Path,
+    nodes: list[RabbitNode],
+    redis_server: RedisServer,
+    size: Size,
+    hold_s: float = 0.0,
+) -> Ledger:
+    account, ghost = _account("b"), _account("ghost")
+    rate = max(200, size.messages // 6)
+    world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
+    first = _items(account, "b", size.messages // 2)
+    await world.publish(first)
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(fault, world)
+    if hold_s:
+        await asyncio.sleep(hold_s)
+    if heal is not None:
+        await asyncio.to_thread(heal, world)
+    since = time.monotonic()
+    # After the fault: the rest, and a request for an unknown account (the unroutable consumer).
+    second = _items(account, "a", size.messages - len(first))
+    await world.publish([*second, (ghost, "g0", request_body("g0", 0))])
+    recovered = await world.wait_recovered(since, 90)
+    led = await _finish(world, name, 180)
+    led.recovered_s = recovered
+    led.consumers_restored = await asyncio.to_thread(_consumers_back, nodes[0], [account])
+    return led
+
+
+def _consumers_back(node: RabbitNode, accounts: list[str], timeout: float = 30) -> bool:
+    """The broker's own view: a consumer on each account queue and on the unroutable queue."""
+    want = {c.account_queue(a) for a in accounts} | {c.UNROUTABLE_QUEUE}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = json.loads(node.ctl("list_queues", "-q", "name", "consumers", "--formatter", "json"))
+        have = {r["name"] for r in rows if int(r["consumers"]) > 0}
+        if want <= have:
+            return True
+        time.sleep(1)
+    return False
+
+
+async def broker_close(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    def fault(w: World) -> None:
+        w.rabbit.ctl("close_all_connections", "chaos: connections closed")
+
+    return await _broker_fault("broker close_all_connections", fault, None, root, nodes, redis_server, size)
+
+
+async def broker_restart(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    def fault(w: World) -> None:
+        w.rabbit.ctl("stop_app")
+
+    def heal(w: World) -> None:
+        w.rabbit.ctl("start_app")
+
+    return await _broker_fault("broker restart (stop_app/start_app)", fault, heal, root, nodes, redis_server, size, 3)
+
+
+async def memory_alarm(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    def fault(w: World) -> None:
+        w.rabbit.ctl("set_vm_memory_high_watermark", "0.000001")
+
+    def heal(w: World) -> None:
+        w.rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+
+    return await _broker_fault("broker memory alarm (5 s)", fault, heal, root, nodes, redis_server, size, 5)
+
+
+async def _redis_fault(
+    name: str,
+    fault: Callable[[World], None],
+    root: Path,
+    nodes: list[RabbitNode],
+    redis_server: RedisServer,
+    size: Size,
+    swallow: float = 0.0,
+) -> Ledger:
+    account = _account("r")
+    rate = max(200, size.messages // 6)
+    world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
+    assert world.sandbox is not None
+    if swallow:
+        world.sandbox.fault(match=f"token:tok-{account}", swallow=True, rate=swallow)
+    await world.publish(_items(account, "r", size.messages))
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(fault, world)
+    since = time.monotonic()
+    if swallow:
+        await asyncio.sleep(3)
+        world.sandbox.clear_faults()
+    recovered = await world.wait_recovered(since, 90)
+    led = await _finish(world, name, 240)
+    led.recovered_s = recovered
+    return led
+
+
+async def redis_empty(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    return await _redis_fault(
+        "Redis restarted empty", lambda w: w.redis.restart_empty(), root, nodes, redis_server, size
+    )
+
+
+async def redis_empty_swallow(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    return await _redis_fault(
+        "Redis restarted empty + 30% answers lost",
+        lambda w: w.redis.restart_empty(),
+        root,
+        nodes,
+        redis_server,
+        size,
+        swallow=0.3,
+    )
+
+
+async def redis_pause(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    return await _redis_fault("Redis paused 5 s", lambda w: w.redis.pause(5), root, nodes, redis_server, size)
+
+
+async def provider_faults(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """Hangs, 5xx, resets and swallowed answers on a share of the provider calls, for a while."""
+    account = _account("p")
+    rate = max(200, size.messages // 6)
+    world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
+    assert world.sandbox is not None
+    who = f"token:tok-{account}"
+    for rule in ({"hang": True}, {"http_status": 503}, {"reset": True}, {"swallow": True}):
+        world.sandbox.fault(match=who, rate=0.1, **rule)
+    await world.publish(_items(account, "p", size.messages))
+    await asyncio.sleep(4)
+    world.sandbox.clear_faults()
+    since = time.monotonic()
+    recovered = await world.wait_recovered(since, 90)
+    led = await _finish(world, "provider hangs, 503, resets, lost answers (10% each)", 240)
+    led.recovered_s = recovered
+    return led
+
+
+HOSTILE: dict[str, bytes] = {
+    "surrogate-text": b'{"unique_id":"X","to":"+48500600700","text":"\\ud800 x"}',
+    "surrogate-meta": b'{"unique_id":"X","to":"+48500600700","text":"x","meta":{"k":"\\ud800"}}',
+    "deep": b'{"unique_id":"X","to":"1","text":"x","meta":' + b"[" * 400 + b"]" * 400 + b"}",
+    "bracket-bomb": b"[" * 60_000,
+    "digits": b'{"unique_id":"X","to":"1","text":"x","v":' + b"7" * 5000 + b"}",
+    "nan": b'{"unique_id":"X","to":"+48500600700","text":"{a}","vars":{"a":NaN}}',
+    "format-spec": b'{"unique_id":"X","to":"+48500600700","text":"{a:>2000000}","vars":{"a":1}}',
+    "far-future": b'{"unique_id":"X","to":"+48500600700","text":"x","expires_at":"9999-12-31T23:59:59-14:00"}',
+    "not-json": b"\xff\xfe not json",
+}
+
+
+async def poison(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """Hostile bodies mixed into normal traffic, to a configured account and to an unknown one."""
+    account, ghost = _account("x"), _account("ghost")
+    world = await _world(root, nodes, redis_server, [account], 2, linger_ms=200)
+    good = _items(account, "x", size.messages)
+    bad = []
+    for n, (kind, body) in enumerate(HOSTILE.items()):
+        for target in (account, ghost):
+            uid = f"{kind}-{target}-{n}"
+            bad.append((target, uid, body.replace(b'"X"', json.dumps(uid).encode())))
+    mixed = good[: len(good) // 2] + bad + good[len(good) // 2 :]
+    await world.publish(mixed, message_ids=True)
+    since = time.monotonic()
+    recovered = await world.wait_recovered(since, 60)
+    led = await _finish(world, "poison messages", 120)
+    led.recovered_s = recovered
+    expected_invalid = len(bad)
+    if led.invalid != expected_invalid or led.accepted != len(good):
+        led.notes.append(f"expected {len(good)} accepted and {expected_invalid} invalid")
+    return led
+
+
+async def noisy_neighbour(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """An account with a large backlog beside a quiet one: the quiet one's latency (p99)."""
+    noisy, quiet = _account("n"), _account("q")
+    world = World(root, nodes[0], redis_server, [noisy, quiet])
+    world.account_overrides[noisy] = {"rate_per_s": 3000, "burst": 3000}
+    world.start_sandbox()
+    await world.start_observer()
+    await world.publish(_items(noisy, "n", size.noisy_backlog))  # the backlog is there before any gateway
+    for i in range(2):
+        await asyncio.to_thread(world.start_gateway, i)
+    assert world.observer is not None
+    sent_at: dict[str, float] = {}
+    n_quiet = 100 if size is CI else 400
+    for i in range(n_quiet):
+        uid = f"q{i}"
+        sent_at[f"{quiet}/{uid}"] = time.monotonic()
+        await world.publish([(quiet, uid, request_body(uid, i))])
+        await asyncio.sleep(0.05)
+    led = await _finish(world, f"noisy neighbour ({size.noisy_backlog:,} backlog) beside a quiet account", 600)
+    assert world.observer is not None
+    lat = sorted(
+        (world.observer.seen[k].outcomes[0][0] - t) * 1000
+        for k, t in sent_at.items()
+        if world.observer.seen[k].outcomes
+    )
+    if lat:
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        led.extra["quiet_p50_ms"] = round(lat[len(lat) // 2], 1)
+        led.extra["quiet_p99_ms"] = round(p99, 1)
+        led.notes.append(f"quiet account latency p50 {lat[len(lat) // 2]:.0f} ms, p99 {p99:.0f} ms")
+    return led
+
+
+async def cluster_failover(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """Three nodes; the account queue's leader on node 2, the gateways connected to node 1; node 2 is
+    stopped mid-run and started again after."""
+    assert len(nodes) >= 3, "the cluster scenario needs three nodes"
+    account = _account("c")
+    # Declared through node 2 first, so the quorum queue's leader lives there.
+    connection = await aio_pika.connect(nodes[1].url)
+    async with connection:
+        await topology.declare(await connection.channel(), [account], RETRY_SCHEDULE_S)
+    rate = max(200, size.messages // 6)
+    world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
+    await world.publish(_items(account, "c", size.messages))
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(nodes[1].ctl, "stop_app")
+    since = time.monotonic()
+    recovered = await world.wait_recovered(since, 90)
+    led = await _finish(world, "3-node cluster, queue leader's node stopped", 240)
+    await asyncio.to_thread(nodes[1].ctl, "start_app")
+    led.recovered_s = recovered
+    return led
+
+
+SINGLE_NODE: dict[str, Scenario] = {
+    "kill9": kill9,
+    "sigterm": sigterm,
+    "broker_close": broker_close,
+    "broker_restart": broker_restart,
+    "memory_alarm": memory_alarm,
+    "redis_pause": redis_pause,
+    "redis_empty": redis_empty,
+    "redis_empty_swallow": redis_empty_swallow,
+    "provider_faults": provider_faults,
+    "poison": poison,
+    "noisy_neighbour": noisy_neighbour,
+}
+CLUSTER: dict[str, Scenario] = {"cluster_failover": cluster_failover}
+CI_SCENARIOS = ["kill9", "broker_close", "broker_restart", "redis_empty", "poison"]
