@@ -15,10 +15,25 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pamqp.encode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from gateway import contract as c
+
+_table_integer = pamqp.encode.table_integer
+
+
+def _table_integer_signed(value: int) -> bytes:
+    """pamqp writes -128..-1 as an unsigned octet and raises, so a producer's header such as
+    `retries: -1` (any client may send it; pamqp reads it fine) made every dead letter and retry
+    copy of that message fail to encode. Those values go one size up, as a signed short."""
+    if -128 <= value < 0:
+        return b"s" + pamqp.encode.short_int(value)
+    return _table_integer(value)
+
+
+pamqp.encode.table_integer = _table_integer_signed  # encode_table_value looks it up at each call
 
 _STRIP = {
     "x-death",

@@ -306,6 +306,5 @@ def close_broker_connections(name_contains: str, node: str | None = None) -> int
 
 def consumers_on(queue: str, node: str | None = None, vhost: str = "/") -> int:
     prefix = ["-n", node] if node else []
-    out = rabbitmqctl(*prefix, "list_queues", "-q", "-p", vhost, "name", "consumers", "--formatter", "json")
-    rows = json.loads(out)
-    return sum(int(r["consumers"]) for r in rows if r["name"] == queue)
+    out = rabbitmqctl(*prefix, "list_consumers", "-q", "-p", vhost, "queue_name", "--formatter", "json")
+    return sum(1 for r in json.loads(out) if r["queue_name"] == queue)

@@ -128,9 +128,10 @@ async def _broker_fault(
     second = _items(account, "a", size.messages - len(first))
     await world.publish([*second, (ghost, "g0", request_body("g0", 0))])
     recovered = await world.wait_recovered(since, 90)
+    consumers_back = await asyncio.to_thread(_consumers_back, nodes[0], [account])
     led = await _finish(world, name, 180)
     led.recovered_s = recovered
-    led.consumers_restored = await asyncio.to_thread(_consumers_back, nodes[0], [account])
+    led.consumers_restored = consumers_back
     return led
 
 
@@ -139,8 +140,8 @@ def _consumers_back(node: RabbitNode, accounts: list[str], timeout: float = 30) 
     want = {c.account_queue(a) for a in accounts} | {c.UNROUTABLE_QUEUE}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = json.loads(node.ctl("list_queues", "-q", "name", "consumers", "--formatter", "json"))
-        have = {r["name"] for r in rows if int(r["consumers"]) > 0}
+        rows = json.loads(node.ctl("list_consumers", "-q", "queue_name", "--formatter", "json"))
+        have = {r["queue_name"] for r in rows}
         if want <= have:
             return True
         time.sleep(1)

@@ -132,3 +132,20 @@ def test_library_log_lines_are_json_when_json_is_asked_for(monkeypatch: pytest.M
     assert lines[0]["logger"] == "aiormq.connection"
     assert lines[0]["level"] == "warning"
     assert "KeyError: 'missing'" in lines[1]["exception"]
+
+
+def test_negative_small_header_values_survive_a_copy() -> None:
+    # Found by the fuzz test: pamqp cannot write -128..-1 in a header table, so the dead letter or
+    # retry copy of a message carrying such a header could never be published.
+    from pamqp import decode, frame
+    from pamqp.header import ContentHeader
+
+    from gateway import publisher
+
+    headers = publisher._clean_headers({"retries": -1, "low": -128, "nested": {"x": -5}, "big": 2**40})
+    props = publisher.Basic.Properties(headers=headers)
+    raw = frame.marshal(ContentHeader(body_size=0, properties=props), 1)
+    _consumed, _channel, decoded = frame.unmarshal(raw)
+    assert isinstance(decoded, ContentHeader)
+    assert decoded.properties.headers == {"retries": -1, "low": -128, "nested": {"x": -5}, "big": 2**40}
+    assert decode.embedded_value(b"s\xff\xff")[1] == -1
