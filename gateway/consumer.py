@@ -566,8 +566,14 @@ class AccountWorker:
         the delay grows with each wait, and after `max_waits` the message fails instead of looping."""
         if d.waits + 1 > self._settings.max_waits:
             err = c.OutcomeError("waits_exhausted", "WaitsExhausted", "gave up waiting for the id's claim", False)
+            # Not stored: the claim belongs to another worker, whose result is the id's record.
             return p.finish(
-                c.Status.FAILED, self._adapter.name, attempts=d.attempts, error=err, dead=c.DeadReason.RETRIES_EXHAUSTED
+                c.Status.FAILED,
+                self._adapter.name,
+                attempts=d.attempts,
+                error=err,
+                dead=c.DeadReason.RETRIES_EXHAUSTED,
+                store=False,
             )
         return p.Wait(self._policy.delay_ms(d.waits + 1))
 

@@ -191,3 +191,23 @@ async def test_a_retry_copy_is_reconciled_even_when_the_store_forgot_it(world: I
     (doc,) = bus.outcome_docs()
     assert doc["status"] == "accepted"
     assert sends_of(world, name, "lost-1") == 1
+
+
+async def test_a_copy_that_waits_too_often_fails_instead_of_looping(world: InProcess) -> None:
+    from gateway.state.sqlite import SqliteStore
+
+    name = new_account_name()
+    # Another worker holds the id's claim and never finishes (a lease far longer than the waits).
+    other = SqliteStore(world.tmp / "state.sqlite3")
+    claims, _, _ = await other.claim_and_acquire(name, ["held"], "someone-else", 600, 1e6, 10**6)
+    await other.close()
+    assert claims["held"].state.value == "new"
+    await world.gateway([world.account(name)], max_waits=2)
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("held"))
+        await bus.wait_for(outcomes=1, dead=1, timeout=30)
+    (doc,) = bus.outcome_docs()
+    assert doc["status"] == "failed"
+    assert doc["error"]["code"] == "waits_exhausted"
+    assert bus.dead[0].headers[c.H_REASON] == "retries_exhausted"
+    assert sends_of(world, name, "held") == 0
