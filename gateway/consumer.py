@@ -536,9 +536,11 @@ class AccountWorker:
                 try:
                     decisions, store_failed = await self._decide(batch)
                 except Exception:
-                    # Nothing of the batch reached the provider before this point (the claim failed).
+                    # Nothing of the batch reached the provider (the claim failed). The batch waits
+                    # in the broker as delayed copies rather than being requeued: a requeue counts
+                    # towards the queue's delivery limit, whose dead letter has no gateway headers.
                     log.exception("batch_failed", account=self.account.name, size=len(batch))
-                    await requeue(self._acks, batch)
+                    await self._settler.settle_all([(d, self._wait(d)) for d in batch])
                     await self._back_off("batch_failed")
                     return
                 try:

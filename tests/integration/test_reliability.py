@@ -135,10 +135,11 @@ async def test_unknown_account_worker_survives_hostile_bodies(world: InProcess) 
 class FailingStore:
     """The real store, with chosen calls failing (a Redis that went away mid-batch)."""
 
-    def __init__(self, inner: Store, fail: set[str]) -> None:
+    def __init__(self, inner: Store, fail: set[str], times: int = 10**9) -> None:
         self._inner = inner
         self.fail = fail
         self.failed = 0
+        self._times = times
 
     def __getattr__(self, name: str) -> Any:
         real = getattr(self._inner, name)
@@ -146,6 +147,8 @@ class FailingStore:
             return real
 
         async def broken(*args: Any, **kwargs: Any) -> Any:
+            if self.failed >= self._times:
+                return await real(*args, **kwargs)
             self.failed += 1
             raise ConnectionError(f"store down during {name}")
 
@@ -211,3 +214,21 @@ async def test_a_copy_that_waits_too_often_fails_instead_of_looping(world: InPro
     assert doc["error"]["code"] == "waits_exhausted"
     assert bus.dead[0].headers[c.H_REASON] == "retries_exhausted"
     assert sends_of(world, name, "held") == 0
+
+
+async def test_a_failed_claim_parks_the_batch_as_delayed_copies_not_requeues(world: InProcess) -> None:
+    from gateway import metrics as m
+
+    name = new_account_name()
+    gw = await world.gateway([world.account(name, linger_ms=200)])
+    (worker,) = gw._workers
+    worker._store = FailingStore(worker._store, {"claim_and_acquire"}, times=1)  # type: ignore[assignment]
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"c{i}", to=f"+4850090{i:04d}")) for i in range(10)])
+        await bus.wait_for(outcomes=10, timeout=30)
+        await bus.settle(0.5)
+    assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 10}
+    assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+    # The failed batch went back through the retry queues (a requeue would count towards the
+    # queue's delivery limit instead).
+    assert m.RETRIES.labels(name, "wait")._value.get() == 10
