@@ -536,7 +536,7 @@ class AccountWorker:
                 try:
                     decisions, store_failed = await self._decide(batch)
                 except Exception:
-                    # Nothing of the batch reached the provider (the claim failed). The batch waits
+                    # Nothing of the batch reached the provider (see _decide). The batch waits
                     # in the broker as delayed copies rather than being requeued: a requeue counts
                     # towards the queue's delivery limit, whose dead letter has no gateway headers.
                     log.exception("batch_failed", account=self.account.name, size=len(batch))
@@ -581,7 +581,7 @@ class AccountWorker:
 
     async def _decide(self, batch: list[Delivery]) -> tuple[dict[int, p.Decision], bool]:
         """Claim, reconcile, send: a decision for every delivery, and whether the store failed on
-        the way. Raises only when the claim itself fails (then nothing has been sent)."""
+        the way. Raises only before anything of the batch was sent (the claim or the reconcile failed)."""
         name = self.account.name
         decisions: dict[int, p.Decision] = {}
         first_of: dict[str, int] = {}

@@ -289,6 +289,9 @@ class World:
         self.gateways: dict[int, tuple[Process, int]] = {}
         self.observer: Observer | None = None
         self.keys: set[str] = set()
+        # Mobizon has no client message id: its sends are counted per recipient (one per request).
+        self.by_recipient: set[str] = set()
+        self.phone_of: dict[str, str] = {}
         self.rng = random.Random(20261129)
         self.account_overrides: dict[str, dict[str, Any]] = {}
         self.settings: dict[str, Any] = {
@@ -296,7 +299,7 @@ class World:
             "max_attempts": 8,
             "claim_lease_s": 5,
             "drain_timeout_s": 10,
-            "log_level": "WARNING",
+            "log_level": "INFO",
         }
         self.started = time.monotonic()
 
@@ -322,7 +325,7 @@ class World:
             state_path=str(self.root / f"unused-{i}.sqlite3"),
             **self.settings,
         )
-        proc = Process(["run"], env, self.root / f"gateway-{i}.log")
+        proc = Process(["run"], env, self.root / f"gateway-{self.accounts[0]}-{i}.log")
         proc.wait_http(port, timeout=60)
         self.gateways[i] = (proc, port)
 
@@ -354,6 +357,9 @@ class World:
     async def publish(self, items: list[tuple[str, str, bytes]], *, message_ids: bool = False) -> None:
         """(account, unique_id, body); the ledger expects one terminal answer per item."""
         self.keys |= {f"{a}/{u}" for a, u, _ in items}
+        for a, u, body in items:
+            if a in self.by_recipient:
+                self.phone_of[f"{a}/{u}"] = json.loads(body)["to"].lstrip("+")
         await publish(self.rabbit.url, [(a, b, u if message_ids else None) for a, u, b in items])
 
     async def wait_recovered(self, since: float, timeout: float) -> float:
@@ -387,13 +393,18 @@ class World:
     def ledger(self, scenario: str) -> Ledger:
         assert self.observer is not None
         assert self.sandbox is not None
-        sends = self.sandbox.ledger()["by_unique_id"]
+        provider_ledger = self.sandbox.ledger()
+        sends = provider_ledger["by_unique_id"]
+        recipients = provider_ledger.get("by_recipient", {})
         led = Ledger(scenario, published=len(self.keys))
         for key in self.keys:
             account, uid = key.split("/", 1)
             seen = self.observer.seen.get(key, Seen())
             statuses = [s for _t, s in seen.outcomes if s in TERMINAL]
-            n = int(sends.get(provider_ref(account, uid), 0))
+            if account in self.by_recipient:
+                n = int(recipients.get(self.phone_of[key], 0))
+            else:
+                n = int(sends.get(provider_ref(account, uid), 0))
             if n > 1:
                 led.sent_twice += 1
             if seen.dead:
@@ -417,7 +428,27 @@ class World:
             if len(set(statuses)) > 1:
                 led.notes.append(f"{key} got different outcomes {Counter(statuses)}")
         led.seconds = time.monotonic() - self.started
+        if provider_ledger.get("answers"):
+            led.notes.append(f"provider error answers: {provider_ledger['answers']}")
+        events = self.log_events()
+        if events:
+            led.notes.append(f"gateway log events: {events}")
         return led
+
+    def log_events(self) -> dict[str, int]:
+        """How often the gateways said they recovered from something (the proof the fault hit)."""
+        wanted = ("consumer_restored", "store_epoch_changed", "reconciled", "record_failed", "batch_failed")
+        counts: Counter[str] = Counter()
+        for path in self.root.glob(f"gateway-{self.accounts[0]}-*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith("{"):
+                    try:
+                        event = json.loads(line).get("event")
+                    except ValueError:
+                        continue
+                    if event in wanted:
+                        counts[event] += 1
+        return dict(counts)
 
     async def close(self) -> None:
         for i in list(self.gateways):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
+import httpx
 
 from gateway import contract as c
 from gateway import topology
@@ -236,12 +237,47 @@ async def provider_faults(root: Path, nodes: list[RabbitNode], redis_server: Red
         world.sandbox.fault(match=who, rate=0.1, **rule)
     await world.publish(_items(account, "p", size.messages))
     await asyncio.sleep(4)
+    fired = httpx.get(f"{world.sandbox.url}/_sandbox/faults", timeout=10).json()
     world.sandbox.clear_faults()
     since = time.monotonic()
     recovered = await world.wait_recovered(since, 90)
     led = await _finish(world, "provider hangs, 503, resets, lost answers (10% each)", 240)
     led.recovered_s = recovered
+    led.notes.append("faults fired: " + ", ".join(f"{_fault_name(f)} {f['fired']}" for f in fired))
     return led
+
+
+async def mobizon_throttle(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """A code-30 storm: the Mobizon account is configured faster than the provider allows, so it is
+    throttled under load; the account slows down (AIMD), nothing is lost or sent twice."""
+    account = _account("m")
+    world = World(root, nodes[0], redis_server, [account])
+    world.by_recipient.add(account)
+    world.account_overrides[account] = {
+        "provider": "mobizon",
+        "api_key": f"key-{account}",
+        "token": None,
+        "rate_per_s": 400,
+        "burst": 100,
+        "batch_size": 10,  # small groups: concurrent single sends, each one rate-limited by Mobizon
+    }
+    world.start_sandbox()
+    assert world.sandbox is not None
+    httpx.post(f"{world.sandbox.url}/_sandbox/config", json={"mobizon_rate_per_s": 60}, timeout=10).raise_for_status()
+    await world.start_observer()
+    for i in range(2):
+        await asyncio.to_thread(world.start_gateway, i)
+    n = size.messages // 3
+    await world.publish([(account, f"m{i}", request_body(f"m{i}", i, text=f"code {i} for you")) for i in range(n)])
+    since = time.monotonic()
+    recovered = await world.wait_recovered(since, 60)
+    led = await _finish(world, "Mobizon code-30 storm (provider limit below the account's rate)", 300)
+    led.recovered_s = recovered
+    return led
+
+
+def _fault_name(rule: dict[str, object]) -> str:
+    return next((k for k in ("hang", "reset", "swallow") if rule.get(k)), f"http {rule.get('http_status')}")
 
 
 HOSTILE: dict[str, bytes] = {
@@ -325,12 +361,18 @@ async def cluster_failover(root: Path, nodes: list[RabbitNode], redis_server: Re
     world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
     await world.publish(_items(account, "c", size.messages))
     await asyncio.sleep(1.5)
+    leaders = json.loads(nodes[0].ctl("list_queues", "-q", "name", "leader", "--formatter", "json"))
+    leader = next(r["leader"] for r in leaders if r["name"] == c.account_queue(account))
     await asyncio.to_thread(nodes[1].ctl, "stop_app")
     since = time.monotonic()
     recovered = await world.wait_recovered(since, 90)
     led = await _finish(world, "3-node cluster, queue leader's node stopped", 240)
     await asyncio.to_thread(nodes[1].ctl, "start_app")
     led.recovered_s = recovered
+    led.notes.append(f"queue leader was on {leader}, stopped node {nodes[1].node}")
+    if leader != nodes[1].node:
+        led.consumers_restored = False
+        led.notes.append("the leader was not on the stopped node: the scenario did not test a failover")
     return led
 
 
@@ -344,6 +386,7 @@ SINGLE_NODE: dict[str, Scenario] = {
     "redis_empty": redis_empty,
     "redis_empty_swallow": redis_empty_swallow,
     "provider_faults": provider_faults,
+    "mobizon_throttle": mobizon_throttle,
     "poison": poison,
     "noisy_neighbour": noisy_neighbour,
 }
