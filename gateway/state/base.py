@@ -32,6 +32,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from gateway import metrics as m
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.state")
+
 
 class ClaimState(StrEnum):
     NEW = "new"
@@ -82,6 +87,24 @@ class Epoch:
     id: str
     age_s: float
     lost: bool
+
+
+class EpochMemory:
+    """The epoch id this process last saw, per account: what a claim passes as the `known` epoch,
+    and the one place that reports a change (a metric and a warning)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def known(self, account: str) -> str:
+        return self._seen.get(account, "")
+
+    def saw(self, account: str, epoch: Epoch) -> None:
+        known = self._seen.get(account)
+        if known is not None and known != epoch.id:
+            m.STORE_EPOCH_RESETS.labels(account).inc()
+            log.warning("store_epoch_changed", account=account, lost=epoch.lost)
+        self._seen[account] = epoch.id
 
 
 def distrust_new(

@@ -15,12 +15,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway import metrics as m
-from gateway.state.base import Claim, ClaimState, Epoch, StoredResult, distrust_new
-from gateway.telemetry import get_logger
+from gateway.state.base import Claim, ClaimState, Epoch, EpochMemory, StoredResult, distrust_new
 
 PREFIX = "smsgw"
-log = get_logger("gateway.state.redis")
 
 
 def dedupe_key(account: str, uid: str) -> str:
@@ -164,7 +161,7 @@ class RedisStore:
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)
         self._acquire = self._redis.register_script(_ACQUIRE)
-        self._epochs: dict[str, str] = {}  # account -> the epoch id this process last saw
+        self._epochs = EpochMemory()
 
     def __repr__(self) -> str:
         return "RedisStore()"  # the URL may hold a password
@@ -184,7 +181,7 @@ class RedisStore:
         if not uids:
             return {}, 0, 0.0
         keys = [*(dedupe_key(account, u) for u in uids), bucket_key(account), epoch_key(account)]
-        known = self._epochs.get(account, "")
+        known = self._epochs.known(account)
         # The window is applied when the result is stored; a claim only needs to outlive its lease.
         rows, granted, wait, (epoch_id, age_ms, lost) = await self._claim_take(
             keys=keys,
@@ -199,15 +196,8 @@ class RedisStore:
             ],
         )
         epoch = Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost)))
-        self._saw_epoch(account, epoch)
+        self._epochs.saw(account, epoch)
         return distrust_new(_claims(uids, rows), epoch, suspect, recovery_s), int(granted), float(wait)
-
-    def _saw_epoch(self, account: str, epoch: Epoch) -> None:
-        known = self._epochs.get(account)
-        if known is not None and known != epoch.id:
-            m.STORE_EPOCH_RESETS.labels(account).inc()
-            log.warning("store_epoch_changed", account=account, lost=epoch.lost)
-        self._epochs[account] = epoch.id
 
     async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
         if not uids:

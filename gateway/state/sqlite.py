@@ -16,11 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from gateway import metrics as m
-from gateway.state.base import Claim, ClaimState, Epoch, StoredResult, distrust_new
-from gateway.telemetry import get_logger
-
-log = get_logger("gateway.state.sqlite")
+from gateway.state.base import Claim, ClaimState, Epoch, EpochMemory, StoredResult, distrust_new
 
 T = TypeVar("T")
 
@@ -50,7 +46,7 @@ class SqliteStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
         self._ops = 0
-        self._epochs: dict[str, str] = {}  # account -> the epoch id this process last saw
+        self._epochs = EpochMemory()
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self._path)!r})"
@@ -96,7 +92,7 @@ class SqliteStore:
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
     ) -> tuple[dict[str, Claim], int, float]:
-        known = self._epochs.get(account, "")
+        known = self._epochs.known(account)
 
         def op(db: sqlite3.Connection) -> tuple[dict[str, Claim], int, float, Epoch]:
             epoch = self._epoch(db, account, known)
@@ -108,10 +104,7 @@ class SqliteStore:
         if not uids:
             return {}, 0, 0.0
         claims, granted, wait, epoch = await self._run(op)
-        if known and known != epoch.id:
-            m.STORE_EPOCH_RESETS.labels(account).inc()
-            log.warning("store_epoch_changed", account=account, lost=epoch.lost)
-        self._epochs[account] = epoch.id
+        self._epochs.saw(account, epoch)
         return distrust_new(claims, epoch, suspect, recovery_s), granted, wait
 
     def _epoch(self, db: sqlite3.Connection, account: str, known: str) -> Epoch:

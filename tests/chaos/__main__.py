@@ -34,21 +34,15 @@ async def _run_one(name: str, fn: Scenario, root: Path, nodes: list, redis_serve
 
 def run(size: Size, only: list[str]) -> list[Ledger]:
     ledgers: list[Ledger] = []
-    single = [n for n in SINGLE_NODE if n in only]
-    if single:
-        with infrastructure(1) as (root, nodes, redis_server):
-            for name in single:
+    for nodes_wanted, scenarios in ((1, SINGLE_NODE), (3, CLUSTER)):
+        chosen = [n for n in scenarios if n in only]
+        if not chosen:
+            continue
+        with infrastructure(nodes_wanted) as (root, nodes, redis_server):
+            for name in chosen:
                 print(f"== {name}", flush=True)
-                led = asyncio.run(_run_one(name, SINGLE_NODE[name], root, nodes, redis_server, size))
-                print(HEADER.splitlines()[0] + "\n" + led.row(), *led.notes[:5], sep="\n", flush=True)
-                ledgers.append(led)
-    cluster = [n for n in CLUSTER if n in only]
-    if cluster:
-        with infrastructure(3) as (root, nodes, redis_server):
-            for name in cluster:
-                print(f"== {name}", flush=True)
-                led = asyncio.run(_run_one(name, CLUSTER[name], root, nodes, redis_server, size))
-                print(led.row(), *led.notes[:5], sep="\n", flush=True)
+                led = asyncio.run(_run_one(name, scenarios[name], root, nodes, redis_server, size))
+                print(HEADER.splitlines()[0], led.row(), *led.notes[:5], sep="\n", flush=True)
                 ledgers.append(led)
     return ledgers
 
