@@ -185,11 +185,12 @@ class QueueConsumer:
             if self._closed or not self._wanted() or self.live:
                 return
             assert self._queue is not None
-            lost = self._tag is not None
-            self._tag = None
+            tag = await self._queue.consume(self._callback)
+            # Looked up after the consume: had a reconnect come in between, the tag would not be on
+            # this channel, the consumer would not count as live, and the next round consumes again.
             underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-            self._tag = await self._queue.consume(self._callback)
-            self._underlay = underlay
+            lost = self._tag is not None  # a consumer we had and did not cancel (a failed try keeps it)
+            self._tag, self._underlay = tag, underlay
             if lost:
                 self.restored += 1
                 m.CONSUMER_RESTORED.labels(self.queue_name).inc()
