@@ -41,4 +41,5 @@ async def test_chaos_scenario_loses_nothing_and_sends_nothing_twice(
     assert led.lost == 0, led.notes
     assert led.sent_twice == 0, led.notes
     assert led.consumers_restored, led.notes
+    assert led.extra["log_lines_not_json"] == 0, "a gateway wrote a line that is not JSON under GATEWAY_LOG_FORMAT=json"
     assert led.accepted + led.rejected + led.failed + led.invalid + led.other == led.published

@@ -234,3 +234,31 @@ async def test_a_failed_claim_parks_the_batch_as_delayed_copies_not_requeues(wor
     # The failed batch went back through the retry queues (a requeue would count towards the
     # queue's delivery limit instead).
     assert m.RETRIES.labels(name, "wait")._value.get() == 10
+
+
+async def test_an_adapter_that_raises_after_sending_is_reconciled_not_resent(world: InProcess) -> None:
+    """A bug in an adapter surfaces as an exception, possibly after the request went out: the chunk
+    is ambiguous (reconciled before any resend), not the batch's end."""
+    name = new_account_name()
+    gw = await world.gateway([world.account(name, linger_ms=200)])
+    (worker,) = gw._workers
+    adapter = worker._adapter
+    real_send = adapter.send
+    raised = 0
+
+    async def send_then_raise(batch: Any) -> Any:
+        nonlocal raised
+        results = await real_send(batch)
+        if raised == 0:
+            raised += 1
+            raise RuntimeError("a bug after the request went out")
+        return results
+
+    adapter.send = send_then_raise  # type: ignore[method-assign]
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"a{i}", to=f"+4850091{i:04d}")) for i in range(10)])
+        await bus.wait_for(outcomes=10, timeout=30)
+        await bus.settle(0.5)
+    assert raised == 1
+    assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 10}
+    assert set(world.state.ledger()["by_unique_id"].values()) == {1}
