@@ -46,7 +46,8 @@ from gateway.telemetry import get_logger
 
 log = get_logger("gateway.consumer")
 MIN_RATE_FACTOR = 0.05
-MAX_ACCOUNT_LABEL = 64  # an unknown routing key, shortened, as it appears in routing keys and metrics
+MAX_ACCOUNT_LABEL = 64  # an unknown routing key, shortened, as it appears in outcome and dead-letter keys
+UNKNOWN_ACCOUNT_LABEL = "(unknown)"  # the metric label of every unknown account: producers cannot grow the set
 
 
 @dataclass(eq=False, slots=True)
@@ -67,9 +68,10 @@ class Delivery:
     _open: bool = False
     sent_at: float | None = None  # an earlier ambiguous attempt's time (header), for the lookup window
     attempt_at: float | None = None  # when this copy's provider attempt started
+    label: str = ""  # the account as a metric label: configured names only, so the label set stays bounded
 
     @classmethod
-    def begin(cls, message: AbstractIncomingMessage, account: str) -> Delivery:
+    def begin(cls, message: AbstractIncomingMessage, account: str, label: str | None = None) -> Delivery:
         """Start tracking a consumed message: its span (continuing the publisher's trace) and the
         in-flight gauge. `close` ends both, exactly once."""
         span = tracing.tracer().start_span(
@@ -78,14 +80,15 @@ class Delivery:
             kind=SpanKind.CONSUMER,
             attributes={"messaging.system": "rabbitmq", "messaging.destination.name": c.account_queue(account)},
         )
-        m.IN_FLIGHT.labels(account).inc()
-        return cls(message, account, span=span, _open=True)
+        label = account if label is None else label
+        m.IN_FLIGHT.labels(label).inc()
+        return cls(message, account, span=span, _open=True, label=label)
 
     def close(self, result: str) -> None:
         if not self._open:
             return
         self._open = False
-        m.IN_FLIGHT.labels(self.account).dec()
+        m.IN_FLIGHT.labels(self.label).dec()
         if self.span is not None:
             self.span.set_attribute("sms.result", result)
             if self.unique_id:
@@ -297,11 +300,11 @@ class Settler:
     def _count(d: Delivery, decision: p.Decision) -> None:
         if isinstance(decision, p.Finish):
             code = (decision.result.error or {}).get("code") or ""
-            m.OUTCOMES.labels(d.account, str(decision.status), str(code)).inc()
+            m.OUTCOMES.labels(d.label, str(decision.status), str(code)).inc()
             if decision.dead is not None:
-                m.DEAD_LETTERS.labels(d.account, str(decision.dead)).inc()
+                m.DEAD_LETTERS.labels(d.label, str(decision.dead)).inc()
         else:
-            m.RETRIES.labels(d.account, "retry" if isinstance(decision, p.Retry) else "wait").inc()
+            m.RETRIES.labels(d.label, "retry" if isinstance(decision, p.Retry) else "wait").inc()
 
     async def _finish(self, d: Delivery, f: p.Finish) -> None:
         r = f.result
@@ -812,8 +815,7 @@ class UnroutableWorker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._acks.delivered(message)
         routing_key = message.routing_key or "unknown"
-        account = routing_key[:MAX_ACCOUNT_LABEL]
-        d = Delivery.begin(message, account)
+        d = Delivery.begin(message, routing_key[:MAX_ACCOUNT_LABEL], label=UNKNOWN_ACCOUNT_LABEL)
         try:
             req = c.decode_request(
                 message.body,

@@ -132,6 +132,12 @@ async def test_unknown_account_worker_survives_hostile_bodies(world: InProcess) 
         await bus.wait_for(outcomes=62, dead=62, timeout=60)
     assert {d.headers[c.H_REASON] for d in bus.dead} == {"unknown_account"}
     assert {d["unique_id"] for d in bus.outcome_docs()} == {*(f"deep{i}" for i in range(60)), "surrogate", "plain"}
+    # Metrics name no producer-chosen routing key: one bounded label for every unknown account.
+    from gateway import metrics as m
+
+    rendered = m.render().decode()
+    assert ghost not in rendered
+    assert 'sms_dead_letters_total{account="(unknown)",reason="unknown_account"}' in rendered
 
 
 class FailingStore:
