@@ -31,6 +31,7 @@ import redis
 
 from gateway import contract as c
 from gateway import topology
+from gateway.consumer import QueueConsumer
 from gateway.providers import provider_ref
 from tests.support import Process, Sandbox, account_doc, free_port, gateway_env, port_open, rabbitmqctl
 from tests.support import start_sandbox as start_sandbox_process
@@ -164,17 +165,21 @@ class Observer:
         self.seen: dict[str, Seen] = defaultdict(Seen)
         self.last_at = 0.0
         self._connection: Any = None
+        self._consumers: list[QueueConsumer] = []
 
     async def start(self) -> None:
         self._connection = await aio_pika.connect_robust(self.url + "?reconnect_interval=1&name=chaos-observer")
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=2000)
-        await topology.declare(channel, self.accounts, RETRY_SCHEDULE_S)
-        outcomes = await channel.declare_queue("chaos.outcomes", durable=True, arguments={"x-queue-type": "quorum"})
+        setup = await self._connection.channel()
+        await topology.declare(setup, self.accounts, RETRY_SCHEDULE_S)
+        outcomes = await setup.declare_queue("chaos.outcomes", durable=True, arguments={"x-queue-type": "quorum"})
         await outcomes.bind(c.OUTCOMES_EXCHANGE, routing_key="#")
-        await outcomes.consume(self._on_outcome)
-        dead = await channel.declare_queue(c.DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-        await dead.consume(self._on_dead)
+        await setup.close()
+        # The observer meets the same broker faults as the gateway, so it keeps its consumers alive
+        # the same way (the gateway's QueueConsumer), one channel each.
+        for queue, callback in (("chaos.outcomes", self._on_outcome), (c.DEAD_QUEUE, self._on_dead)):
+            consumer = QueueConsumer(await self._connection.channel(), queue, callback, 2000)
+            await consumer.start(wanted=lambda: True)
+            self._consumers.append(consumer)
 
     async def _on_outcome(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         doc = json.loads(message.body)
@@ -198,6 +203,8 @@ class Observer:
         return sum(1 for k in keys if (s := self.seen.get(k)) is not None and (s.outcomes or s.dead))
 
     async def close(self) -> None:
+        for consumer in self._consumers:
+            await consumer.close()
         if self._connection is not None:
             await self._connection.close()
 
