@@ -209,7 +209,8 @@ def parse_json(body: bytes) -> Any:
         raise _Invalid("bad_json", f"body is not JSON: {exc}") from None
     except (RecursionError, ValueError) as exc:  # depth and digits are checked first; this is the backstop
         raise _Invalid("bad_json", f"body is not acceptable JSON: {type(exc).__name__}") from None
-    if "\\u" in text and _has_lone_surrogate(doc):
+    # Only a \uD800-\uDFFF escape can make one (the body itself is valid UTF-8).
+    if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(doc):
         raise _Invalid("bad_unicode", "a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)", readable=True)
     return doc
 
