@@ -194,6 +194,7 @@ class QueueConsumer:
             underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
             lost = self._tag is not None  # a consumer we had and did not cancel (a failed try keeps it)
             self._tag, self._underlay = tag, underlay
+            m.CONSUMER_LIVE.labels(self.queue_name).set(1)
             if lost:
                 self.restored += 1
                 m.CONSUMER_RESTORED.labels(self.queue_name).inc()
@@ -202,6 +203,7 @@ class QueueConsumer:
     async def cancel(self) -> None:
         async with self._lock:
             tag, self._tag = self._tag, None
+            m.CONSUMER_LIVE.labels(self.queue_name).set(0)
             if tag is None or self._queue is None:
                 return
             try:
@@ -215,6 +217,7 @@ class QueueConsumer:
         if self._watch is not None:
             self._watch.cancel()
         await self.cancel()
+        m.CONSUMER_LIVE.labels(self.queue_name).set(0)
 
     async def _watchdog(self) -> None:
         while not self._closed:

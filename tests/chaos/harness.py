@@ -15,7 +15,6 @@ import os
 import pwd
 import random
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -493,8 +492,3 @@ def infrastructure(nodes: int = 1) -> Iterator[tuple[Path, list[RabbitNode], Red
         redis_server.kill()
         if os.environ.get("CHAOS_KEEP") is None:
             shutil.rmtree(root, ignore_errors=True)
-
-
-def send_signal(proc: Process, sig: signal.Signals) -> None:
-    if proc.popen.poll() is None:
-        proc.popen.send_signal(sig)

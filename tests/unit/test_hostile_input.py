@@ -24,6 +24,14 @@ def with_fields(**fields: object) -> bytes:
     return json.dumps({**GOOD, **fields}).encode()
 
 
+def assert_outcome_is_strict_json(result: c.SendRequest | c.InvalidRequest) -> None:
+    """Whatever came in, the outcome echoing it (id, number, meta) parses as strict JSON."""
+    out = c.outcome_body(
+        unique_id=result.unique_id, account="a", to=result.to, status=c.Status.INVALID, provider=None, meta=result.meta
+    )
+    json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in an outcome"))
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
@@ -56,16 +64,7 @@ def test_hostile_input_is_invalid_and_keeps_its_unique_id(body: bytes, code: str
     assert isinstance(result, c.InvalidRequest), result
     assert result.code == code, result
     assert result.unique_id == "h1"
-    # Whatever came in, the outcome for it is strict JSON.
-    out = c.outcome_body(
-        unique_id=result.unique_id,
-        account="a",
-        to=result.to,
-        status=c.Status.INVALID,
-        provider=None,
-        meta=result.meta,
-    )
-    json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in an outcome"))
+    assert_outcome_is_strict_json(result)
 
 
 def test_nesting_is_bounded_before_the_parser_recurses() -> None:
