@@ -22,8 +22,9 @@ sandbox: $(STAMP)
 	$(BIN)/gateway sandbox
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway testkit tests bench
+	$(BIN)/ruff format --check gateway testkit tests bench
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.run import RESULTS, SMOKE, Bench
-from tests.support import REDIS_URL, Process, free_port, gateway_env
+from testkit import REDIS_URL, Process, free_port, gateway_env
 
 
 def summarize(raw: Path, top: int = 40) -> str:

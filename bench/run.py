@@ -32,7 +32,7 @@ from hdrh.histogram import HdrHistogram
 
 from gateway import contract as c
 from gateway import topology
-from tests.support import AMQP_URL, REDIS_URL, Process, delete_account_queues, free_port, gateway_env, start_sandbox
+from testkit import AMQP_URL, REDIS_URL, Process, delete_account_queues, free_port, gateway_env, start_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -1,9 +1,12 @@
 """Composition root: builds every part from `Settings`, runs until a signal, drains, exits.
 
-RabbitMQ --sms.send.<account>--> AccountWorker (one channel each) --> ProviderAdapter (httpx)
-                                    |  claim / rate limit: Store (Redis or SQLite)
-                                    +--> Publisher (confirming channel): outcomes, dead, retry
-RabbitMQ --sms.send.unroutable--> UnroutableWorker --> Publisher
+RabbitMQ --sms.send.<account>--> consumer.AccountWorker (one channel each)
+                                    -> pipeline.Pipeline -> ProviderAdapter (httpx)
+                                    |    claim, rate limit, throttle: Store (Redis or SQLite)
+                                    -> settle.Settler -> Publisher (confirming channel): outcomes,
+                                       dead letters, retry copies; then the ack
+RabbitMQ --sms.send.unroutable--> consumer.UnroutableWorker -> settle.Settler
+web: /healthz, /readyz (Gateway.problems), /metrics
 """
 
 from __future__ import annotations
@@ -14,17 +17,16 @@ import os
 import secrets
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+from aiohttp.web import AppRunner
 from yarl import URL
 
 from gateway import contract as c
-from gateway import metrics as m
-from gateway import topology
+from gateway import topology, web
 from gateway.config import Account, ConfigError, Settings, sandbox_account
 from gateway.consumer import AccountWorker, UnroutableWorker
 from gateway.providers import build_adapter
@@ -59,8 +61,20 @@ def resolve_accounts(settings: Settings, *, sandbox: bool) -> list[Account]:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, accounts: list[Account], *, sandbox: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        accounts: list[Account],
+        *,
+        sandbox: bool = False,
+        adapters: Callable[[Account], ProviderAdapter] = build_adapter,
+        stores: Callable[[Settings], Store] = open_store,
+    ) -> None:
+        """`adapters` and `stores` build each account's provider adapter and the state store (the
+        seams tests use to put faults behind the real protocols)."""
         self.settings = settings
+        self._build_adapter = adapters
+        self._open_store = stores
         self.accounts = accounts
         self._sandbox = sandbox
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -69,7 +83,7 @@ class Gateway:
         self._adapters: list[ProviderAdapter] = []
         self._workers: list[AccountWorker] = []
         self._unroutable: UnroutableWorker | None = None
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[AppRunner] = []
         self._channels: list[AbstractChannel] = []
 
     async def start(self) -> None:
@@ -78,7 +92,7 @@ class Gateway:
             from gateway.sandbox.app import start_sandbox
 
             self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
-        self._store = open_store(s)
+        self._store = self._open_store(s)
         await self._store.ping()
         # The connection's name (shown by the broker's tools) travels in the URL: aio-pika ignores
         # `client_properties` when it is given a URL.
@@ -95,7 +109,7 @@ class Gateway:
         publisher = Publisher(pub_channel)
 
         for account in self.accounts:
-            adapter = build_adapter(account)
+            adapter = self._build_adapter(account)
             self._adapters.append(adapter)
             worker = AccountWorker(
                 account=account,
@@ -115,7 +129,8 @@ class Gateway:
         self._channels.append(channel)
         await self._unroutable.start(channel)
         if s.http_port:
-            self._runners.append(await self._start_http())
+            app = web.build_app(self.problems, lambda: {"paused": self.paused_accounts()})
+            self._runners.append(await web.serve(app, s.http_host, s.http_port))
         log.info(
             "gateway_started",
             accounts=[a.name for a in self.accounts],
@@ -123,33 +138,20 @@ class Gateway:
             store=type(self._store).__name__,
         )
 
-    async def _start_http(self) -> web.AppRunner:
-        async def healthz(_request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        async def readyz(_request: web.Request) -> web.Response:
-            problems = []
-            if self._connection is None or self._connection.is_closed:
-                problems.append("broker disconnected")
-            problems += [f"no consumer on {q}" for q in self.queues_without_consumer()]
-            try:
-                assert self._store is not None
-                await asyncio.wait_for(self._store.ping(), 2.0)
-            except Exception as exc:  # noqa: BLE001 - any failure means not ready
-                problems.append(f"state store: {type(exc).__name__}")
-            if problems:
-                return web.json_response({"status": "unready", "problems": problems}, status=503)
-            return web.json_response({"status": "ready", "paused": self.paused_accounts()})
-
-        async def metrics(_request: web.Request) -> web.Response:
-            return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()
-        return runner
+    async def problems(self) -> list[str]:
+        """Why the gateway cannot do its job right now (empty: ready)."""
+        problems = []
+        if self._connection is None or self._connection.is_closed:
+            problems.append("broker disconnected")
+        problems += [f"no consumer on {q}" for q in self.queues_without_consumer()]
+        if self._store is None:
+            problems.append("state store: not open")
+            return problems
+        try:
+            await asyncio.wait_for(self._store.ping(), 2.0)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            problems.append(f"state store: {type(exc).__name__}")
+        return problems
 
     def queues_without_consumer(self) -> list[str]:
         """Queues that should be consumed and are not: every account that is not paused, and the

@@ -11,9 +11,10 @@ when it becomes ready again.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
+
+from gateway.clock import SYSTEM, Clock, Timer
 
 T = TypeVar("T")
 
@@ -31,14 +32,16 @@ class Batcher(Generic[T]):
         key: Callable[[T], Hashable],
         on_flush: Callable[[list[T]], None],
         ready: Callable[[], bool] = _always,
+        clock: Clock = SYSTEM,
     ) -> None:
         self._max = max_size
         self._linger = linger_s
         self._key = key
         self._on_flush = on_flush
         self._ready = ready
+        self._clock = clock
         self._groups: dict[Hashable, list[T]] = {}
-        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._timers: dict[Hashable, Timer] = {}
         self._due: dict[Hashable, None] = {}  # groups full or past their linger, oldest first
 
     def __len__(self) -> int:
@@ -51,7 +54,7 @@ class Batcher(Generic[T]):
         if len(group) >= self._max or self._linger <= 0:
             self._make_due(k)
         elif k not in self._timers and k not in self._due:
-            self._timers[k] = asyncio.get_running_loop().call_later(self._linger, self._make_due, k)
+            self._timers[k] = self._clock.call_later(self._linger, self._make_due, k)
 
     def pump(self) -> None:
         """Hand due groups over, oldest first, at most `max_size` items each, while the owner is ready."""

@@ -350,8 +350,16 @@ def _validate(
     )
 
 
+def rfc3339(ts: datetime) -> str:
+    """The contract's timestamp form: UTC, `Z` suffix."""
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 @dataclass(frozen=True, slots=True)
 class OutcomeError:
+    """The error record of an outcome, a stored result and a dead letter's headers: the one error
+    type end to end (a provider's `ProviderError` is one, with its code table's action added)."""
+
     code: str
     type: str
     message: str
@@ -359,6 +367,10 @@ class OutcomeError:
 
     def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "type": self.type, "message": self.message, "retryable": self.retryable}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> OutcomeError:
+        return cls(str(doc["code"]), str(doc["type"]), str(doc["message"]), bool(doc["retryable"]))
 
 
 def outcome_body(
@@ -391,7 +403,7 @@ def outcome_body(
         "error": error.as_dict() if error else None,
         "provider_status": provider_status,
         "meta": meta,
-        "at": (at or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+        "at": rfc3339(at or datetime.now(UTC)),
     }
     if original is not None:
         doc["original"] = original

@@ -1,21 +1,83 @@
-"""The decisions of the pipeline, as values. No I/O here: the consumer carries decisions out.
+"""The batch orchestration, as values: what happens to each request, decided without any AMQP.
 
-request --prepare--> Outbound | Invalid
-claim state + provider verdict --decide--> Finish (outcome, maybe dead letter) | Retry | Wait
+    admit    bytes -> SendRequest -> Outbound        (or a decision at once: invalid, expired)
+    run      claim + rate-limit tokens (one store round trip)
+             -> reconcile the ids an earlier attempt may have sent (adapter lookup)
+             -> send as tokens allow (ratelimit), splitting what the provider says is too large
+             -> decide per message: Finish (outcome, maybe a dead letter) | Retry | Wait
+             -> record what the decisions mean in the store, before anything is published
+
+It works only through the `Store` and `ProviderAdapter` protocols and an injected `Clock`; the
+consumer turns its deliveries into `Job`s and carries the decisions out (settle.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
 
-from gateway.config import Account
+from gateway import contract as c
+from gateway import metrics as m
+from gateway.clock import SYSTEM, Clock
+from gateway.config import Account, Settings
 from gateway.contract import DeadReason, InvalidRequest, OutcomeError, SendRequest, Status
 from gateway.numbers import InvalidNumber, normalize
-from gateway.providers import provider_ref
-from gateway.providers.base import ItemResult, Outbound, ProviderError, Verdict
+from gateway.providers.base import (
+    Action,
+    ItemResult,
+    LookupFailed,
+    Outbound,
+    ProviderAdapter,
+    ProviderError,
+    Verdict,
+    provider_ref,
+    send_split,
+)
+from gateway.ratelimit import RateLimiter
 from gateway.retry import RetryPolicy
-from gateway.state import StoredResult
+from gateway.state import ClaimState, Grant, Store, StoredResult
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.pipeline")
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One request as the pipeline knows it: what the copy says of earlier attempts (from the
+    consumer), then what admission read from the body."""
+
+    attempts: int = 0  # provider attempts made by earlier copies
+    waits: int = 0  # times earlier copies waited for another worker's claim
+    sent_at: float | None = None  # an earlier ambiguous attempt's time, for the lookup window
+    redelivered: bool = False
+    unique_id: str | None = None
+    to: str | None = None
+    meta: dict[str, Any] | None = None
+    request: SendRequest | None = None
+    item: Outbound | None = None
+    attempt_at: float | None = None  # when this copy's provider attempt started
+
+    @property
+    def ours(self) -> bool:
+        """Seen by this gateway before (a redelivery or our own retry copy), not a producer's copy."""
+        return self.redelivered or self.attempts > 0
+
+    @property
+    def seen_before(self) -> bool:
+        """A copy whose id the gateway may have claimed and sent before without recording it: a
+        redelivery (a crash or a lost channel mid-batch) or a wait copy (another worker's claim).
+        Retry copies are not: an ambiguous one carries `sent_at` and is always reconciled, any other
+        one follows an attempt that surely did not reach the provider."""
+        return self.redelivered or self.waits > 0
+
+    @property
+    def phone(self) -> str | None:
+        return self.item.phone if self.item is not None else self.to
+
+
+# -- decisions ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +107,8 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Another worker holds this id: look again after `delay_ms`, without counting an attempt."""
+    """Another worker holds this id (or the store failed): look again after `delay_ms`, without
+    counting an attempt."""
 
     delay_ms: int
 
@@ -59,42 +122,89 @@ _DEAD_FOR = {
 }
 
 
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
 def finish(
     status: Status,
     provider: str | None,
     *,
+    at: datetime,
     attempts: int,
     item: ItemResult | None = None,
     error: OutcomeError | None = None,
     dead: DeadReason | None = None,
     store: bool = True,
 ) -> Finish:
-    if item is not None and item.error is not None and error is None:
-        error = item.error.to_outcome()
+    error = error if error is not None else (item.error if item is not None else None)
     result = StoredResult(
         status=str(status),
         provider=provider,
         provider_message_id=item.provider_message_id if item else None,
         parts=item.parts if item else None,
-        error=error.as_dict() if error else None,
+        error=error,
         attempts=attempts,
-        at=now_rfc3339(),
+        at=c.rfc3339(at),
     )
     return Finish(
         result,
         dead=dead if dead is not None else _DEAD_FOR.get(status),
         store=store,
-        pause_account=bool(item and item.error and item.error.pause_account),
+        pause_account=bool(item and item.error and item.error.action is Action.ACCOUNT),
     )
 
 
-def invalid(problem: InvalidRequest) -> Finish:
+def invalid(problem: InvalidRequest, at: datetime) -> Finish:
     error = OutcomeError(problem.code, "InvalidRequest", problem.message, retryable=False)
-    return finish(Status.INVALID, None, attempts=0, error=error, store=False)
+    return finish(Status.INVALID, None, at=at, attempts=0, error=error, store=False)
+
+
+def expired(provider: str, attempts: int, at: datetime) -> Finish:
+    error = OutcomeError("expired", "Expired", "expires_at passed before the provider took it", False)
+    return finish(Status.EXPIRED, provider, at=at, attempts=attempts, error=error)
+
+
+def poison(attempts: int, crash: str, at: datetime) -> Finish:
+    """A message that crashed its handler too often: failed, dead-lettered, not stored."""
+    error = OutcomeError("poison", crash, "the handler crashed on this message", False)
+    return finish(Status.FAILED, None, at=at, attempts=attempts, error=error, dead=DeadReason.POISON, store=False)
+
+
+def unknown_account(routing_key: str, at: datetime) -> Finish:
+    error = OutcomeError("unknown_account", "UnknownAccount", f"no account named {routing_key[:200]!r}", False)
+    return finish(Status.INVALID, None, at=at, attempts=0, error=error, dead=DeadReason.UNKNOWN_ACCOUNT, store=False)
+
+
+def decide(item: ItemResult, attempts_made: int, policy: RetryPolicy, provider: str, at: datetime) -> Decision:
+    """What to do with one message after a provider attempt (`attempts_made` includes this one)."""
+    if item.verdict is Verdict.ACCEPTED:
+        return finish(Status.ACCEPTED, provider, at=at, attempts=attempts_made, item=item)
+    if item.verdict is Verdict.REJECTED:
+        return finish(Status.REJECTED, provider, at=at, attempts=attempts_made, item=item)
+    if item.error is None:  # an adapter that failed without saying why: retry it as ambiguous
+        item = replace(item, error=_UNEXPLAINED)
+    assert item.error is not None
+    if item.verdict is Verdict.UNDECIDED or policy.exhausted(attempts_made):
+        return finish(
+            Status.FAILED, provider, at=at, attempts=attempts_made, item=item, dead=DeadReason.RETRIES_EXHAUSTED
+        )
+    return Retry(
+        delay_ms=policy.delay_ms(attempts_made),
+        attempts=attempts_made,
+        error=item.error,
+        ambiguous=item.verdict is Verdict.AMBIGUOUS,
+    )
+
+
+_UNEXPLAINED = ProviderError("internal", "Unexplained", "no error given with the verdict", True, Action.AMBIGUOUS)
+
+
+def already_done(stored: StoredResult, *, ours: bool, at: datetime) -> Finish:
+    """A copy found a stored result. Our own redelivery gets the original outcome again (its first
+    publish may have been lost in a crash); any other copy gets `duplicate` carrying the original."""
+    if ours:
+        status = Status(stored.status)
+        dead = DeadReason.RETRIES_EXHAUSTED if status is Status.FAILED else _DEAD_FOR.get(status)
+        return Finish(stored, dead=dead, store=False)
+    dup = replace(stored, status=str(Status.DUPLICATE), attempts=0, at=c.rfc3339(at))
+    return Finish(dup, store=False, original=stored)
 
 
 def prepare(account: Account, request: SendRequest) -> Outbound | InvalidRequest:
@@ -120,48 +230,229 @@ def is_expired(request: SendRequest, now: datetime) -> bool:
     return request.expires_at is not None and request.expires_at <= now
 
 
-def expired(provider: str, attempts: int) -> Finish:
-    error = OutcomeError("expired", "Expired", "expires_at passed before the provider took it", False)
-    return finish(Status.EXPIRED, provider, attempts=attempts, error=error)
+# -- the pipeline of one account ---------------------------------------------------------------
 
 
-def decide(item: ItemResult, attempts_made: int, policy: RetryPolicy, provider: str) -> Decision:
-    """What to do with one message after a provider attempt (`attempts_made` includes this one)."""
-    if item.verdict is Verdict.ACCEPTED:
-        return finish(Status.ACCEPTED, provider, attempts=attempts_made, item=item)
-    if item.verdict is Verdict.REJECTED:
-        return finish(Status.REJECTED, provider, attempts=attempts_made, item=item)
-    assert item.error is not None
-    if item.verdict is Verdict.UNDECIDED or policy.exhausted(attempts_made):
-        return finish(
-            Status.FAILED,
-            provider,
-            attempts=attempts_made,
-            item=item,
-            dead=DeadReason.RETRIES_EXHAUSTED,
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    decisions: list[Decision]  # one per job, in order
+    store_failed: bool  # the store failed on the way: the caller backs the account off
+    pause_account: bool  # the provider refused the account itself (credentials, blocked, quota)
+
+
+class Pipeline:
+    """Admission and batches of one account."""
+
+    def __init__(
+        self,
+        *,
+        account: Account,
+        adapter: ProviderAdapter,
+        store: Store,
+        settings: Settings,
+        owner: str,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self.account = account
+        self._adapter = adapter
+        self._store = store
+        self._settings = settings
+        self._owner = owner
+        self._clock = clock
+        self._policy = RetryPolicy(settings.retry_schedule_s, settings.max_attempts)
+        self._limiter = RateLimiter(store, account, clock)
+
+    @property
+    def provider(self) -> str:
+        return self._adapter.name
+
+    # -- admission: one message at a time -----------------------------------------------------------
+
+    def admit(self, job: Job, body: bytes, message_id: str | None) -> Decision | None:
+        """Decode and prepare one request; a decision when it ends here, None when it joins a batch."""
+        now = self._clock.now()
+        req = c.decode_request(
+            body,
+            message_id=message_id,
+            max_bytes=self._settings.max_body_bytes,
+            max_text_chars=self._settings.max_text_chars,
         )
-    return Retry(
-        delay_ms=policy.delay_ms(attempts_made),
-        attempts=attempts_made,
-        error=item.error,
-        ambiguous=item.verdict is Verdict.AMBIGUOUS,
-    )
+        if isinstance(req, InvalidRequest):
+            job.unique_id, job.to, job.meta = req.unique_id, req.to, req.meta
+            return invalid(req, now)
+        job.unique_id, job.to, job.meta, job.request = req.unique_id, req.to, req.meta, req
+        if is_expired(req, now):
+            return expired(self._adapter.name, job.attempts, now)
+        item = prepare(self.account, req)
+        if isinstance(item, InvalidRequest):
+            return invalid(item, now)
+        job.item = item
+        return None
 
+    def wait(self, job: Job) -> Decision:
+        """Look again later without an attempt (another claim holds the id, or the store failed);
+        the delay grows with each wait, and after `max_waits` the message fails instead of looping."""
+        if job.waits + 1 > self._settings.max_waits:
+            err = OutcomeError("waits_exhausted", "WaitsExhausted", "gave up waiting for the id's claim", False)
+            # Not stored: the claim belongs to another worker, whose result is the id's record.
+            return finish(
+                Status.FAILED,
+                self._adapter.name,
+                at=self._clock.now(),
+                attempts=job.attempts,
+                error=err,
+                dead=DeadReason.RETRIES_EXHAUSTED,
+                store=False,
+            )
+        return Wait(self._policy.delay_ms(job.waits + 1))
 
-def already_done(stored: StoredResult, *, ours: bool) -> Finish:
-    """A copy found a stored result. Our own redelivery gets the original outcome again (its first
-    publish may have been lost in a crash); any other copy gets `duplicate` carrying the original."""
-    if ours:
-        status = Status(stored.status)
-        dead = DeadReason.RETRIES_EXHAUSTED if status is Status.FAILED else _DEAD_FOR.get(status)
-        return Finish(stored, dead=dead, store=False)
-    dup = StoredResult(
-        status=str(Status.DUPLICATE),
-        provider=stored.provider,
-        provider_message_id=stored.provider_message_id,
-        parts=stored.parts,
-        error=stored.error,
-        attempts=0,
-        at=now_rfc3339(),
-    )
-    return Finish(dup, store=False, original=stored)
+    # -- a batch ------------------------------------------------------------------------------------
+
+    async def run(self, jobs: Sequence[Job]) -> BatchResult:
+        """A decision for every job. Never raises: a store failure before anything was sent makes
+        every job wait; after, the known results stand and the rest wait."""
+        try:
+            decisions, store_failed = await self._decide(jobs)
+        except Exception:
+            # Nothing of the batch reached the provider (see _decide). The batch waits in the broker
+            # as delayed copies rather than being requeued: a requeue counts towards the queue's
+            # delivery limit, whose dead letter has no gateway headers.
+            log.exception("batch_failed", account=self.account.name, size=len(jobs))
+            return BatchResult([self.wait(j) for j in jobs], store_failed=True, pause_account=False)
+        try:
+            await self._record(jobs, decisions)
+        except Exception:
+            # Part of the batch may have reached the provider: never requeue it for a blind resend.
+            # The results known are published; the claims left behind in the store make any later
+            # copy reconcile once their lease ends.
+            log.exception("record_failed", account=self.account.name, size=len(jobs))
+            store_failed = True
+        ordered = [decisions[i] for i in range(len(jobs))]
+        pause = any(isinstance(x, Finish) and x.pause_account for x in ordered)
+        return BatchResult(ordered, store_failed, pause)
+
+    async def _decide(self, jobs: Sequence[Job]) -> tuple[dict[int, Decision], bool]:
+        """Claim, reconcile, send: a decision for every job, and whether the store failed on the
+        way. Raises only before anything of the batch was sent (the claim or the reconcile failed)."""
+        decisions: dict[int, Decision] = {}
+        first_of: dict[str, int] = {}
+        for i, job in enumerate(jobs):
+            assert job.unique_id is not None  # admitted jobs only
+            if job.unique_id in first_of:
+                decisions[i] = self.wait(job)  # the same id twice in one batch
+            else:
+                first_of[job.unique_id] = i
+        # One round trip claims the ids and takes rate-limit tokens for the new ones.
+        rate, burst = self._limiter.limits
+        claims, grant = await self._store.claim_and_acquire(
+            self.account.name,
+            list(first_of),
+            self._owner,
+            self._settings.claim_lease_s,
+            rate,
+            burst,
+            suspect={uid for uid, i in first_of.items() if jobs[i].seen_before},
+            recovery_s=self._settings.store_recovery_s,
+        )
+        now = self._clock.now()
+        reconcile: list[int] = []
+        send: list[int] = []
+        for uid, i in first_of.items():
+            claim = claims[uid]
+            if claim.state is ClaimState.DONE:
+                assert claim.result is not None
+                decisions[i] = already_done(claim.result, ours=jobs[i].ours, at=now)
+            elif claim.state is ClaimState.BUSY:
+                decisions[i] = self.wait(jobs[i])
+            elif claim.state is ClaimState.RECONCILE or jobs[i].sent_at is not None:
+                # A copy that says an earlier attempt may have gone out is reconciled whatever the
+                # store says: a store that lost its records answers NEW for it.
+                reconcile.append(i)
+            else:
+                send.append(i)
+        if reconcile:
+            send += await self._reconcile(jobs, reconcile, decisions)
+        now = self._clock.now()
+        for i in list(send):
+            req = jobs[i].request
+            if req is not None and is_expired(req, now):
+                decisions[i] = expired(self._adapter.name, jobs[i].attempts, now)
+                send.remove(i)
+        taken = grant if grant.granted or grant.wait_s else None
+        store_failed = await self._send(jobs, send, decisions, taken)
+        return decisions, store_failed
+
+    async def _reconcile(self, jobs: Sequence[Job], idx: list[int], decisions: dict[int, Decision]) -> list[int]:
+        """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""
+        items = [replace(x, attempted_at=jobs[i].sent_at) for i in idx if (x := jobs[i].item) is not None]
+        try:
+            found = await self._adapter.lookup(items)
+        except LookupFailed as exc:
+            log.warning("reconcile_failed", account=self.account.name, count=len(idx), error=str(exc)[:200])
+            unknown = ItemResult.failure(
+                "lookup_failed", "LookupFailed", "could not tell whether it was sent", Action.AMBIGUOUS
+            )
+            now = self._clock.now()
+            for i in idx:
+                decisions[i] = decide(unknown, jobs[i].attempts + 1, self._policy, self._adapter.name, now)
+            return []
+        to_send = []
+        now = self._clock.now()
+        for i, result in zip(idx, found, strict=True):
+            if result is None:
+                to_send.append(i)
+            else:
+                decisions[i] = decide(result, max(jobs[i].attempts, 1), self._policy, self._adapter.name, now)
+        log.info("reconciled", account=self.account.name, found=len(idx) - len(to_send), missing=len(to_send))
+        return to_send
+
+    async def _send(
+        self, jobs: Sequence[Job], idx: list[int], decisions: dict[int, Decision], taken: Grant | None
+    ) -> bool:
+        """Send `idx` as rate-limit tokens allow; `taken` is what the claim step granted. Returns
+        True when the store failed while taking tokens: the ids still waiting for tokens were not
+        sent and wait (their claims stay, so a later copy reconciles after the lease)."""
+        name = self.account.name
+
+        async def send_chunk(chunk: list[int]) -> None:
+            m.BATCH_SIZE.labels(name).observe(len(chunk))
+            started = self._clock.time()
+            for i in chunk:
+                jobs[i].attempt_at = started
+            items = [x for i in chunk if (x := jobs[i].item) is not None]
+            try:
+                results = await send_split(self._adapter.send, items)
+            except Exception as exc:  # an adapter bug: the request may have gone out
+                log.exception("adapter_failed", account=name, size=len(chunk))
+                failed = ItemResult.failure(
+                    "internal", type(exc).__name__, "the provider call failed in the gateway", Action.AMBIGUOUS
+                )
+                results = [failed] * len(chunk)
+            now = self._clock.now()
+            for i, result in zip(chunk, results, strict=True):
+                decisions[i] = decide(result, jobs[i].attempts + 1, self._policy, self._adapter.name, now)
+            if any(r.error is not None and r.error.throttle for r in results):
+                await self._limiter.throttled()
+
+        unsent = await self._limiter.pace(idx, taken, send_chunk)
+        for i in unsent:
+            decisions[i] = self.wait(jobs[i])
+        return bool(unsent)
+
+    async def _record(self, jobs: Sequence[Job], decisions: dict[int, Decision]) -> None:
+        """Write what the decisions mean to the state store, before anything is published."""
+        name = self.account.name
+        done: dict[str, StoredResult] = {}
+        unknown: list[str] = []
+        release: list[str] = []
+        for i, decision in decisions.items():
+            uid = jobs[i].unique_id
+            assert uid is not None
+            if isinstance(decision, Finish) and decision.store:
+                done[uid] = decision.result
+            elif isinstance(decision, Retry):
+                (unknown if decision.ambiguous else release).append(uid)
+        window = self.account.dedupe_window_s
+        await self._store.complete(name, done, window)
+        await self._store.mark_unknown(name, unknown, window)
+        await self._store.release(name, release, self._owner)

@@ -25,16 +25,13 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractExchange, ExchangeType
 
 from gateway import contract as c
+from gateway.retry import retry_delays_ms
 
 DELIVERY_LIMIT = 20  # broker-side backstop; the gateway itself stops at settings.poison_deliveries
 
 _QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # At-least-once dead-lettering (RabbitMQ 3.10+) so a message moving between queues is never dropped.
 _SAFE_DLX: dict[str, Any] = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
-
-
-def retry_delays_ms(schedule_s: Iterable[float]) -> list[int]:
-    return sorted({max(1, round(s * 1000)) for s in schedule_s})
 
 
 async def declare(channel: AbstractChannel, accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> None:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from gateway.app import Gateway
+from gateway.app import Gateway, open_store
 from gateway.config import Account, Settings, parse_accounts
+from gateway.providers import build_adapter
+from gateway.providers.base import ProviderAdapter
 from gateway.sandbox.app import start_sandbox
 from gateway.sandbox.state import SandboxState
-from tests.support import AMQP_URL, REDIS_URL, Process, Sandbox, delete_account_queues, free_port, port_open
-from tests.support import start_sandbox as start_sandbox_process
+from gateway.state import Store
+from testkit import AMQP_URL, REDIS_URL, Process, Sandbox, delete_account_queues, free_port, port_open
+from testkit import start_sandbox as start_sandbox_process
 
 
 @pytest.fixture(scope="session")
@@ -52,18 +55,25 @@ class InProcess:
             self._sandbox = None
 
     def account(self, name: str, **overrides: Any) -> Account:
-        from tests.support import account_doc
+        from testkit import account_doc
 
         self.account_names.add(name)
         return parse_accounts([account_doc(name, self.sandbox_port, **overrides)])[0]
 
-    async def gateway(self, accounts: list[Account], **settings: Any) -> Gateway:
+    async def gateway(
+        self,
+        accounts: list[Account],
+        *,
+        adapters: Callable[[Account], ProviderAdapter] = build_adapter,
+        stores: Callable[[Settings], Store] = open_store,
+        **settings: Any,
+    ) -> Gateway:
         settings.setdefault("amqp_url", AMQP_URL)
         settings.setdefault("state_path", self.tmp / "state.sqlite3")
         settings.setdefault("http_port", 0)
         settings.setdefault("retry_schedule_s", [0.2, 0.4])
         settings.setdefault("drain_timeout_s", 5)
-        gw = Gateway(Settings(**settings), accounts)
+        gw = Gateway(Settings(**settings), accounts, adapters=adapters, stores=stores)
         await gw.start()
         self.gateways.append(gw)
         return gw

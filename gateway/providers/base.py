@@ -9,19 +9,30 @@ Error tree (what an adapter can report for one message):
       AMBIGUOUS   the request may have reached the provider: reconcile (lookup) before any resend
       UNDECIDED   a lookup could not tell whether it was sent: give up (`failed`), never resend blindly
 
-An account-level code (bad credentials, blocked account, exhausted quota) is a REJECTED or RETRY
-verdict whose error has `pause_account=True`: the pipeline pauses the account's consumption.
+Every error is a `ProviderError`: the contract's error record (code, type, message, retryable)
+plus the `Action` of the provider's code table that produced it. The pipeline acts on the action,
+never on a provider's literal codes:
+    ACCOUNT   the account pauses            THROTTLE  the whole account slows down (state store)
+    SPLIT     the items are sent again in two halves (`send_split`), down to single messages
+    REDIRECT  followed inside the adapter (wrong regional host); a RETRY if it persists
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum, StrEnum
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.contract import OutcomeError
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.providers")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Verdict(StrEnum):
@@ -52,17 +63,36 @@ class CodeRule:
     action: Action
 
 
-@dataclass(frozen=True, slots=True)
-class ProviderError:
-    code: str
-    type: str
-    message: str
-    retryable: bool
-    pause_account: bool = False
-    throttle: bool = False
+# What each action means for the one message: the verdict, and whether the error is retryable.
+VERDICT_OF = {
+    Action.PERMANENT: Verdict.REJECTED,
+    Action.ACCOUNT: Verdict.REJECTED,
+    Action.RETRYABLE: Verdict.RETRY,
+    Action.ALREADY_ACCEPTED: Verdict.AMBIGUOUS,
+    Action.SPLIT: Verdict.RETRY,
+    Action.THROTTLE: Verdict.RETRY,
+    Action.AMBIGUOUS: Verdict.AMBIGUOUS,
+    Action.REDIRECT: Verdict.RETRY,
+}
 
-    def to_outcome(self) -> OutcomeError:
-        return OutcomeError(self.code, self.type, self.message, self.retryable)
+
+@dataclass(frozen=True, slots=True)
+class ProviderError(OutcomeError):
+    """One provider or transport error: the outcome's error record and the table's action."""
+
+    action: Action = Action.PERMANENT
+
+    @property
+    def pause_account(self) -> bool:
+        return self.action is Action.ACCOUNT
+
+    @property
+    def throttle(self) -> bool:
+        return self.action is Action.THROTTLE
+
+    @property
+    def split(self) -> bool:
+        return self.action is Action.SPLIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,29 +104,47 @@ class ItemResult:
     provider_status: str | None = None
 
     @classmethod
-    def from_rule(cls, code: str, rule: CodeRule, message: str | None = None) -> ItemResult:
-        verdict = {
-            Action.PERMANENT: Verdict.REJECTED,
-            Action.ACCOUNT: Verdict.REJECTED,
-            Action.RETRYABLE: Verdict.RETRY,
-            Action.ALREADY_ACCEPTED: Verdict.AMBIGUOUS,
-            Action.SPLIT: Verdict.RETRY,
-            Action.THROTTLE: Verdict.RETRY,
-            Action.AMBIGUOUS: Verdict.AMBIGUOUS,
-            Action.REDIRECT: Verdict.RETRY,
-        }[rule.action]
-        error = ProviderError(
-            code=code,
-            type=rule.type,
-            message=message or rule.meaning,
-            retryable=verdict in (Verdict.RETRY, Verdict.AMBIGUOUS),
-            pause_account=rule.action is Action.ACCOUNT,
-            throttle=rule.action is Action.THROTTLE,
-        )
-        return cls(verdict, error=error)
+    def failure(cls, code: str, type_: str, message: str, action: Action) -> ItemResult:
+        verdict = VERDICT_OF[action]
+        retryable = verdict in (Verdict.RETRY, Verdict.AMBIGUOUS)
+        return cls(verdict, error=ProviderError(code, type_, message, retryable, action))
 
-    def with_error_message(self, message: str) -> ItemResult:
-        return self if self.error is None else replace(self, error=replace(self.error, message=message))
+    @classmethod
+    def from_rule(cls, code: str, rule: CodeRule, message: str | None = None) -> ItemResult:
+        return cls.failure(code, rule.type, message or rule.meaning, rule.action)
+
+
+class CodeTable:
+    """A provider's code table: every known code with its rule, and the rule of the unknown ones
+    (logged with the raw answer, so a new code is seen the first time it comes)."""
+
+    def __init__(self, provider: str, rules: Mapping[int, CodeRule], unknown: CodeRule) -> None:
+        self.provider = provider
+        self.rules = rules
+        self.unknown = unknown
+
+    def rule(self, code: Any) -> CodeRule | None:
+        try:
+            return self.rules.get(int(code))
+        except (TypeError, ValueError):
+            return None
+
+    def classify(self, code: Any, message: str | None = None, *, answer: Any = None) -> ItemResult:
+        rule = self.rule(code)
+        if rule is None:
+            rule = self.unknown
+            if answer is not None:
+                log.warning(f"{self.provider}_unknown_code", code=str(code)[:20], body=str(answer)[:500])
+        return ItemResult.from_rule(str(code), rule, message or None)
+
+    def __contains__(self, code: object) -> bool:
+        return code in self.rules
+
+    def __iter__(self) -> Any:
+        return iter(self.rules)
+
+    def __getitem__(self, code: int) -> CodeRule:
+        return self.rules[code]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +162,52 @@ class Outbound:
     template: str | None = None  # the text before rendering, when it had placeholders
     vars: tuple[tuple[str, str], ...] = ()  # the placeholder values, sorted by name
     attempted_at: float | None = None  # epoch seconds of an earlier attempt whose fate is unknown
+
+
+def provider_ref(account: str, unique_id: str) -> str:
+    """Deterministic provider-safe id for (account, unique_id): 32 lowercase letters and digits.
+
+    SerwerSMS accepts [a-zA-Z0-9]{3,50}; the same request always maps to the same id, so a resend
+    after a crash is recognisable at the provider and can be looked up there.
+    """
+    digest = hashlib.sha256(f"{account}\x00{unique_id}".encode()).hexdigest()
+    return "g" + digest[:31]
+
+
+def batch_key(item: Outbound) -> Hashable:
+    """Both providers take one sender, flash flag, test flag and send time per request."""
+    return (item.sender, item.flash, item.test, item.send_at)
+
+
+async def fan_out(items: Sequence[T], one: Callable[[T], Awaitable[R]], concurrency: int = 8) -> list[R]:
+    """`one` for every item, at most `concurrency` at a time, results in order (lookups)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def gated(item: T) -> R:
+        async with gate:
+            return await one(item)
+
+    return list(await asyncio.gather(*(gated(x) for x in items)))
+
+
+async def send_split(
+    send: Callable[[Sequence[Outbound]], Awaitable[list[ItemResult]]], batch: Sequence[Outbound]
+) -> list[ItemResult]:
+    """Send, and send again in two halves the items a SPLIT code answered while there are several
+    (a request too large for the provider: SerwerSMS 3110, Mobizon 12), down to single messages;
+    a single message still answered SPLIT keeps its retryable result."""
+    results = await send(batch)
+    again = [i for i, r in enumerate(results) if r.error is not None and r.error.split]
+    if len(again) < 2:
+        return results
+    half = len(again) // 2
+    first, second = await asyncio.gather(
+        send_split(send, [batch[i] for i in again[:half]]), send_split(send, [batch[i] for i in again[half:]])
+    )
+    out = list(results)
+    for i, result in zip(again, first + second, strict=True):
+        out[i] = result
+    return out
 
 
 class LookupFailed(Exception):

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway import metrics as m
 from gateway import tracing
-from gateway.providers.base import ItemResult, ProviderError, Verdict
+from gateway.providers.base import Action, ItemResult
 
 
 def make_client(base_url: str, timeout_s: float, concurrency: int) -> httpx.AsyncClient:
@@ -87,30 +87,20 @@ def transport_failure(exc: Exception) -> ItemResult:
     """Map an httpx exception to the verdict for every item of the request."""
     surely_unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     kind = type(exc).__name__
-    error = ProviderError(
-        code="transport",
-        type=kind,
-        message=f"{kind}: request {'did not reach' if surely_unsent else 'may have reached'} the provider",
-        retryable=True,
-    )
-    return ItemResult(Verdict.RETRY if surely_unsent else Verdict.AMBIGUOUS, error=error)
+    message = f"{kind}: request {'did not reach' if surely_unsent else 'may have reached'} the provider"
+    return ItemResult.failure("transport", kind, message, Action.RETRYABLE if surely_unsent else Action.AMBIGUOUS)
 
 
 def decode_json(response: httpx.Response) -> tuple[Any, ItemResult | None]:
     """The JSON document of a response, or the failure verdict when there is none."""
-    if response.status_code == 429:
-        error = ProviderError("http_429", "Throttled", "provider answered HTTP 429", retryable=True, throttle=True)
-        return None, ItemResult(Verdict.RETRY, error=error)
-    if not 200 <= response.status_code < 300:
-        error = ProviderError(
-            f"http_{response.status_code}",
-            "HttpStatus",
-            f"provider answered HTTP {response.status_code}",
-            retryable=True,
+    status = response.status_code
+    if status == 429:
+        return None, ItemResult.failure("http_429", "Throttled", "provider answered HTTP 429", Action.THROTTLE)
+    if not 200 <= status < 300:
+        return None, ItemResult.failure(
+            f"http_{status}", "HttpStatus", f"provider answered HTTP {status}", Action.AMBIGUOUS
         )
-        return None, ItemResult(Verdict.AMBIGUOUS, error=error)
     try:
         return response.json(), None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        error = ProviderError("bad_response", "BadResponse", "provider answer is not JSON", retryable=True)
-        return None, ItemResult(Verdict.AMBIGUOUS, error=error)
+        return None, ItemResult.failure("bad_response", "BadResponse", "provider answer is not JSON", Action.AMBIGUOUS)

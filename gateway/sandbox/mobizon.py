@@ -180,7 +180,7 @@ class MobizonApi:
             self._throttle(who, method)
             handler = self._handler(module, method)
             self.state.requests += 1
-            self.state.count_call(f"mobizon:{module}/{method}")
+            self.state.count_call(f"mobizon:{module}/{method}", request)
             data = handler(who, params, received)
         except MobizonError as exc:
             self.state.count_answer("mobizon", exc.code)

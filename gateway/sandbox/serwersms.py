@@ -145,7 +145,7 @@ class SerwerSmsApi:
                 if fault is not None:
                     return fault
                 self.state.requests += 1
-                self.state.count_call("serwersms:" + request.path.lower().strip("/").removesuffix(".json"))
+                self.state.count_call("serwersms:" + request.path.lower().strip("/").removesuffix(".json"), request)
                 doc = handler(who, params, received)
             except ApiError as exc:
                 self.state.count_answer("serwersms", exc.code)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -146,6 +147,8 @@ class SandboxState:
         # Mobizon: numbers that get this per-recipient AddRecipients code once (partial results).
         self.mobizon_recipient_codes: dict[str, int] = {}
         self.calls: dict[str, int] = {}  # API calls that reached a handler, by "api:method"
+        # The W3C trace context of the latest API calls, as a provider-side tracer would continue it.
+        self.traceparents: deque[str] = deque(maxlen=1000)
 
     def reset(self) -> None:
         self.faults.clear()
@@ -155,13 +158,16 @@ class SandboxState:
         self._by_recipient.clear()
         self.answers.clear()
         self.calls.clear()
+        self.traceparents.clear()
         self.mobizon_recipient_codes.clear()
 
     def holds(self, who: str, unique_id: str) -> bool:
         return (who, unique_id) in self._by_uid
 
-    def count_call(self, name: str) -> None:
+    def count_call(self, name: str, request: web.Request) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
+        if traceparent := request.headers.get("traceparent"):
+            self.traceparents.append(traceparent)
 
     def count_answer(self, api: str, code: int) -> None:
         key = f"{api}:{code}"

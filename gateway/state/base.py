@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from gateway import metrics as m
+from gateway.contract import OutcomeError
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.state")
@@ -53,25 +54,29 @@ class StoredResult:
     provider: str | None
     provider_message_id: str | None = None
     parts: int | None = None
-    error: dict[str, Any] | None = None
+    error: OutcomeError | None = None
     attempts: int = 0
     at: str | None = None
 
-    def to_json(self) -> str:
-        doc = {
+    def as_dict(self) -> dict[str, Any]:
+        return {
             "status": self.status,
             "provider": self.provider,
             "provider_message_id": self.provider_message_id,
             "parts": self.parts,
-            "error": self.error,
+            "error": self.error.as_dict() if self.error is not None else None,
             "attempts": self.attempts,
             "at": self.at,
         }
-        return json.dumps(doc, separators=(",", ":"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> StoredResult:
-        return cls(**json.loads(text))
+        doc = json.loads(text)
+        error = doc.pop("error", None)
+        return cls(**doc, error=OutcomeError.from_dict(error) if error else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,26 @@ def distrust_new(
     return out
 
 
+# The account's slow-down after the provider throttles (Mobizon 30, HTTP 429). It is kept with the
+# account's token bucket, so every replica sharing the store slows down together, and applied in the
+# same atomic step as each grant: rate x factor, burst x factor (at least 1).
+THROTTLE_MIN_FACTOR = 0.05  # never below 5 % of the configured rate
+THROTTLE_COOLDOWN_S = 1.0  # throttle answers within this long after a cut are one event (one halving)
+THROTTLE_RECOVERY_PER_S = 0.1  # the factor climbs back linearly: from 0.5 to 1.0 in 5 s
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one token request got: tokens now, seconds until one more, and the slow-down factor."""
+
+    granted: int
+    wait_s: float
+    factor: float = 1.0
+
+
+NOTHING = Grant(0, 0.0)
+
+
 class Store(Protocol):
     async def claim_and_acquire(
         self,
@@ -132,15 +157,11 @@ class Store(Protocol):
         *,
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
-    ) -> tuple[dict[str, Claim], int, float]:
+    ) -> tuple[dict[str, Claim], Grant]:
         """Claim every id of a batch at once (see the module docstring), then take tokens from the
-        account's bucket (as `acquire`) for the NEW claims, in one atomic step and one round trip:
-        (claims, tokens granted, seconds until 1 more). NEW answers are then checked against the
-        account's epoch (`distrust_new`); ids turned into RECONCILE keep the tokens taken for them."""
-        ...
-
-    async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
-        """Terminal results already known for these ids (ids without one are left out)."""
+        account's bucket (as `acquire`) for the NEW claims, in one atomic step and one round trip.
+        NEW answers are then checked against the account's epoch (`distrust_new`); ids turned into
+        RECONCILE keep the tokens taken for them. Nothing new: `NOTHING`, no tokens taken."""
         ...
 
     async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
@@ -155,8 +176,14 @@ class Store(Protocol):
         """The send surely did not happen: forget our claims so a retry starts clean."""
         ...
 
-    async def acquire(self, key: str, want: int, rate: float, burst: int) -> tuple[int, float]:
-        """Token bucket shared by every process using this store: (granted now, seconds until 1 more)."""
+    async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
+        """Token bucket shared by every process using this store, at the configured `rate` and
+        `burst` scaled by the key's current throttle factor."""
+        ...
+
+    async def throttle(self, key: str) -> float:
+        """The provider throttled: halve the key's factor (once per `THROTTLE_COOLDOWN_S`, however
+        many replicas report it) and empty the bucket down to the new burst. Returns the factor."""
         ...
 
     async def ping(self) -> None: ...

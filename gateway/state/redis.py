@@ -3,7 +3,10 @@
 Keys (all here, one place); `{account}` is a hash tag so one account's keys share a cluster slot:
     smsgw:{<account>}:d:<unique_id>   dedupe record (JSON: s=state, o=owner, l=lease ms, r=result)
     smsgw:{<account>}:epoch           store epoch (hash: id, since=ms, lost=0|1), never expires
-    smsgw:rl:{<key>}                  token bucket (hash: tk=tokens, ts=seconds)
+    smsgw:rl:{<key>}                  token bucket (hash: tk=tokens, ts=seconds; while throttled
+                                      f=factor at the last cut, fc=its time)
+
+Time is the Redis server's (one clock for every replica) unless a `Clock` is injected (tests).
 """
 
 from __future__ import annotations
@@ -15,9 +18,24 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway.state.base import Claim, ClaimState, Epoch, EpochMemory, StoredResult, distrust_new
+from gateway.clock import Clock
+from gateway.state.base import (
+    NOTHING,
+    THROTTLE_COOLDOWN_S,
+    THROTTLE_MIN_FACTOR,
+    THROTTLE_RECOVERY_PER_S,
+    Claim,
+    ClaimState,
+    Epoch,
+    EpochMemory,
+    Grant,
+    StoredResult,
+    distrust_new,
+)
 
 PREFIX = "smsgw"
+# A bucket outlives a throttle: it keeps its factor until the factor is back at 1.
+_HOLD_S = (1 - THROTTLE_MIN_FACTOR) / THROTTLE_RECOVERY_PER_S
 
 
 def dedupe_key(account: str, uid: str) -> str:
@@ -32,11 +50,19 @@ def bucket_key(key: str) -> str:
     return f"{PREFIX}:rl:{{{key}}}"
 
 
+# now(arg): the script's time in seconds; the server's clock unless the caller passed one (tests).
+_NOW_FN = """
+local function clock(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
 # claim(n, ...): claims KEYS[1..n]; returns, per key, {state, result-json}, and how many are new.
 _CLAIM_FN = """
-local function claim(n, owner, lease, window)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function claim(n, owner, lease, window, now_s)
+  local now = math.floor(now_s * 1000)
   local out, fresh = {}, 0
   for i = 1, n do
     local key = KEYS[i]
@@ -62,32 +88,43 @@ local function claim(n, owner, lease, window)
 end
 """
 
-# take(bucket, rate per s, burst, wanted): token bucket; returns granted and seconds until 1 more.
-_TAKE_FN = """
-local function take(bucket, rate, burst, want)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  local st = redis.call('HMGET', bucket, 'tk', 'ts')
-  local tokens = tonumber(st[1]) or burst
-  local ts = tonumber(st[2]) or now
-  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-  local grant = math.min(want, math.floor(tokens))
-  tokens = tokens - grant
-  redis.call('HSET', bucket, 'tk', tostring(tokens), 'ts', tostring(now))
-  redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
-  local wait = 0
-  if tokens < 1 then wait = (1 - tokens) / rate end
-  return grant, wait
+# The bucket hash: tk = tokens, ts = seconds of the last update, and while the provider throttles
+# f = the factor set by the last cut, fc = the time of that cut (state.base: THROTTLE_*).
+_FACTOR_FN = f"""
+local function factor(f, fc, now)
+  if not f then return 1 end
+  return math.min(1, tonumber(f) + math.max(0, now - tonumber(fc)) * {THROTTLE_RECOVERY_PER_S})
 end
 """
 
-# epoch(key, known id, id for a new epoch): the account's epoch, created when missing (a new or an
-# emptied store); `lost` once a caller that knew an earlier epoch finds it gone or replaced.
+# take(bucket, rate per s, burst, wanted, now): token bucket at rate x factor, burst x factor;
+# returns granted, seconds until 1 more, and the factor.
+_TAKE_FN = f"""
+local function take(bucket, rate, burst, want, now)
+  local st = redis.call('HMGET', bucket, 'tk', 'ts', 'f', 'fc')
+  local f = factor(st[3], st[4], now)
+  local r = rate * f
+  local b = math.max(1, math.floor(burst * f + 0.5))
+  local tokens = tonumber(st[1]) or b
+  local ts = tonumber(st[2]) or now
+  tokens = math.min(b, tokens + math.max(0, now - ts) * r)
+  local grant = math.min(want, math.floor(tokens + r * 1e-6))
+  tokens = tokens - grant
+  redis.call('HSET', bucket, 'tk', tostring(tokens), 'ts', tostring(now))
+  if st[3] and f >= 1 then redis.call('HDEL', bucket, 'f', 'fc') end
+  redis.call('PEXPIRE', bucket, math.ceil(math.max(burst / rate, {_HOLD_S}) * 1000) + 1000)
+  local wait = 0
+  if tokens < 1 then wait = (1 - tokens) / r end
+  return grant, wait, f
+end
+"""
+
+# epoch(key, known id, id for a new epoch, now): the account's epoch, created when missing (a new or
+# an emptied store); `lost` once a caller that knew an earlier epoch finds it gone or replaced.
 # Returns {id, age ms, lost}.
 _EPOCH_FN = """
-local function epoch(key, known, fresh_id)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function epoch(key, known, fresh_id, now_s)
+  local now = math.floor(now_s * 1000)
   local ep = redis.call('HMGET', key, 'id', 'since', 'lost')
   if not ep[1] then
     local lost = 0
@@ -105,18 +142,21 @@ end
 """
 
 # KEYS = dedupe keys, then the account's bucket and epoch (same hash tag); ARGV = owner, lease ms,
-# window ms, rate per s, burst, known epoch id, new epoch id. Claims, then takes a token for each
-# new claim: {claims, granted, wait, epoch}.
+# window ms, rate per s, burst, known epoch id, new epoch id, now. Claims, then takes a token for
+# each new claim: {claims, granted, wait, factor, epoch}.
 _CLAIM_TAKE = (
-    _CLAIM_FN
+    _NOW_FN
+    + _CLAIM_FN
+    + _FACTOR_FN
     + _TAKE_FN
     + _EPOCH_FN
     + """
-local ep = epoch(KEYS[#KEYS], ARGV[6], ARGV[7])
-local out, fresh = claim(#KEYS - 2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
-if fresh == 0 then return {out, 0, '0', ep} end
-local grant, wait = take(KEYS[#KEYS - 1], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh)
-return {out, grant, tostring(wait), ep}
+local now = clock(ARGV[8])
+local ep = epoch(KEYS[#KEYS], ARGV[6], ARGV[7], now)
+local out, fresh = claim(#KEYS - 2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now)
+if fresh == 0 then return {out, 0, '0', '1', ep} end
+local grant, wait, f = take(KEYS[#KEYS - 1], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh, now)
+return {out, grant, tostring(wait), tostring(f), ep}
 """
 )
 
@@ -144,27 +184,51 @@ end
 return n
 """
 
-# KEYS[1] = bucket; ARGV = rate per s, burst, wanted. Returns {granted, seconds-until-next (string)}.
+# KEYS[1] = bucket; ARGV = rate per s, burst, wanted, now. Returns {granted, wait (string), factor}.
 _ACQUIRE = (
-    _TAKE_FN
+    _NOW_FN
+    + _FACTOR_FN
+    + _TAKE_FN
     + """
-local grant, wait = take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
-return {grant, tostring(wait)}
+local grant, wait, f = take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), clock(ARGV[4]))
+return {grant, tostring(wait), tostring(f)}
+"""
+)
+
+# KEYS[1] = bucket; ARGV = now. Halves the factor unless it was cut within the cooldown, and
+# empties the bucket. Returns the factor (string).
+_THROTTLE = (
+    _NOW_FN
+    + _FACTOR_FN
+    + f"""
+local now = clock(ARGV[1])
+local st = redis.call('HMGET', KEYS[1], 'f', 'fc')
+local f = factor(st[1], st[2], now)
+if st[2] and now - tonumber(st[2]) < {THROTTLE_COOLDOWN_S} then return tostring(f) end
+f = math.max({THROTTLE_MIN_FACTOR}, f / 2)
+redis.call('HSET', KEYS[1], 'f', tostring(f), 'fc', tostring(now), 'tk', '0', 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], {int(_HOLD_S * 1000) + 1000})
+return tostring(f)
 """
 )
 
 
 class RedisStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, clock: Clock | None = None) -> None:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
         self._claim_take = self._redis.register_script(_CLAIM_TAKE)
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)
         self._acquire = self._redis.register_script(_ACQUIRE)
+        self._throttle = self._redis.register_script(_THROTTLE)
         self._epochs = EpochMemory()
+        self._clock = clock
 
     def __repr__(self) -> str:
         return "RedisStore()"  # the URL may hold a password
+
+    def _now(self) -> str:
+        return "" if self._clock is None else repr(self._clock.time())
 
     async def claim_and_acquire(
         self,
@@ -177,13 +241,13 @@ class RedisStore:
         *,
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
-    ) -> tuple[dict[str, Claim], int, float]:
+    ) -> tuple[dict[str, Claim], Grant]:
         if not uids:
-            return {}, 0, 0.0
+            return {}, NOTHING
         keys = [*(dedupe_key(account, u) for u in uids), bucket_key(account), epoch_key(account)]
         known = self._epochs.known(account)
         # The window is applied when the result is stored; a claim only needs to outlive its lease.
-        rows, granted, wait, (epoch_id, age_ms, lost) = await self._claim_take(
+        rows, granted, wait, factor, (epoch_id, age_ms, lost) = await self._claim_take(
             keys=keys,
             args=[
                 owner,
@@ -193,23 +257,13 @@ class RedisStore:
                 burst,
                 known,
                 secrets.token_hex(8),
+                self._now(),
             ],
         )
         epoch = Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost)))
         self._epochs.saw(account, epoch)
-        return distrust_new(_claims(uids, rows), epoch, suspect, recovery_s), int(granted), float(wait)
-
-    async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
-        if not uids:
-            return {}
-        raws = await self._redis.mget([dedupe_key(account, u) for u in uids])
-        out: dict[str, StoredResult] = {}
-        for uid, raw in zip(uids, raws, strict=True):
-            if raw:
-                rec = json.loads(raw)
-                if rec.get("s") == "done":
-                    out[uid] = StoredResult.from_json(rec["r"])
-        return out
+        grant = Grant(int(granted), float(wait), float(factor))
+        return distrust_new(_claims(uids, rows), epoch, suspect, recovery_s), grant
 
     async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
         if not results:
@@ -230,9 +284,12 @@ class RedisStore:
         if uids:
             await self._release(keys=[dedupe_key(account, u) for u in uids], args=[owner])
 
-    async def acquire(self, key: str, want: int, rate: float, burst: int) -> tuple[int, float]:
-        granted, wait = await self._acquire(keys=[bucket_key(key)], args=[rate, burst, want])
-        return int(granted), float(wait)
+    async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
+        granted, wait, factor = await self._acquire(keys=[bucket_key(key)], args=[rate, burst, want, self._now()])
+        return Grant(int(granted), float(wait), float(factor))
+
+    async def throttle(self, key: str) -> float:
+        return float(await self._throttle(keys=[bucket_key(key)], args=[self._now()]))
 
     async def ping(self) -> None:
         await self._redis.ping()

@@ -10,13 +10,24 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
-import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.state.base import Claim, ClaimState, Epoch, EpochMemory, StoredResult, distrust_new
+from gateway.clock import SYSTEM, Clock
+from gateway.state.base import (
+    THROTTLE_COOLDOWN_S,
+    THROTTLE_MIN_FACTOR,
+    THROTTLE_RECOVERY_PER_S,
+    Claim,
+    ClaimState,
+    Epoch,
+    EpochMemory,
+    Grant,
+    StoredResult,
+    distrust_new,
+)
 
 T = TypeVar("T")
 
@@ -33,6 +44,8 @@ CREATE TABLE IF NOT EXISTS dedupe (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at);
 CREATE TABLE IF NOT EXISTS bucket (key TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL);
+-- A throttled key: the factor set by the last cut and that cut's time (state.base: THROTTLE_*).
+CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, factor REAL NOT NULL, cut_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS epoch (
     account TEXT PRIMARY KEY, id TEXT NOT NULL, since REAL NOT NULL, lost INTEGER NOT NULL
 );
@@ -40,7 +53,7 @@ CREATE TABLE IF NOT EXISTS epoch (
 
 
 class SqliteStore:
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, clock: Clock = SYSTEM) -> None:
         self._path = path
         self._clock = clock
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
@@ -91,26 +104,25 @@ class SqliteStore:
         *,
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
-    ) -> tuple[dict[str, Claim], int, float]:
+    ) -> tuple[dict[str, Claim], Grant]:
         known = self._epochs.known(account)
 
-        def op(db: sqlite3.Connection) -> tuple[dict[str, Claim], int, float, Epoch]:
+        def op(db: sqlite3.Connection) -> tuple[dict[str, Claim], Grant, Epoch]:
             epoch = self._epoch(db, account, known)
             claims = self._claim(db, account, uids, owner, lease_s)
             fresh = sum(1 for c in claims.values() if c.state is ClaimState.NEW)
-            granted, wait = self._take(db, account, fresh, rate, burst) if fresh else (0, 0.0)
-            return claims, granted, wait, epoch
+            return claims, self._take(db, account, fresh, rate, burst) if fresh else Grant(0, 0.0), epoch
 
         if not uids:
-            return {}, 0, 0.0
-        claims, granted, wait, epoch = await self._run(op)
+            return {}, Grant(0, 0.0)
+        claims, grant, epoch = await self._run(op)
         self._epochs.saw(account, epoch)
-        return distrust_new(claims, epoch, suspect, recovery_s), granted, wait
+        return distrust_new(claims, epoch, suspect, recovery_s), grant
 
     def _epoch(self, db: sqlite3.Connection, account: str, known: str) -> Epoch:
         """The account's epoch (see state.base), created when missing; `lost` once a caller that
         knew an earlier one finds it gone or replaced."""
-        now = self._clock()
+        now = self._clock.time()
         row = db.execute("SELECT id, since, lost FROM epoch WHERE account=?", (account,)).fetchone()
         if row is None:
             epoch = Epoch(secrets.token_hex(8), 0.0, bool(known))
@@ -125,7 +137,7 @@ class SqliteStore:
     def _claim(
         self, db: sqlite3.Connection, account: str, uids: list[str], owner: str, lease_s: float
     ) -> dict[str, Claim]:
-        now = self._clock()
+        now = self._clock.time()
         self._sweep(db, now)
         out: dict[str, Claim] = {}
         for uid in uids:
@@ -146,24 +158,9 @@ class SqliteStore:
             out[uid] = Claim(ClaimState.NEW if row is None else ClaimState.RECONCILE)
         return out
 
-    async def peek(self, account: str, uids: list[str]) -> dict[str, StoredResult]:
-        def op(db: sqlite3.Connection) -> dict[str, StoredResult]:
-            now = self._clock()
-            out: dict[str, StoredResult] = {}
-            for uid in uids:
-                row = db.execute(
-                    "SELECT result FROM dedupe WHERE account=? AND uid=? AND state='done' AND expires_at>=?",
-                    (account, uid, now),
-                ).fetchone()
-                if row is not None:
-                    out[uid] = StoredResult.from_json(row[0])
-            return out
-
-        return await self._run(op) if uids else {}
-
     async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
         def op(db: sqlite3.Connection) -> None:
-            expires = self._clock() + ttl_s
+            expires = self._clock.time() + ttl_s
             db.executemany(
                 "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'done', NULL, NULL, ?, ?)",
                 [(account, uid, r.to_json(), expires) for uid, r in results.items()],
@@ -174,7 +171,7 @@ class SqliteStore:
 
     async def mark_unknown(self, account: str, uids: list[str], ttl_s: float) -> None:
         def op(db: sqlite3.Connection) -> None:
-            expires = self._clock() + ttl_s
+            expires = self._clock.time() + ttl_s
             db.executemany(
                 "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'unknown', NULL, NULL, NULL, ?)",
                 [(account, uid, expires) for uid in uids],
@@ -193,18 +190,43 @@ class SqliteStore:
         if uids:
             await self._run(op)
 
-    async def acquire(self, key: str, want: int, rate: float, burst: int) -> tuple[int, float]:
+    async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
         return await self._run(lambda db: self._take(db, key, want, rate, burst))
 
-    def _take(self, db: sqlite3.Connection, key: str, want: int, rate: float, burst: int) -> tuple[int, float]:
-        now = self._clock()
+    def _factor(self, db: sqlite3.Connection, key: str, now: float) -> tuple[float, float | None]:
+        """(the key's throttle factor now, the time of its last cut or None)."""
+        row = db.execute("SELECT factor, cut_at FROM throttle WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return 1.0, None
+        return min(1.0, row[0] + max(0.0, now - row[1]) * THROTTLE_RECOVERY_PER_S), row[1]
+
+    def _take(self, db: sqlite3.Connection, key: str, want: int, rate: float, burst: int) -> Grant:
+        now = self._clock.time()
+        factor, cut_at = self._factor(db, key, now)
+        if cut_at is not None and factor >= 1.0:
+            db.execute("DELETE FROM throttle WHERE key=?", (key,))
+        rate, cap = rate * factor, float(max(1, int(burst * factor + 0.5)))
         row = db.execute("SELECT tokens, ts FROM bucket WHERE key=?", (key,)).fetchone()
-        tokens, ts = (float(burst), now) if row is None else (row[0], row[1])
-        tokens = min(float(burst), tokens + max(0.0, now - ts) * rate)
-        grant = min(want, int(tokens))
+        tokens, ts = (cap, now) if row is None else (row[0], row[1])
+        tokens = min(cap, tokens + max(0.0, now - ts) * rate)
+        # A token due within a microsecond counts: epoch seconds near 1.8e9 carry ~2e-7 s of float error.
+        grant = min(want, int(tokens + rate * 1e-6))
         tokens -= grant
         db.execute("INSERT OR REPLACE INTO bucket VALUES (?, ?, ?)", (key, tokens, now))
-        return grant, (1 - tokens) / rate if tokens < 1 else 0.0
+        return Grant(grant, (1 - tokens) / rate if tokens < 1 else 0.0, factor)
+
+    async def throttle(self, key: str) -> float:
+        def op(db: sqlite3.Connection) -> float:
+            now = self._clock.time()
+            factor, cut_at = self._factor(db, key, now)
+            if cut_at is not None and now - cut_at < THROTTLE_COOLDOWN_S:
+                return factor
+            factor = max(THROTTLE_MIN_FACTOR, factor / 2)
+            db.execute("INSERT OR REPLACE INTO throttle VALUES (?, ?, ?)", (key, factor, now))
+            db.execute("INSERT OR REPLACE INTO bucket VALUES (?, 0, ?)", (key, now))
+            return factor
+
+        return await self._run(op)
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

@@ -31,9 +31,9 @@ import redis
 from gateway import contract as c
 from gateway import topology
 from gateway.consumer import QueueConsumer
-from gateway.providers import provider_ref
-from tests.support import Process, Sandbox, account_doc, free_port, gateway_env, port_open, rabbitmqctl
-from tests.support import start_sandbox as start_sandbox_process
+from gateway.providers.base import provider_ref
+from testkit import Process, Sandbox, account_doc, free_port, gateway_env, port_open, rabbitmqctl
+from testkit import start_sandbox as start_sandbox_process
 
 RETRY_SCHEDULE_S = [0.5, 1.0, 2.0]
 TERMINAL = {"accepted", "rejected", "failed", "duplicate", "invalid", "expired"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gateway.providers import provider_ref
+from gateway.providers.base import provider_ref
 from tests.chaos.harness import Observer, Seen, World
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.config import Settings, parse_accounts
-from tests.support import ROOT
+from testkit import ROOT
 
 pytestmark = pytest.mark.chart
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from testkit import ROOT
 
 pytestmark = pytest.mark.e2e
 

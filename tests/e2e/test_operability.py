@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import (
+from testkit import (
     Bus,
     Process,
     Sandbox,
@@ -91,7 +90,6 @@ async def test_metrics_and_logs_after_every_outcome_path(
     finally:
         assert proc.terminate() == 0
         proc.close()
-        await asyncio.to_thread(lambda: None)
         await delete_account_queues([ok, bad, down])
 
     log = proc.log()

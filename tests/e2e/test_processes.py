@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from gateway.providers import provider_ref
-from tests.support import (
+from gateway.providers.base import provider_ref
+from testkit import (
     REDIS_URL,
     Bus,
     Process,
@@ -148,6 +150,64 @@ async def test_two_replicas_share_one_rate_limit(
     assert worst <= rate + burst + jitter, f"{worst} sends in one second"
     observed = (len(times) - burst) / (times[-1] - times[0])
     assert observed >= 0.9 * rate, f"observed {observed:.1f}/s"
+
+
+def rate_factor(port: int, account: str) -> float:
+    """The account's slow-down as one gateway process reports it (1.0 until it has seen one)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    found = re.search(rf'^sms_rate_factor{{account="{account}"}} ([0-9.e+-]+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 1.0
+
+
+async def test_a_throttle_slows_the_account_on_every_replica(
+    tmp_path: Path,
+    sandbox_process: tuple[Process, Sandbox],
+    procs: list[Process],
+    accounts_cleanup: list[str],
+) -> None:
+    """One replica gets HTTP 429; the account's combined rate at the provider halves, because the
+    slow-down lives with the account's bucket in the store, not in the replica that was told."""
+    _, sandbox = sandbox_process
+    name, warm = new_account_name(), new_account_name("warm")
+    accounts_cleanup += [name, warm]
+    rate = 60
+    acc = [
+        account_doc(name, sandbox.port, rate_per_s=rate, burst=5, linger_ms=20, batch_size=10),
+        account_doc(warm, sandbox.port),
+    ]
+    ports = []
+    for i in range(2):
+        proc, port = start_gateway(tmp_path / f"r{i}", acc, redis_url=REDIS_URL, retry_schedule_s=[0.2])
+        procs.append(proc)
+        ports.append(port)
+    who = f"token:tok-{name}"
+
+    def sent() -> list[float]:
+        return sorted(r["t"] for r in sandbox.ledger()["records"] if r["who"] == who)
+
+    async with Bus.open([name, warm]) as bus:
+        await bus.publish_many([(warm, request(f"w{i}")) for i in range(6)])
+        await bus.wait_for(outcomes=6)
+        bus.outcomes.clear()
+        await bus.publish_many([(name, request(f"th{i}", to=f"+4850081{i:04d}")) for i in range(600)])
+        while len(sent()) < 150:  # 2.5 s at the full rate
+            await asyncio.sleep(0.1)
+        sandbox.fault(match=who, http_status=429, count=1)
+        while sandbox.faults():
+            await asyncio.sleep(0.02)
+        fired = time.time()
+        await asyncio.sleep(0.3)
+        factors = [rate_factor(port, name) for port in ports]
+        await bus.wait_for(outcomes=600, timeout=90)
+    assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 600}
+    # Both replicas run slower, also the one that never saw the 429.
+    assert all(f < 0.7 for f in factors), factors
+    times = sent()
+    before = sum(1 for t in times if fired - 1.5 <= t < fired - 0.5)
+    after = sum(1 for t in times if fired <= t < fired + 1.0)
+    assert before >= 0.8 * rate, f"{before} sends in the second before the throttle"
+    # Halved, climbing back 0.1 per second: about 0.55 of the rate over the first second.
+    assert after <= 0.7 * before, f"{before} sends in a second before the throttle, {after} after"
 
 
 async def test_sigterm_while_busy_drains_and_exits_0(

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ROOT, free_port
+from testkit import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 

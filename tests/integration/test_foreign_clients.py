@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from serwersms import SerwerSMS  # type: ignore[import-untyped]
 
-from tests.support import Process, Sandbox
+from testkit import Process, Sandbox
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from testkit import free_port, new_account_name
 from tests.conftest import InProcess
-from tests.support import free_port, new_account_name
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import contract as c
+from testkit import Bus, new_account_name, request
 from tests.conftest import InProcess
-from tests.support import Bus, new_account_name, request
 from tests.unit.test_fuzz_contract import documents
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from typing import Any
 
@@ -10,8 +9,8 @@ import pytest
 
 from gateway.config import Account
 from gateway.sandbox.state import FaultRule
+from testkit import Bus, new_account_name, request
 from tests.conftest import InProcess
-from tests.support import Bus, new_account_name, request
 
 pytestmark = pytest.mark.integration
 
@@ -140,4 +139,21 @@ async def test_swallowed_answers_never_charge_a_recipient_twice_under_both_provi
     # Every `accepted` was really sent; `failed` ones were never sent (or could not be told apart).
     accepted_numbers = {d["to"].lstrip("+") for d in bus.outcome_docs() if d["status"] == "accepted"}
     assert accepted_numbers <= set(charged)
-    await asyncio.sleep(0)
+
+
+async def test_code_12_splits_the_campaign_in_halves_without_a_retry(world: InProcess) -> None:
+    """Code 12 (a parameter breaks a limit) is SPLIT in the table: the campaign's messages go out
+    again at once in two halves, not back through the retry queue."""
+    name = new_account_name()
+    world.state.faults.add(FaultRule(path="campaign/create", code=12, count=1))
+    await world.gateway([mobizon(world, name, batch_size=100, linger_ms=300)])
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"k{i}", to=f"+7701{i + 500:07d}", text="One text")) for i in range(40)])
+        await bus.wait_for(outcomes=40, timeout=30)
+        await bus.settle(0.5)
+    docs = bus.outcome_docs()
+    assert Counter(d["status"] for d in docs) == {"accepted": 40}
+    assert {d["attempts"] for d in docs} == {1}  # split and sent within the first attempt
+    calls = world.state.ledger()["calls"]
+    assert calls["mobizon:campaign/send"] == 2  # two campaigns of 20
+    assert set(world.state.ledger()["by_recipient"].values()) == {1}

@@ -9,7 +9,7 @@ from aiormq.exceptions import PublishError
 from gateway import contract as c
 from gateway import topology
 from gateway.publisher import Publisher
-from tests.support import AMQP_URL, Bus, delete_account_queues, new_account_name, request
+from testkit import AMQP_URL, Bus, delete_account_queues, new_account_name, request
 
 pytestmark = pytest.mark.integration
 

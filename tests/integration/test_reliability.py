@@ -13,11 +13,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import contract as c
-from gateway.providers import provider_ref
+from gateway.config import Account
+from gateway.providers import build_adapter
+from gateway.providers.base import ProviderAdapter, provider_ref
 from gateway.sandbox.state import FaultRule
-from gateway.state import Store
-from tests.conftest import InProcess
-from tests.support import (
+from testkit import (
     REDIS_URL,
     Bus,
     close_broker_connections,
@@ -25,6 +25,8 @@ from tests.support import (
     new_account_name,
     request,
 )
+from tests.conftest import InProcess
+from tests.fakes import BuggyAdapter, FailingStore
 
 pytestmark = pytest.mark.integration
 
@@ -140,35 +142,10 @@ async def test_unknown_account_worker_survives_hostile_bodies(world: InProcess) 
     assert 'sms_dead_letters_total{account="(unknown)",reason="unknown_account"}' in rendered
 
 
-class FailingStore:
-    """The real store, with chosen calls failing (a Redis that went away mid-batch)."""
-
-    def __init__(self, inner: Store, fail: set[str], times: int = 10**9) -> None:
-        self._inner = inner
-        self.fail = fail
-        self.failed = 0
-        self._times = times
-
-    def __getattr__(self, name: str) -> Any:
-        real = getattr(self._inner, name)
-        if name not in self.fail:
-            return real
-
-        async def broken(*args: Any, **kwargs: Any) -> Any:
-            if self.failed >= self._times:
-                return await real(*args, **kwargs)
-            self.failed += 1
-            raise ConnectionError(f"store down during {name}")
-
-        return broken
-
-
 async def test_a_store_failure_after_the_send_publishes_the_results_and_resends_nothing(world: InProcess) -> None:
     name = new_account_name()
-    gw = await world.gateway([world.account(name, linger_ms=200)])
-    (worker,) = gw._workers
-    flaky = FailingStore(worker._store, {"complete", "mark_unknown", "release"})
-    worker._store = flaky  # type: ignore[assignment]
+    flaky = FailingStore({"complete", "mark_unknown", "release"})
+    await world.gateway([world.account(name, linger_ms=200)], stores=flaky.around)
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"s{i}", to=f"+4850080{i:04d}")) for i in range(20)])
         await bus.wait_for(outcomes=20, timeout=30)
@@ -210,7 +187,7 @@ async def test_a_copy_that_waits_too_often_fails_instead_of_looping(world: InPro
     name = new_account_name()
     # Another worker holds the id's claim and never finishes (a lease far longer than the waits).
     other = SqliteStore(world.tmp / "state.sqlite3")
-    claims, _, _ = await other.claim_and_acquire(name, ["held"], "someone-else", 600, 1e6, 10**6)
+    claims, _ = await other.claim_and_acquire(name, ["held"], "someone-else", 600, 1e6, 10**6)
     await other.close()
     assert claims["held"].state.value == "new"
     await world.gateway([world.account(name)], max_waits=2)
@@ -228,9 +205,8 @@ async def test_a_failed_claim_parks_the_batch_as_delayed_copies_not_requeues(wor
     from gateway import metrics as m
 
     name = new_account_name()
-    gw = await world.gateway([world.account(name, linger_ms=200)])
-    (worker,) = gw._workers
-    worker._store = FailingStore(worker._store, {"claim_and_acquire"}, times=1)  # type: ignore[assignment]
+    flaky = FailingStore({"claim_and_acquire"}, times=1)
+    await world.gateway([world.account(name, linger_ms=200)], stores=flaky.around)
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"c{i}", to=f"+4850090{i:04d}")) for i in range(10)])
         await bus.wait_for(outcomes=10, timeout=30)
@@ -246,25 +222,17 @@ async def test_an_adapter_that_raises_after_sending_is_reconciled_not_resent(wor
     """A bug in an adapter surfaces as an exception, possibly after the request went out: the chunk
     is ambiguous (reconciled before any resend), not the batch's end."""
     name = new_account_name()
-    gw = await world.gateway([world.account(name, linger_ms=200)])
-    (worker,) = gw._workers
-    adapter = worker._adapter
-    real_send = adapter.send
-    raised = 0
+    buggy: list[BuggyAdapter] = []
 
-    async def send_then_raise(batch: Any) -> Any:
-        nonlocal raised
-        results = await real_send(batch)
-        if raised == 0:
-            raised += 1
-            raise RuntimeError("a bug after the request went out")
-        return results
+    def adapters(account: Account) -> ProviderAdapter:
+        buggy.append(BuggyAdapter(build_adapter(account), raise_after_send=1))
+        return buggy[-1]
 
-    adapter.send = send_then_raise  # type: ignore[method-assign]
+    await world.gateway([world.account(name, linger_ms=200)], adapters=adapters)
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"a{i}", to=f"+4850091{i:04d}")) for i in range(10)])
         await bus.wait_for(outcomes=10, timeout=30)
         await bus.settle(0.5)
-    assert raised == 1
+    assert buggy[0].raised == 1
     assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 10}
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}

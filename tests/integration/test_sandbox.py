@@ -9,7 +9,7 @@ import pytest
 
 from gateway.sandbox.app import start_sandbox
 from gateway.sandbox.state import SandboxState
-from tests.support import free_port
+from testkit import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,28 +1,44 @@
-"""One contract, two backends: every test runs against SQLite and against the real Redis."""
+"""One contract, two backends: every test runs against SQLite and against the real Redis.
+
+Both stores run on a `FakeClock` (the Redis scripts take the time as an argument when a clock is
+injected), so leases, buckets and throttles are tested without sleeping. Only the expiry of done
+records is Redis's own key TTL, on the server's clock."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from gateway.state import Claim, ClaimState, Store, StoredResult
+from gateway.state import Claim, ClaimState, Grant, Store, StoredResult
+from gateway.state.base import THROTTLE_COOLDOWN_S, THROTTLE_MIN_FACTOR, THROTTLE_RECOVERY_PER_S
 from gateway.state.redis import RedisStore
 from gateway.state.sqlite import SqliteStore
-from tests.support import REDIS_URL
+from testkit import REDIS_URL
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.integration
 
 RESULT = StoredResult(status="accepted", provider="serwersms", provider_message_id="p1", parts=1, attempts=1)
 
 
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def open_store(kind: str, tmp_path: Path, clock: FakeClock) -> Store:
+    return SqliteStore(tmp_path / "state.sqlite3", clock) if kind == "sqlite" else RedisStore(REDIS_URL, clock)
+
+
 @pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path, services: None) -> AsyncIterator[Store]:
-    s: Store = SqliteStore(tmp_path / "state.sqlite3") if request.param == "sqlite" else RedisStore(REDIS_URL)
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, services: None, clock: FakeClock
+) -> AsyncIterator[Store]:
+    s = open_store(request.param, tmp_path, clock)
     await s.ping()
     yield s
     await s.close()
@@ -30,7 +46,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, services: None) 
 
 async def claim(store: Store, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
     """Claims alone: the bucket is never the limit here (tokens are tested on their own below)."""
-    claims, _, _ = await store.claim_and_acquire(account, uids, owner, lease_s, rate=1e6, burst=10**6)
+    claims, _ = await store.claim_and_acquire(account, uids, owner, lease_s, rate=1e6, burst=10**6)
     return claims
 
 
@@ -48,7 +64,6 @@ async def test_first_claim_is_new_then_busy_then_done(store: Store, account: str
     done = await claim(store, account, ["a"], "w2", 30)
     assert done["a"].state is ClaimState.DONE
     assert done["a"].result == RESULT
-    assert await store.peek(account, ["a", "b", "c"]) == {"a": RESULT}
 
 
 async def test_concurrent_claims_give_exactly_one_new(store: Store, account: str) -> None:
@@ -63,11 +78,14 @@ async def test_accounts_are_separate(store: Store, account: str) -> None:
     assert other["x"].state is ClaimState.NEW
 
 
-async def test_expired_lease_and_unknown_records_must_be_reconciled(store: Store, account: str) -> None:
+async def test_expired_lease_and_unknown_records_must_be_reconciled(
+    store: Store, account: str, clock: FakeClock
+) -> None:
     await claim(store, account, ["crashed"], "dead-worker", 0.2)
     await claim(store, account, ["unsure"], "w1", 30)
     await store.mark_unknown(account, ["unsure"], 60)
-    await asyncio.sleep(0.3)
+    assert (await claim(store, account, ["crashed"], "w2", 30))["crashed"].state is ClaimState.BUSY
+    clock.advance(0.3)
     claims = await claim(store, account, ["crashed", "unsure"], "w2", 30)
     assert claims["crashed"].state is ClaimState.RECONCILE
     assert claims["unsure"].state is ClaimState.RECONCILE
@@ -83,43 +101,70 @@ async def test_release_only_drops_our_own_claim(store: Store, account: str) -> N
     assert (await claim(store, account, ["r"], "w2", 30))["r"].state is ClaimState.NEW
 
 
-async def test_done_records_expire_after_the_window(store: Store, account: str) -> None:
+async def test_done_records_expire_after_the_window(store: Store, account: str, clock: FakeClock) -> None:
     await claim(store, account, ["old"], "w1", 30)
     await store.complete(account, {"old": RESULT}, 0.3)
-    await asyncio.sleep(0.5)
+    assert (await claim(store, account, ["old"], "w1", 30))["old"].state is ClaimState.DONE
+    clock.advance(0.5)
+    await asyncio.sleep(0.5)  # Redis expires keys on its own clock
     assert (await claim(store, account, ["old"], "w1", 30))["old"].state is ClaimState.NEW
 
 
-async def test_token_bucket_grants_burst_then_rate(store: Store, account: str) -> None:
-    granted, wait = await store.acquire(account, 30, rate=10, burst=20)
-    assert granted == 20
-    assert 0 < wait <= 0.11
-    granted, _ = await store.acquire(account, 30, rate=10, burst=20)
-    assert granted == 0
-    await asyncio.sleep(0.35)
-    granted, _ = await store.acquire(account, 30, rate=10, burst=20)
-    assert 2 <= granted <= 5
+async def test_token_bucket_grants_burst_then_rate(store: Store, account: str, clock: FakeClock) -> None:
+    first = await store.acquire(account, 30, rate=10, burst=20)
+    assert (first.granted, round(first.wait_s, 3), first.factor) == (20, 0.1, 1.0)
+    assert (await store.acquire(account, 30, rate=10, burst=20)).granted == 0
+    clock.advance(0.35)
+    assert (await store.acquire(account, 30, rate=10, burst=20)).granted == 3
+    clock.advance(100)
+    assert (await store.acquire(account, 30, rate=10, burst=20)).granted == 20  # never more than the burst
 
 
-async def test_token_bucket_is_shared_by_concurrent_callers(store: Store, account: str) -> None:
-    start = time.monotonic()
+async def test_token_bucket_is_shared_by_concurrent_callers(store: Store, account: str, clock: FakeClock) -> None:
     total = 0
-    while time.monotonic() - start < 1.0:
+    for _ in range(50):  # one simulated second, 20 ms apart, four callers each time
         grants = await asyncio.gather(*(store.acquire(account, 3, rate=50, burst=10) for _ in range(4)))
-        total += sum(g for g, _ in grants)
-        await asyncio.sleep(0.02)
-    elapsed = time.monotonic() - start
-    # Never more than the burst plus what the rate refilled over the elapsed time.
-    assert total <= 10 + 50 * elapsed + 1
-    assert total >= 10 + 50 * 0.5
+        total += sum(g.granted for g in grants)
+        clock.advance(0.02)
+    # The burst, then what the rate refilled over 0.98 s (one token may still be a fraction short).
+    assert 10 + 49 - 1 <= total <= 10 + 49
+
+
+async def test_a_throttle_halves_the_rate_for_every_replica_and_recovers(
+    store: Store, account: str, clock: FakeClock, tmp_path: Path
+) -> None:
+    kind = "sqlite" if isinstance(store, SqliteStore) else "redis"
+    replica = open_store(kind, tmp_path, clock)  # a second process on the same store
+    try:
+        await store.acquire(account, 100, rate=100, burst=10)
+        assert await store.throttle(account) == 0.5
+        # Another replica reporting the same throttle within the cooldown does not cut again.
+        assert await replica.throttle(account) == 0.5
+        grant = await replica.acquire(account, 100, rate=100, burst=10)
+        assert (grant.granted, grant.factor) == (0, 0.5)  # the throttle emptied the bucket
+        clock.advance(0.1)
+        grant = await replica.acquire(account, 100, rate=100, burst=10)
+        assert grant.granted == 5  # 100/s x 0.5 for 0.1 s (the burst is 5 now)
+        clock.advance(THROTTLE_COOLDOWN_S)
+        recovered = 0.5 + (0.1 + THROTTLE_COOLDOWN_S) * THROTTLE_RECOVERY_PER_S  # since the cut
+        assert await replica.throttle(account) == pytest.approx(recovered / 2)
+        for _ in range(8):
+            await store.throttle(account)
+            clock.advance(THROTTLE_COOLDOWN_S)
+        factor = (await store.acquire(account, 1, rate=100, burst=10)).factor
+        assert factor >= THROTTLE_MIN_FACTOR
+        assert factor < 0.5
+        clock.advance(1 / THROTTLE_RECOVERY_PER_S)
+        assert (await replica.acquire(account, 1, rate=100, burst=10)).factor == 1.0  # recovered
+    finally:
+        await replica.close()
 
 
 async def test_claim_and_acquire_takes_tokens_for_new_claims_only(store: Store, account: str) -> None:
     await store.complete(account, {"done": RESULT}, 60)
     await claim(store, account, ["busy"], "w2", 30)
-    claims, granted, wait = await store.claim_and_acquire(
-        account, ["done", "busy", "n1", "n2", "n3"], "w1", 30, rate=10, burst=2
-    )
+    uids = ["done", "busy", "n1", "n2", "n3"]
+    claims, grant = await store.claim_and_acquire(account, uids, "w1", 30, rate=10, burst=2)
     assert {k: v.state for k, v in claims.items()} == {
         "done": ClaimState.DONE,
         "busy": ClaimState.BUSY,
@@ -128,14 +173,13 @@ async def test_claim_and_acquire_takes_tokens_for_new_claims_only(store: Store, 
         "n3": ClaimState.NEW,
     }
     assert claims["done"].result == RESULT
-    assert (granted, round(wait, 2)) == (2, 0.1)  # three new, the burst of 2 granted, 1 more in 0.1 s
+    assert (grant.granted, round(grant.wait_s, 2)) == (2, 0.1)  # three new, the burst of 2, 1 more in 0.1 s
     # The same bucket as `acquire`: it is empty now.
-    assert (await store.acquire(account, 1, rate=10, burst=2))[0] == 0
+    assert (await store.acquire(account, 1, rate=10, burst=2)).granted == 0
     # Nothing new: no tokens taken, no wait.
     assert await store.claim_and_acquire(account, ["done"], "w1", 30, rate=10, burst=2) == (
         {"done": claims["done"]},
-        0,
-        0.0,
+        Grant(0, 0.0),
     )
 
 
@@ -156,15 +200,15 @@ async def forget(store: Store, account: str) -> None:
 
 
 async def test_a_store_that_forgot_is_reconciled_not_trusted(store: Store, account: str) -> None:
-    first, _, _ = await store.claim_and_acquire(account, ["sent"], "w1", 30, 1e6, 10**6, recovery_s=600)
+    first, _ = await store.claim_and_acquire(account, ["sent"], "w1", 30, 1e6, 10**6, recovery_s=600)
     assert first["sent"].state is ClaimState.NEW
     await forget(store, account)
     # The same process finds its epoch gone: every NEW answer is distrusted for the recovery window,
     # the id it had claimed and ids it never saw alike.
-    after, _, _ = await store.claim_and_acquire(account, ["sent", "other"], "w1", 30, 1e6, 10**6, recovery_s=600)
+    after, _ = await store.claim_and_acquire(account, ["sent", "other"], "w1", 30, 1e6, 10**6, recovery_s=600)
     assert {k: v.state for k, v in after.items()} == {"sent": ClaimState.RECONCILE, "other": ClaimState.RECONCILE}
     # Once the window is over, NEW is NEW again.
-    later, _, _ = await store.claim_and_acquire(account, ["third"], "w1", 30, 1e6, 10**6, recovery_s=0)
+    later, _ = await store.claim_and_acquire(account, ["third"], "w1", 30, 1e6, 10**6, recovery_s=0)
     assert later["third"].state is ClaimState.NEW
 
 
@@ -174,9 +218,9 @@ async def test_a_process_that_joins_after_the_loss_learns_it_from_the_epoch(
     await store.claim_and_acquire(account, ["a"], "w1", 30, 1e6, 10**6)
     await forget(store, account)
     await store.claim_and_acquire(account, ["b"], "w1", 30, 1e6, 10**6)  # marks the new epoch lost
-    other: Store = SqliteStore(tmp_path / "state.sqlite3") if isinstance(store, SqliteStore) else RedisStore(REDIS_URL)
+    other = open_store("sqlite" if isinstance(store, SqliteStore) else "redis", tmp_path, FakeClock())
     try:
-        claims, _, _ = await other.claim_and_acquire(account, ["c"], "w2", 30, 1e6, 10**6, recovery_s=600)
+        claims, _ = await other.claim_and_acquire(account, ["c"], "w2", 30, 1e6, 10**6, recovery_s=600)
     finally:
         await other.close()
     assert claims["c"].state is ClaimState.RECONCILE
@@ -185,11 +229,11 @@ async def test_a_process_that_joins_after_the_loss_learns_it_from_the_epoch(
 async def test_a_fresh_store_distrusts_only_copies_seen_before(store: Store, account: str) -> None:
     # Nobody saw an earlier epoch (first start, or the store and every replica restarted together):
     # a producer's new id is NEW, a redelivered copy is reconciled.
-    claims, granted, _ = await store.claim_and_acquire(
+    claims, grant = await store.claim_and_acquire(
         account, ["fresh", "redelivered"], "w1", 30, 1e6, 10**6, suspect={"redelivered"}, recovery_s=600
     )
     assert {k: v.state for k, v in claims.items()} == {
         "fresh": ClaimState.NEW,
         "redelivered": ClaimState.RECONCILE,
     }
-    assert granted == 2  # the reconciled id keeps its token for the send that may follow
+    assert grant.granted == 2  # the reconciled id keeps its token for the send that may follow

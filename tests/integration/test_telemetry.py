@@ -9,8 +9,8 @@ from opentelemetry.trace import SpanKind
 
 from gateway import metrics as m
 from gateway.sandbox.state import FaultRule
+from testkit import Bus, new_account_name, request
 from tests.conftest import InProcess
-from tests.support import Bus, new_account_name, request
 
 pytestmark = pytest.mark.integration
 
@@ -35,8 +35,8 @@ async def test_publisher_trace_reaches_the_provider_call_and_the_outcome(world: 
     assert http.attributes is not None
     assert http.attributes["http.response.status_code"] == 200
     assert "tok-" not in str(http.attributes)
-    # The sandbox received the trace context too.
-    # (Its own server does not trace; the header is what a provider-side tracer would continue.)
+    # The provider received the trace context: the HTTP call's span, in the publisher's trace.
+    assert list(world.state.traceparents) == [f"00-{TRACE_ID}-{format(http.context.span_id, '016x')}-01"]
 
 
 def sample(name: str, labels: dict[str, str]) -> float:

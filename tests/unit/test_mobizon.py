@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -10,7 +11,15 @@ import pytest
 
 from gateway.config import Account
 from gateway.providers.base import Outbound, Verdict
-from gateway.providers.mobizon import CODES, RECIPIENT_CODES, MobizonAdapter, classify, flatten, redirect_host
+from gateway.providers.mobizon import (
+    CODES,
+    RECIPIENT_CODES,
+    RECIPIENT_TABLE,
+    MobizonAdapter,
+    classify,
+    flatten,
+    redirect_host,
+)
 
 # The rule, written independently of the table: (verdict, pauses the account, slows the account).
 EXPECTED = {
@@ -53,7 +62,7 @@ def test_every_request_code_is_classified(code: int) -> None:
 
 @pytest.mark.parametrize("code", sorted(RECIPIENT_CODES))
 def test_every_recipient_code_is_classified(code: int) -> None:
-    result = classify(code, table=RECIPIENT_CODES)
+    result = classify(code, table=RECIPIENT_TABLE)
     assert result.verdict is (Verdict.RETRY if code in RECIPIENT_RETRYABLE else Verdict.REJECTED)
 
 
@@ -177,8 +186,8 @@ async def test_lookup_decides_only_on_exactly_one_match(matches: int, verdict: V
     assert (found.verdict if found else None) is verdict
     if verdict is Verdict.UNDECIDED:
         assert found is not None
-        decision = decide(found, 1, RetryPolicy([1], 5), "mobizon")
+        decision = decide(found, 1, RetryPolicy([1], 5), "mobizon", datetime.now(UTC))
         assert isinstance(decision, Finish)
         assert decision.status == "failed"
         assert decision.result.error is not None
-        assert decision.result.error["code"] == "unreconciled"
+        assert decision.result.error.code == "unreconciled"

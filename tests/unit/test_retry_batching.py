@@ -1,9 +1,10 @@
+"""Retry timing and batching, on a clock the tests move: nothing here sleeps."""
+
 from __future__ import annotations
 
-import asyncio
-
 from gateway.batching import Batcher
-from gateway.retry import RetryPolicy
+from gateway.retry import RetryPolicy, retry_delays_ms
+from tests.fakes import FakeClock
 
 
 def test_retry_schedule_repeats_its_last_delay_and_runs_out() -> None:
@@ -13,36 +14,50 @@ def test_retry_schedule_repeats_its_last_delay_and_runs_out() -> None:
     assert policy.exhausted(5)
 
 
-async def test_batcher_flushes_on_size_and_on_linger_per_key() -> None:
+def test_every_delay_of_the_schedule_has_one_retry_queue() -> None:
+    assert retry_delays_ms([1, 5, 5, 0.0001, 30]) == [1, 1000, 5000, 30000]
+
+
+def test_batcher_flushes_on_size_and_on_linger_per_key() -> None:
+    clock = FakeClock()
     flushed: list[list[int]] = []
-    b: Batcher[int] = Batcher(max_size=3, linger_s=0.05, key=lambda n: n % 2, on_flush=flushed.append)
+    b: Batcher[int] = Batcher(max_size=3, linger_s=0.05, key=lambda n: n % 2, on_flush=flushed.append, clock=clock)
     for n in range(7):
         b.add(n)
     assert flushed == [[0, 2, 4], [1, 3, 5]]
     assert len(b) == 1
-    await asyncio.sleep(0.1)
+    clock.advance(0.049)
+    assert len(b) == 1  # not yet lingered
+    clock.advance(0.001)
     assert flushed[-1] == [6]
     assert len(b) == 0
 
 
-async def test_batcher_take_all_cancels_timers() -> None:
+def test_batcher_take_all_cancels_timers() -> None:
+    clock = FakeClock()
     flushed: list[list[int]] = []
-    b: Batcher[int] = Batcher(max_size=10, linger_s=0.05, key=lambda n: 0, on_flush=flushed.append)
+    b: Batcher[int] = Batcher(max_size=10, linger_s=0.05, key=lambda n: 0, on_flush=flushed.append, clock=clock)
     b.add(1)
     b.add(2)
     assert b.take_all() == [1, 2]
-    await asyncio.sleep(0.1)
+    clock.advance(1)
     assert flushed == []
 
 
-async def test_batcher_holds_due_groups_while_the_owner_is_busy_and_they_grow() -> None:
+def test_batcher_holds_due_groups_while_the_owner_is_busy_and_they_grow() -> None:
+    clock = FakeClock()
     flushed: list[list[int]] = []
     slots = {"free": 0}
     b: Batcher[int] = Batcher(
-        max_size=4, linger_s=0.02, key=lambda n: 0, on_flush=flushed.append, ready=lambda: slots["free"] > 0
+        max_size=4,
+        linger_s=0.02,
+        key=lambda n: 0,
+        on_flush=flushed.append,
+        ready=lambda: slots["free"] > 0,
+        clock=clock,
     )
     b.add(0)
-    await asyncio.sleep(0.05)  # lingered, but no slot: nothing handed over
+    clock.advance(0.05)  # lingered, but no slot: nothing handed over
     assert flushed == []
     for n in range(1, 10):
         b.add(n)
@@ -54,7 +69,7 @@ async def test_batcher_holds_due_groups_while_the_owner_is_busy_and_they_grow() 
     assert len(b) == 0
 
 
-async def test_batcher_hands_over_one_batch_per_free_slot() -> None:
+def test_batcher_hands_over_one_batch_per_free_slot() -> None:
     flushed: list[list[int]] = []
     busy = {"n": 0}
 
@@ -62,7 +77,9 @@ async def test_batcher_hands_over_one_batch_per_free_slot() -> None:
         flushed.append(batch)
         busy["n"] += 1
 
-    b: Batcher[int] = Batcher(max_size=2, linger_s=10, key=lambda n: n % 3, on_flush=take, ready=lambda: busy["n"] < 1)
+    b: Batcher[int] = Batcher(
+        max_size=2, linger_s=10, key=lambda n: n % 3, on_flush=take, ready=lambda: busy["n"] < 1, clock=FakeClock()
+    )
     for n in (0, 3, 1, 4, 2, 5):
         b.add(n)
     assert flushed == [[0, 3]]  # full groups wait for the only slot

@@ -9,8 +9,7 @@ import httpx
 import pytest
 
 from gateway.config import Account
-from gateway.providers import provider_ref
-from gateway.providers.base import Outbound, Verdict
+from gateway.providers.base import Outbound, Verdict, provider_ref, send_split
 from gateway.providers.serwersms import CODES, SerwerSmsAdapter, build_send, classify, parse_send
 
 ACCOUNT_LEVEL = {1001, 1002, 1003, 1005, 1007, 3000, 3002, 3004, 3006, 3100}
@@ -142,7 +141,7 @@ async def test_3110_splits_the_batch_until_it_fits() -> None:
     client = httpx.AsyncClient(base_url="http://sandbox.invalid", transport=httpx.MockTransport(handler))
     adapter = SerwerSmsAdapter(account(token="t"), client)
     batch = [item(str(i), f"+485006007{i:02d}") for i in range(5)]
-    results = await adapter.send(batch)
+    results = await send_split(adapter.send, batch)
     await adapter.close()
     assert [r.verdict for r in results] == [Verdict.ACCEPTED] * 5
     assert [r.provider_message_id for r in results] == [f"id{i:02d}" for i in range(5)]

@@ -1,0 +1,1 @@
+"""sms-gateway: the outbound SMS path from RabbitMQ to SerwerSMS.pl and Mobizon (README.md)."""

@@ -1,0 +1,260 @@
+"""The one place that acks, nacks and requeues: a decision becomes confirmed publishes, then an ack.
+
+Every consumed message ends in exactly one of:
+- ack, after its outcome (and dead letter, or retry copy) has been confirmed by the broker;
+- nack with requeue (pause, shutdown, an infrastructure failure), so it is delivered again.
+The frames themselves are coalesced per channel by the `AckTracker` (acks.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from gateway import contract as c
+from gateway import metrics as m
+from gateway import tracing
+from gateway.acks import AckTracker
+from gateway.numbers import mask
+from gateway.pipeline import Decision, Finish, Job, Retry
+from gateway.publisher import Publisher
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.settle")
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """One consumed message, from delivery to settlement: the AMQP message, the pipeline's `Job`,
+    its span and its place in the in-flight gauge."""
+
+    message: AbstractIncomingMessage
+    account: str
+    job: Job = field(default_factory=Job)
+    started: float = field(default_factory=time.monotonic)
+    span: trace.Span | None = None
+    label: str = ""  # the account as a metric label: configured names only, so the label set stays bounded
+    _open: bool = False
+
+    @classmethod
+    def begin(cls, message: AbstractIncomingMessage, account: str, label: str | None = None) -> Delivery:
+        """Start tracking a consumed message: its span (continuing the publisher's trace) and the
+        in-flight gauge. `close` ends both, exactly once."""
+        span = tracing.tracer().start_span(
+            "sms.send process",
+            context=tracing.extract(message.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": "rabbitmq", "messaging.destination.name": c.account_queue(account)},
+        )
+        label = account if label is None else label
+        m.IN_FLIGHT.labels(label).inc()
+        return cls(message, account, span=span, _open=True, label=label)
+
+    @property
+    def unique_id(self) -> str | None:
+        return self.job.unique_id
+
+    def close(self, result: str) -> None:
+        if not self._open:
+            return
+        self._open = False
+        m.IN_FLIGHT.labels(self.label).dec()
+        if self.span is not None:
+            self.span.set_attribute("sms.result", result)
+            if self.job.unique_id:
+                self.span.set_attribute("sms.unique_id", self.job.unique_id)
+            if result == "requeued":
+                self.span.set_status(StatusCode.ERROR, "requeued")
+            self.span.end()
+
+
+class Settler:
+    """Carries decisions out: publish what each delivery is owed, then ack the ones whose
+    publishes the broker confirmed (coalesced by the channel's AckTracker) and requeue the rest."""
+
+    def __init__(self, publisher: Publisher, provider: str | None, acks: AckTracker) -> None:
+        self._publisher = publisher
+        self._provider = provider
+        self._acks = acks
+
+    async def settle(self, d: Delivery, decision: Decision) -> bool:
+        return await self.settle_all([(d, decision)]) == 1
+
+    async def settle_all(self, items: Sequence[tuple[Delivery, Decision]]) -> int:
+        """Settle deliveries together; returns how many were acked."""
+        if len(items) == 1:
+            failures: list[BaseException | None] = [await _failure(self._publish(*items[0]))]
+        else:
+            failures = await asyncio.gather(*(self._publish(d, x) for d, x in items), return_exceptions=True)
+        done: list[tuple[Delivery, Decision]] = []
+        for (d, decision), exc in zip(items, failures, strict=True):
+            if exc is None:
+                done.append((d, decision))
+                continue
+            log.error("settle_failed", account=d.account, unique_id=d.unique_id, exc_info=exc)
+            await requeue(self._acks, [d])
+        if not done:
+            return 0
+        try:
+            await self._acks.ack([d.message for d, _ in done])
+        except Exception as exc:  # noqa: BLE001 - the channel is gone: the broker redelivers them
+            log.warning("ack_failed", account=done[0][0].account, count=len(done), error=type(exc).__name__)
+            for d, _ in done:
+                d.close("requeued")
+            return 0
+        logging_info = log.is_enabled_for(logging.INFO)
+        for d, decision in done:
+            self._count(d, decision)
+            if logging_info:
+                if d.span is not None:
+                    with trace.use_span(d.span, end_on_exit=False):
+                        self._log(d, decision)
+                else:
+                    self._log(d, decision)
+            d.close(_result_name(decision))
+        return len(done)
+
+    async def _publish(self, d: Delivery, decision: Decision) -> None:
+        """Publish what the decision owes (outcome, dead letter or retry copy), confirmed."""
+        if isinstance(decision, Finish):
+            await self._finish(d, decision)
+        elif isinstance(decision, Retry):
+            await self._publisher.retry(
+                d.message,
+                account=d.account,
+                delay_ms=decision.delay_ms,
+                attempts=decision.attempts,
+                waits=0,
+                sent_at=(d.job.attempt_at or d.job.sent_at) if decision.ambiguous else None,
+            )
+        else:
+            await self._publisher.retry(
+                d.message,
+                account=d.account,
+                delay_ms=decision.delay_ms,
+                attempts=d.job.attempts,
+                waits=d.job.waits + 1,
+            )
+
+    @staticmethod
+    def _count(d: Delivery, decision: Decision) -> None:
+        if isinstance(decision, Finish):
+            code = decision.result.error.code if decision.result.error is not None else ""
+            m.OUTCOMES.labels(d.label, str(decision.status), code).inc()
+            if decision.dead is not None:
+                m.DEAD_LETTERS.labels(d.label, str(decision.dead)).inc()
+        else:
+            m.RETRIES.labels(d.label, "retry" if isinstance(decision, Retry) else "wait").inc()
+
+    async def _finish(self, d: Delivery, f: Finish) -> None:
+        r, job = f.result, d.job
+        fields: dict[str, Any] = {
+            "unique_id": job.unique_id,
+            "account": d.account,
+            "to": job.phone,
+            "status": f.status,
+            "provider": r.provider or self._provider,
+            "provider_message_id": r.provider_message_id,
+            "parts": r.parts,
+            "attempts": r.attempts,
+            "error": r.error,
+            "meta": job.meta,
+            "original": f.original.as_dict() if f.original is not None else None,
+        }
+        try:
+            body = c.outcome_body(**fields)
+        except (ValueError, TypeError, RecursionError) as exc:
+            # Not strict JSON (decoding lets no such request through; this guards the outcome all
+            # the same): the outcome goes out without the producer's fields rather than not at all.
+            log.error(  # noqa: TRY400 - the cause is the data, not a traceback
+                "outcome_unencodable", account=d.account, unique_id=d.unique_id, error=type(exc).__name__
+            )
+            body = c.outcome_body(**{**fields, "meta": None, "to": None})
+        jobs = []
+        if job.unique_id is not None:  # an outcome nobody can correlate is noise; the dead letter says it all
+            jobs.append(
+                self._publisher.outcome(
+                    account=d.account,
+                    status=str(f.status),
+                    body=body,
+                    unique_id=job.unique_id,
+                    reply_to=d.message.reply_to,
+                    headers=tracing.inject(d.span, {}),
+                )
+            )
+        if f.dead is not None:
+            jobs.append(
+                self._publisher.dead_letter(
+                    d.message,
+                    reason=f.dead,
+                    account=d.account,
+                    error_code=r.error.code if r.error is not None else str(f.dead),
+                    error_message=r.error.message if r.error is not None else "",
+                    attempts=r.attempts,
+                )
+            )
+        if len(jobs) == 1:
+            await jobs[0]
+        else:
+            await asyncio.gather(*jobs)
+
+    def _log(self, d: Delivery, decision: Decision) -> None:
+        ms = round((time.monotonic() - d.started) * 1000, 1)
+        to = mask(d.job.phone)
+        if isinstance(decision, Finish):
+            r = decision.result
+            log.info(
+                "sms",
+                account=d.account,
+                unique_id=d.unique_id,
+                to=to,
+                status=r.status,
+                code=r.error.code if r.error is not None else None,
+                attempts=r.attempts,
+                provider_message_id=r.provider_message_id,
+                duration_ms=ms,
+            )
+        elif isinstance(decision, Retry):
+            log.info(
+                "sms_retry",
+                account=d.account,
+                unique_id=d.unique_id,
+                to=to,
+                code=decision.error.code,
+                attempts=decision.attempts,
+                delay_ms=decision.delay_ms,
+                ambiguous=decision.ambiguous,
+            )
+        else:
+            log.info("sms_wait", account=d.account, unique_id=d.unique_id, to=to, waits=d.job.waits + 1)
+
+
+def _result_name(decision: Decision) -> str:
+    if isinstance(decision, Finish):
+        return str(decision.status)
+    return "retry" if isinstance(decision, Retry) else "wait"
+
+
+async def _failure(job: Awaitable[None]) -> BaseException | None:
+    try:
+        await job
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return exc
+    return None
+
+
+async def requeue(acks: AckTracker, deliveries: Sequence[Delivery]) -> None:
+    for d in deliveries:
+        try:
+            await acks.requeue(d.message)
+        except Exception:  # noqa: BLE001 - the channel is gone; the broker requeues on its own
+            log.warning("nack_failed", account=d.account, unique_id=d.unique_id)
+        d.close("requeued")

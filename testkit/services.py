@@ -1,0 +1,72 @@
+"""The services the tests and benchmarks run against: RabbitMQ and Redis on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import aio_pika
+
+from gateway import contract as c
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def delete_account_queues(accounts: set[str] | list[str]) -> None:
+    """Tests make a queue per throwaway account; remove them so the broker does not fill up."""
+    if not accounts:
+        return
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in accounts:
+            await channel.queue_delete(c.account_queue(name))
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """Run `rabbitmqctl` against the local node; fail loudly when it does not work."""
+    try:
+        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as exc:
+        raise RuntimeError("rabbitmqctl is not installed: the broker fault tests need it") from exc
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def close_broker_connections(name_contains: str, node: str | None = None) -> int:
+    """Close, from the broker's side, every client connection whose name contains the text (as an
+    operator's `rabbitmqctl close_connection` would); returns how many were closed."""
+    prefix = ["-n", node] if node else []
+    # The table form names pids as close_connection wants them (<rabbit@host.N.N.N>); the JSON form does not.
+    closed = 0
+    for line in rabbitmqctl(*prefix, "list_connections", "-q", "pid", "client_properties").splitlines():
+        pid, _, props = line.partition("\t")
+        name = re.search(r'"connection_name","([^"]*)"', props)
+        if pid.startswith("<") and name is not None and name_contains in name.group(1):
+            rabbitmqctl(*prefix, "close_connection", pid, "fault test")
+            closed += 1
+    return closed
+
+
+def consumers_on(queue: str, node: str | None = None, vhost: str = "/") -> int:
+    prefix = ["-n", node] if node else []
+    out = rabbitmqctl(*prefix, "list_consumers", "-q", "-p", vhost, "queue_name", "--formatter", "json")
+    return sum(1 for r in json.loads(out) if r["queue_name"] == queue)
