@@ -34,10 +34,6 @@ class AckTracker:
         self._open: dict[int, None] = {}  # delivery tags not yet settled, oldest first
         self._lock = asyncio.Lock()
 
-    @property
-    def open_count(self) -> int:
-        return len(self._open)
-
     def delivered(self, message: AbstractIncomingMessage) -> None:
         """Register a delivery. Call it before the first `await` of the message's handler."""
         channel = _channel(message)

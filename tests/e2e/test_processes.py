@@ -205,6 +205,7 @@ async def test_a_throttle_slows_the_account_on_every_replica(
     times = sent()
     before = sum(1 for t in times if fired - 1.5 <= t < fired - 0.5)
     after = sum(1 for t in times if fired <= t < fired + 1.0)
+    print(f"throttle: {before} sends/s before, {after} after; factors {factors}")  # shown with -s
     assert before >= 0.8 * rate, f"{before} sends in the second before the throttle"
     # Halved, climbing back 0.1 per second: about 0.55 of the rate over the first second.
     assert after <= 0.7 * before, f"{before} sends in a second before the throttle, {after} after"
