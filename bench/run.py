@@ -8,6 +8,7 @@ Raw figures go to bench/results/latest.json, a chart to bench/results/latest.png
     python -m bench.run --only ceiling,gateway@0 --reps 2    # some contenders
     python -m bench.run --only latency --rate 1000           # the open-loop latency runs at shares of 1000 msg/s
     python -m bench.run --smoke    # a few thousand messages: checks that everything still runs
+    python -m bench.run --base HEAD~1 --only gateway@0,base@0    # this tree against a commit, same run
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import platform
 import secrets
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -273,7 +275,8 @@ class Bench:
 
         await self.measure("ceiling (aio-pika relay)", rep, n, start, _cpu, self.queues(), 300)
 
-    def gateway(self, tmp: Path, *, wait: bool = True, **settings: Any) -> tuple[Process, int]:
+    def gateway(self, tmp: Path, *, wait: bool = True, tree: Path = ROOT, **settings: Any) -> tuple[Process, int]:
+        """A gateway process; `tree` is the checkout whose `gateway` package it runs."""
         port = free_port()
         env = gateway_env(
             accounts=settings.pop("accounts", self.account_docs()),
@@ -283,15 +286,18 @@ class Bench:
             log_level="WARNING",
             **settings,
         )
-        proc = Process(["run"], env, tmp / f"gateway-{port}.log", cwd=ROOT)
+        if tree != ROOT:
+            env["PYTHONPATH"] = str(tree)
+        proc = Process(["run"], env, tmp / f"gateway-{port}.log", cwd=tree)
         if wait:
             proc.wait_http(port)
         return proc, port
 
-    async def gateway_drain(self, rep: int, latency_ms: float, n: int, name: str) -> Run:
+    async def gateway_drain(self, rep: int, latency_ms: float, n: int, name: str, tree: Path = ROOT) -> Run:
         self.latency(latency_ms)
         await self.prefill(n)
-        return await self.measure(name, rep, n, lambda: self.gateway(self.tmp, wait=False)[0], _cpu, self.queues(), 600)
+        start = lambda: self.gateway(self.tmp, wait=False, tree=tree)[0]  # noqa: E731
+        return await self.measure(name, rep, n, start, _cpu, self.queues(), 600)
 
     async def celery(self, rep: int, latency_ms: float, pool: str, n: int) -> None:
         self.latency(latency_ms)
@@ -424,7 +430,9 @@ class Bench:
                 proc.terminate(30)
                 proc.close()
 
-    async def run(self, only: set[str] | None = None, rate: float | None = None) -> dict[str, Any]:
+    async def run(
+        self, only: set[str] | None = None, rate: float | None = None, base: tuple[str, Path] | None = None
+    ) -> dict[str, Any]:
         await self.observer.start()
         s = self.sizes
         contenders: list[tuple[str, Callable[[int], Any]]] = [
@@ -436,6 +444,11 @@ class Bench:
             ("celery-prefork@200", lambda r: self.celery(r, 200, "prefork", s["celery_slow"])),
             ("celery-threads@200", lambda r: self.celery(r, 200, "threads", s["celery_slow"])),
         ]
+        if base is not None:  # the same drain, by the gateway of another commit, interleaved with this one
+            ref, tree = base
+            contenders.insert(
+                2, ("base@0", lambda r: self.gateway_drain(r, 0, s["drain"], f"gateway {ref} @0ms", tree=tree))
+            )
         for rep in range(1, s["reps"] + 1):
             print(f"round {rep} of {s['reps']}", flush=True)
             for key, fn in contenders:
@@ -536,6 +549,15 @@ def machine() -> str:
     )
 
 
+def checkout(ref: str, tmp: Path) -> tuple[str, Path]:
+    """A worktree of `ref` for the base@0 contender: (its short name, its path)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True, check=True)
+    path = tmp / f"base-{sha.stdout.strip()}"
+    if not path.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True)
+    return sha.stdout.strip(), path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="small counts, one round")
@@ -543,6 +565,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated contenders (ceiling, gateway@0, celery-threads@200, ...)")
     ap.add_argument("--reps", type=int, help="rounds (default 3; 1 with --smoke)")
     ap.add_argument("--rate", type=float, help="with --only latency: the drain rate the loads are shares of")
+    ap.add_argument("--base", help="a git ref: its gateway drains too (contender base@0), for before/after figures")
     args = ap.parse_args()
     sizes = dict(SMOKE if args.smoke else FULL)
     if args.reps:
@@ -551,10 +574,14 @@ def main() -> int:
     tmp = args.out / "work"
     tmp.mkdir(exist_ok=True)
     bench = Bench(sizes, tmp)
+    base = checkout(args.base, tmp) if args.base else None
     try:
-        extra = asyncio.run(bench.run(set(args.only.split(",")) if args.only else None, args.rate))
+        only = set(args.only.split(",")) if args.only else None
+        extra = asyncio.run(bench.run(only, args.rate, base))
     finally:
         bench.close()
+        if base is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base[1])], cwd=ROOT, check=False)
     if args.only:
         print(json.dumps(summarize(bench.runs), indent=2))
         return 0
