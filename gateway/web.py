@@ -13,10 +13,10 @@ from gateway import metrics as m
 
 # What is wrong right now (empty: ready), and what an operator should see when ready.
 Readiness = Callable[[], Awaitable[list[str]]]
-Status = Callable[[], dict[str, Any]]
+Details = Callable[[], dict[str, Any]]
 
 
-def build_app(readiness: Readiness, status: Status) -> web.Application:
+def build_app(readiness: Readiness, details: Details) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -24,7 +24,7 @@ def build_app(readiness: Readiness, status: Status) -> web.Application:
         problems = await readiness()
         if problems:
             return web.json_response({"status": "unready", "problems": problems}, status=503)
-        return web.json_response({"status": "ready", **status()})
+        return web.json_response({"status": "ready", **details()})
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
