@@ -29,6 +29,7 @@ from gateway import contract as c
 from gateway import topology, web
 from gateway.config import Account, ConfigError, Settings, sandbox_account
 from gateway.consumer import AccountWorker, UnroutableWorker
+from gateway.dlr import Desk, Poller
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
 from gateway.publisher import Publisher
@@ -85,6 +86,7 @@ class Gateway:
         self._unroutable: UnroutableWorker | None = None
         self._runners: list[AppRunner] = []
         self._channels: list[AbstractChannel] = []
+        self._tasks: list[asyncio.Task[None]] = []  # delivery reports: the desk and one poller per account
 
     async def start(self) -> None:
         s = self.settings
@@ -128,8 +130,17 @@ class Gateway:
         channel = await self._connection.channel()
         self._channels.append(channel)
         await self._unroutable.start(channel)
+        desk = None
+        if s.dlr_enabled:
+            desk = Desk(store=self._store, sink=publisher, accounts=self.accounts, settings=s, owner=self._owner)
+            self._tasks.append(asyncio.create_task(desk.run(), name="dlr desk"))
+            for account, adapter in zip(self.accounts, self._adapters, strict=True):
+                poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, settings=s)
+                self._tasks.append(asyncio.create_task(poller.run(), name=f"dlr poller {account.name}"))
         if s.http_port:
-            app = web.build_app(self.problems, lambda: {"paused": self.paused_accounts()})
+            app = web.build_app(
+                self.problems, lambda: {"paused": self.paused_accounts()}, desk.webhook if desk else None
+            )
             self._runners.append(await web.serve(app, s.http_host, s.http_port))
         log.info(
             "gateway_started",
@@ -172,6 +183,9 @@ class Gateway:
             await self._unroutable.stop()
         results = await asyncio.gather(*(w.stop(timeout) for w in self._workers))
         clean = all(results)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in self._channels:
             if not channel.is_closed:
                 await channel.close()

@@ -62,6 +62,9 @@ class Account(BaseModel):
     password: SecretStr | None = None
     token: SecretStr | None = Field(default=None, description="SerwerSMS API token (Bearer)")
     api_key: SecretStr | None = Field(default=None, description="Mobizon apiKey")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Mobizon webhook secret key: delivery-report webhooks must carry its `sign`"
+    )
     sender: str | None = Field(default=None, description="default sender name")
     default_country: str = Field(default="PL", description="region for national numbers (ISO 3166)")
     rate_per_s: float = Field(default=50.0, gt=0, description="messages per second, all replicas")
@@ -72,7 +75,7 @@ class Account(BaseModel):
     dedupe_window_s: int = Field(default=86400, ge=60, description="how long a unique_id is remembered")
     http_timeout_s: float = Field(default=10.0, gt=0, le=300, description="one provider call, end to end")
 
-    @field_validator("password", "token", "api_key", mode="before")
+    @field_validator("password", "token", "api_key", "webhook_secret", mode="before")
     @classmethod
     def _secret_refs(cls, value: Any) -> Any:
         return _resolve_secret(value)
@@ -104,7 +107,7 @@ class Account(BaseModel):
 
     def redacted(self) -> dict[str, Any]:
         doc = self.model_dump(mode="json")
-        for key in ("password", "token", "api_key"):
+        for key in ("password", "token", "api_key", "webhook_secret"):
             if doc.get(key) is not None:
                 doc[key] = "**********"
         return doc
@@ -152,6 +155,18 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: str = "INFO"
     sandbox_port: int = Field(default=8580, ge=1, le=65535, description="port of `run --sandbox`")
+    dlr_enabled: bool = Field(
+        default=True, description="track accepted messages for delivery reports (correlation, webhooks, polling)"
+    )
+    dlr_poll_after_s: float = Field(
+        default=300.0, gt=0, description="first status poll this long after acceptance; the gap then doubles"
+    )
+    dlr_poll_max_gap_s: float = Field(default=3600.0, gt=0, description="the longest gap between two polls")
+    dlr_window_s: float = Field(
+        default=4 * 86400.0,
+        gt=0,
+        description="how long an accepted message is tracked; without a final status by then it ends undelivered",
+    )
 
     @field_validator("retry_schedule_s")
     @classmethod

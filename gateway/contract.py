@@ -388,8 +388,11 @@ def outcome_body(
     meta: dict[str, Any] | None = None,
     at: datetime | None = None,
     original: dict[str, Any] | None = None,
+    status_at: datetime | None = None,
+    reason: str | None = None,
 ) -> bytes:
-    """The outcome document. `original` (only on `duplicate`) is the first copy's stored result."""
+    """The outcome document. `original` (only on `duplicate`) is the first copy's stored result;
+    `status_at` and `reason` only on delivery events (`delivered`, `undelivered`)."""
     doc = {
         "v": CONTRACT_VERSION,
         "unique_id": unique_id,
@@ -407,5 +410,8 @@ def outcome_body(
     }
     if original is not None:
         doc["original"] = original
+    if status_at is not None:
+        doc["status_at"] = rfc3339(status_at)
+        doc["reason"] = reason
     # Strict JSON: NaN or a lone surrogate raises here rather than reach a consumer's parser.
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

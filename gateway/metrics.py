@@ -67,8 +67,27 @@ STORE_EPOCH_RESETS = Counter(
     registry=REGISTRY,
 )
 DLR_EVENTS = Counter(
-    "sms_dlr_events", "Delivery-report events received, by final status", ["account", "status"], registry=REGISTRY
+    "sms_dlr_events", "Final delivery events published, by status", ["account", "status"], registry=REGISTRY
 )
+DLR_REPORTS = Counter(
+    "sms_dlr_reports",
+    "Delivery reports received, by source (webhook, poll, window) and what became of them",
+    ["account", "source", "result"],
+    registry=REGISTRY,
+)
+DLR_REJECTED = Counter(
+    "sms_dlr_webhooks_rejected",
+    "Webhook requests answered 4xx or 503, by reason (no account label: the path is the caller's)",
+    ["provider", "reason"],
+    registry=REGISTRY,
+)
+DLR_POLL_LAG = Gauge(
+    "sms_dlr_poll_lag_seconds",
+    "Age of the oldest accepted message still without a final delivery status",
+    ["account"],
+    registry=REGISTRY,
+)
+DLR_POLLS = Counter("sms_dlr_polls", "Status polls made, one per provider call", ["account"], registry=REGISTRY)
 
 
 def render() -> bytes:

@@ -38,9 +38,11 @@ from gateway.providers.base import (
 from gateway.ratelimit import RateLimiter
 from gateway.retry import RetryPolicy
 from gateway.state import ClaimState, Grant, Store, StoredResult
+from gateway.state.base import Tracked
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.pipeline")
+CORRELATION_MARGIN_S = 86400.0  # a correlation outlives the tracking window, for its last poll
 
 
 @dataclass(eq=False, slots=True)
@@ -456,3 +458,22 @@ class Pipeline:
         await self._store.complete(name, done, window)
         await self._store.mark_unknown(name, unknown, window)
         await self._store.release(name, release, self._owner)
+        if self._settings.dlr_enabled:
+            await self._track(jobs, decisions)
+
+    async def _track(self, jobs: Sequence[Job], decisions: dict[int, Decision]) -> None:
+        """Correlate the accepted messages with their provider ids for delivery reports (dlr.py):
+        one store round trip per batch. Test requests and messages without an id are not tracked."""
+        now = self._clock.time()
+        tracked = []
+        for i, decision in decisions.items():
+            if not isinstance(decision, Finish) or not decision.store:
+                continue
+            job, r = jobs[i], decision.result
+            if r.status != Status.ACCEPTED or not r.provider_message_id:
+                continue
+            if job.unique_id is None or (job.item is not None and job.item.test):
+                continue
+            tracked.append(Tracked(r.provider_message_id, job.unique_id, job.phone, job.meta, self.provider, now))
+        s = self._settings
+        await self._store.track(self.account.name, tracked, s.dlr_poll_after_s, s.dlr_window_s + CORRELATION_MARGIN_S)

@@ -27,7 +27,7 @@ from datetime import datetime
 from enum import Enum, StrEnum
 from typing import Any, Protocol, TypeVar
 
-from gateway.contract import OutcomeError
+from gateway.contract import OutcomeError, Status
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.providers")
@@ -210,6 +210,34 @@ async def send_split(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """What a provider says of one accepted message's delivery (a webhook or a poll)."""
+
+    provider_message_id: str
+    status: str  # the provider's own word: DELIVRD, UNDELIV, delivered, sent, ...
+    final: Status | None  # DELIVERED or UNDELIVERED once the status is final, else None
+    reason: str | None = None  # why it was not delivered, when the provider says
+    at: datetime | None = None  # when the provider says the status changed, when its clock is known
+
+
+class StatusTable:
+    """A provider's delivery statuses: which are final, and how. Unknown words are logged and are
+    not final (a later poll or the tracking window decides)."""
+
+    def __init__(self, provider: str, statuses: Mapping[str, Status | None]) -> None:
+        self.provider = provider
+        self.statuses = statuses
+
+    def report(
+        self, message_id: str, status: Any, reason: str | None = None, at: datetime | None = None
+    ) -> StatusReport:
+        word = str(status or "").strip()
+        if word not in self.statuses:
+            log.warning(f"{self.provider}_unknown_status", status=word[:40], provider_message_id=message_id[:64])
+        return StatusReport(message_id, word, self.statuses.get(word), reason or None, at)
+
+
 class LookupFailed(Exception):
     """The provider could not say whether a message exists; nothing may be resent on this basis."""
 
@@ -230,6 +258,13 @@ class ProviderAdapter(Protocol):
 
     async def lookup(self, batch: Sequence[Outbound]) -> list[ItemResult | None]:
         """What the provider knows of each item (None: never received). Raises LookupFailed."""
+        ...
+
+    max_status_ids: int
+
+    async def statuses(self, message_ids: Sequence[str]) -> list[StatusReport]:
+        """Delivery statuses of accepted messages, by provider message id, at most `max_status_ids`
+        at once; ids the provider does not know are left out. Raises LookupFailed."""
         ...
 
     async def close(self) -> None: ...

@@ -16,6 +16,7 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from gateway.sandbox.dlr import DlrConfig
 from gateway.sandbox.mobizon import MobizonApi
 from gateway.sandbox.serwersms import SerwerSmsApi
 from gateway.sandbox.state import FaultRule, SandboxState
@@ -31,6 +32,7 @@ class SandboxConfig(BaseModel):
     mobizon_home: dict[str, str] | None = None  # API key -> the Host it must be called on (else code 13)
     mobizon_rate_per_s: float | None = None  # per key and method; 0 turns it off
     mobizon_recipient_codes: dict[str, int] | None = None  # number -> AddRecipients code, once
+    dlr: DlrConfig | None = None  # delivery lifecycle and Mobizon webhooks (sandbox/dlr.py)
 
 
 async def _json_model(request: web.Request, model: type[M]) -> M:
@@ -72,11 +74,14 @@ def build_app(state: SandboxState | None = None) -> web.Application:
             state.mobizon_recipient_codes = dict(cfg.mobizon_recipient_codes)
         if cfg.mobizon_rate_per_s is not None:
             state.mobizon_rate_per_s = cfg.mobizon_rate_per_s or None
+        if cfg.dlr is not None:
+            state.lifecycle.config = cfg.dlr
         return web.json_response(
             {
                 "duplicate_control": state.duplicate_control,
                 "mobizon_home": state.mobizon_home,
                 "mobizon_rate_per_s": state.mobizon_rate_per_s,
+                "dlr": state.lifecycle.config.model_dump(),
             }
         )
 
@@ -95,6 +100,11 @@ def build_app(state: SandboxState | None = None) -> web.Application:
             web.post("/_sandbox/reset", reset),
         ]
     )
+
+    async def close_lifecycle(_app: web.Application) -> None:
+        await state.lifecycle.close()
+
+    app.on_cleanup.append(close_lifecycle)
     return app
 
 

@@ -8,6 +8,7 @@ or as a JSON body (unofficial clients send JSON). Every answer is HTTP 200 with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -19,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from gateway.sandbox.dlr import HOLD
 from gateway.sandbox.state import SandboxState, SendRecord
 
 ALMATY = ZoneInfo("Asia/Almaty")  # the sandbox plays a .kz server: its timestamps are local time
@@ -181,7 +183,11 @@ class MobizonApi:
             handler = self._handler(module, method)
             self.state.requests += 1
             self.state.count_call(f"mobizon:{module}/{method}", request)
+            held: list[asyncio.Event] = []
+            HOLD.set(held)
             data = handler(who, params, received)
+            if held:  # early delivery reports: answer the send only after its webhooks were answered
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in held)), timeout=10)
         except MobizonError as exc:
             self.state.count_answer("mobizon", exc.code)
             return web.json_response(envelope(exc.code, exc.data))
@@ -243,7 +249,7 @@ class MobizonApi:
         return {"campaignId": campaign, "messageId": msg.id, "status": 2}
 
     def _status(self, msg: Message) -> str:
-        return "DELIVRD" if time.time() - msg.at >= 1.0 else "ACCEPTD"
+        return self.state.mobizon_status(msg.id)
 
     def get_sms_status(self, who: str, params: dict[str, Any], _at: float) -> list[dict[str, Any]]:
         ids = [str(i).strip() for i in _list(params.get("ids"))]
@@ -251,6 +257,7 @@ class MobizonApi:
             raise MobizonError(2)
         if len(ids) > MAX_STATUS_IDS:
             raise MobizonError(12)
+        self.state.polls(ids)
         out = []
         for i in ids:
             msg = self.messages.get(i)

@@ -224,6 +224,8 @@ class SerwerSmsApi:
             raise ApiError(3110)
         uids = set(as_list(params.get("unique_id")))
         phones = {p.lstrip("+") for p in as_list(params.get("phone"))}
+        if ids:
+            self.state.polls(ids)
         rows = [
             r
             for r in self.state.sends

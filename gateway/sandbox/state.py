@@ -18,7 +18,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import count
@@ -28,8 +28,9 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from gateway.sandbox.dlr import Fate, Lifecycle, local_ts
+
 WARSAW = ZoneInfo("Europe/Warsaw")
-DELIVERED_AFTER_S = 1.0
 NEVER_S = 3600.0
 
 
@@ -149,6 +150,10 @@ class SandboxState:
         self.calls: dict[str, int] = {}  # API calls that reached a handler, by "api:method"
         # The W3C trace context of the latest API calls, as a provider-side tracer would continue it.
         self.traceparents: deque[str] = deque(maxlen=1000)
+        # Delivery: each accepted message's fate, Mobizon's webhooks, and when each id was polled.
+        self.lifecycle = Lifecycle(random.Random(seed))
+        self.fates: dict[str, Fate] = {}  # provider message id -> fate
+        self.polled: dict[str, list[float]] = {}  # provider message id -> times of the status polls
 
     def reset(self) -> None:
         self.faults.clear()
@@ -159,6 +164,8 @@ class SandboxState:
         self.answers.clear()
         self.calls.clear()
         self.traceparents.clear()
+        self.fates.clear()
+        self.polled.clear()
         self.mobizon_recipient_codes.clear()
 
     def holds(self, who: str, unique_id: str) -> bool:
@@ -174,6 +181,10 @@ class SandboxState:
         self.answers[key] = self.answers.get(key, 0) + 1
 
     def record(self, rec: SendRecord) -> None:
+        fate = self.lifecycle.fate(rec)
+        self.fates[rec.provider_id] = fate
+        if rec.who.startswith("key:"):
+            self.lifecycle.recorded(rec, fate)
         self.sends.append(rec)
         phone = rec.phone.lstrip("+")
         self._by_recipient[phone] = self._by_recipient.get(phone, 0) + 1
@@ -181,18 +192,30 @@ class SandboxState:
             key = (rec.who, rec.unique_id)
             self._by_uid[key] = self._by_uid.get(key, 0) + 1
 
+    def polls(self, ids: Iterable[str]) -> None:
+        now = time.time()
+        for i in ids:
+            self.polled.setdefault(i, []).append(now)
+
+    def mobizon_status(self, provider_id: str) -> str:
+        fate = self.fates.get(provider_id)
+        return "ACCEPTD" if fate is None else self.lifecycle.mobizon_status(fate, time.time())
+
     def report_item(self, r: SendRecord) -> dict[str, Any]:
-        """A `messages/reports` item: `sent` at first, `delivered` a moment later."""
+        """A `messages/reports` item, from the message's lifecycle (`sent`, then its fate)."""
         queued = datetime.fromtimestamp(r.at, WARSAW).strftime("%Y-%m-%d %H:%M:%S")
-        delivered = time.time() - r.at >= DELIVERED_AFTER_S
+        fate = self.fates.get(r.provider_id)
+        status, reason = ("sent", None) if fate is None else self.lifecycle.serwersms_status(fate, time.time())
+        final_at = local_ts(fate.final_at) if fate is not None and status != "sent" else None
         parts = max(1, -(-len(r.text) // 153)) if len(r.text) > 160 else 1
         return {
             "id": r.provider_id,
             "phone": r.phone,
-            "status": "delivered" if delivered else "sent",
+            "status": status,
+            "reason": reason,
             "queued": queued,
             "sent": queued,
-            "delivered": queued if delivered else None,
+            "delivered": final_at if status == "delivered" else None,
             "sender": r.sender,
             "type": "full",
             "text": r.text,
@@ -213,6 +236,13 @@ class SandboxState:
             "by_recipient": dict(self._by_recipient),
             "answers": dict(self.answers),
             "calls": dict(self.calls),
+            "polled": {i: len(ts) for i, ts in self.polled.items()},
+            "webhooks": {
+                "posts": self.lifecycle.webhook_posts,
+                "answers": dict(self.lifecycle.webhook_answers),
+                "events": len(self.lifecycle.events),
+                "pending": self.lifecycle.pending(),
+            },
             "records": [
                 {"t": r.at, "who": r.who, "unique_id": r.unique_id, "phone": r.phone, "id": r.provider_id}
                 for r in self.sends

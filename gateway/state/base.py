@@ -27,7 +27,7 @@ earlier epoch, the new one is marked `lost` (a process that used the store found
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -125,6 +125,45 @@ def distrust_new(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """An accepted message waiting for its delivery report: the correlation from the provider's
+    message id back to the request, and how often its status was polled."""
+
+    provider_message_id: str
+    unique_id: str
+    to: str | None
+    meta: dict[str, Any] | None
+    provider: str
+    accepted_at: float  # epoch seconds
+    polls: int = 0
+
+    def to_json(self) -> str:
+        doc = {
+            "i": self.provider_message_id,
+            "u": self.unique_id,
+            "t": self.to,
+            "m": self.meta,
+            "p": self.provider,
+            "a": self.accepted_at,
+        }
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str, polls: int = 0) -> Tracked:
+        d = json.loads(text)
+        return cls(d["i"], d["u"], d["t"], d["m"], d["p"], float(d["a"]), polls)
+
+
+class FinalState(StrEnum):
+    """Who publishes a message's final delivery event (exactly one caller does)."""
+
+    CLAIMED = "claimed"  # this caller: publish, then `end_final` (or `abandon_final` on failure)
+    DONE = "done"  # published already
+    BUSY = "busy"  # another caller holds the claim (its lease runs); it publishes
+    UNKNOWN = "unknown"  # no correlation (not recorded yet, or its window is over)
+
+
 # The account's slow-down after the provider throttles (Mobizon 30, HTTP 429). It is kept with the
 # account's token bucket, so every replica sharing the store slows down together, and applied in the
 # same atomic step as each grant: rate x factor, burst x factor (at least 1).
@@ -184,6 +223,57 @@ class Store(Protocol):
     async def throttle(self, key: str) -> float:
         """The provider throttled: halve the key's factor (once per `THROTTLE_COOLDOWN_S`, however
         many replicas report it) and empty the bucket down to the new burst. Returns the factor."""
+        ...
+
+    # -- delivery reports ---------------------------------------------------------------------------
+
+    async def track(self, account: str, records: Sequence[Tracked], first_poll_s: float, ttl_s: float) -> None:
+        """Remember accepted messages by provider message id for `ttl_s` (one round trip per
+        batch); each is due for its first status poll `first_poll_s` after acceptance. A message
+        tracked already is left as it is."""
+        ...
+
+    async def begin_final(
+        self, account: str, message_id: str, owner: str, lease_s: float
+    ) -> tuple[FinalState, Tracked | None]:
+        """Claim the right to publish a message's final event (the correlation comes with CLAIMED)."""
+        ...
+
+    async def end_final(self, account: str, message_id: str, owner: str) -> None:
+        """The final event is published: the message is done, never polled or published again."""
+        ...
+
+    async def abandon_final(self, account: str, message_id: str, owner: str) -> None:
+        """Publishing failed: give the claim back (a webhook retry or a poll finishes it)."""
+        ...
+
+    async def due_polls(self, account: str, limit: int, lease_s: float) -> list[Tracked]:
+        """Messages whose status poll is due, oldest due first, at most `limit`; they are leased to
+        the caller for `lease_s` (no other replica takes them meanwhile)."""
+        ...
+
+    async def poll_later(self, account: str, next_at: Mapping[str, float]) -> None:
+        """Polled without a final status: count the poll and set each message's next poll time."""
+        ...
+
+    async def park(self, account: str, message_id: str, report: str, ttl_s: float) -> None:
+        """Hold a report that came before its correlation (until `unpark`, at most `ttl_s`)."""
+        ...
+
+    async def parked(self, account: str, limit: int) -> dict[str, str]:
+        """Held reports by provider message id (expired ones are dropped)."""
+        ...
+
+    async def unpark(self, account: str, message_ids: Sequence[str]) -> None: ...
+
+    async def event_seen(self, account: str, key: str) -> bool:
+        """A webhook event handled before (its dedupe key was remembered)."""
+        ...
+
+    async def remember_event(self, account: str, key: str, ttl_s: float) -> None: ...
+
+    async def oldest_open(self, account: str) -> float | None:
+        """Acceptance time (epoch s) of the oldest tracked message without a final event."""
         ...
 
     async def ping(self) -> None: ...

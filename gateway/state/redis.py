@@ -6,6 +6,13 @@ Keys (all here, one place); `{account}` is a hash tag so one account's keys shar
     smsgw:rl:{<key>}                  token bucket (hash: tk=tokens, ts=seconds; while throttled
                                       f=factor at the last cut, fc=its time)
 
+    smsgw:{<account>}:c:<message id>  correlation of an accepted message (hash: r=record JSON,
+                                      s=open|claim|final, o=claim owner, l=lease ms, n=polls)
+    smsgw:{<account>}:dlr:due         zset: message id -> next status poll (epoch s)
+    smsgw:{<account>}:dlr:open        zset: message id -> acceptance time, until its final event
+    smsgw:{<account>}:dlr:early       hash: message id -> a report that came before its correlation
+    smsgw:{<account>}:dlr:ev:<key>    a handled webhook event (dedupe)
+
 Time is the Redis server's (one clock for every replica) unless a `Clock` is injected (tests).
 """
 
@@ -13,7 +20,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Collection
+import time
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,8 +36,10 @@ from gateway.state.base import (
     ClaimState,
     Epoch,
     EpochMemory,
+    FinalState,
     Grant,
     StoredResult,
+    Tracked,
     distrust_new,
 )
 
@@ -44,6 +54,14 @@ def dedupe_key(account: str, uid: str) -> str:
 
 def epoch_key(account: str) -> str:
     return f"{PREFIX}:{{{account}}}:epoch"
+
+
+def corr_key(account: str, message_id: str) -> str:
+    return f"{PREFIX}:{{{account}}}:c:{message_id}"
+
+
+def dlr_key(account: str, name: str) -> str:
+    return f"{PREFIX}:{{{account}}}:dlr:{name}"
 
 
 def bucket_key(key: str) -> str:
@@ -212,6 +230,64 @@ return tostring(f)
 """
 )
 
+# KEYS = due, open, then one correlation key per message; ARGV = ttl ms, first poll after s, then
+# (record, message id, accepted at) per message. Existing correlations are left as they are.
+_TRACK = """
+local ttl, first = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #KEYS do
+  local j = 3 + (i - 3) * 3
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local at = tonumber(ARGV[j + 2])
+    redis.call('HSET', KEYS[i], 'r', ARGV[j], 's', 'open', 'n', 0)
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    redis.call('ZADD', KEYS[1], at + first, ARGV[j + 1])
+    redis.call('ZADD', KEYS[2], at, ARGV[j + 1])
+  end
+end
+return #KEYS - 2
+"""
+
+# KEYS = correlation; ARGV = owner, lease ms, now. Returns {state, record}.
+_BEGIN_FINAL = (
+    _NOW_FN
+    + """
+local now = math.floor(clock(ARGV[3]) * 1000)
+local st = redis.call('HMGET', KEYS[1], 'r', 's', 'o', 'l')
+if not st[1] then return {'unknown', ''} end
+if st[2] == 'final' then return {'done', ''} end
+if st[2] == 'claim' and st[3] ~= ARGV[1] and tonumber(st[4]) > now then return {'busy', ''} end
+redis.call('HSET', KEYS[1], 's', 'claim', 'o', ARGV[1], 'l', now + tonumber(ARGV[2]))
+return {'claimed', st[1]}
+"""
+)
+
+# KEYS = correlation, due, open; ARGV = message id, owner.
+_END_FINAL = """
+if redis.call('HGET', KEYS[1], 'o') == ARGV[2] then redis.call('HSET', KEYS[1], 's', 'final') end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS = correlation; ARGV = owner.
+_ABANDON_FINAL = """
+if redis.call('HGET', KEYS[1], 's') == 'claim' and redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 's', 'open')
+end
+return 1
+"""
+
+# KEYS = due; ARGV = limit, lease s, now. Leases the due ids (their score moves to now + lease).
+_DUE = (
+    _NOW_FN
+    + """
+local now = clock(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id) end
+return ids
+"""
+)
+
 
 class RedisStore:
     def __init__(self, url: str, clock: Clock | None = None) -> None:
@@ -221,6 +297,11 @@ class RedisStore:
         self._release = self._redis.register_script(_RELEASE)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._throttle = self._redis.register_script(_THROTTLE)
+        self._track = self._redis.register_script(_TRACK)
+        self._begin_final = self._redis.register_script(_BEGIN_FINAL)
+        self._end_final = self._redis.register_script(_END_FINAL)
+        self._abandon_final = self._redis.register_script(_ABANDON_FINAL)
+        self._due = self._redis.register_script(_DUE)
         self._epochs = EpochMemory()
         self._clock = clock
 
@@ -290,6 +371,95 @@ class RedisStore:
 
     async def throttle(self, key: str) -> float:
         return float(await self._throttle(keys=[bucket_key(key)], args=[self._now()]))
+
+    # -- delivery reports ---------------------------------------------------------------------------
+
+    async def track(self, account: str, records: Sequence[Tracked], first_poll_s: float, ttl_s: float) -> None:
+        if not records:
+            return
+        keys = [dlr_key(account, "due"), dlr_key(account, "open")]
+        args: list[Any] = [int(ttl_s * 1000), first_poll_s]
+        for r in records:
+            keys.append(corr_key(account, r.provider_message_id))
+            args += [r.to_json(), r.provider_message_id, r.accepted_at]
+        await self._track(keys=keys, args=args)
+
+    async def begin_final(
+        self, account: str, message_id: str, owner: str, lease_s: float
+    ) -> tuple[FinalState, Tracked | None]:
+        state, record = await self._begin_final(
+            keys=[corr_key(account, message_id)], args=[owner, int(lease_s * 1000), self._now()]
+        )
+        st = FinalState(state)
+        return st, Tracked.from_json(record) if st is FinalState.CLAIMED else None
+
+    async def end_final(self, account: str, message_id: str, owner: str) -> None:
+        keys = [corr_key(account, message_id), dlr_key(account, "due"), dlr_key(account, "open")]
+        await self._end_final(keys=keys, args=[message_id, owner])
+
+    async def abandon_final(self, account: str, message_id: str, owner: str) -> None:
+        await self._abandon_final(keys=[corr_key(account, message_id)], args=[owner])
+
+    async def due_polls(self, account: str, limit: int, lease_s: float) -> list[Tracked]:
+        ids = await self._due(keys=[dlr_key(account, "due")], args=[limit, lease_s, self._now()])
+        if not ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for message_id in ids:
+                pipe.hmget(corr_key(account, message_id), ["r", "s", "n"])
+            rows = await pipe.execute()
+        out: list[Tracked] = []
+        gone: list[str] = []
+        for message_id, (record, state, polls) in zip(ids, rows, strict=True):
+            if record is None or state == "final":
+                gone.append(message_id)  # expired or published: nothing to poll
+            else:
+                out.append(Tracked.from_json(record, int(polls or 0)))
+        if gone:
+            await self._redis.zrem(dlr_key(account, "due"), *gone)
+            await self._redis.zrem(dlr_key(account, "open"), *gone)
+        return out
+
+    async def poll_later(self, account: str, next_at: Mapping[str, float]) -> None:
+        if not next_at:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(dlr_key(account, "due"), dict(next_at), xx=True)
+            for message_id in next_at:
+                pipe.hincrby(corr_key(account, message_id), "n", 1)
+            await pipe.execute()
+
+    async def park(self, account: str, message_id: str, report: str, ttl_s: float) -> None:
+        until = (self._clock.time() if self._clock else time.time()) + ttl_s
+        await self._redis.hset(dlr_key(account, "early"), message_id, json.dumps([until, report]))  # type: ignore[misc]  # redis-py types sync and async alike
+
+    async def parked(self, account: str, limit: int) -> dict[str, str]:
+        now = self._clock.time() if self._clock else time.time()
+        out: dict[str, str] = {}
+        stale: list[str] = []
+        async for message_id, raw in self._redis.hscan_iter(dlr_key(account, "early"), count=limit):
+            until, report = json.loads(raw)
+            if until < now:
+                stale.append(message_id)
+            elif len(out) < limit:
+                out[message_id] = report
+        if stale:
+            await self._redis.hdel(dlr_key(account, "early"), *stale)  # type: ignore[misc]
+        return out
+
+    async def unpark(self, account: str, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self._redis.hdel(dlr_key(account, "early"), *message_ids)  # type: ignore[misc]
+
+    async def event_seen(self, account: str, key: str) -> bool:
+        return bool(await self._redis.exists(dlr_key(account, f"ev:{key}")))
+
+    async def remember_event(self, account: str, key: str, ttl_s: float) -> None:
+        await self._redis.set(dlr_key(account, f"ev:{key}"), 1, px=int(ttl_s * 1000))
+
+    async def oldest_open(self, account: str) -> float | None:
+        rows = await self._redis.zrange(dlr_key(account, "open"), 0, 0, withscores=True)
+        return float(rows[0][1]) if rows else None
 
     async def ping(self) -> None:
         await self._redis.ping()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -24,8 +24,10 @@ from gateway.state.base import (
     ClaimState,
     Epoch,
     EpochMemory,
+    FinalState,
     Grant,
     StoredResult,
+    Tracked,
     distrust_new,
 )
 
@@ -46,6 +48,28 @@ CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at);
 CREATE TABLE IF NOT EXISTS bucket (key TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL);
 -- A throttled key: the factor set by the last cut and that cut's time (state.base: THROTTLE_*).
 CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, factor REAL NOT NULL, cut_at REAL NOT NULL);
+-- Accepted messages waiting for their delivery report (state: open | claim | final).
+CREATE TABLE IF NOT EXISTS dlr (
+    account TEXT NOT NULL,
+    mid TEXT NOT NULL,
+    record TEXT NOT NULL,
+    state TEXT NOT NULL,
+    owner TEXT,
+    lease_until REAL,
+    due_at REAL,
+    accepted_at REAL NOT NULL,
+    polls INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (account, mid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dlr_due ON dlr (account, due_at) WHERE due_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS dlr_open ON dlr (account, accepted_at) WHERE state != 'final';
+CREATE TABLE IF NOT EXISTS dlr_early (
+    account TEXT NOT NULL, mid TEXT NOT NULL, report TEXT NOT NULL, until REAL NOT NULL, PRIMARY KEY (account, mid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dlr_event (
+    account TEXT NOT NULL, key TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (account, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS epoch (
     account TEXT PRIMARY KEY, id TEXT NOT NULL, since REAL NOT NULL, lost INTEGER NOT NULL
 );
@@ -92,6 +116,8 @@ class SqliteStore:
         self._ops += 1
         if self._ops % 1000 == 0:
             db.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM dlr WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM dlr_event WHERE expires_at < ?", (now,))
 
     async def claim_and_acquire(
         self,
@@ -225,6 +251,137 @@ class SqliteStore:
             db.execute("INSERT OR REPLACE INTO throttle VALUES (?, ?, ?)", (key, factor, now))
             db.execute("INSERT OR REPLACE INTO bucket VALUES (?, 0, ?)", (key, now))
             return factor
+
+        return await self._run(op)
+
+    # -- delivery reports ---------------------------------------------------------------------------
+
+    async def track(self, account: str, records: Sequence[Tracked], first_poll_s: float, ttl_s: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            now = self._clock.time()
+            self._sweep(db, now)
+            expires = now + ttl_s
+            rows = [
+                (account, r.provider_message_id, r.to_json(), r.accepted_at + first_poll_s, r.accepted_at, expires)
+                for r in records
+            ]
+            db.executemany("INSERT OR IGNORE INTO dlr VALUES (?, ?, ?, 'open', NULL, NULL, ?, ?, 0, ?)", rows)
+
+        if records:
+            await self._run(op)
+
+    async def begin_final(
+        self, account: str, message_id: str, owner: str, lease_s: float
+    ) -> tuple[FinalState, Tracked | None]:
+        def op(db: sqlite3.Connection) -> tuple[FinalState, Tracked | None]:
+            now = self._clock.time()
+            row = db.execute(
+                "SELECT record, state, owner, lease_until FROM dlr WHERE account=? AND mid=? AND expires_at>=?",
+                (account, message_id, now),
+            ).fetchone()
+            if row is None:
+                return FinalState.UNKNOWN, None
+            record, state, holder, lease_until = row
+            if state == "final":
+                return FinalState.DONE, None
+            if state == "claim" and holder != owner and lease_until > now:
+                return FinalState.BUSY, None
+            db.execute(
+                "UPDATE dlr SET state='claim', owner=?, lease_until=? WHERE account=? AND mid=?",
+                (owner, now + lease_s, account, message_id),
+            )
+            return FinalState.CLAIMED, Tracked.from_json(record)
+
+        return await self._run(op)
+
+    async def end_final(self, account: str, message_id: str, owner: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE dlr SET state='final', due_at=NULL WHERE account=? AND mid=? AND owner=?",
+                (account, message_id, owner),
+            )
+        )
+
+    async def abandon_final(self, account: str, message_id: str, owner: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE dlr SET state='open' WHERE account=? AND mid=? AND state='claim' AND owner=?",
+                (account, message_id, owner),
+            )
+        )
+
+    async def due_polls(self, account: str, limit: int, lease_s: float) -> list[Tracked]:
+        def op(db: sqlite3.Connection) -> list[Tracked]:
+            now = self._clock.time()
+            rows = db.execute(
+                "SELECT mid, record, polls FROM dlr WHERE account=? AND due_at IS NOT NULL AND due_at<=? "
+                "AND state!='final' AND expires_at>=? ORDER BY due_at LIMIT ?",
+                (account, now, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE dlr SET due_at=? WHERE account=? AND mid=?", [(now + lease_s, account, r[0]) for r in rows]
+            )
+            return [Tracked.from_json(record, polls) for _, record, polls in rows]
+
+        return await self._run(op)
+
+    async def poll_later(self, account: str, next_at: Mapping[str, float]) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE dlr SET due_at=?, polls=polls+1 WHERE account=? AND mid=? AND state!='final'",
+                [(at, account, mid) for mid, at in next_at.items()],
+            )
+
+        if next_at:
+            await self._run(op)
+
+    async def park(self, account: str, message_id: str, report: str, ttl_s: float) -> None:
+        until = self._clock.time() + ttl_s
+        await self._run(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO dlr_early VALUES (?, ?, ?, ?)", (account, message_id, report, until)
+            )
+        )
+
+    async def parked(self, account: str, limit: int) -> dict[str, str]:
+        def op(db: sqlite3.Connection) -> dict[str, str]:
+            now = self._clock.time()
+            db.execute("DELETE FROM dlr_early WHERE account=? AND until<?", (account, now))
+            rows = db.execute("SELECT mid, report FROM dlr_early WHERE account=? LIMIT ?", (account, limit))
+            return {mid: report for mid, report in rows.fetchall()}
+
+        return await self._run(op)
+
+    async def unpark(self, account: str, message_ids: Sequence[str]) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM dlr_early WHERE account=? AND mid=?", [(account, m) for m in message_ids])
+
+        if message_ids:
+            await self._run(op)
+
+    async def event_seen(self, account: str, key: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM dlr_event WHERE account=? AND key=? AND expires_at>=?",
+                (account, key, self._clock.time()),
+            ).fetchone()
+            return row is not None
+
+        return await self._run(op)
+
+    async def remember_event(self, account: str, key: str, ttl_s: float) -> None:
+        until = self._clock.time() + ttl_s
+        await self._run(
+            lambda db: db.execute("INSERT OR REPLACE INTO dlr_event VALUES (?, ?, ?)", (account, key, until))
+        )
+
+    async def oldest_open(self, account: str) -> float | None:
+        def op(db: sqlite3.Connection) -> float | None:
+            row = db.execute(
+                "SELECT MIN(accepted_at) FROM dlr WHERE account=? AND state!='final' AND expires_at>=?",
+                (account, self._clock.time()),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
 
         return await self._run(op)
 

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from gateway.state import Claim, ClaimState, Grant, Store, StoredResult
-from gateway.state.base import THROTTLE_COOLDOWN_S, THROTTLE_MIN_FACTOR, THROTTLE_RECOVERY_PER_S
+from gateway.state.base import (
+    THROTTLE_COOLDOWN_S,
+    THROTTLE_MIN_FACTOR,
+    THROTTLE_RECOVERY_PER_S,
+    FinalState,
+    Tracked,
+)
 from gateway.state.redis import RedisStore
 from gateway.state.sqlite import SqliteStore
 from testkit import REDIS_URL
@@ -237,3 +243,65 @@ async def test_a_fresh_store_distrusts_only_copies_seen_before(store: Store, acc
         "redelivered": ClaimState.RECONCILE,
     }
     assert grant.granted == 2  # the reconciled id keeps its token for the send that may follow
+
+
+# -- delivery reports ---------------------------------------------------------------------------------
+
+
+def tracked(mid: str, at: float) -> Tracked:
+    return Tracked(mid, f"u-{mid}", "+48500600700", {"k": "v"}, "serwersms", at)
+
+
+async def test_one_caller_publishes_a_final_event(store: Store, account: str, clock: FakeClock) -> None:
+    now = clock.time()
+    await store.track(account, [tracked("m1", now)], first_poll_s=60, ttl_s=600)
+    assert await store.begin_final(account, "nope", "w1", 30) == (FinalState.UNKNOWN, None)
+    state, record = await store.begin_final(account, "m1", "w1", 30)
+    assert (state, record) == (FinalState.CLAIMED, tracked("m1", now))
+    assert (await store.begin_final(account, "m1", "w2", 30))[0] is FinalState.BUSY
+    await store.abandon_final(account, "m1", "w1")  # the publish failed: someone else may try
+    assert (await store.begin_final(account, "m1", "w2", 30))[0] is FinalState.CLAIMED
+    await store.end_final(account, "m1", "w2")
+    assert (await store.begin_final(account, "m1", "w1", 30))[0] is FinalState.DONE
+    # Tracking the same id again (a reconciled copy) does not reopen it.
+    await store.track(account, [tracked("m1", now)], first_poll_s=0, ttl_s=600)
+    assert (await store.begin_final(account, "m1", "w1", 30))[0] is FinalState.DONE
+
+
+async def test_a_claim_whose_lease_ran_out_can_be_taken(store: Store, account: str, clock: FakeClock) -> None:
+    await store.track(account, [tracked("m1", clock.time())], first_poll_s=60, ttl_s=600)
+    assert (await store.begin_final(account, "m1", "crashed", 5))[0] is FinalState.CLAIMED
+    clock.advance(6)
+    assert (await store.begin_final(account, "m1", "w2", 5))[0] is FinalState.CLAIMED
+
+
+async def test_due_polls_are_leased_to_one_caller(store: Store, account: str, clock: FakeClock) -> None:
+    now = clock.time()
+    await store.track(account, [tracked(f"m{i}", now + i) for i in range(5)], first_poll_s=10, ttl_s=600)
+    assert await store.due_polls(account, 10, lease_s=30) == []
+    assert await store.oldest_open(account) == now
+    clock.advance(12)  # m0, m1, m2 are due
+    first = await store.due_polls(account, 2, lease_s=30)
+    second = await store.due_polls(account, 10, lease_s=30)
+    assert [t.provider_message_id for t in first] == ["m0", "m1"]
+    assert [t.provider_message_id for t in second] == ["m2"]  # the others are leased
+    await store.poll_later(account, {"m0": clock.time() + 5})
+    await store.begin_final(account, "m1", "w1", 30)
+    await store.end_final(account, "m1", "w1")
+    clock.advance(31)
+    again = await store.due_polls(account, 10, lease_s=30)
+    assert {t.provider_message_id: t.polls for t in again} == {"m0": 1, "m2": 0, "m3": 0, "m4": 0}
+    assert await store.oldest_open(account) == now  # m0 is still open; m1 is final
+
+
+async def test_parked_reports_and_handled_events(store: Store, account: str, clock: FakeClock) -> None:
+    await store.park(account, "early", '{"s":"DELIVRD"}', ttl_s=10)
+    await store.park(account, "stale", '{"s":"UNDELIV"}', ttl_s=1)
+    clock.advance(2)
+    assert await store.parked(account, 10) == {"early": '{"s":"DELIVRD"}'}
+    await store.unpark(account, ["early"])
+    assert await store.parked(account, 10) == {}
+    assert not await store.event_seen(account, "1:26")
+    await store.remember_event(account, "1:26", ttl_s=60)
+    assert await store.event_seen(account, "1:26")
+    assert not await store.event_seen(account + "x", "1:26")

@@ -9,6 +9,7 @@ import logging
 import sys
 
 import pytest
+import structlog
 
 from gateway import contract as c
 from gateway.telemetry import setup_logging
@@ -126,6 +127,7 @@ def test_library_log_lines_are_json_when_json_is_asked_for(monkeypatch: pytest.M
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+        structlog.reset_defaults()  # later tests' loggers must not write to this test's stderr
     lines = [json.loads(line) for line in err.getvalue().splitlines()]  # every line is one JSON object
     assert [d["event"] for d in lines] == ["connection lost to 127.0.0.1", "Task exception was never retrieved"]
     assert lines[0]["logger"] == "aiormq.connection"

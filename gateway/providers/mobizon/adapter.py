@@ -18,21 +18,23 @@ from typing import Any
 import httpx
 
 from gateway.config import Account
-from gateway.providers.base import Action, ItemResult, Outbound, Verdict, batch_key, fan_out
+from gateway.providers.base import Action, ItemResult, LookupFailed, Outbound, StatusReport, Verdict, batch_key, fan_out
 from gateway.providers.http import transport_failure
 from gateway.providers.mobizon import lookup
 from gateway.providers.mobizon.api import MobizonApi, digits, ident, options, succeeded
 from gateway.providers.mobizon.campaign import Results, send_campaign
-from gateway.providers.mobizon.codes import NAME, SUCCESS
+from gateway.providers.mobizon.codes import NAME, STATUSES, SUCCESS
 
 CAMPAIGN_MIN = 20  # fewer same-text messages than this go out as single sends
 LOOKUP_CONCURRENCY = 8
+MAX_STATUS_IDS = 100  # per Message/GetSMSStatus call (more: code 12)
 _MISSING = ItemResult.failure("missing_item", "MissingItem", "no result for this message", Action.AMBIGUOUS)
 
 
 class MobizonAdapter:
     name = NAME
     max_batch = 10_000
+    max_status_ids = MAX_STATUS_IDS
     batch_key = staticmethod(batch_key)
 
     def __init__(self, account: Account, client: httpx.AsyncClient | None = None) -> None:
@@ -91,6 +93,22 @@ class MobizonAdapter:
 
     async def lookup(self, batch: Sequence[Outbound]) -> list[ItemResult | None]:
         return await fan_out(batch, lambda item: lookup.find(self._api, item), LOOKUP_CONCURRENCY)
+
+    async def statuses(self, message_ids: Sequence[str]) -> list[StatusReport]:
+        """`Message/GetSMSStatus`. Its `statusUpdateTs` is in the server's undocumented time zone,
+        so the reports carry no time of their own."""
+        async with self._api.gate:
+            try:
+                doc, failure = await self._api.call("Message/GetSMSStatus", {"ids": list(message_ids)})
+            except httpx.HTTPError as exc:
+                raise LookupFailed(f"Message/GetSMSStatus: {type(exc).__name__}") from exc
+        if failure is not None or not succeeded(doc, {0}) or not isinstance(doc.get("data"), list):
+            raise LookupFailed(f"Message/GetSMSStatus answered {str(doc)[:200] if doc else failure}")
+        return [
+            STATUSES.report(str(row["id"]), row.get("status"))
+            for row in doc["data"]
+            if isinstance(row, dict) and row.get("id") is not None
+        ]
 
     async def close(self) -> None:
         await self._api.close()

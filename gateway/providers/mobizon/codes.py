@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.contract import Status
 from gateway.providers.base import Action as A
-from gateway.providers.base import CodeRule, CodeTable, ItemResult
+from gateway.providers.base import CodeRule, CodeTable, ItemResult, StatusTable
 
 NAME = "mobizon"
 
@@ -72,3 +73,24 @@ def classify(code: Any, message: str | None = None, *, table: CodeTable = TABLE,
 def is_redirect(code: Any) -> bool:
     rule = TABLE.rule(code)
     return rule is not None and rule.action is A.REDIRECT
+
+
+# Delivery statuses (B9). Final: DELIVRD (delivered); UNDELIV, REJECTD, EXPIRED, DELETED (not
+# delivered). EXPIRD is how a community SDK spells EXPIRED; the documents' spelling is EXPIRED.
+STATUSES = StatusTable(
+    NAME,
+    {
+        "NEW": None,
+        "ENQUEUD": None,
+        "ACCEPTD": None,
+        "PDLIVRD": None,  # some segments delivered; takes the first segment's status later
+        "UNKNOWN": None,
+        "SCHEDUL": None,
+        "DELIVRD": Status.DELIVERED,
+        "UNDELIV": Status.UNDELIVERED,
+        "REJECTD": Status.UNDELIVERED,
+        "EXPIRED": Status.UNDELIVERED,
+        "EXPIRD": Status.UNDELIVERED,
+        "DELETED": Status.UNDELIVERED,
+    },
+)

@@ -20,9 +20,18 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from gateway.config import Account
-from gateway.providers.base import Action, ItemResult, LookupFailed, Outbound, Verdict, batch_key, fan_out
+from gateway.providers.base import (
+    Action,
+    ItemResult,
+    LookupFailed,
+    Outbound,
+    StatusReport,
+    Verdict,
+    batch_key,
+    fan_out,
+)
 from gateway.providers.http import decode_json, make_client, traced_post, transport_failure
-from gateway.providers.serwersms.codes import NAME, classify
+from gateway.providers.serwersms.codes import NAME, STATUSES, classify
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.providers.serwersms")
@@ -30,6 +39,7 @@ log = get_logger("gateway.providers.serwersms")
 MAX_NUMBERS = 100_000  # per send_sms request
 MAX_PERSONALIZED = 10_000  # per send_personalized request
 LOOKUP_CONCURRENCY = 8
+MAX_REPORT_IDS = 500  # per messages/reports query
 WARSAW = ZoneInfo("Europe/Warsaw")
 
 _BAD_RESPONSE = ItemResult.failure("bad_response", "BadResponse", "unexpected answer layout", Action.AMBIGUOUS)
@@ -126,9 +136,30 @@ def parse_report(doc: Any) -> ItemResult | None:
     return _item_result(held[0] if held else items[0])
 
 
+def parse_statuses(doc: Any) -> list[StatusReport]:
+    """A `messages/reports` answer filtered by ids: one report per item."""
+    if not isinstance(doc, dict) or isinstance(doc.get("error"), dict) or not isinstance(doc.get("items"), list):
+        raise LookupFailed(f"unexpected messages/reports answer: {str(doc)[:200]}")
+    out = []
+    for item in doc["items"]:
+        if isinstance(item, dict) and item.get("id") is not None:
+            when = _warsaw(item.get("delivered") or item.get("sent"))
+            out.append(STATUSES.report(str(item["id"]), item.get("status"), item.get("reason"), when))
+    return out
+
+
+def _warsaw(value: Any) -> datetime | None:
+    """A SerwerSMS timestamp (`YYYY-MM-DD HH:MM:SS`, Warsaw time), or None."""
+    try:
+        return datetime.strptime(str(value), "%Y-%m-%d %H:%M:%S").replace(tzinfo=WARSAW)
+    except ValueError:
+        return None
+
+
 class SerwerSmsAdapter:
     name = NAME
     max_batch = MAX_PERSONALIZED
+    max_status_ids = MAX_REPORT_IDS
 
     def __init__(self, account: Account, client: httpx.AsyncClient | None = None) -> None:
         self._account = account
@@ -180,6 +211,17 @@ class SerwerSmsAdapter:
         if failure is not None:
             raise LookupFailed(f"messages/reports: {failure.error.message if failure.error else ''}")
         return parse_report(doc)
+
+    async def statuses(self, message_ids: Sequence[str]) -> list[StatusReport]:
+        body = {"id": list(message_ids), "limit": len(message_ids)}
+        try:
+            response = await self._post("messages/reports.json", body)
+        except httpx.HTTPError as exc:
+            raise LookupFailed(f"messages/reports: {type(exc).__name__}") from exc
+        doc, failure = decode_json(response)
+        if failure is not None:
+            raise LookupFailed(f"messages/reports: {failure.error.message if failure.error else ''}")
+        return parse_statuses(doc)
 
     async def close(self) -> None:
         await self._client.aclose()

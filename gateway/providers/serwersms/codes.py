@@ -3,8 +3,9 @@ answer means. Pure data and one lookup: no I/O."""
 
 from __future__ import annotations
 
+from gateway.contract import Status
 from gateway.providers.base import Action as A
-from gateway.providers.base import CodeRule, CodeTable, ItemResult
+from gateway.providers.base import CodeRule, CodeTable, ItemResult, StatusTable
 
 NAME = "serwersms"
 
@@ -111,3 +112,18 @@ TABLE = CodeTable(NAME, CODES, UNKNOWN)
 
 def classify(code: object, message: str | None = None, *, answer: object = None) -> ItemResult:
     return TABLE.classify(code, message, answer=answer)
+
+
+# Delivery statuses of `messages/reports` (A10); finality is the provider document's reading.
+STATUSES = StatusTable(
+    NAME,
+    {
+        "saved": None,
+        "queued": None,
+        "in_progress": None,
+        "sent": None,  # handed to the operator, no report yet (may stay so: the window decides)
+        "delivered": Status.DELIVERED,
+        "undelivered": Status.UNDELIVERED,
+        "unsent": Status.UNDELIVERED,
+    },
+)

@@ -1,0 +1,323 @@
+"""Delivery reports: every accepted SMS ends as exactly one `delivered` or `undelivered` event.
+
+    pipeline (accepted, with a provider message id) --track--> Store: correlation + first poll time
+    Mobizon webhook  POST /dlr/mobizon/<account> --> Desk.webhook --+
+    Poller (per account, every replica): due ids --statuses()-------+--> Desk.report
+                                                                        begin_final (one caller wins)
+                                                                        -> publish on sms.outcomes
+                                                                           <status>.<account>, confirmed
+                                                                        -> end_final
+
+- Exactly one final event: the store lets one caller claim a message's final event at a time;
+  it publishes (broker confirm), then marks the message final. A webhook retry, a duplicate
+  webhook or a poll that comes later finds it final and publishes nothing. A publish that fails
+  gives the claim back; a crash between the confirm and the mark leaves a claim whose lease ends,
+  and the message's next poll publishes it again (the one way to see a final event twice).
+- A report before its correlation (the provider answered the webhook faster than the gateway
+  recorded the send) is parked in the store and answered 2xx; the desk matches it once the
+  correlation exists.
+- Polling is SerwerSMS's source of truth (its push format is undocumented) and Mobizon's safety
+  net: a message is first polled `dlr_poll_after_s` after acceptance, then at doubling gaps up to
+  `dlr_poll_max_gap_s`, in batches (`max_status_ids`), each batch leased to one replica and paid
+  for with one rate-limit token of the account. A message without a final status when
+  `dlr_window_s` ends becomes `undelivered` with reason `unknown`.
+- A webhook is answered 2xx only once its report is published or parked; 503 when the broker or the
+  store cannot take it (Mobizon retries), 403 for a bad `sign`, 404 for an unknown account, 400 for
+  a malformed or oversized body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from gateway import contract as c
+from gateway import metrics as m
+from gateway.clock import SYSTEM, Clock
+from gateway.config import Account, Settings
+from gateway.numbers import mask
+from gateway.providers.base import LookupFailed, ProviderAdapter, StatusReport
+from gateway.providers.mobizon import webhook as mobizon_webhook
+from gateway.state import Store
+from gateway.state.base import FinalState, Tracked
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.dlr")
+
+FINAL_LEASE_S = 30.0  # a claim on a final event outlives any publish
+SWEEP_S = 0.5  # parked reports are matched this often
+LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often
+IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long
+WEBHOOK_DEADLINE_S = 4.0  # Mobizon waits 5 s for the answer
+
+
+class EventSink(Protocol):
+    """Where final events go (the Publisher)."""
+
+    async def outcome(
+        self,
+        *,
+        account: str,
+        status: str,
+        body: bytes,
+        unique_id: str | None,
+        reply_to: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> None: ...
+
+
+def poll_gap(settings: Settings, polls: int) -> float:
+    """The wait after the `polls`-th poll of a message: doubling from `dlr_poll_after_s`."""
+    return float(min(settings.dlr_poll_after_s * 2 ** min(polls, 30), settings.dlr_poll_max_gap_s))
+
+
+class Desk:
+    """Turns final reports into final events, exactly once per message."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        sink: EventSink,
+        accounts: Sequence[Account],
+        settings: Settings,
+        owner: str,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self._store = store
+        self._sink = sink
+        self._accounts = {a.name: a for a in accounts}
+        self._settings = settings
+        self._owner = owner
+        self._clock = clock
+
+    # -- one report -----------------------------------------------------------------------------------
+
+    async def report(self, account: str, report: StatusReport, source: str) -> bool:
+        """Publish the final event a final report owes. False when the message's correlation is
+        unknown (not recorded yet): the caller parks the report. Non-final reports owe nothing."""
+        if report.final is None:
+            m.DLR_REPORTS.labels(account, source, "not_final").inc()
+            return True
+        state, tracked = await self._store.begin_final(account, report.provider_message_id, self._owner, FINAL_LEASE_S)
+        if state is FinalState.UNKNOWN:
+            return False
+        if state is not FinalState.CLAIMED or tracked is None:
+            m.DLR_REPORTS.labels(account, source, "already_final").inc()
+            return True
+        try:
+            await self._publish(account, tracked, report)
+        except BaseException:
+            await asyncio.shield(self._store.abandon_final(account, report.provider_message_id, self._owner))
+            raise
+        await self._store.end_final(account, report.provider_message_id, self._owner)
+        m.DLR_REPORTS.labels(account, source, "published").inc()
+        return True
+
+    async def _publish(self, account: str, t: Tracked, report: StatusReport) -> None:
+        assert report.final is not None
+        status = report.final
+        error = None
+        if status is c.Status.UNDELIVERED:
+            why = report.reason or report.status
+            error = c.OutcomeError(why, "Undelivered", f"the provider reports {report.status}", False)
+        body = c.outcome_body(
+            unique_id=t.unique_id,
+            account=account,
+            to=t.to,
+            status=status,
+            provider=t.provider,
+            provider_message_id=t.provider_message_id,
+            error=error,
+            provider_status=report.status,
+            meta=t.meta,
+            at=self._clock.now(),
+            status_at=report.at or self._clock.now(),
+            reason=report.reason,
+        )
+        await self._sink.outcome(account=account, status=str(status), body=body, unique_id=t.unique_id)
+        m.DLR_EVENTS.labels(account, str(status)).inc()
+        log.info(
+            "sms_report",
+            account=account,
+            unique_id=t.unique_id,
+            to=mask(t.to),
+            status=str(status),
+            provider_status=report.status,
+            reason=report.reason,
+            provider_message_id=t.provider_message_id,
+        )
+
+    # -- webhooks -----------------------------------------------------------------------------------
+
+    async def webhook(self, provider: str, account_name: str, body: bytes | None, content_type: str) -> tuple[int, str]:
+        """Handle one webhook request (`body` None: larger than the limit): (HTTP status, reason)."""
+        provider = provider if provider in ("mobizon", "serwersms") else "(unknown)"  # a bounded label
+        account = self._accounts.get(account_name)
+        if provider != "mobizon" or account is None or account.provider != provider:
+            return _rejected(provider, 404, "unknown_account")
+        if body is None:
+            return _rejected(provider, 400, "oversized")
+        try:
+            event = mobizon_webhook.parse(body, content_type)
+        except mobizon_webhook.BadWebhook as exc:
+            return _rejected(provider, 400, "malformed", exc)
+        secret = account.webhook_secret
+        if secret is not None and not mobizon_webhook.verify(event, secret.get_secret_value()):
+            return _rejected(provider, 403, "bad_signature")
+        if event.report is None:
+            m.DLR_REPORTS.labels(account.name, "webhook", "other_event").inc()
+            return 200, "ignored"
+        try:
+            return await asyncio.wait_for(self._webhook_report(account.name, event), WEBHOOK_DEADLINE_S)
+        except Exception as exc:  # noqa: BLE001 - the store or the broker is away: Mobizon retries
+            log.warning("dlr_webhook_unavailable", account=account.name, error=type(exc).__name__)
+            return _rejected(provider, 503, "unavailable")
+
+    async def _webhook_report(self, account: str, event: mobizon_webhook.WebhookEvent) -> tuple[int, str]:
+        assert event.report is not None
+        if await self._store.event_seen(account, event.dedupe_key):
+            m.DLR_REPORTS.labels(account, "webhook", "duplicate").inc()
+            return 200, "duplicate"
+        if not await self.report(account, event.report, "webhook"):
+            await self._store.park(
+                account, event.report.provider_message_id, _park(event.report), self._settings.dlr_window_s
+            )
+            m.DLR_REPORTS.labels(account, "webhook", "parked").inc()
+        await self._store.remember_event(account, event.dedupe_key, self._settings.dlr_window_s)
+        return 200, "ok"
+
+    # -- parked reports and the lag gauge -------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Match parked reports whose correlation exists now; returns how many were finished."""
+        finished = 0
+        for name in self._accounts:
+            parked = await self._store.parked(name, 200)
+            done = []
+            for message_id, raw in parked.items():
+                if await self.report(name, _unpark(message_id, raw), "parked"):
+                    done.append(message_id)
+            await self._store.unpark(name, done)
+            finished += len(done)
+        return finished
+
+    async def measure_lag(self) -> None:
+        now = self._clock.time()
+        for name in self._accounts:
+            oldest = await self._store.oldest_open(name)
+            m.DLR_POLL_LAG.labels(name).set(0.0 if oldest is None else max(0.0, now - oldest))
+
+    async def run(self) -> None:
+        """Sweep parked reports and refresh the lag gauge until cancelled."""
+        last_lag = -LAG_EVERY_S
+        while True:
+            try:
+                await self.sweep()
+                if self._clock.monotonic() - last_lag >= LAG_EVERY_S:
+                    last_lag = self._clock.monotonic()
+                    await self.measure_lag()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the store or broker is away: the next round retries
+                log.warning("dlr_sweep_failed", error=type(exc).__name__)
+            await self._clock.sleep(SWEEP_S)
+
+
+class Poller:
+    """Polls one account's accepted messages whose status poll is due."""
+
+    def __init__(
+        self,
+        *,
+        desk: Desk,
+        account: Account,
+        adapter: ProviderAdapter,
+        store: Store,
+        settings: Settings,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self._desk = desk
+        self._account = account
+        self._adapter = adapter
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        self._lease_s = max(30.0, 3 * account.http_timeout_s)
+
+    async def poll_once(self) -> int:
+        """One round: take the due messages (leased to this replica), ask the provider, publish the
+        final ones, schedule the rest. Returns how many messages were looked at."""
+        name = self._account.name
+        due = await self._store.due_polls(name, self._adapter.max_status_ids, self._lease_s)
+        if not due:
+            return 0
+        now = self._clock.time()
+        window = self._settings.dlr_window_s
+        ended = [t for t in due if t.accepted_at + window <= now]
+        for t in ended:
+            gone = StatusReport(t.provider_message_id, "unknown", c.Status.UNDELIVERED, "unknown")
+            await self._desk.report(name, gone, "window")
+        asking = [t for t in due if t.accepted_at + window > now]
+        if not asking:
+            return len(due)
+        await self._take_token()
+        m.DLR_POLLS.labels(name).inc()
+        try:
+            reports = {
+                r.provider_message_id: r for r in await self._adapter.statuses([t.provider_message_id for t in asking])
+            }
+        except LookupFailed as exc:
+            log.warning("dlr_poll_failed", account=name, count=len(asking), error=str(exc)[:200])
+            reports = {}
+        later: dict[str, float] = {}
+        for t in asking:
+            report = reports.get(t.provider_message_id)
+            if report is not None and report.final is not None:
+                await self._desk.report(name, report, "poll")
+            else:
+                gap = poll_gap(self._settings, t.polls + 1)
+                later[t.provider_message_id] = min(now + gap, t.accepted_at + window)
+        await self._store.poll_later(name, later)
+        return len(due)
+
+    async def _take_token(self) -> None:
+        """A poll is one provider call: it waits for one token of the account's rate budget."""
+        a = self._account
+        while True:
+            grant = await self._store.acquire(a.name, 1, a.rate_per_s, a.burst)
+            if grant.granted:
+                return
+            await self._clock.sleep(max(grant.wait_s, 0.01))
+
+    async def run(self) -> None:
+        while True:
+            try:
+                polled = await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the leases run out and the next round takes them again
+                log.warning("dlr_poll_round_failed", account=self._account.name, error=type(exc).__name__)
+                polled = 0
+            if polled < self._adapter.max_status_ids:
+                await self._clock.sleep(IDLE_POLL_S)
+
+
+def _rejected(provider: str, status: int, reason: str, exc: Exception | None = None) -> tuple[int, str]:
+    m.DLR_REJECTED.labels(provider, reason).inc()
+    log.info("dlr_webhook_rejected", provider=provider, status=status, reason=reason, detail=str(exc or "")[:200])
+    return status, reason
+
+
+def _park(report: StatusReport) -> str:
+    at = report.at.isoformat() if report.at is not None else None
+    return json.dumps({"s": report.status, "f": report.final, "r": report.reason, "at": at})
+
+
+def _unpark(message_id: str, raw: str) -> StatusReport:
+    d: Mapping[str, Any] = json.loads(raw)
+    at = datetime.fromisoformat(d["at"]) if d.get("at") else None
+    return StatusReport(message_id, d["s"], c.Status(d["f"]) if d.get("f") else None, d.get("r"), at)

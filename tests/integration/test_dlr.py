@@ -1,0 +1,157 @@
+"""Delivery reports against the real broker and Redis, with the sandbox's lifecycle and webhooks:
+every accepted message ends as exactly one `delivered` or `undelivered` event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway import metrics as m
+from gateway.config import Account
+from gateway.sandbox.dlr import DlrConfig, Webhook
+from testkit import REDIS_URL, Bus, free_port, new_account_name, request
+from tests.conftest import InProcess
+
+pytestmark = pytest.mark.integration
+
+SECRET = "hook-secret"
+
+
+def mobizon(world: InProcess, name: str, **overrides: Any) -> Account:
+    return world.account(
+        name, provider="mobizon", api_key=f"key-{name}", token=None, webhook_secret=SECRET, **overrides
+    )
+
+
+def finals(bus: Bus) -> list[dict[str, Any]]:
+    return [d for d in bus.outcome_docs() if d["status"] in ("delivered", "undelivered")]
+
+
+async def wait_finals(bus: Bus, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(finals(bus)) < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+async def test_mobizon_webhooks_end_each_message_exactly_once(world: InProcess) -> None:
+    name = new_account_name()
+    port = free_port()
+    world.state.lifecycle.config = DlrConfig(
+        delay_s=0.3,
+        jitter_s=0.5,
+        mix={"delivered": 0.8, "undelivered": 0.1, "expired": 0.05, "rejected": 0.05},
+        webhooks={f"key-{name}": Webhook(url=f"http://127.0.0.1:{port}/dlr/mobizon/{name}", secret=SECRET)},
+        retry_share=0.2,
+        duplicate_share=0.05,
+        early_share=0.1,
+        retry_gap_s=0.3,
+    )
+    await world.gateway([mobizon(world, name, linger_ms=50)], http_port=port, redis_url=REDIS_URL)
+    n = 200
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"w{i}", to=f"+7701{i:07d}", text=f"code {i}")) for i in range(n)])
+        await bus.wait_for(outcomes=n, timeout=60)
+        await wait_finals(bus, n)
+        await bus.settle(1.5)  # retries and duplicates still coming must publish nothing more
+    events = finals(bus)
+    per_id = Counter(d["unique_id"] for d in events)
+    assert len(per_id) == n
+    assert set(per_id.values()) == {1}, [u for u, k in per_id.items() if k > 1][:5]
+    fates = Counter(d["status"] for d in events)
+    assert fates["delivered"] > 0
+    assert fates["undelivered"] > 0
+    sample = next(d for d in events if d["status"] == "undelivered")
+    assert sample["provider_status"] in {"UNDELIV", "EXPIRED", "REJECTD"}
+    assert sample["error"]["retryable"] is False
+    assert sample["status_at"]
+    assert sample["to"].startswith("+7701")
+    hooks = world.state.ledger()["webhooks"]
+    assert hooks["events"] == n
+    assert hooks["posts"] > n  # retries and duplicates were sent, and came to nothing
+    assert m.REGISTRY.get_sample_value(
+        "sms_dlr_reports_total", {"account": name, "source": "webhook", "result": "parked"}
+    )
+
+
+async def test_serwersms_is_polled_until_final(world: InProcess) -> None:
+    name = new_account_name()
+    world.state.lifecycle.config = DlrConfig(delay_s=0.2, jitter_s=1.0, mix={"delivered": 0.7, "undelivered": 0.3})
+    await world.gateway([world.account(name, linger_ms=50)], dlr_poll_after_s=0.3, dlr_poll_max_gap_s=0.6)
+    n = 100
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"p{i}", to=f"+4850070{i:04d}")) for i in range(n)])
+        await bus.wait_for(outcomes=n, timeout=60)
+        await wait_finals(bus, n)
+        await bus.settle(1.0)
+    events = finals(bus)
+    assert Counter(Counter(d["unique_id"] for d in events).values()) == {1: n}
+    undelivered = [d for d in events if d["status"] == "undelivered"]
+    assert undelivered
+    assert all(d["reason"] == "wrong_number" for d in undelivered)
+    assert all(d["provider_status"] in ("delivered", "undelivered") for d in events)
+    polls = world.state.ledger()["polled"]
+    assert set(polls) == {d["provider_message_id"] for d in events}
+    assert max(polls.values()) >= 2  # some were still in flight at their first poll
+
+
+async def test_a_message_without_a_final_status_ends_undelivered_unknown_when_its_window_ends(
+    world: InProcess,
+) -> None:
+    name = new_account_name()
+    world.state.lifecycle.config = DlrConfig(delay_s=3600)  # never final within the test
+    await world.gateway(
+        [world.account(name, linger_ms=50)], dlr_poll_after_s=0.2, dlr_poll_max_gap_s=0.3, dlr_window_s=1.0
+    )
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("slow-1"))
+        await bus.wait_for(outcomes=1)
+        await wait_finals(bus, 1, timeout=15)
+    (event,) = finals(bus)
+    assert (event["status"], event["reason"], event["provider_status"]) == ("undelivered", "unknown", "unknown")
+
+
+async def test_bad_webhooks_get_4xx_are_counted_and_the_gateway_goes_on(world: InProcess) -> None:
+    name = new_account_name()
+    port = free_port()
+    await world.gateway([mobizon(world, name)], http_port=port)
+    url = f"http://127.0.0.1:{port}/dlr/mobizon"
+    good = {
+        "eventId": 1,
+        "eventType": "sms-delivery-report",
+        "eventCreateTs": "2026-01-15 11:42:28",
+        "webhookId": 1,
+        "attempt": 1,
+        "data": {"messageId": 5, "status": "DELIVRD", "to": "77010000000"},
+        "sign": "0" * 40,
+    }
+    async with httpx.AsyncClient(timeout=5) as client:
+        answers = [
+            (await client.post(f"{url}/{name}", json=good)).status_code,  # wrong sign
+            (await client.post(f"{url}/nobody", json=good)).status_code,
+            (await client.post(f"http://127.0.0.1:{port}/dlr/serwersms/{name}", json=good)).status_code,
+            (await client.post(f"{url}/{name}", content=b'{"eventId": ')).status_code,
+            (await client.post(f"{url}/{name}", json={**good, "data": []})).status_code,
+            (await client.post(f"{url}/{name}", content=b"[" * 100_000)).status_code,
+        ]
+        health = (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code
+    assert answers == [403, 404, 404, 400, 400, 400]
+    assert health == 200
+
+    def rejected(provider: str, reason: str) -> float:
+        return (
+            m.REGISTRY.get_sample_value("sms_dlr_webhooks_rejected_total", {"provider": provider, "reason": reason})
+            or 0
+        )
+
+    assert rejected("mobizon", "bad_signature") >= 1
+    assert rejected("mobizon", "unknown_account") >= 1
+    assert rejected("serwersms", "unknown_account") >= 1
+    assert rejected("mobizon", "malformed") >= 2
+    assert rejected("mobizon", "oversized") >= 1
+    assert json.dumps(good)  # the good body itself is well formed: only the sign was wrong
