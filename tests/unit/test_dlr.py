@@ -1,0 +1,148 @@
+"""Delivery reports without services: both providers' status tables row by row, the Mobizon
+webhook body and its signature, and the polling schedule."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway.config import Settings
+from gateway.contract import Status
+from gateway.dlr import poll_gap
+from gateway.providers.mobizon import webhook
+from gateway.providers.mobizon.codes import STATUSES as MOBIZON
+from gateway.providers.serwersms.adapter import parse_statuses
+from gateway.providers.serwersms.codes import STATUSES as SERWERSMS
+from gateway.sandbox.dlr import sign as sandbox_sign
+
+D, U = Status.DELIVERED, Status.UNDELIVERED
+MOBIZON_FINAL = {"DELIVRD": D, "UNDELIV": U, "REJECTD": U, "EXPIRED": U, "EXPIRD": U, "DELETED": U}
+SERWERSMS_FINAL = {"delivered": D, "undelivered": U, "unsent": U}
+
+
+@pytest.mark.parametrize(
+    "status", ["NEW", "ENQUEUD", "ACCEPTD", "PDLIVRD", "DELIVRD", "UNDELIV", "REJECTD", "EXPIRED", "DELETED"]
+)
+def test_every_documented_mobizon_status(status: str) -> None:
+    assert MOBIZON.report("1", status).final is MOBIZON_FINAL.get(status)
+
+
+@pytest.mark.parametrize("status", ["saved", "queued", "in_progress", "sent", "delivered", "undelivered", "unsent"])
+def test_every_serwersms_status(status: str) -> None:
+    assert SERWERSMS.report("1", status).final is SERWERSMS_FINAL.get(status)
+
+
+def test_unknown_statuses_are_not_final() -> None:
+    assert MOBIZON.report("1", "SOMETHING_NEW").final is None
+    assert SERWERSMS.report("1", None).final is None
+
+
+def test_serwersms_reports_carry_the_reason_and_the_warsaw_time() -> None:
+    doc = {
+        "items": [
+            {
+                "id": "a1",
+                "status": "undelivered",
+                "reason": "message_expired",
+                "delivered": None,
+                "sent": "2026-01-15 12:00:00",
+            },
+            {"id": "a2", "status": "delivered", "delivered": "2026-07-01 10:00:00"},
+            {"status": "delivered"},  # no id: nothing to correlate
+        ]
+    }
+    first, second = parse_statuses(doc)
+    assert (first.final, first.reason, first.at and first.at.utcoffset()) == (
+        U,
+        "message_expired",
+        first.at.utcoffset(),
+    )
+    assert first.at is not None
+    assert first.at.isoformat() == "2026-01-15T12:00:00+01:00"
+    assert second.at is not None
+    assert second.at.isoformat() == "2026-07-01T10:00:00+02:00"
+
+
+def event(**overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "eventId": 26,
+        "eventType": "sms-delivery-report",
+        "eventCreateTs": "2026-01-15 11:42:28",
+        "webhookId": 1,
+        "attempt": 1,
+        "data": {
+            "campaignId": 245455096,
+            "messageId": 169275418,
+            "segNum": 3,
+            "statusUpdateTs": "2026-01-15 11:42:08",
+            "status": "DELIVRD",
+            "to": "380737893456",
+        },
+    }
+    doc.update(overrides)
+    return doc
+
+
+def test_the_documented_webhook_body_and_its_signature() -> None:
+    doc = event()
+    doc["sign"] = sandbox_sign(26, 1, "2026-01-15 11:42:28", "s3cret")  # the sandbox signs as Mobizon does
+    parsed = webhook.parse(json.dumps(doc).encode())
+    assert parsed.dedupe_key == "1:26"
+    assert parsed.report is not None
+    assert (parsed.report.provider_message_id, parsed.report.status, parsed.report.final) == ("169275418", "DELIVRD", D)
+    assert webhook.verify(parsed, "s3cret")
+    assert not webhook.verify(parsed, "other")
+    # The signature covers the attempt: a retry is signed anew.
+    retried = webhook.parse(json.dumps({**doc, "attempt": 2}).encode())
+    assert not webhook.verify(retried, "s3cret")
+    unsigned = webhook.parse(json.dumps(event()).encode())
+    assert not webhook.verify(unsigned, "s3cret")
+
+
+def test_a_form_encoded_body_reads_like_json() -> None:
+    form = (
+        "eventId=26&eventType=sms-delivery-report&eventCreateTs=2026-01-15+11%3A42%3A28&webhookId=1&attempt=1"
+        "&data%5BmessageId%5D=169275418&data%5Bstatus%5D=UNDELIV&data%5Bto%5D=380737893456"
+    )
+    parsed = webhook.parse(form.encode(), "application/x-www-form-urlencoded")
+    assert parsed.report is not None
+    assert (parsed.report.provider_message_id, parsed.report.final, parsed.to) == ("169275418", U, "380737893456")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[]",
+        b'{"eventId": 1}',
+        json.dumps(event(data=[])).encode(),
+        json.dumps(event(eventId=None)).encode(),
+        json.dumps(event(attempt=True)).encode(),
+        json.dumps(event(sign=5)).encode(),
+        b"\xff\xfe",
+        b"[" * 100_000,
+        json.dumps(event(data={"status": "DELIVRD"})).encode(),
+    ],
+    ids=[
+        "empty",
+        "list",
+        "no-fields",
+        "data-list",
+        "null-id",
+        "bool",
+        "sign-number",
+        "not-utf8",
+        "deep",
+        "no-message-id",
+    ],
+)
+def test_malformed_bodies_are_refused(body: bytes) -> None:
+    with pytest.raises(webhook.BadWebhook):
+        webhook.parse(body)
+
+
+def test_polls_back_off_to_the_longest_gap() -> None:
+    s = Settings(dlr_poll_after_s=300, dlr_poll_max_gap_s=3600)
+    assert [poll_gap(s, n) for n in (1, 2, 3, 4, 5, 40)] == [600, 1200, 2400, 3600, 3600, 3600]
