@@ -38,6 +38,18 @@ class Sandbox:
         doc: list[dict[str, Any]] = httpx.get(f"{self.url}/_sandbox/faults", timeout=10).json()
         return doc
 
+    def configure(self, **config: Any) -> dict[str, Any]:
+        """Sandbox settings (duplicate control, Mobizon's host and limits, the delivery lifecycle)."""
+        response = httpx.post(f"{self.url}/_sandbox/config", json=config, timeout=10)
+        response.raise_for_status()
+        doc: dict[str, Any] = response.json()
+        return doc
+
+    def poll_times(self) -> dict[str, list[float]]:
+        """When each provider message id's status was polled."""
+        doc: dict[str, list[float]] = httpx.get(f"{self.url}/_sandbox/polls", timeout=10).json()
+        return doc
+
     def clear_faults(self) -> None:
         httpx.delete(f"{self.url}/_sandbox/faults", timeout=10).raise_for_status()
 

@@ -53,6 +53,9 @@ def build_app(state: SandboxState | None = None) -> web.Application:
     async def ledger(_request: web.Request) -> web.Response:
         return web.json_response(state.ledger())
 
+    async def polls(_request: web.Request) -> web.Response:
+        return web.json_response(state.polled)
+
     async def faults(_request: web.Request) -> web.Response:
         return web.json_response(state.faults.describe())
 
@@ -94,6 +97,7 @@ def build_app(state: SandboxState | None = None) -> web.Application:
         [
             web.get("/_sandbox/ledger", ledger),
             web.get("/_sandbox/faults", faults),
+            web.get("/_sandbox/polls", polls),
             web.post("/_sandbox/faults", add_fault),
             web.delete("/_sandbox/faults", clear_faults),
             web.post("/_sandbox/config", configure),
