@@ -293,10 +293,12 @@ class Bench:
             proc.wait_http(port)
         return proc, port
 
-    async def gateway_drain(self, rep: int, latency_ms: float, n: int, name: str, tree: Path = ROOT) -> Run:
+    async def gateway_drain(
+        self, rep: int, latency_ms: float, n: int, name: str, tree: Path = ROOT, **settings: Any
+    ) -> Run:
         self.latency(latency_ms)
         await self.prefill(n)
-        start = lambda: self.gateway(self.tmp, wait=False, tree=tree)[0]  # noqa: E731
+        start = lambda: self.gateway(self.tmp, wait=False, tree=tree, **settings)[0]  # noqa: E731
         return await self.measure(name, rep, n, start, _cpu, self.queues(), 600)
 
     async def celery(self, rep: int, latency_ms: float, pool: str, n: int) -> None:
@@ -439,6 +441,11 @@ class Bench:
             ("ceiling", self.ceiling),
             ("gateway@0", lambda r: self.gateway_drain(r, 0, s["drain"], "gateway @0ms")),
             ("gateway@200", lambda r: self.gateway_drain(r, 200, s["slow"], "gateway @200ms")),
+            # The same drain without delivery-report tracking: what writing the correlations costs.
+            (
+                "nodlr@0",
+                lambda r: self.gateway_drain(r, 0, s["drain"], "gateway, no DLR tracking @0ms", dlr_enabled=False),
+            ),
             ("celery-prefork@0", lambda r: self.celery(r, 0, "prefork", s["celery_fast"])),
             ("celery-threads@0", lambda r: self.celery(r, 0, "threads", s["celery_fast"])),
             ("celery-prefork@200", lambda r: self.celery(r, 200, "prefork", s["celery_slow"])),
@@ -499,6 +506,12 @@ def render_table(table: dict[str, dict[str, float | None]], extra: dict[str, Any
     slow = table.get("gateway @200ms", {}).get("msgs_per_s") or 0
     lines.append("")
     lines.append(f"- gateway @200 ms vs the better Celery @200 ms: {slow / celery_slow:.1f}x")
+    tracked = table.get("gateway @0ms", {}).get("msgs_per_s") or 0
+    untracked = table.get("gateway, no DLR tracking @0ms", {}).get("msgs_per_s") or 0
+    if tracked and untracked:
+        lines.append(
+            f"- delivery-report tracking on vs off: {tracked / untracked:.0%} of the drain rate (target >= 90%)"
+        )
     for lat in extra["latency"]:
         lines.append(
             f"- open-loop latency at {lat['label']} of the drain rate ({lat['rate']} msg/s): "

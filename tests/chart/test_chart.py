@@ -33,6 +33,18 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
         "grafanaDashboard": {"enabled": True},
     },
+    "webhooks": {
+        "ingress": {"enabled": True, "host": "sms.example.com", "tlsSecret": "sms-tls"},
+        "accounts": [
+            {
+                "name": "kz",
+                "provider": "mobizon",
+                "base_url": "https://api.mobizon.kz",
+                "api_key": "file:/etc/gateway/secrets/kz-key",
+                "webhook_secret": "file:/etc/gateway/secrets/kz-hook",
+            }
+        ],
+    },
 }
 
 
@@ -131,14 +143,16 @@ def test_every_variable_the_chart_sets_is_a_gateway_setting(
 
 
 def test_accounts_file_is_valid_and_holds_no_secret(manifests: tuple[str, list[dict[str, Any]]]) -> None:
-    _, docs = manifests
+    name, docs = manifests
     (cm,) = [d for d in by_kind(docs, "ConfigMap") if "accounts.json" in d["data"]]
     accounts = json.loads(cm["data"]["accounts.json"])["accounts"]
+    secrets = ("token", "password", "api_key", "webhook_secret")
     for account in accounts:
-        for key in ("token", "password", "api_key"):
+        for key in secrets:
             assert key not in account or account[key].startswith(("file:/etc/gateway/secrets/", "env:"))
-    parsed = parse_accounts([{**a, "token": "resolved"} if "token" in a else a for a in accounts])
-    assert [a.name for a in parsed] == ["otp"]
+    # The references resolve in the pod; here they are stood in for, the rest parses as the gateway does.
+    parsed = parse_accounts([{**a, **{k: "resolved" for k in secrets if k in a}} for a in accounts])
+    assert [a.name for a in parsed] == [a["name"] for a in VALUE_SETS[name].get("accounts", [{"name": "otp"}])]
 
 
 def test_credentials_never_rendered_unless_asked() -> None:
@@ -198,6 +212,16 @@ def test_monitoring_resources() -> None:
     assert {"sms_outcomes", "sms_account_paused", "sms_in_flight"} <= registered
 
 
+def test_the_ingress_exposes_only_the_webhook_path() -> None:
+    docs = render(VALUE_SETS["webhooks"])
+    (ingress,) = by_kind(docs, "Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "sms.example.com"
+    assert [p["path"] for p in rule["http"]["paths"]] == ["/dlr/"]
+    assert ingress["spec"]["tls"][0]["secretName"] == "sms-tls"
+    assert by_kind(render(VALUE_SETS["defaults"]), "Ingress") == []
+
+
 def test_schema_rejects_bad_values() -> None:
     with helm_python.Chart.load(str(CHART)) as chart, pytest.raises(helm_python.HelmValuesError):
         chart.render(values={"accounts": [{"name": "x", "provider": "sms", "base_url": "https://x"}]}, name="sms")
@@ -205,6 +229,9 @@ def test_schema_rejects_bad_values() -> None:
         chart.render(
             values={"accounts": [{"name": "x", "provider": "serwersms", "base_url": "https://x", "token": "plain"}]}
         )
+    account = {"name": "x", "provider": "mobizon", "base_url": "https://x", "webhook_secret": "plain-secret"}
+    with helm_python.Chart.load(str(CHART)) as chart, pytest.raises(helm_python.HelmValuesError):
+        chart.render(values={"accounts": [account]})
 
 
 def test_every_value_is_documented() -> None:
