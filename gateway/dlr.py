@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -102,7 +103,11 @@ class Desk:
         if report.final is None:
             m.DLR_REPORTS.labels(account, source, "not_final").inc()
             return True
-        state, tracked = await self._store.begin_final(account, report.provider_message_id, self._owner, FINAL_LEASE_S)
+        # Each claim has its own holder: two reports of one message in this process (a webhook and
+        # its duplicate, or a poll) must not both win.
+        holder = f"{self._owner}:{secrets.token_hex(6)}"
+        message_id = report.provider_message_id
+        state, tracked = await self._store.begin_final(account, message_id, holder, FINAL_LEASE_S)
         if state is FinalState.UNKNOWN:
             return False
         if state is not FinalState.CLAIMED or tracked is None:
@@ -111,9 +116,9 @@ class Desk:
         try:
             await self._publish(account, tracked, report)
         except BaseException:
-            await asyncio.shield(self._store.abandon_final(account, report.provider_message_id, self._owner))
+            await asyncio.shield(self._store.abandon_final(account, message_id, holder))
             raise
-        await self._store.end_final(account, report.provider_message_id, self._owner)
+        await self._store.end_final(account, message_id, holder)
         m.DLR_REPORTS.labels(account, source, "published").inc()
         return True
 

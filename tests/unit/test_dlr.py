@@ -3,19 +3,25 @@ webhook body and its signature, and the polling schedule."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import Settings
+from gateway.config import Account, Settings
 from gateway.contract import Status
-from gateway.dlr import poll_gap
+from gateway.dlr import Desk, poll_gap
 from gateway.providers.mobizon import webhook
 from gateway.providers.mobizon.codes import STATUSES as MOBIZON
 from gateway.providers.serwersms.adapter import parse_statuses
 from gateway.providers.serwersms.codes import STATUSES as SERWERSMS
 from gateway.sandbox.dlr import sign as sandbox_sign
+from gateway.state.base import Tracked
+from gateway.state.sqlite import SqliteStore
 
 D, U = Status.DELIVERED, Status.UNDELIVERED
 MOBIZON_FINAL = {"DELIVRD": D, "UNDELIV": U, "REJECTD": U, "EXPIRED": U, "EXPIRD": U, "DELETED": U}
@@ -146,3 +152,62 @@ def test_malformed_bodies_are_refused(body: bytes) -> None:
 def test_polls_back_off_to_the_longest_gap() -> None:
     s = Settings(dlr_poll_after_s=300, dlr_poll_max_gap_s=3600)
     assert [poll_gap(s, n) for n in (1, 2, 3, 4, 5, 40)] == [600, 1200, 2400, 3600, 3600, 3600]
+
+
+class RecordingSink:
+    """Collects the events a Desk publishes (a Publisher stand-in behind the same call)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def outcome(self, *, account: str, status: str, body: bytes, unique_id: str | None, **_: Any) -> None:
+        await asyncio.sleep(0.01)  # a broker round trip: time for a second report to arrive meanwhile
+        self.events.append({"routing_key": f"{status}.{account}", **json.loads(body)})
+
+
+@pytest.fixture
+async def desk_parts(tmp_path: Path) -> AsyncIterator[tuple[Desk, SqliteStore, RecordingSink]]:
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    sink = RecordingSink()
+    account = Account(name="kz", provider="mobizon", base_url="https://api.mobizon.kz", api_key="k")
+    desk = Desk(store=store, sink=sink, accounts=[account], settings=Settings(), owner="one-process")
+    yield desk, store, sink
+    await store.close()
+
+
+async def test_reports_of_one_message_at_once_publish_one_event(
+    desk_parts: tuple[Desk, SqliteStore, RecordingSink],
+) -> None:
+    desk, store, sink = desk_parts
+    await store.track("kz", [Tracked("m1", "u1", "+77010000001", {"order": 7}, "mobizon", time.time())], 60, 600)
+    report = MOBIZON.report("m1", "DELIVRD")
+    # A webhook, its duplicate and a poll, all in one process at once.
+    assert await asyncio.gather(*(desk.report("kz", report, "webhook") for _ in range(5))) == [True] * 5
+    (event,) = sink.events
+    assert event["routing_key"] == "delivered.kz"
+    assert (event["unique_id"], event["meta"], event["provider_status"]) == ("u1", {"order": 7}, "DELIVRD")
+    assert await desk.report("kz", MOBIZON.report("m1", "UNDELIV"), "poll")  # later reports publish nothing
+    assert len(sink.events) == 1
+
+
+async def test_a_report_before_its_correlation_is_parked_then_matched(
+    desk_parts: tuple[Desk, SqliteStore, RecordingSink],
+) -> None:
+    desk, store, sink = desk_parts
+    doc = event(data={"messageId": "early-1", "status": "EXPIRED", "to": "77010000002"})
+    doc["sign"] = sandbox_sign(26, 1, doc["eventCreateTs"], "k")
+    status, _ = await desk.webhook("mobizon", "kz", json.dumps(doc).encode(), "application/json")
+    assert status == 200  # parked: safely stored
+    assert sink.events == []
+    assert await desk.sweep() == 0  # still no correlation
+    await store.track("kz", [Tracked("early-1", "u2", "+77010000002", None, "mobizon", time.time())], 60, 600)
+    assert await desk.sweep() == 1
+    (event_doc,) = sink.events
+    assert (event_doc["status"], event_doc["provider_status"], event_doc["unique_id"]) == (
+        "undelivered",
+        "EXPIRED",
+        "u2",
+    )
+    # The webhook retried later is a duplicate: answered 200, nothing published.
+    assert await desk.webhook("mobizon", "kz", json.dumps(doc).encode(), "application/json") == (200, "duplicate")
+    assert len(sink.events) == 1
