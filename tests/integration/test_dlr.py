@@ -17,6 +17,7 @@ from gateway.config import Account
 from gateway.sandbox.dlr import DlrConfig, Webhook
 from testkit import REDIS_URL, Bus, free_port, new_account_name, request
 from tests.conftest import InProcess
+from tests.fakes import FailingStore
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +156,23 @@ async def test_bad_webhooks_get_4xx_are_counted_and_the_gateway_goes_on(world: I
     assert rejected("mobizon", "malformed") >= 2
     assert rejected("mobizon", "oversized") >= 1
     assert json.dumps(good)  # the good body itself is well formed: only the sign was wrong
+
+
+async def test_a_webhook_is_answered_503_while_the_store_is_down_and_taken_when_it_is_back(
+    world: InProcess,
+) -> None:
+    name = new_account_name()
+    port = free_port()
+    flaky = FailingStore({"event_seen"}, times=1)
+    world.state.lifecycle.config = DlrConfig(
+        delay_s=0.2,
+        webhooks={f"key-{name}": Webhook(url=f"http://127.0.0.1:{port}/dlr/mobizon/{name}", secret=SECRET)},
+        retry_gap_s=0.3,
+    )
+    await world.gateway([mobizon(world, name)], http_port=port, stores=flaky.around)
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("down-1", to="+77010000009"))
+        await wait_finals(bus, 1, timeout=20)
+    assert flaky.failed == 1
+    assert world.state.ledger()["webhooks"]["answers"] == {"503": 1, "200": 1}  # Mobizon's retry got through
+    assert [d["status"] for d in finals(bus)] == ["delivered"]
