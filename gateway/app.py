@@ -12,15 +12,19 @@ web: /healthz, /readyz (Gateway.problems), /metrics
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import secrets
 import signal
 import socket
 from collections.abc import Callable
+from itertools import count
 from pathlib import Path
 
 import aio_pika
+import aiormq
+import pamqp.exceptions
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp.web import AppRunner
 from yarl import URL
@@ -38,6 +42,7 @@ from gateway.telemetry import get_logger
 
 log = get_logger("gateway.app")
 RECONNECT_INTERVAL_S = 2
+STARTUP_RETRY_MAX_S = 30  # start-up retries back off 1, 2, 4 ... up to this
 
 
 def open_store(settings: Settings) -> Store:
@@ -87,21 +92,24 @@ class Gateway:
         self._runners: list[AppRunner] = []
         self._channels: list[AbstractChannel] = []
         self._tasks: list[asyncio.Task[None]] = []  # delivery reports: the desk and one poller per account
+        self._desk: Desk | None = None
+        self._waiting_for: str | None = "start"  # what start-up waits for; None once started
 
     async def start(self) -> None:
+        """Start every part. The HTTP endpoints come first: while the broker or Redis cannot be
+        reached, start-up retries with backoff (one log line per try) and /readyz says why.
+        A refused login or vhost is a configuration error (ConfigError), not retried."""
         s = self.settings
         if self._sandbox:
             from gateway.sandbox.app import start_sandbox
 
             self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
-        self._store = self._open_store(s)
-        await self._store.ping()
-        # The connection's name (shown by the broker's tools) travels in the URL: aio-pika ignores
-        # `client_properties` when it is given a URL.
-        url = URL(s.amqp_url.get_secret_value()).update_query(name=f"sms-gateway {self._owner}")
-        if "reconnect_interval" not in url.query:  # aio-pika's default is 5 s
-            url = url.update_query(reconnect_interval=RECONNECT_INTERVAL_S)
-        self._connection = await aio_pika.connect_robust(url)
+        if s.http_port:
+            app = web.build_app(self.problems, lambda: {"paused": self.paused_accounts()}, self._webhook)
+            self._runners.append(await web.serve(app, s.http_host, s.http_port))
+        self._store = await self._open_state()
+        self._connection = await self._connect()
+        self._waiting_for = "topology"
         setup = await self._connection.channel()
         await topology.declare(setup, [a.name for a in self.accounts], s.retry_schedule_s)
         await setup.close()
@@ -130,18 +138,14 @@ class Gateway:
         channel = await self._connection.channel()
         self._channels.append(channel)
         await self._unroutable.start(channel)
-        desk = None
         if s.dlr_enabled:
             desk = Desk(store=self._store, sink=publisher, accounts=self.accounts, settings=s, owner=self._owner)
             self._tasks.append(asyncio.create_task(desk.run(), name="dlr desk"))
             for account, adapter in zip(self.accounts, self._adapters, strict=True):
                 poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, settings=s)
                 self._tasks.append(asyncio.create_task(poller.run(), name=f"dlr poller {account.name}"))
-        if s.http_port:
-            app = web.build_app(
-                self.problems, lambda: {"paused": self.paused_accounts()}, desk.webhook if desk else None
-            )
-            self._runners.append(await web.serve(app, s.http_host, s.http_port))
+            self._desk = desk
+        self._waiting_for = None
         log.info(
             "gateway_started",
             accounts=[a.name for a in self.accounts],
@@ -149,9 +153,59 @@ class Gateway:
             store=type(self._store).__name__,
         )
 
+    async def _open_state(self) -> Store:
+        """The state store, once it answers; retried with backoff while it cannot be reached."""
+        store = self._open_store(self.settings)
+        for attempt in count(1):
+            self._waiting_for = "state store"
+            try:
+                await asyncio.wait_for(store.ping(), 10)
+            except Exception as exc:  # noqa: BLE001 - sorted below: refused (config) or unreachable (retry)
+                where = "GATEWAY_REDIS_URL" if self.settings.redis_url is not None else "GATEWAY_STATE_PATH"
+                if _refused(exc):
+                    raise ConfigError(f"{where}: the state store refused the connection: {exc}") from None
+                await self._retry_later("state_store_unreachable", attempt, exc)
+            else:
+                return store
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connect(self) -> AbstractRobustConnection:
+        """The robust broker connection, once the broker answers; retried with backoff while it
+        cannot be reached. The connection's name (shown by the broker's tools) travels in the URL:
+        aio-pika ignores `client_properties` when it is given a URL."""
+        url = URL(self.settings.amqp_url.get_secret_value()).update_query(name=f"sms-gateway {self._owner}")
+        if "reconnect_interval" not in url.query:  # aio-pika's default is 5 s
+            url = url.update_query(reconnect_interval=RECONNECT_INTERVAL_S)
+        for attempt in count(1):
+            self._waiting_for = "broker"
+            try:
+                return await aio_pika.connect_robust(url, timeout=10)
+            except aiormq.exceptions.ProbableAuthenticationError:
+                raise ConfigError(
+                    f"GATEWAY_AMQP_URL: the broker refused the login of user {url.user!r} (wrong user or password)"
+                ) from None
+            except pamqp.exceptions.AMQPInternalError as exc:  # the broker closed the handshake: vhost
+                reason = next((str(a.reply_text) for a in exc.args if hasattr(a, "reply_text")), str(exc))
+                raise ConfigError(f"GATEWAY_AMQP_URL: the broker refused the connection: {reason}") from None
+            except (OSError, TimeoutError, aiormq.exceptions.AMQPConnectionError) as exc:
+                await self._retry_later("broker_unreachable", attempt, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _retry_later(self, event: str, attempt: int, exc: BaseException) -> None:
+        delay = min(STARTUP_RETRY_MAX_S, 2 ** min(attempt - 1, 8))
+        log.warning(event, attempt=attempt, retry_in_s=delay, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        await asyncio.sleep(delay)
+
+    async def _webhook(self, provider: str, account: str, body: bytes | None, content_type: str) -> tuple[int, str]:
+        if self._desk is None:
+            return 503, "starting" if self.settings.dlr_enabled else "delivery reports are off"
+        return await self._desk.webhook(provider, account, body, content_type)
+
     async def problems(self) -> list[str]:
         """Why the gateway cannot do its job right now (empty: ready)."""
         problems = []
+        if self._waiting_for is not None:
+            problems.append(f"starting: waiting for the {self._waiting_for}")
         if self._connection is None or self._connection.is_closed:
             problems.append("broker disconnected")
         problems += [f"no consumer on {q}" for q in self.queues_without_consumer()]
@@ -202,19 +256,42 @@ class Gateway:
 
 
 async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = False) -> None:
-    """Run until SIGTERM or SIGINT, then drain within `drain_timeout_s`."""
+    """Run until SIGTERM or SIGINT, then drain within `drain_timeout_s`. A signal during start-up
+    (the broker or Redis not reachable yet) ends the process as cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(settings, accounts, sandbox=sandbox)
+    starting = asyncio.create_task(gateway.start(), name="start")
+    stopping = asyncio.create_task(stop.wait(), name="stop signal")
     try:
-        await gateway.start()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()  # a start-up failure (ConfigError ...) ends the run here
         # Everything built at start-up (modules, clients, metrics) lives as long as the process.
         # Freezing it keeps the garbage collector's full passes off it: a full pass over it took
         # 60-80 ms (a stall every few seconds, straight into the latency tail); after, ~2 ms.
         gc.collect()
         gc.freeze()
-        await stop.wait()
+        await stopping
     finally:
+        stopping.cancel()
         await gateway.stop()
+
+
+def _refused(exc: BaseException) -> bool:
+    """A state-store failure that retrying cannot mend: a refused password, an unusable file."""
+    import sqlite3
+
+    import redis.exceptions
+
+    if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
+        return True
+    if isinstance(exc, redis.exceptions.ResponseError) and "WRONGPASS" in str(exc):
+        return True
+    return isinstance(exc, sqlite3.Error | PermissionError | IsADirectoryError)

@@ -9,14 +9,26 @@ import sys
 import uuid
 from typing import Any
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings, unknown_variables
 from gateway.telemetry import get_logger, setup_logging
 
 
 def _settings() -> Settings:
     settings = load_settings()
     setup_logging(settings.log_format, settings.log_level)
+    for name in unknown_variables():
+        get_logger("gateway").warning("unknown_setting", variable=name, hint="no such setting; misspelled?")
     return settings
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("sms-gateway")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -28,6 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     accounts = resolve_accounts(settings, sandbox=args.sandbox)
     try:
         asyncio.run(run(settings, accounts, sandbox=args.sandbox))
+    except ConfigError:
+        raise  # one line and exit code 2 (main)
     except Exception:  # noqa: BLE001 - anything that ends the process
         # Logged, not printed: with JSON logs asked for, the traceback is a field of one JSON line.
         get_logger("gateway").exception("gateway_crashed")
@@ -38,8 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.sandbox.app import serve
 
-    setup_logging("auto", "INFO")
-    asyncio.run(serve(args.host, args.port))
+    settings = _settings()
+    asyncio.run(serve(args.host, args.port if args.port is not None else settings.sandbox_port))
     return 0
 
 
@@ -117,6 +131,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gateway", description="Outbound SMS gateway")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="consume sms.send and deliver through the providers")
@@ -129,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("sandbox", help="serve the sandbox provider API")
     sb.add_argument("--host", default="127.0.0.1")
-    sb.add_argument("--port", type=int, default=8580)
+    sb.add_argument("--port", type=int, default=None, help="default: GATEWAY_SANDBOX_PORT (8580)")
     sb.set_defaults(fn=cmd_sandbox)
 
     cfg = sub.add_parser("config", help="print the effective configuration, secrets masked")

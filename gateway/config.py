@@ -23,12 +23,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 ProviderName = Literal["serwersms", "mobizon"]
 AccountName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
 SANDBOX_ACCOUNT = "demo"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ACCOUNT_FILE_KINDS = (".json", ".toml")
 
 
 class ConfigError(Exception):
@@ -125,8 +127,9 @@ class Settings(BaseSettings):
     state_path: Path = Field(default=Path("gateway-state.sqlite3"), description="SQLite state file")
     accounts_file: Path | None = Field(default=None, description="accounts as JSON or TOML")
     accounts: str | None = Field(default=None, description="accounts as one JSON list (containers)")
-    retry_schedule_s: list[float] = Field(
-        default=[1, 5, 30, 120, 600, 1800], description="delay before retry 1, 2, ...; the last repeats"
+    retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default=[1, 5, 30, 120, 600, 1800],
+        description="delay before retry 1, 2, ...; the last repeats (a JSON list, or comma-separated: 1,5,30)",
     )
     max_attempts: int = Field(default=7, ge=1, description="provider attempts before `failed`")
     max_body_bytes: int = Field(default=65536, ge=1024, description="larger requests are invalid")
@@ -153,7 +156,7 @@ class Settings(BaseSettings):
     http_host: str = Field(default="127.0.0.1", description="bind address of /healthz, /readyz, /metrics")
     http_port: int = Field(default=8080, ge=0, le=65535, description="0 disables the HTTP endpoints")
     log_format: Literal["json", "console", "auto"] = "auto"
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     sandbox_port: int = Field(default=8580, ge=1, le=65535, description="port of `run --sandbox`")
     dlr_enabled: bool = Field(
         default=True, description="track accepted messages for delivery reports (correlation, webhooks, polling)"
@@ -168,12 +171,34 @@ class Settings(BaseSettings):
         description="how long an accepted message is tracked; without a final status by then it ends undelivered",
     )
 
+    @field_validator("retry_schedule_s", mode="before")
+    @classmethod
+    def _schedule_text(cls, value: Any) -> Any:
+        """From the environment: a JSON list (`[1, 5, 30]`) or comma-separated seconds (`1,5,30`)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError("not a JSON list of seconds") from None
+            return [part.strip() for part in text.split(",")]
+        return value
+
     @field_validator("retry_schedule_s")
     @classmethod
     def _schedule(cls, value: list[float]) -> list[float]:
         if not value or any(v <= 0 for v in value):
             raise ValueError("must be a non-empty list of positive seconds")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     def load_accounts(self) -> list[Account]:
         raw: list[Any] = []
@@ -189,12 +214,17 @@ class Settings(BaseSettings):
 
 
 def _read_accounts_file(path: Path) -> list[Any]:
+    if path.suffix.lower() not in ACCOUNT_FILE_KINDS:
+        raise ConfigError(
+            f"GATEWAY_ACCOUNTS_FILE {path}: accounts files are JSON (.json) or TOML (.toml), not {path.suffix or 'no'}"
+            " extension; the keys are the same in both"
+        )
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"accounts_file {path}: {exc.strerror}") from None
     try:
-        doc: Any = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        doc: Any = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"accounts_file {path}: {exc}") from None
     return _account_list(doc, str(path))
@@ -247,3 +277,12 @@ def load_settings() -> Settings:
             f"GATEWAY_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(problems) from None
+    except SettingsError as exc:  # a value pydantic-settings could not decode (JSON for a list field)
+        raise ConfigError(str(exc).split(" [")[0]) from None
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """`GATEWAY_*` variables that name no setting (a misspelling is otherwise silently ignored)."""
+    known = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields}
+    env = os.environ if environ is None else environ
+    return sorted(k for k in env if k.upper().startswith("GATEWAY_") and k.upper() not in known)

@@ -27,7 +27,17 @@ CRDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "keda-off": {"autoscaling": {"keda": {"enabled": False}}},
-    "no-autoscaling-sqlite": {"autoscaling": {"enabled": False}, "replicaCount": 1, "state": {"existingSecret": ""}},
+    "no-autoscaling-sqlite": {
+        "autoscaling": {"enabled": False},
+        "replicaCount": 1,
+        "state": {"existingSecret": "", "persistence": {"enabled": True, "size": "2Gi"}},
+    },
+    "hardened": {
+        "networkPolicy": {"enabled": True, "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "edge"}}}]},
+        "extraVolumes": [{"name": "ca", "configMap": {"name": "corporate-ca"}}],
+        "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/gateway/ca", "readOnly": True}],
+        "extraEnvFrom": [{"secretRef": {"name": "gateway-extra"}}],
+    },
     "created-secret": {"credentials": {"existingSecret": "", "create": True, "stringData": {"otp-token": "dev-only"}}},
     "monitoring": {
         "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
@@ -112,6 +122,8 @@ def effective_env(docs: list[dict[str, Any]]) -> dict[str, str]:
     configmaps = {d["metadata"]["name"]: d["data"] for d in by_kind(docs, "ConfigMap")}
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
+        if "configMapRef" not in source:
+            continue  # extraEnvFrom: the operator's own sources
         data = configmaps[source["configMapRef"]["name"]]
         env.update({k: v for k, v in data.items() if k.isupper()})
     for item in container.get("env", []):
@@ -210,6 +222,45 @@ def test_monitoring_resources() -> None:
         assert metric in exprs
     registered = {m.name for m in metrics.REGISTRY.collect()}
     assert {"sms_outcomes", "sms_account_paused", "sms_in_flight"} <= registered
+
+
+def test_several_replicas_on_the_embedded_sqlite_state_are_refused() -> None:
+    for values in (
+        {"state": {"existingSecret": ""}},  # autoscaling on by default
+        {"state": {"existingSecret": ""}, "autoscaling": {"enabled": False}, "replicaCount": 2},
+    ):
+        with helm_python.Chart.load(str(CHART)) as chart, pytest.raises(Exception, match="SQLite") as err:
+            chart.render(values=values, name="sms")
+        assert "state.existingSecret" in str(err.value)
+        assert "replicaCount: 1" in str(err.value)
+
+
+def test_one_replica_on_sqlite_keeps_its_file_on_a_claim_and_is_recreated() -> None:
+    docs = render(VALUE_SETS["no-autoscaling-sqlite"])
+    (claim,) = by_kind(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    (redis_deploy,) = by_kind(render({}), "Deployment")
+    assert redis_deploy["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert by_kind(render({}), "PersistentVolumeClaim") == []
+
+
+def test_network_policy_extra_volumes_and_the_startup_probe() -> None:
+    docs = render(VALUE_SETS["hardened"])
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert {53, 5672, 5671, 6379, 443} <= ports
+    assert policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {"team": "edge"}
+    (deploy,) = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "ca", "mountPath": "/etc/gateway/ca", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "ca", "configMap": {"name": "corporate-ca"}} in pod["volumes"]
+    assert {"secretRef": {"name": "gateway-extra"}} in container["envFrom"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def test_the_ingress_exposes_only_the_webhook_path() -> None:
