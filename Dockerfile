@@ -6,7 +6,7 @@
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY gateway ./gateway
 RUN python -m venv /opt/gateway \
  && /opt/gateway/bin/pip install --no-compile . \
@@ -15,6 +15,11 @@ RUN python -m venv /opt/gateway \
 
 FROM python:3.11-slim-bookworm AS runtime
 ARG UID=10001
+# The package version (pyproject.toml), passed by the build: docker build --build-arg VERSION=0.1.0
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="sms-gateway" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT"
 RUN groupadd --system --gid ${UID} gateway \
  && useradd --system --uid ${UID} --gid ${UID} --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
  && install -d -o ${UID} -g ${UID} -m 0750 /var/lib/gateway

@@ -247,6 +247,8 @@ class AccountWorker(Worker):
         job.waits = _int_header(message, c.H_WAITS)
         job.sent_at = _float_header(message, c.H_SENT_AT)
         job.redelivered = bool(message.redelivered)
+        if message.timestamp is not None and not (job.attempts or job.waits or job.redelivered):
+            m.QUEUE_WAIT.labels(self.account.name).observe(max(0.0, self._clock.time() - message.timestamp.timestamp()))
         try:
             decision = self._pipeline.admit(job, message.body, message.message_id)
             if decision is None:

@@ -48,6 +48,13 @@ RATE_FACTOR = Gauge(
     ["account"],
     registry=REGISTRY,
 )
+QUEUE_WAIT = Histogram(
+    "sms_queue_wait_seconds",
+    "Time a request waited in its queue: from the producer's AMQP timestamp to its first consumption",
+    ["account"],
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge("sms_in_flight", "Messages consumed and not yet settled", ["account"], registry=REGISTRY)
 PAUSED = Gauge("sms_account_paused", "1 while the account's consumption is paused", ["account"], registry=REGISTRY)
 CONSUMER_RESTORED = Counter(

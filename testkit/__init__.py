@@ -6,6 +6,7 @@ from testkit.bus import Bus, Received, account_doc, new_account_name, request
 from testkit.processes import Process, Sandbox, gateway_env, start_gateway, start_sandbox
 from testkit.services import (
     AMQP_URL,
+    AMQP_VHOST,
     REDIS_URL,
     ROOT,
     close_broker_connections,
@@ -18,6 +19,7 @@ from testkit.services import (
 
 __all__ = [
     "AMQP_URL",
+    "AMQP_VHOST",
     "REDIS_URL",
     "ROOT",
     "Bus",

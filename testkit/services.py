@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 
 from gateway import contract as c
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+# The broker and Redis the tests use; point them elsewhere (another vhost, another Redis database)
+# to run beside other users of the same services.
+AMQP_URL = os.environ.get("SMSGW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("SMSGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_VHOST = unquote(urlsplit(AMQP_URL).path[1:]) or "/"
 ROOT = Path(__file__).resolve().parent.parent  # the checkout
 
 
@@ -23,10 +28,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 async def delete_account_queues(accounts: set[str] | list[str]) -> None:
@@ -66,7 +71,7 @@ def close_broker_connections(name_contains: str, node: str | None = None) -> int
     return closed
 
 
-def consumers_on(queue: str, node: str | None = None, vhost: str = "/") -> int:
+def consumers_on(queue: str, node: str | None = None, vhost: str = AMQP_VHOST) -> int:
     prefix = ["-n", node] if node else []
     out = rabbitmqctl(*prefix, "list_consumers", "-q", "-p", vhost, "queue_name", "--formatter", "json")
     return sum(1 for r in json.loads(out) if r["queue_name"] == queue)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -22,9 +23,14 @@ from testkit import start_sandbox as start_sandbox_process
 
 @pytest.fixture(scope="session")
 def services() -> None:
-    missing = [name for name, port in (("RabbitMQ", 5672), ("Redis", 6379)) if not port_open(port)]
+    wanted = (("RabbitMQ", AMQP_URL, 5672), ("Redis", REDIS_URL, 6379))
+    missing = [
+        f"{name} ({urlsplit(url).hostname}:{urlsplit(url).port or port})"
+        for name, url, port in wanted
+        if not port_open(urlsplit(url).port or port, urlsplit(url).hostname or "127.0.0.1")
+    ]
     if missing:
-        pytest.fail(f"{' and '.join(missing)} not running on 127.0.0.1: start them (.ci/run does)", pytrace=False)
+        pytest.fail(f"{' and '.join(missing)} not reachable: start them (.ci/run does)", pytrace=False)
 
 
 @pytest.fixture

@@ -206,8 +206,13 @@ def test_monitoring_resources() -> None:
         "SmsGatewayDeadLettersGrowing",
         "SmsGatewayErrorRate",
         "SmsGatewayNoConsumers",
+        "SmsGatewayBacklog",
+        "SmsGatewayRequestsWaiting",
     }
     assert "sms_account_paused" in alerts["SmsGatewayAccountPaused"]
+    assert "sms_consumer_live" in alerts["SmsGatewayNoConsumers"]
+    assert "rabbitmq_queue_messages_ready" in alerts["SmsGatewayBacklog"]
+    assert "sms_queue_wait_seconds_bucket" in alerts["SmsGatewayRequestsWaiting"]
     dashboard = next(d for d in by_kind(docs, "ConfigMap") if "sms-gateway.json" in d.get("data", {}))
     panels = json.loads(dashboard["data"]["sms-gateway.json"])["panels"]
     exprs = " ".join(p["targets"][0]["expr"] for p in panels)
@@ -221,7 +226,9 @@ def test_monitoring_resources() -> None:
     ):
         assert metric in exprs
     registered = {m.name for m in metrics.REGISTRY.collect()}
-    assert {"sms_outcomes", "sms_account_paused", "sms_in_flight"} <= registered
+    assert {"sms_outcomes", "sms_account_paused", "sms_in_flight", "sms_consumer_live", "sms_queue_wait_seconds"} <= (
+        registered
+    )
 
 
 def test_several_replicas_on_the_embedded_sqlite_state_are_refused() -> None:
@@ -305,3 +312,14 @@ def test_dockerfile_is_clean_under_hadolint() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert text.count("FROM ") >= 2  # multi-stage
     assert "USER 10001" in text or "USER ${UID}" in text
+
+
+def test_the_image_is_labelled_with_the_package_version() -> None:
+    import re
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG VERSION=(.+)$", dockerfile, re.MULTILINE)[1] == version  # type: ignore[index]
+    assert 'org.opencontainers.image.version="${VERSION}"' in dockerfile
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")

@@ -66,3 +66,17 @@ async def test_metrics_count_outcomes_retries_dead_letters_and_batches(world: In
         )
         >= 1
     )
+
+
+async def test_the_time_a_request_waited_in_its_queue_is_measured_from_its_timestamp(world: InProcess) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    name = new_account_name()
+    await world.gateway([world.account(name)])
+    async with Bus.open([name]) as bus:
+        published = datetime.now(UTC) - timedelta(seconds=42)  # as if it had waited 42 s in the queue
+        await bus.publish(name, request("wait-1"), timestamp=published)
+        await bus.publish(name, request("no-stamp"))  # no timestamp: nothing to measure
+        await bus.wait_for(outcomes=2)
+    assert sample("sms_queue_wait_seconds_count", {"account": name}) == 1
+    assert 42 <= sample("sms_queue_wait_seconds_sum", {"account": name}) < 60
