@@ -73,13 +73,15 @@ class Gateway:
         accounts: list[Account],
         *,
         sandbox: bool = False,
-        adapters: Callable[[Account], ProviderAdapter] = build_adapter,
+        adapters: Callable[[Account], ProviderAdapter] | None = None,
         stores: Callable[[Settings], Store] = open_store,
     ) -> None:
         """`adapters` and `stores` build each account's provider adapter and the state store (the
         seams tests use to put faults behind the real protocols)."""
         self.settings = settings
-        self._build_adapter = adapters
+        self._build_adapter = adapters or (
+            lambda account: build_adapter(account, proxy_from_env=settings.provider_proxy_from_env)
+        )
         self._open_store = stores
         self.accounts = accounts
         self._sandbox = sandbox
@@ -162,8 +164,10 @@ class Gateway:
                 await asyncio.wait_for(store.ping(), 10)
             except Exception as exc:  # noqa: BLE001 - sorted below: refused (config) or unreachable (retry)
                 where = "GATEWAY_REDIS_URL" if self.settings.redis_url is not None else "GATEWAY_STATE_PATH"
+                if (tls := _tls_failure(exc)) is not None:
+                    raise ConfigError(f"{where}: TLS: {tls}") from None
                 if _refused(exc):
-                    raise ConfigError(f"{where}: the state store refused the connection: {exc}") from None
+                    raise ConfigError(f"{where}: the state store cannot be used: {exc}") from None
                 await self._retry_later("state_store_unreachable", attempt, exc)
             else:
                 return store
@@ -188,6 +192,8 @@ class Gateway:
                 reason = next((str(a.reply_text) for a in exc.args if hasattr(a, "reply_text")), str(exc))
                 raise ConfigError(f"GATEWAY_AMQP_URL: the broker refused the connection: {reason}") from None
             except (OSError, TimeoutError, aiormq.exceptions.AMQPConnectionError) as exc:
+                if (tls := _tls_failure(exc)) is not None:
+                    raise ConfigError(f"GATEWAY_AMQP_URL: TLS: {tls}") from None
                 await self._retry_later("broker_unreachable", attempt, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -285,7 +291,8 @@ async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = Fa
 
 
 def _refused(exc: BaseException) -> bool:
-    """A state-store failure that retrying cannot mend: a refused password, an unusable file."""
+    """A state-store failure that retrying cannot mend: a refused password, an unusable file, an
+    option in the URL the client does not know (TypeError, ValueError)."""
     import sqlite3
 
     import redis.exceptions
@@ -294,4 +301,27 @@ def _refused(exc: BaseException) -> bool:
         return True
     if isinstance(exc, redis.exceptions.ResponseError) and "WRONGPASS" in str(exc):
         return True
-    return isinstance(exc, sqlite3.Error | PermissionError | IsADirectoryError)
+    return isinstance(exc, sqlite3.Error | PermissionError | IsADirectoryError | TypeError | ValueError)
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """Why a TLS handshake failed (a wrong CA bundle, a certificate that does not match), found in
+    the exception or what it wraps; None when it is no TLS failure. Retrying cannot mend these."""
+    import ssl
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return str(getattr(current, "verify_message", None) or current.reason or current)[:200]
+        text = str(current)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            return text[:200]
+        for arg in current.args:
+            if isinstance(arg, BaseException):
+                nested = _tls_failure(arg)
+                if nested is not None:
+                    return nested
+        current = current.__cause__ or current.__context__
+    return None

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     sandbox_port: int = Field(default=8580, ge=1, le=65535, description="port of `run --sandbox`")
+    provider_proxy_from_env: bool = Field(
+        default=False, description="reach the providers through HTTPS_PROXY / HTTP_PROXY, honouring NO_PROXY"
+    )
     dlr_enabled: bool = Field(
         default=True, description="track accepted messages for delivery reports (correlation, webhooks, polling)"
     )

@@ -68,11 +68,11 @@ class Bus:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, accounts: list[str]) -> AsyncIterator[Bus]:
+    async def open(cls, accounts: list[str], url: str = AMQP_URL) -> AsyncIterator[Bus]:
         try:
-            connection = await aio_pika.connect_robust(AMQP_URL)
+            connection = await aio_pika.connect_robust(url)
         except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-            raise RuntimeError(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}") from exc
+            raise RuntimeError(f"RabbitMQ is not reachable at {url.split('@')[-1]}: {exc}") from exc
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             bus = cls(connection, channel)

@@ -12,7 +12,6 @@ import redis
 
 from gateway.app import Gateway, open_store
 from gateway.config import Account, Settings, parse_accounts
-from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
 from gateway.sandbox.app import start_sandbox
 from gateway.sandbox.state import SandboxState
@@ -70,7 +69,7 @@ class InProcess:
         self,
         accounts: list[Account],
         *,
-        adapters: Callable[[Account], ProviderAdapter] = build_adapter,
+        adapters: Callable[[Account], ProviderAdapter] | None = None,
         stores: Callable[[Settings], Store] = open_store,
         **settings: Any,
     ) -> Gateway:

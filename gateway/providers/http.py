@@ -24,14 +24,18 @@ from gateway import tracing
 from gateway.providers.base import Action, ItemResult
 
 
-def make_client(base_url: str, timeout_s: float, concurrency: int) -> httpx.AsyncClient:
+def make_client(
+    base_url: str, timeout_s: float, concurrency: int, *, proxy_from_env: bool = False
+) -> httpx.AsyncClient:
+    """`proxy_from_env`: take HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment (an egress
+    proxy); otherwise the provider URL is reached directly, with no environment lookups."""
     return httpx.AsyncClient(
         base_url=base_url,
         timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
         limits=httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2),
         headers={"User-Agent": "sms-gateway/0.1"},
         follow_redirects=False,
-        trust_env=False,  # no proxy or netrc lookups: the provider URL is configured explicitly
+        trust_env=proxy_from_env,
     )
 
 

@@ -51,7 +51,9 @@ def _wait(check: Any, timeout: float, what: str, interval: float = 0.2) -> float
 class RabbitNode:
     """A RabbitMQ node of the suite's own (`chaosN@localhost`), with its own ports and data."""
 
-    def __init__(self, name: str, port: int, root: Path) -> None:
+    def __init__(self, name: str, port: int, root: Path, conf: str | None = None) -> None:
+        """`conf`: the node's rabbitmq.conf (default: a plain listener on 127.0.0.1:`port`)."""
+        self.conf = conf
         self.node = f"{name}@localhost"
         self.port = port
         self.dist_port = port + 20000
@@ -82,7 +84,7 @@ class RabbitNode:
         for sub in ("mnesia", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "rabbitmq.conf").write_text(
-            f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            self.conf or f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
         )
         (self.root / "enabled_plugins").write_text("[].\n")
         if os.geteuid() == 0:  # the server script drops to the rabbitmq user: let it write there

@@ -37,9 +37,20 @@ def gateway(tmp: Path, *args: str, timeout: float = 60, **settings: object) -> s
         ({"amqp_url": AMQP_URL.replace("guest:guest", "guest:wrong")}, "GATEWAY_AMQP_URL"),
         ({"amqp_url": AMQP_URL + "no-such-vhost"}, "GATEWAY_AMQP_URL"),
         ({"redis_url": "redis://:not-the-password@127.0.0.1:6379/0"}, "GATEWAY_REDIS_URL"),
+        ({"redis_url": "redis://127.0.0.1:6379/0?no_such_option=1"}, "GATEWAY_REDIS_URL"),
         ({"accounts_file": "ACCOUNTS_YAML"}, "GATEWAY_ACCOUNTS_FILE"),
     ],
-    ids=["log-level", "schedule-json", "schedule-negative", "not-a-number", "password", "vhost", "redis-auth", "yaml"],
+    ids=[
+        "log-level",
+        "schedule-json",
+        "schedule-negative",
+        "not-a-number",
+        "password",
+        "vhost",
+        "redis-auth",
+        "redis-option",
+        "yaml",
+    ],
 )
 def test_a_configuration_mistake_is_one_line_and_exit_2(
     tmp_path: Path, services: None, settings: dict[str, str], variable: str

@@ -37,8 +37,10 @@ class MobizonAdapter:
     max_status_ids = MAX_STATUS_IDS
     batch_key = staticmethod(batch_key)
 
-    def __init__(self, account: Account, client: httpx.AsyncClient | None = None) -> None:
-        self._api = MobizonApi(account, client)
+    def __init__(
+        self, account: Account, client: httpx.AsyncClient | None = None, *, proxy_from_env: bool = False
+    ) -> None:
+        self._api = MobizonApi(account, client, proxy_from_env=proxy_from_env)
 
     def __repr__(self) -> str:
         return f"MobizonAdapter(account={self._api.account!r})"

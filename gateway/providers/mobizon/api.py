@@ -75,12 +75,16 @@ def redirect_host(data: Any) -> str | None:
 class MobizonApi:
     """The account's HTTP client, its current host, and a gate of `concurrency` calls in flight."""
 
-    def __init__(self, account: Account, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, account: Account, client: httpx.AsyncClient | None = None, *, proxy_from_env: bool = False
+    ) -> None:
         if account.api_key is None:
             raise ValueError(f"account {account.name!r}: Mobizon needs api_key")
         self.account = account.name
         self._base = account.base_url
-        self._client = client or make_client(account.base_url, account.http_timeout_s, account.concurrency)
+        self._client = client or make_client(
+            account.base_url, account.http_timeout_s, account.concurrency, proxy_from_env=proxy_from_env
+        )
         self._query = {"output": "json", "api": "v1", "apiKey": account.api_key.get_secret_value()}
         self.gate = asyncio.Semaphore(account.concurrency)
 

@@ -161,9 +161,13 @@ class SerwerSmsAdapter:
     max_batch = MAX_PERSONALIZED
     max_status_ids = MAX_REPORT_IDS
 
-    def __init__(self, account: Account, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, account: Account, client: httpx.AsyncClient | None = None, *, proxy_from_env: bool = False
+    ) -> None:
         self._account = account
-        self._client = client or make_client(account.base_url, account.http_timeout_s, account.concurrency)
+        self._client = client or make_client(
+            account.base_url, account.http_timeout_s, account.concurrency, proxy_from_env=proxy_from_env
+        )
         self._headers: dict[str, str] = {}
         self._auth_body: dict[str, str] = {}
         if account.token is not None:
