@@ -23,14 +23,22 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import httpx
 from pydantic import BaseModel, Field
 
-if TYPE_CHECKING:
-    from gateway.sandbox.state import SendRecord
+
+class SendRecord(Protocol):
+    """What the lifecycle reads of a recorded send (state.SendRecord)."""
+
+    who: str
+    phone: str
+    provider_id: str
+    stat_id: str
+    at: float
+
 
 WARSAW = ZoneInfo("Europe/Warsaw")
 FATES = ("delivered", "undelivered", "expired", "rejected")
