@@ -18,6 +18,7 @@ from gateway.sandbox.state import SandboxState
 from gateway.state import Store
 from testkit import AMQP_URL, REDIS_URL, Process, Sandbox, delete_account_queues, free_port, port_open
 from testkit import start_sandbox as start_sandbox_process
+from testkit.redis_ha import RedisCluster, RedisSentinels
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +31,22 @@ def services() -> None:
     ]
     if missing:
         pytest.fail(f"{' and '.join(missing)} not reachable: start them (.ci/run does)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A three-master Redis Cluster of the tests' own."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinels]:
+    """A Redis master, its replica and three Sentinels of the tests' own."""
+    deployment = RedisSentinels(tmp_path_factory.mktemp("redis-sentinel")).start()
+    yield deployment
+    deployment.stop()
 
 
 @pytest.fixture

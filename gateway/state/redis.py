@@ -22,7 +22,8 @@ import json
 import secrets
 import time
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 
@@ -186,6 +187,25 @@ end
 return #KEYS
 """
 
+# KEYS = dedupe keys; ARGV = ttl ms, the record. (A script rather than a transaction: the same on a
+# single Redis, behind Sentinel and in a Cluster, where every key of one account shares a slot.)
+_MARK_UNKNOWN = """
+for _, key in ipairs(KEYS) do redis.call('SET', key, ARGV[2], 'PX', tonumber(ARGV[1])) end
+return #KEYS
+"""
+
+# KEYS = due, then one correlation key per message; ARGV = (next poll time, message id) per message.
+_POLL_LATER = """
+for i = 2, #KEYS do
+  local j = (i - 2) * 2 + 1
+  if redis.call('ZSCORE', KEYS[1], ARGV[j + 1]) then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[j]), ARGV[j + 1])
+    redis.call('HINCRBY', KEYS[i], 'n', 1)
+  end
+end
+return #KEYS - 1
+"""
+
 # KEYS = dedupe keys; ARGV = owner. Deletes only claims this owner still holds.
 _RELEASE = """
 local n = 0
@@ -289,9 +309,46 @@ return ids
 )
 
 
+def connect(url: str) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+    """A client for the URL's deployment:
+    - `redis://` / `rediss://`: one server (TLS options in the query: `ssl_ca_certs`, ...);
+    - `redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]`: the service's master,
+      found and followed through a failover by the Sentinels (`?sentinel_password=` if they need one);
+    - `redis+cluster://[:password@]host:port/`: a Redis Cluster, discovered from that node.
+    Every key of one account carries the account as its hash tag, so each script runs in one slot.
+    Returns the client, and the Sentinels' own clients (to be closed with it)."""
+    scheme, _, rest = url.partition("://")
+    if scheme.endswith("+cluster"):
+        from redis.asyncio.cluster import RedisCluster
+
+        base = scheme.removesuffix("+cluster")
+        return cast(aioredis.Redis, RedisCluster.from_url(f"{base}://{rest}", decode_responses=True)), []
+    if scheme.endswith("+sentinel"):
+        from redis.asyncio.sentinel import Sentinel
+
+        parts = urlsplit(f"redis://{rest}")
+        auth, _, hosts = parts.netloc.rpartition("@")
+        password = unquote(auth.partition(":")[2]) or None
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("a redis+sentinel URL names the service: redis+sentinel://host:26379/<service>")
+        query: dict[str, Any] = dict(parse_qsl(parts.query))
+        sentinels = [
+            (h.rpartition(":")[0], int(h.rpartition(":")[2])) if ":" in h else (h, 26379) for h in hosts.split(",")
+        ]
+        sentinel_auth = {"password": query.pop("sentinel_password")} if "sentinel_password" in query else {}
+        # redis-py leaves Sentinel's constructor untyped
+        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_auth, socket_timeout=5)  # type: ignore[no-untyped-call]
+        db = int(path[1]) if len(path) > 1 else 0
+        master: aioredis.Redis = sentinel.master_for(path[0], password=password, db=db, decode_responses=True, **query)
+        return master, list(sentinel.sentinels)
+    client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+    return client, []
+
+
 class RedisStore:
     def __init__(self, url: str, clock: Clock | None = None) -> None:
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._redis, self._sentinels = connect(url)
         self._claim_take = self._redis.register_script(_CLAIM_TAKE)
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)
@@ -302,6 +359,8 @@ class RedisStore:
         self._end_final = self._redis.register_script(_END_FINAL)
         self._abandon_final = self._redis.register_script(_ABANDON_FINAL)
         self._due = self._redis.register_script(_DUE)
+        self._mark_unknown = self._redis.register_script(_MARK_UNKNOWN)
+        self._poll_later = self._redis.register_script(_POLL_LATER)
         self._epochs = EpochMemory()
         self._clock = clock
 
@@ -355,11 +414,8 @@ class RedisStore:
     async def mark_unknown(self, account: str, uids: list[str], ttl_s: float) -> None:
         if not uids:
             return
-        value = json.dumps({"s": "unknown"})
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for uid in uids:
-                pipe.set(dedupe_key(account, uid), value, px=int(ttl_s * 1000))
-            await pipe.execute()
+        keys = [dedupe_key(account, uid) for uid in uids]
+        await self._mark_unknown(keys=keys, args=[int(ttl_s * 1000), json.dumps({"s": "unknown"})])
 
     async def release(self, account: str, uids: list[str], owner: str) -> None:
         if uids:
@@ -423,11 +479,11 @@ class RedisStore:
     async def poll_later(self, account: str, next_at: Mapping[str, float]) -> None:
         if not next_at:
             return
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(dlr_key(account, "due"), dict(next_at), xx=True)
-            for message_id in next_at:
-                pipe.hincrby(corr_key(account, message_id), "n", 1)
-            await pipe.execute()
+        keys = [dlr_key(account, "due"), *(corr_key(account, m) for m in next_at)]
+        args: list[Any] = []
+        for message_id, at in next_at.items():
+            args += [at, message_id]
+        await self._poll_later(keys=keys, args=args)
 
     async def park(self, account: str, message_id: str, report: str, ttl_s: float) -> None:
         until = (self._clock.time() if self._clock else time.time()) + ttl_s
@@ -466,6 +522,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
 
 
 def _claims(uids: list[str], rows: list[Any]) -> dict[str, Claim]:

@@ -36,15 +36,23 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+URLS: dict[str, str] = {"redis": REDIS_URL}
+
+
 def open_store(kind: str, tmp_path: Path, clock: FakeClock) -> Store:
-    return SqliteStore(tmp_path / "state.sqlite3", clock) if kind == "sqlite" else RedisStore(REDIS_URL, clock)
+    return SqliteStore(tmp_path / "state.sqlite3", clock) if kind == "sqlite" else RedisStore(URLS[kind], clock)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster", "redis-sentinel"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, services: None, clock: FakeClock
 ) -> AsyncIterator[Store]:
+    if request.param == "redis-cluster":
+        URLS["redis-cluster"] = request.getfixturevalue("redis_cluster").url
+    if request.param == "redis-sentinel":
+        URLS["redis-sentinel"] = request.getfixturevalue("redis_sentinels").url
     s = open_store(request.param, tmp_path, clock)
+    s.kind = request.param  # type: ignore[attr-defined]  # which deployment, for the helpers below
     await s.ping()
     yield s
     await s.close()
@@ -139,8 +147,7 @@ async def test_token_bucket_is_shared_by_concurrent_callers(store: Store, accoun
 async def test_a_throttle_halves_the_rate_for_every_replica_and_recovers(
     store: Store, account: str, clock: FakeClock, tmp_path: Path
 ) -> None:
-    kind = "sqlite" if isinstance(store, SqliteStore) else "redis"
-    replica = open_store(kind, tmp_path, clock)  # a second process on the same store
+    replica = open_store(store.kind, tmp_path, clock)  # type: ignore[attr-defined]  # a second process, same store
     try:
         await store.acquire(account, 100, rate=100, burst=10)
         assert await store.throttle(account) == 0.5
@@ -224,7 +231,7 @@ async def test_a_process_that_joins_after_the_loss_learns_it_from_the_epoch(
     await store.claim_and_acquire(account, ["a"], "w1", 30, 1e6, 10**6)
     await forget(store, account)
     await store.claim_and_acquire(account, ["b"], "w1", 30, 1e6, 10**6)  # marks the new epoch lost
-    other = open_store("sqlite" if isinstance(store, SqliteStore) else "redis", tmp_path, FakeClock())
+    other = open_store(store.kind, tmp_path, FakeClock())  # type: ignore[attr-defined]
     try:
         claims, _ = await other.claim_and_acquire(account, ["c"], "w2", 30, 1e6, 10**6, recovery_s=600)
     finally:
