@@ -4,12 +4,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run sandbox test lint typecheck unit integration bench chaos clean
+.PHONY: install run sandbox test lint typecheck unit integration bench chaos lock clean
 
-$(STAMP): pyproject.toml
+# Dependencies come from the hashed lock file (make lock writes it from pyproject.toml); the project
+# itself is installed on top, without resolving anything again.
+$(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -47,6 +50,13 @@ bench: $(STAMP)
 ## suite's own RabbitMQ nodes and Redis; prints the ledger table (about 15 minutes).
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --size full
+
+## Re-pin every dependency, with hashes: requirements.lock (the image) and requirements-dev.lock (make install).
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links -o requirements.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links --extra dev --extra bench -o requirements-dev.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache gateway-state.sqlite3*
