@@ -220,6 +220,7 @@ class AccountWorker(Worker):
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused_until = 0.0
         self._backoff_s = 1.0
+        self._queue_wait = m.QUEUE_WAIT.labels(account.name)  # looked up once, observed per message
 
     @property
     def prefetch(self) -> int:
@@ -248,7 +249,7 @@ class AccountWorker(Worker):
         job.sent_at = _float_header(message, c.H_SENT_AT)
         job.redelivered = bool(message.redelivered)
         if message.timestamp is not None and not (job.attempts or job.waits or job.redelivered):
-            m.QUEUE_WAIT.labels(self.account.name).observe(max(0.0, self._clock.time() - message.timestamp.timestamp()))
+            self._queue_wait.observe(max(0.0, self._clock.time() - message.timestamp.timestamp()))
         try:
             decision = self._pipeline.admit(job, message.body, message.message_id)
             if decision is None:

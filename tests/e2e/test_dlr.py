@@ -33,14 +33,6 @@ SECRET = "e2e-hook-secret"
 
 
 @pytest.fixture
-def procs() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for p in started:
-        p.close()
-
-
-@pytest.fixture
 def names() -> Iterator[list[str]]:
     created = [new_account_name("dlr"), new_account_name("dlr")]
     yield created

@@ -6,7 +6,6 @@ import asyncio
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,28 +18,12 @@ from testkit import (
     Process,
     Sandbox,
     account_doc,
-    delete_account_queues,
     new_account_name,
     request,
     start_gateway,
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for p in started:
-        p.close()
-
-
-@pytest.fixture
-def accounts_cleanup() -> Iterator[list[str]]:
-    names: list[str] = []
-    yield names
-    asyncio.run(delete_account_queues(names))
 
 
 def by_uid(bus: Bus) -> dict[str, list[str]]:
