@@ -13,8 +13,10 @@ from testkit.services import (
     consumers_on,
     delete_account_queues,
     free_port,
+    free_ports,
     port_open,
     rabbitmqctl,
+    wait_until,
 )
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "consumers_on",
     "delete_account_queues",
     "free_port",
+    "free_ports",
     "gateway_env",
     "new_account_name",
     "port_open",
@@ -38,4 +41,5 @@ __all__ = [
     "request",
     "start_gateway",
     "start_sandbox",
+    "wait_until",
 ]

@@ -3,34 +3,10 @@ Sentinels. Every process is a `redis-server` on 127.0.0.1 without persistence.""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from testkit.services import port_open
-
-
-def _ports(n: int, bus_offset: int = 0) -> list[int]:
-    """`n` free ports (and, with `bus_offset`, free port + offset: a cluster's bus ports)."""
-    found: list[int] = []
-    candidate = 21000 + secrets.randbelow(20000)
-    while len(found) < n:
-        candidate += 1
-        if candidate > 50000:
-            candidate = 21000
-        if not port_open(candidate) and not (bus_offset and port_open(candidate + bus_offset)):
-            found.append(candidate)
-    return found
-
-
-def _wait(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not after {timeout} s")
-        time.sleep(0.1)
+from testkit.services import free_ports, port_open, wait_until
 
 
 def cli(port: int, *args: str) -> str:
@@ -58,17 +34,17 @@ class RedisDeployment:
 
 class RedisCluster(RedisDeployment):
     def start(self) -> RedisCluster:
-        ports = _ports(3, bus_offset=10000)
+        ports = free_ports(3, offset=10000)
         for port in ports:
             self._server(
                 *("--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"),
                 *("--cluster-config-file", str(self.root / f"nodes-{port}.conf"), "--dir", str(self.root)),
                 *("--save", "", "--appendonly", "no"),
             )
-        _wait(lambda: all(port_open(p) for p in ports), "cluster nodes")
+        wait_until(lambda: all(port_open(p) for p in ports), "cluster nodes")
         create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"]
         subprocess.run(create, capture_output=True, timeout=60, check=True)
-        _wait(lambda: all("cluster_state:ok" in cli(p, "cluster", "info") for p in ports), "cluster state ok")
+        wait_until(lambda: all("cluster_state:ok" in cli(p, "cluster", "info") for p in ports), "cluster state ok")
         self.url = f"redis+cluster://127.0.0.1:{ports[0]}/0"
         return self
 
@@ -77,10 +53,10 @@ class RedisSentinels(RedisDeployment):
     SERVICE = "smsgw"
 
     def start(self) -> RedisSentinels:
-        master, replica, *sentinels = _ports(5)
+        master, replica, *sentinels = free_ports(5)
         self.sentinels = sentinels
         self._server("--port", str(master), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
-        _wait(lambda: port_open(master), "master")
+        wait_until(lambda: port_open(master), "master")
         self._server(
             *("--port", str(replica), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
             *("--replicaof", "127.0.0.1", str(master)),
@@ -94,10 +70,14 @@ class RedisSentinels(RedisDeployment):
                 f"sentinel failover-timeout {self.SERVICE} 3000\n"
             )
             self._server(str(conf), "--sentinel")
-        _wait(lambda: all(port_open(p) for p in [replica, *sentinels]), "replica and sentinels")
-        _wait(lambda: "master_link_status:up" in cli(replica, "info", "replication"), "replication")
-        _wait(lambda: all("slaves=1" in cli(p, "info", "sentinel") for p in sentinels), "sentinels see the replica")
-        _wait(lambda: all("sentinels=3" in cli(p, "info", "sentinel") for p in sentinels), "sentinels see each other")
+        wait_until(lambda: all(port_open(p) for p in [replica, *sentinels]), "replica and sentinels")
+        wait_until(lambda: "master_link_status:up" in cli(replica, "info", "replication"), "replication")
+        wait_until(
+            lambda: all("slaves=1" in cli(p, "info", "sentinel") for p in sentinels), "sentinels see the replica"
+        )
+        wait_until(
+            lambda: all("sentinels=3" in cli(p, "info", "sentinel") for p in sentinels), "sentinels see each other"
+        )
         hosts = ",".join(f"127.0.0.1:{p}" for p in sentinels)
         self.url = f"redis+sentinel://{hosts}/{self.SERVICE}/0"
         return self

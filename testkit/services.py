@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -26,6 +29,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int, offset: int = 0) -> list[int]:
+    """`n` free ports in 21000-50000 (with `offset`, port + offset is free too: a RabbitMQ node's
+    distribution port, a Redis Cluster node's bus port). The ephemeral range would put port + offset
+    above 65535."""
+    found: list[int] = []
+    candidate = 21000 + secrets.randbelow(20000)
+    while len(found) < n:
+        candidate = candidate + 1 if candidate < 50000 else 21000
+        if not port_open(candidate) and not (offset and port_open(candidate + offset)):
+            found.append(candidate)
+    return found
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 30, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not after {timeout} s")
+        time.sleep(interval)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from gateway.clock import SYSTEM, Clock
 from gateway.state.base import (
+    NOTHING,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
@@ -140,7 +141,7 @@ class SqliteStore:
             return claims, self._take(db, account, fresh, rate, burst) if fresh else Grant(0, 0.0), epoch
 
         if not uids:
-            return {}, Grant(0, 0.0)
+            return {}, NOTHING
         claims, grant, epoch = await self._run(op)
         self._epochs.saw(account, epoch)
         return distrust_new(claims, epoch, suspect, recovery_s), grant

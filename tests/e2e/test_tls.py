@@ -6,7 +6,6 @@ verifying the server against the CA bundle; a wrong CA bundle ends start-up with
 from __future__ import annotations
 
 import contextlib
-import secrets
 import shutil
 import subprocess
 import sys
@@ -19,8 +18,20 @@ from urllib.parse import quote
 import pytest
 import trustme
 
-from testkit import Bus, Process, Sandbox, account_doc, free_port, gateway_env, new_account_name, port_open, request
-from tests.chaos.harness import RabbitNode, _wait
+from testkit import (
+    Bus,
+    Process,
+    Sandbox,
+    account_doc,
+    free_port,
+    free_ports,
+    gateway_env,
+    new_account_name,
+    port_open,
+    request,
+    wait_until,
+)
+from tests.chaos.harness import RabbitNode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -46,14 +57,6 @@ class Tls:
         return f"rediss://127.0.0.1:{self.redis_port}/0?ssl_ca_certs={quote(ca or self.ca)}&ssl_cert_reqs=required"
 
 
-def node_port() -> int:
-    """A free port for the node's listener whose distribution port (+20000) is free and valid too."""
-    for candidate in range(21000 + secrets.randbelow(20000), 45000):
-        if not port_open(candidate) and not port_open(candidate + 20000):
-            return candidate
-    raise RuntimeError("no free port pair for a RabbitMQ node")
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     root = tmp_path_factory.mktemp("tls")
@@ -70,7 +73,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     client.cert_chain_pems[0].write_to_path(root / "client.pem")
     client.private_key_pem.write_to_path(root / "client.key")
     other.cert_pem.write_to_path(root / "wrong-ca.pem")
-    amqps_port, redis_port = node_port(), free_port()
+    amqps_port, redis_port = free_ports(1, offset=20000)[0], free_port()  # node: AMQPS port + 20000
     conf = "\n".join(
         [
             "listeners.tcp = none",
@@ -98,7 +101,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait(lambda: port_open(redis_port), 20, "redis-server with TLS did not start", 0.05)
+        wait_until(lambda: port_open(redis_port), "redis-server with TLS", timeout=20, interval=0.05)
         yield Tls(
             amqps_port,
             redis_port,
