@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         default=None, description="Redis URL; unset means the embedded SQLite store (one node only)"
     )
     state_path: Path = Field(default=Path("gateway-state.sqlite3"), description="SQLite state file")
+    management_url: SecretStr | None = Field(
+        default=None,
+        description="RabbitMQ management API, for `gateway topology check` and `gateway accounts`; "
+        "unset: http(s)://<the AMQP host>:15672 (15671 with amqps) with the AMQP credentials",
+    )
     accounts_file: Path | None = Field(default=None, description="accounts as JSON or TOML")
     accounts: str | None = Field(default=None, description="accounts as one JSON list (containers)")
     retry_schedule_s: Annotated[list[float], NoDecode] = Field(

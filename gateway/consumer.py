@@ -38,6 +38,7 @@ from gateway.providers.base import ProviderAdapter
 from gateway.publisher import Publisher
 from gateway.settle import Delivery, Settler, requeue
 from gateway.state import Store
+from gateway.state.base import Pause
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.consumer")
@@ -206,6 +207,8 @@ class AccountWorker(Worker):
         self._pipeline = p.Pipeline(
             account=account, adapter=adapter, store=store, settings=settings, owner=owner, clock=clock
         )
+        self._store = store
+        self._owner = owner
         self._max_batch = min(account.batch_size, adapter.max_batch)
         self._slots = asyncio.Semaphore(account.concurrency)
         self._batcher: Batcher[Delivery] = Batcher(
@@ -248,6 +251,7 @@ class AccountWorker(Worker):
         job.waits = _int_header(message, c.H_WAITS)
         job.sent_at = _float_header(message, c.H_SENT_AT)
         job.redelivered = bool(message.redelivered)
+        job.replay = bool((message.headers or {}).get(c.H_REPLAY))
         if message.timestamp is not None and not (job.attempts or job.waits or job.redelivered):
             self._queue_wait.observe(max(0.0, self._clock.time() - message.timestamp.timestamp()))
         try:
@@ -298,11 +302,19 @@ class AccountWorker(Worker):
         else:
             self._backoff_s = 1.0
         if result.pause_account:
-            await self._pause(self._settings.account_pause_s, "account_error")
+            code = next(
+                (
+                    x.result.error.code
+                    for x in result.decisions
+                    if isinstance(x, p.Finish) and x.pause_account and x.result.error
+                ),
+                None,
+            )
+            await self._pause(self._settings.account_pause_s, "account_error", code)
 
     # -- pause, resume, stop ------------------------------------------------------------------------
 
-    async def _pause(self, seconds: float, reason: str) -> None:
+    async def _pause(self, seconds: float, reason: str, code: str | None = None) -> None:
         if self._stopping:
             return
         until = self._clock.monotonic() + seconds
@@ -310,9 +322,12 @@ class AccountWorker(Worker):
             return
         first = not self.paused
         self._paused_until = until
+        noted = asyncio.create_task(self._note_pause(Pause(self._owner, reason, code, self._clock.time() + seconds)))
+        self._tasks.add(noted)
+        noted.add_done_callback(self._tasks.discard)
         if not first:
             return
-        log.warning("account_paused", account=self.account.name, seconds=seconds, reason=reason)
+        log.warning("account_paused", account=self.account.name, seconds=seconds, reason=reason, code=code)
         m.PAUSED.labels(self.account.name).set(1)
         if self._consumer is not None:
             await self._consumer.cancel()
@@ -320,6 +335,14 @@ class AccountWorker(Worker):
         task = asyncio.create_task(self._resume_later())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _note_pause(self, pause: Pause) -> None:
+        """Tell operators (`gateway accounts`); a store that fails here changes nothing else."""
+        try:
+            async with asyncio.timeout(2.0):
+                await self._store.note_pause(self.account.name, pause)
+        except Exception:  # noqa: BLE001 - best effort: the pause itself is this process's
+            log.warning("pause_not_recorded", account=self.account.name, reason=pause.reason)
 
     async def _resume_later(self) -> None:
         while self.paused:

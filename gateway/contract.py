@@ -48,7 +48,19 @@ H_REASON = "x-gateway-reason"
 H_ERROR_CODE = "x-gateway-error-code"
 H_ERROR_MESSAGE = "x-gateway-error-message"
 H_ACCOUNT = "x-gateway-account"
+H_DEAD_AT = "x-gateway-dead-at"  # RFC 3339 time the gateway dead-lettered the message
 H_DELIVERY_COUNT = "x-delivery-count"  # set by RabbitMQ quorum queues on redelivery
+# Set by whoever re-drives a dead letter (`gateway dlq replay`, or any tool): a request whose earlier
+# result was `rejected`, `failed` or `expired` is sent again (after a provider lookup) instead of
+# being answered `duplicate`. Any non-empty value; the CLI writes the replay's id.
+H_REPLAY = "x-gateway-replay"
+# What a replay strips from a dead letter before it goes back to sms.send: the gateway's own
+# bookkeeping (a replay starts with a clean attempt count) and the broker's dead-lettering history.
+GATEWAY_HEADER_PREFIX = "x-gateway-"
+BROKER_HEADERS = frozenset(
+    {"x-death", H_DELIVERY_COUNT, "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason"}
+)
+REPLAYABLE = frozenset({"rejected", "failed", "expired"})  # earlier results a replay may send again
 
 
 class Status(StrEnum):
@@ -313,12 +325,18 @@ def _validate(
     text = doc.get("text")
     if not isinstance(text, str) or not text:
         raise _Invalid("missing_field" if "text" not in doc else "bad_field", "text must be a non-empty string")
-    values = doc.get("vars") or {}
-    if not isinstance(values, dict) or not all(
-        isinstance(v, str | int | float) and not isinstance(v, bool) for v in values.values()
-    ):
-        raise _Invalid("bad_field", "vars must be an object of string to string or number")
-    rendered = render_text(text, values, max_text_chars)
+    values = doc.get("vars")
+    if values is None:  # no vars: the text is literal, braces and all
+        if len(text) > max_text_chars:
+            raise _Invalid("text_too_long", f"text is {len(text)} characters, limit {max_text_chars}")
+        rendered, values, template = text, {}, None
+    else:
+        if not isinstance(values, dict) or not all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in values.values()
+        ):
+            raise _Invalid("bad_field", "vars must be an object of string to string or number")
+        rendered = render_text(text, values, max_text_chars)
+        template = text if _placeholders(text) else None
     sender = doc.get("sender")
     if sender is not None and (not isinstance(sender, str) or not sender.strip()):
         raise _Invalid("bad_field", "sender must be a non-empty string")
@@ -346,7 +364,7 @@ def _validate(
         test=flags["test"],
         meta=meta,
         vars=values,
-        template=text if _placeholders(text) else None,
+        template=template,
     )
 
 

@@ -54,6 +54,7 @@ class Job:
     waits: int = 0  # times earlier copies waited for another worker's claim
     sent_at: float | None = None  # an earlier ambiguous attempt's time, for the lookup window
     redelivered: bool = False
+    replay: bool = False  # a re-driven dead letter: an earlier rejected/failed/expired result is sent again
     unique_id: str | None = None
     to: str | None = None
     meta: dict[str, Any] | None = None
@@ -355,6 +356,7 @@ class Pipeline:
             burst,
             suspect={uid for uid, i in first_of.items() if jobs[i].seen_before},
             recovery_s=self._settings.store_recovery_s,
+            replay={uid for uid, i in first_of.items() if jobs[i].replay},
         )
         now = self._clock.now()
         reconcile: list[int] = []

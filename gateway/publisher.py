@@ -13,6 +13,7 @@ that no queue takes fails the publish and the request is requeued instead of ack
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import pamqp.encode
@@ -35,13 +36,7 @@ def _table_integer_signed(value: int) -> bytes:
 
 pamqp.encode.table_integer = _table_integer_signed  # encode_table_value looks it up at each call
 
-_STRIP = {
-    "x-death",
-    c.H_DELIVERY_COUNT,
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-}
+_STRIP = c.BROKER_HEADERS
 PERSISTENT = 2
 
 
@@ -70,12 +65,14 @@ class Publisher:
         body: bytes,
         unique_id: str | None,
         reply_to: str | None = None,
+        correlation_id: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None:
+        """`correlation_id`: the request's own, kept for the producer's RPC matching; else `unique_id`."""
         props = Basic.Properties(
             content_type="application/json",
             delivery_mode=PERSISTENT,
-            correlation_id=unique_id,
+            correlation_id=correlation_id or unique_id,
             headers=headers or None,
         )
         routing_key = f"{status}.{account}"
@@ -105,6 +102,7 @@ class Publisher:
                 c.H_ERROR_MESSAGE: error_message[:1000],
                 c.H_ATTEMPTS: attempts,
                 c.H_ACCOUNT: account,
+                c.H_DEAD_AT: c.rfc3339(datetime.now(UTC)),
             }
         )
         await self._publish(

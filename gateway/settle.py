@@ -187,6 +187,7 @@ class Settler:
                     body=body,
                     unique_id=job.unique_id,
                     reply_to=d.message.reply_to,
+                    correlation_id=d.message.correlation_id,
                     headers=tracing.inject(d.span, {}),
                 )
             )

@@ -9,8 +9,9 @@ Dedupe record per (account, unique_id), one of:
 - NEW:       nothing was known; the caller now holds the claim and may send.
 - DONE:      a result exists (returned).
 - BUSY:      another live claim holds it; the caller must not send (wait and look again).
-- RECONCILE: the record was unknown, or a claim whose lease ran out (a crashed worker); the caller
-             now holds the claim and must ask the provider what happened before sending.
+- RECONCILE: the record was unknown, or a claim whose lease ran out (a crashed worker), or a
+             `replay` id whose result was rejected, failed or expired (a re-driven dead letter);
+             the caller now holds the claim and must ask the provider what happened before sending.
 
 A store that forgets (Redis restarted without persistence, a failover to a replica that had not
 caught up, a deleted SQLite file) would answer NEW for ids that were claimed, and maybe sent, before
@@ -184,6 +185,32 @@ class Grant:
 NOTHING = Grant(0, 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """One replica's pause of an account's consumption, as `gateway accounts` shows it."""
+
+    owner: str
+    reason: str  # account_error | store_failed
+    code: str | None  # the provider's code that paused it
+    until: float  # epoch seconds
+
+    def to_json(self) -> str:
+        return json.dumps({"r": self.reason, "c": self.code, "u": self.until}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, owner: str, text: str) -> Pause:
+        d = json.loads(text)
+        return cls(owner, d["r"], d["c"], float(d["u"]))
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """What the store knows of an account right now: live pauses and the throttle factor."""
+
+    pauses: tuple[Pause, ...]
+    throttle_factor: float
+
+
 class Store(Protocol):
     async def claim_and_acquire(
         self,
@@ -196,9 +223,12 @@ class Store(Protocol):
         *,
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
+        replay: Collection[str] = (),
     ) -> tuple[dict[str, Claim], Grant]:
         """Claim every id of a batch at once (see the module docstring), then take tokens from the
         account's bucket (as `acquire`) for the NEW claims, in one atomic step and one round trip.
+        A `replay` id whose stored result is in `contract.REPLAYABLE` is claimed again (RECONCILE)
+        in the same step, so of two replayed copies only one is sent.
         NEW answers are then checked against the account's epoch (`distrust_new`); ids turned into
         RECONCILE keep the tokens taken for them. Nothing new: `NOTHING`, no tokens taken."""
         ...
@@ -223,6 +253,14 @@ class Store(Protocol):
     async def throttle(self, key: str) -> float:
         """The provider throttled: halve the key's factor (once per `THROTTLE_COOLDOWN_S`, however
         many replicas report it) and empty the bucket down to the new burst. Returns the factor."""
+        ...
+
+    async def note_pause(self, account: str, pause: Pause) -> None:
+        """Record a replica's pause until `pause.until` (for operators; consumption is not shared)."""
+        ...
+
+    async def account_state(self, account: str) -> AccountState:
+        """The pauses still running and the account's throttle factor (1.0: not throttled)."""
         ...
 
     # -- delivery reports ---------------------------------------------------------------------------

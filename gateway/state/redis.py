@@ -21,24 +21,27 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 
 from gateway.clock import Clock
+from gateway.contract import REPLAYABLE
 from gateway.state.base import (
     NOTHING,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
+    AccountState,
     Claim,
     ClaimState,
     Epoch,
     EpochMemory,
     FinalState,
     Grant,
+    Pause,
     StoredResult,
     Tracked,
     distrust_new,
@@ -65,6 +68,10 @@ def dlr_key(account: str, name: str) -> str:
     return f"{PREFIX}:{{{account}}}:dlr:{name}"
 
 
+def pause_key(account: str) -> str:
+    return f"{PREFIX}:{{{account}}}:pause"
+
+
 def bucket_key(key: str) -> str:
     return f"{PREFIX}:rl:{{{key}}}"
 
@@ -79,27 +86,32 @@ end
 """
 
 # claim(n, ...): claims KEYS[1..n]; returns, per key, {state, result-json}, and how many are new.
-_CLAIM_FN = """
-local function claim(n, owner, lease, window, now_s)
+# `replay` holds one character per key: '1' claims a done result again when its status is replayable.
+_CLAIM_FN = f"""
+local replayable = {{{", ".join(f"['{s}'] = true" for s in sorted(REPLAYABLE))}}}
+local function claim(n, owner, lease, window, now_s, replay)
   local now = math.floor(now_s * 1000)
-  local out, fresh = {}, 0
+  local out, fresh = {{}}, 0
   for i = 1, n do
     local key = KEYS[i]
     local raw = redis.call('GET', key)
-    local mine = cjson.encode({s = 'inflight', o = owner, l = now + lease})
+    local mine = cjson.encode({{s = 'inflight', o = owner, l = now + lease}})
     if not raw then
       redis.call('SET', key, mine, 'PX', window)
-      out[i] = {'new', ''}
+      out[i] = {{'new', ''}}
       fresh = fresh + 1
     else
       local rec = cjson.decode(raw)
-      if rec.s == 'done' then
-        out[i] = {'done', rec.r}
+      if rec.s == 'done' and string.sub(replay, i, i) == '1' and replayable[cjson.decode(rec.r).status] then
+        redis.call('SET', key, mine, 'PX', window)
+        out[i] = {{'reconcile', ''}}
+      elseif rec.s == 'done' then
+        out[i] = {{'done', rec.r}}
       elseif rec.s == 'inflight' and tonumber(rec.l) > now then
-        out[i] = {'busy', ''}
+        out[i] = {{'busy', ''}}
       else
         redis.call('SET', key, mine, 'PX', window)
-        out[i] = {'reconcile', ''}
+        out[i] = {{'reconcile', ''}}
       end
     end
   end
@@ -161,8 +173,8 @@ end
 """
 
 # KEYS = dedupe keys, then the account's bucket and epoch (same hash tag); ARGV = owner, lease ms,
-# window ms, rate per s, burst, known epoch id, new epoch id, now. Claims, then takes a token for
-# each new claim: {claims, granted, wait, factor, epoch}.
+# window ms, rate per s, burst, known epoch id, new epoch id, now, replay flags. Claims, then takes a
+# token for each new claim: {claims, granted, wait, factor, epoch}.
 _CLAIM_TAKE = (
     _NOW_FN
     + _CLAIM_FN
@@ -172,7 +184,7 @@ _CLAIM_TAKE = (
     + """
 local now = clock(ARGV[8])
 local ep = epoch(KEYS[#KEYS], ARGV[6], ARGV[7], now)
-local out, fresh = claim(#KEYS - 2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now)
+local out, fresh = claim(#KEYS - 2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now, ARGV[9])
 if fresh == 0 then return {out, 0, '0', '1', ep} end
 local grant, wait, f = take(KEYS[#KEYS - 1], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh, now)
 return {out, grant, tostring(wait), tostring(f), ep}
@@ -247,6 +259,24 @@ f = math.max({THROTTLE_MIN_FACTOR}, f / 2)
 redis.call('HSET', KEYS[1], 'f', tostring(f), 'fc', tostring(now), 'tk', '0', 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], {int(_HOLD_S * 1000) + 1000})
 return tostring(f)
+"""
+)
+
+# KEYS = pause hash; ARGV = owner, record, ms until the pause ends. The hash lives as long as its
+# longest pause.
+_NOTE_PAUSE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3])) end
+return 1
+"""
+
+# KEYS = bucket; ARGV = now. The throttle factor now (1 when not throttled).
+_FACTOR = (
+    _NOW_FN
+    + _FACTOR_FN
+    + """
+local st = redis.call('HMGET', KEYS[1], 'f', 'fc')
+return tostring(factor(st[1], st[2], clock(ARGV[1])))
 """
 )
 
@@ -351,6 +381,8 @@ class RedisStore:
         self._redis, self._sentinels = connect(url)
         self._claim_take = self._redis.register_script(_CLAIM_TAKE)
         self._complete = self._redis.register_script(_COMPLETE)
+        self._note_pause = self._redis.register_script(_NOTE_PAUSE)
+        self._factor = self._redis.register_script(_FACTOR)
         self._release = self._redis.register_script(_RELEASE)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._throttle = self._redis.register_script(_THROTTLE)
@@ -381,6 +413,7 @@ class RedisStore:
         *,
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
+        replay: Collection[str] = (),
     ) -> tuple[dict[str, Claim], Grant]:
         if not uids:
             return {}, NOTHING
@@ -398,6 +431,7 @@ class RedisStore:
                 known,
                 secrets.token_hex(8),
                 self._now(),
+                "".join("1" if u in replay else "0" for u in uids) if replay else "",
             ],
         )
         epoch = Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost)))
@@ -427,6 +461,18 @@ class RedisStore:
 
     async def throttle(self, key: str) -> float:
         return float(await self._throttle(keys=[bucket_key(key)], args=[self._now()]))
+
+    async def note_pause(self, account: str, pause: Pause) -> None:
+        now = self._clock.time() if self._clock is not None else time.time()
+        ms = max(1, int((pause.until - now) * 1000))
+        await self._note_pause(keys=[pause_key(account)], args=[pause.owner, pause.to_json(), ms])
+
+    async def account_state(self, account: str) -> AccountState:
+        now = self._clock.time() if self._clock is not None else time.time()
+        raw: dict[str, str] = await cast(Awaitable[dict[str, str]], self._redis.hgetall(pause_key(account)))
+        pauses = sorted((Pause.from_json(o, v) for o, v in raw.items()), key=lambda p: p.owner)
+        factor = float(await self._factor(keys=[bucket_key(account)], args=[self._now()]))
+        return AccountState(tuple(p for p in pauses if p.until > now), factor)
 
     # -- delivery reports ---------------------------------------------------------------------------
 

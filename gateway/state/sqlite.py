@@ -16,17 +16,20 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.clock import SYSTEM, Clock
+from gateway.contract import REPLAYABLE
 from gateway.state.base import (
     NOTHING,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
+    AccountState,
     Claim,
     ClaimState,
     Epoch,
     EpochMemory,
     FinalState,
     Grant,
+    Pause,
     StoredResult,
     Tracked,
     distrust_new,
@@ -70,6 +73,9 @@ CREATE TABLE IF NOT EXISTS dlr_early (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dlr_event (
     account TEXT NOT NULL, key TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (account, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pause (
+    account TEXT NOT NULL, owner TEXT NOT NULL, record TEXT NOT NULL, until REAL NOT NULL, PRIMARY KEY (account, owner)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS epoch (
     account TEXT PRIMARY KEY, id TEXT NOT NULL, since REAL NOT NULL, lost INTEGER NOT NULL
@@ -131,12 +137,13 @@ class SqliteStore:
         *,
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
+        replay: Collection[str] = (),
     ) -> tuple[dict[str, Claim], Grant]:
         known = self._epochs.known(account)
 
         def op(db: sqlite3.Connection) -> tuple[dict[str, Claim], Grant, Epoch]:
             epoch = self._epoch(db, account, known)
-            claims = self._claim(db, account, uids, owner, lease_s)
+            claims = self._claim(db, account, uids, owner, lease_s, replay)
             fresh = sum(1 for c in claims.values() if c.state is ClaimState.NEW)
             return claims, self._take(db, account, fresh, rate, burst) if fresh else Grant(0, 0.0), epoch
 
@@ -162,7 +169,13 @@ class SqliteStore:
         return Epoch(epoch_id, now - since, bool(lost))
 
     def _claim(
-        self, db: sqlite3.Connection, account: str, uids: list[str], owner: str, lease_s: float
+        self,
+        db: sqlite3.Connection,
+        account: str,
+        uids: list[str],
+        owner: str,
+        lease_s: float,
+        replay: Collection[str] = (),
     ) -> dict[str, Claim]:
         now = self._clock.time()
         self._sweep(db, now)
@@ -173,8 +186,10 @@ class SqliteStore:
                 (account, uid, now),
             ).fetchone()
             if row is not None and row[0] == "done":
-                out[uid] = Claim(ClaimState.DONE, StoredResult.from_json(row[2]))
-                continue
+                result = StoredResult.from_json(row[2])
+                if not (uid in replay and result.status in REPLAYABLE):
+                    out[uid] = Claim(ClaimState.DONE, result)
+                    continue
             if row is not None and row[0] == "inflight" and row[1] > now:
                 out[uid] = Claim(ClaimState.BUSY)
                 continue
@@ -252,6 +267,25 @@ class SqliteStore:
             db.execute("INSERT OR REPLACE INTO throttle VALUES (?, ?, ?)", (key, factor, now))
             db.execute("INSERT OR REPLACE INTO bucket VALUES (?, 0, ?)", (key, now))
             return factor
+
+        return await self._run(op)
+
+    async def note_pause(self, account: str, pause: Pause) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM pause WHERE until < ?", (self._clock.time(),))
+            db.execute(
+                "INSERT OR REPLACE INTO pause VALUES (?, ?, ?, ?)", (account, pause.owner, pause.to_json(), pause.until)
+            )
+
+        await self._run(op)
+
+    async def account_state(self, account: str) -> AccountState:
+        def op(db: sqlite3.Connection) -> AccountState:
+            now = self._clock.time()
+            rows = db.execute(
+                "SELECT owner, record FROM pause WHERE account=? AND until > ? ORDER BY owner", (account, now)
+            ).fetchall()
+            return AccountState(tuple(Pause.from_json(o, r) for o, r in rows), self._factor(db, account, now)[0])
 
         return await self._run(op)
 

@@ -28,6 +28,36 @@ def test_literal_braces_survive_rendering() -> None:
     assert c.render_text("{{not a var}}", {}) == "{not a var}"
 
 
+@pytest.mark.parametrize("text", ["price: {5} EUR", "{", "}} {{", 'JSON: {"a": 1}', "{name}"])
+def test_text_without_vars_is_literal(text: str) -> None:
+    """Braces are placeholders only when `vars` is given: free text needs no escaping."""
+    for doc in ({"unique_id": "a", "to": "1", "text": text}, {"unique_id": "a", "to": "1", "text": text, "vars": None}):
+        req = decode(doc)
+        assert isinstance(req, c.SendRequest), req
+        assert (req.text, req.template) == (text, None)
+
+
+def test_literal_text_still_has_a_length_limit() -> None:
+    req = c.decode_request(json.dumps({"unique_id": "a", "to": "1", "text": "{x}" * 11}).encode(),
+                           message_id=None, max_bytes=65536, max_text_chars=32)  # fmt: skip
+    assert isinstance(req, c.InvalidRequest)
+    assert req.code == "text_too_long"
+
+
+def test_with_vars_braces_are_placeholders() -> None:
+    req = decode({"unique_id": "a", "to": "1", "text": "{{literal}} {code}", "vars": {"code": 7}})
+    assert isinstance(req, c.SendRequest)
+    assert (req.text, req.template) == ("{literal} 7", "{{literal}} {code}")
+
+
+def test_unknown_fields_are_ignored_within_v1() -> None:
+    """Contract evolution (README): v1 only grows by optional fields, so a gateway ignores fields it
+    does not know, whether newer or a producer's own."""
+    req = decode({"v": 1, "unique_id": "a", "to": "1", "text": "x", "priority": "high", "x-app": {"k": [1]}})
+    assert isinstance(req, c.SendRequest)
+    assert req.text == "x"
+
+
 @pytest.mark.parametrize(
     ("doc", "code"),
     [
@@ -40,7 +70,7 @@ def test_literal_braces_survive_rendering() -> None:
         ({"unique_id": "a", "to": 48500600700, "text": "x"}, "bad_field"),
         ({"unique_id": "a", "to": "1"}, "missing_field"),
         ({"unique_id": "a", "to": "1", "text": ""}, "bad_field"),
-        ({"unique_id": "a", "to": "1", "text": "Hi {name}"}, "missing_var"),
+        ({"unique_id": "a", "to": "1", "text": "Hi {name}", "vars": {}}, "missing_var"),
         ({"unique_id": "a", "to": "1", "text": "Hi {0}", "vars": {"0": "x"}}, "bad_template"),
         ({"unique_id": "a", "to": "1", "text": "Hi {", "vars": {}}, "bad_template"),
         ({"unique_id": "a", "to": "1", "text": "x", "vars": {"a": True}}, "bad_field"),

@@ -1,0 +1,112 @@
+"""What every operator command shares: exit codes, settings, connections, output."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+import click
+
+from gateway.config import ConfigError, Settings, load_settings
+
+# Exit codes (README, "Operator CLI").
+OK = 0
+FAILED = 1  # the answer is "no": drift found, the outcome was not accepted, a letter not found
+USAGE = 2  # bad arguments or configuration (click's own usage errors exit 2 as well)
+TIMEOUT = 3  # no outcome within --wait
+UNREACHABLE = 4  # the broker, the store or the management API did not answer
+
+
+class Fail(click.ClickException):
+    """A one-line error and an exit code."""
+
+    def __init__(self, message: str, code: int = FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"gateway: {self.format_message()}", err=True)
+
+
+def settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise Fail(f"configuration error: {exc}", USAGE) from None
+
+
+@asynccontextmanager
+async def broker(s: Settings, timeout_s: float = 10.0) -> AsyncIterator[Any]:
+    """One plain (not robust) connection: a command that loses the broker fails instead of waiting."""
+    import aio_pika
+    from aiormq.exceptions import ChannelNotFoundEntity
+
+    try:
+        connection = await aio_pika.connect(s.amqp_url.get_secret_value(), timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is one line and exit 4
+        raise Fail(f"cannot reach RabbitMQ: {_reason(exc)}", UNREACHABLE) from None
+    async with connection:
+        try:
+            yield connection
+        except ChannelNotFoundEntity as exc:
+            text = str(exc.args[0] if exc.args else exc)[:200]
+            raise Fail(f"{text}: the bus is not declared yet (gateway topology declare)") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).split("\n")[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def management_url(s: Settings) -> str:
+    from gateway.broker_api import default_url
+
+    if s.management_url is not None:
+        return s.management_url.get_secret_value()
+    return default_url(s.amqp_url.get_secret_value())
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_since(text: str | None) -> datetime | None:
+    """`--since`: a duration back from now (`90s`, `15m`, `2h`, `7d`) or an RFC 3339 time."""
+    if text is None:
+        return None
+    if m := _DURATION.match(text.strip()):
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: float(m.group(1))})
+    try:
+        ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter("a duration like 30m, 2h, 7d, or an RFC 3339 time", param_hint="--since") from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+
+
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for col in columns:
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    Console(soft_wrap=True).print(t)
+
+
+def die(message: str, code: int = FAILED) -> NoReturn:
+    raise Fail(message, code)
+
+
+def stderr(message: str) -> None:
+    print(message, file=sys.stderr)
