@@ -23,7 +23,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,7 +56,7 @@ class DeadLetter:
         """The listing's view: the number masked, no text."""
         return {
             "id": self.id,
-            "at": c.rfc3339(self.at) if self.at else None,
+            "at": c.rfc3339(self.at.replace(microsecond=0)) if self.at else None,
             "account": self.account,
             "reason": self.reason,
             "code": self.code,
@@ -158,6 +158,7 @@ class Filter:
     code: str | None = None
     since: datetime | None = None
     ids: frozenset[str] = frozenset()
+    before: datetime | None = None  # a replay's own start: what it sends back to sms.dead is not taken again
 
     def __call__(self, letter: DeadLetter) -> bool:
         if self.ids and letter.id not in self.ids:
@@ -167,6 +168,8 @@ class Filter:
         if self.reason is not None and letter.reason != self.reason:
             return False
         if self.code is not None and letter.code != self.code:
+            return False
+        if self.before is not None and letter.at is not None and letter.at >= self.before:
             return False
         return not (self.since is not None and (letter.at is None or letter.at < self.since))
 
@@ -178,9 +181,14 @@ async def depth(channel: AbstractChannel) -> int:
 
 async def browse(channel: AbstractChannel) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
     """Every letter the queue holds now, unacked: what the caller does not ack goes back to the
-    queue when the channel closes."""
+    queue when the channel closes.
+
+    "Now" is the ready count at the start, and then whatever else is ready, up to as many again:
+    letters another reader held (a listing that just closed its channel, a replay that was
+    killed) come back to the queue a moment after that reader is gone, behind the count."""
     queue = await channel.declare_queue(c.DEAD_QUEUE, passive=True)
-    for _ in range(int(queue.declaration_result.message_count or 0)):
+    ready = int(queue.declaration_result.message_count or 0)
+    for _ in range(2 * ready + 100):
         message = await queue.get(no_ack=False, fail=False)
         if message is None:
             return
@@ -230,6 +238,7 @@ async def replay(
 ) -> Summary:
     """Republish the matching letters into sms.send, each acked only after its copy is confirmed."""
     replay_id = uuid.uuid4().hex[:12]
+    keep = replace(keep, before=datetime.now(UTC))
     summary = Summary()
     async with connection.channel(publisher_confirms=True) as out, connection.channel() as src:
         send = await out.get_exchange(c.SEND_EXCHANGE, ensure=True)
@@ -254,7 +263,7 @@ async def purge(connection: AbstractConnection, keep: Filter, *, limit: int | No
                 await m.ack()
             summary.done += len(batch)
 
-        await _select(src, keep, limit, 500, summary, flush)
+        await _select(src, keep, limit, 500, summary, flush, routable_only=False)
     return summary
 
 
@@ -265,12 +274,14 @@ async def _select(
     chunk: int,
     summary: Summary,
     flush: Callable[[list[tuple[AbstractIncomingMessage, DeadLetter]]], Awaitable[None]],
+    *,
+    routable_only: bool = True,
 ) -> None:
     batch: list[tuple[AbstractIncomingMessage, DeadLetter]] = []
     async for message, letter in browse(src):
         if not keep(letter):
             continue  # not acked: back in the queue when the channel closes
-        if not letter.account:
+        if routable_only and not letter.account:
             summary.skipped += 1
             continue
         summary.matched += 1

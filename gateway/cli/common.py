@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -46,6 +47,8 @@ async def broker(s: Settings, timeout_s: float = 10.0) -> AsyncIterator[Any]:
     import aio_pika
     from aiormq.exceptions import ChannelNotFoundEntity
 
+    for name in ("aiormq", "aio_pika"):  # their own error logs would repeat the one line below
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         connection = await aio_pika.connect(s.amqp_url.get_secret_value(), timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - any failure to connect is one line and exit 4
@@ -101,7 +104,10 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
         t.add_column(col, overflow="fold")
     for row in rows:
         t.add_row(*("" if v is None else str(v) for v in row))
-    Console(soft_wrap=True).print(t)
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # piped (grep, a log): one line per row, never folded
+        console = Console(width=1000, soft_wrap=True)
+    console.print(t)
 
 
 def die(message: str, code: int = FAILED) -> NoReturn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -141,19 +142,30 @@ def replay(
     matched = asyncio.run(count())
     if dry_run or matched == 0:
         summary = {"matched": matched, "replayed": 0, "dry_run": dry_run}
-        x.emit_json(summary) if as_json else click.echo(f"{matched} dead letter(s) would be replayed")
+        x.emit_json(summary) if as_json else click.echo(
+            f"{matched} dead letter(s) would be replayed" if dry_run else "no dead letter matches"
+        )
         return x.OK
     if not yes:
         click.confirm(f"Replay {matched} dead letter(s) into sms.send?", abort=True, err=True)
 
     async def go() -> dl.Summary:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         async with x.broker(s) as connection:
-            show_bar = matched >= 200 and not as_json
+            if not sys.stderr.isatty():  # a job's log: one plain line per confirmed chunk
+                done = 0
+
+                def line(n: int) -> None:
+                    nonlocal done
+                    done += n
+                    x.stderr(f"replayed {done}/{matched}")
+
+                return await dl.replay(connection, keep, limit=limit, progress=line)
             with Progress(
                 TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                disable=not show_bar, transient=True,
+                disable=matched < 200, transient=True, console=Console(stderr=True),
             ) as bar:  # fmt: skip
                 task = bar.add_task("replay", total=matched)
                 return await dl.replay(connection, keep, limit=limit, progress=lambda n: bar.advance(task, n))

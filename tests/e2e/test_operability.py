@@ -50,7 +50,7 @@ async def test_metrics_and_logs_after_every_outcome_path(
             await bus.publish_many([(ok, request(f"a{i}", to=phones[i], text=TEXT.format(n=i))) for i in range(5)])
             await bus.wait_for(outcomes=5)
             await bus.publish(ok, request("a0", to=phones[0], text=TEXT.format(n=0)))  # duplicate
-            await bus.publish(ok, request("v1", to=phones[5], text="Hi {name}"))  # invalid: missing var
+            await bus.publish(ok, request("v1", to=phones[5], text="Hi {name}", vars={}))  # invalid: missing var
             await bus.publish(ok, request("e1", to=phones[6], text=TEXT.format(n=6), expires_at="2001-01-01T00:00:00Z"))
             await bus.publish(bad, request("r1", to=phones[7], text=TEXT.format(n=7)))  # rejected
             await bus.publish(down, request("f1", to=phones[8], text=TEXT.format(n=8)))  # failed after retries

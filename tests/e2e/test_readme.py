@@ -48,8 +48,9 @@ def test_fresh_clone_make_run_answers_the_readme_request(tmp_path: Path, service
             ["/bin/sh", "-c", send_line], cwd=clone, env=env, capture_output=True, text=True, timeout=60, check=False
         )
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        assert '"status": "accepted"' in sent.stdout
-        assert '"account": "demo"' in sent.stdout
+        assert sent.stdout.startswith("accepted  unique_id="), sent.stdout + sent.stderr
+        assert "published" in sent.stderr
+        assert "to account demo" in sent.stderr
     finally:
         os.killpg(run.pid, signal.SIGTERM)  # as Ctrl-C would: make and the gateway both get it
         run.wait(60)

@@ -18,7 +18,9 @@ from gateway.state.base import (
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
+    AccountState,
     FinalState,
+    Pause,
     Tracked,
 )
 from gateway.state.redis import RedisStore
@@ -312,3 +314,42 @@ async def test_parked_reports_and_handled_events(store: Store, account: str, clo
     await store.remember_event(account, "1:26", ttl_s=60)
     assert await store.event_seen(account, "1:26")
     assert not await store.event_seen(account + "x", "1:26")
+
+
+async def test_a_replay_claims_a_rejected_failed_or_expired_result_again_once(store: Store, account: str) -> None:
+    """`x-gateway-replay`: a re-driven dead letter is sent again when its result was rejected,
+    failed or expired, but never when it was accepted; of two replayed copies only one gets it."""
+    results = {s: StoredResult(status=s, provider="serwersms", attempts=1) for s in ("rejected", "failed", "expired")}
+    await store.complete(account, {**results, "ok": RESULT}, 60)
+    uids = [*results, "ok"]
+    plain = await claim(store, account, uids, "w1", 30)
+    assert {u: c.state for u, c in plain.items()} == dict.fromkeys(uids, ClaimState.DONE)  # no replay: duplicate
+
+    first, _ = await store.claim_and_acquire(account, uids, "w1", 30, 1e6, 10**6, replay=set(uids))
+    assert {u: c.state for u, c in first.items()} == {
+        "rejected": ClaimState.RECONCILE,
+        "failed": ClaimState.RECONCILE,
+        "expired": ClaimState.RECONCILE,
+        "ok": ClaimState.DONE,
+    }
+    second, _ = await store.claim_and_acquire(account, uids, "w2", 30, 1e6, 10**6, replay=set(uids))
+    assert {u: c.state for u, c in second.items()} == {**dict.fromkeys(results, ClaimState.BUSY), "ok": ClaimState.DONE}
+    await store.complete(account, dict.fromkeys(results, RESULT), 60)  # the replays were accepted
+    third, _ = await store.claim_and_acquire(account, uids, "w2", 30, 1e6, 10**6, replay=set(uids))
+    assert {u: c.state for u, c in third.items()} == dict.fromkeys(uids, ClaimState.DONE)
+
+
+async def test_pauses_and_throttling_are_visible_to_operators(store: Store, account: str, clock: FakeClock) -> None:
+    assert await store.account_state(account) == AccountState((), 1.0)
+    now = clock.time()
+    await store.note_pause(account, Pause("gw-1", "account_error", "3000", now + 300))
+    await store.note_pause(account, Pause("gw-2", "store_failed", None, now + 5))
+    await store.throttle(account)
+    state = await store.account_state(account)
+    assert [(p.owner, p.reason, p.code) for p in state.pauses] == [
+        ("gw-1", "account_error", "3000"),
+        ("gw-2", "store_failed", None),
+    ]
+    assert state.throttle_factor == 0.5
+    clock.advance(10)
+    assert [p.owner for p in (await store.account_state(account)).pauses] == ["gw-1"]  # gw-2's pause ended

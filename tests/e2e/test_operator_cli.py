@@ -1,0 +1,319 @@
+"""The operator CLI against the real broker, store and a running gateway: dead letters listed,
+shown, replayed (also after a `kill -9` of the CLI half-way) and purged; topology drift found;
+accounts' pauses shown; `gateway send` and its exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from gateway import contract as c
+from testkit import AMQP_URL, Bus, Process, Sandbox, account_doc, new_account_name, request, start_gateway
+from testkit.processes import gateway_env
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def cli_json(*args: str, env: dict[str, str]) -> Any:
+    done = cli(*args, "--json", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def letters_of(account: str, env: dict[str, str]) -> list[dict[str, Any]]:
+    return list(cli_json("dlq", "list", "--account", account, "--limit", "100000", env=env))
+
+
+async def test_rejected_dead_letters_are_replayed_after_the_cause_is_fixed(
+    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
+) -> None:
+    _, sandbox = sandbox_process
+    name = new_account_name("replay")
+    accounts_cleanup.append(name)
+    accounts = [account_doc(name, sandbox.port)]
+    env = gateway_env(accounts=accounts)
+    sandbox.fault(match=f"token:tok-{name}", code=3005)  # the account may not send this type (yet)
+    proc, _port = start_gateway(tmp_path, accounts)
+    procs.append(proc)
+    uids = [f"r{i}" for i in range(20)]
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(u, to=f"+4850222{i:04d}")) for i, u in enumerate(uids)])
+        await bus.wait_for(outcomes=20, dead=20)
+        assert Counter(d["status"] for d in bus.outcome_docs()) == {"rejected": 20}
+
+        rows = letters_of(name, env)
+        assert sorted(r["unique_id"] for r in rows) == sorted(uids)
+        assert {(r["reason"], r["code"]) for r in rows} == {("rejected", "3005")}
+        assert all(r["to"].startswith("+485") and "*" in r["to"] for r in rows)  # masked in the listing
+        shown = cli_json("dlq", "show", rows[0]["id"], env=env)
+        assert shown["headers"][c.H_REASON] == "rejected"
+        assert shown["body"]["unique_id"] == rows[0]["unique_id"]
+        assert shown["to"].startswith("+4850222")  # in full: the operator asked for this one
+        assert cli("dlq", "show", "0000deadbeef", env=env).returncode == 1
+
+        # Sent again without the replay header, a rejected id is still answered `duplicate`.
+        await bus.publish(name, request("r0", to="+48502220000"))
+        await bus.wait_for(outcomes=21)
+        assert bus.outcome_docs()[-1]["status"] == "duplicate"
+
+        sandbox.clear_faults()  # the cause is fixed
+        dry = cli_json("dlq", "replay", "--account", name, "--code", "3005", "--dry-run", env=env)
+        assert dry == {"matched": 20, "replayed": 0, "dry_run": True}
+        assert len(letters_of(name, env)) == 20  # a dry run and the listings removed nothing
+        done = cli_json("dlq", "replay", "--account", name, "--code", "3005", "--yes", env=env)
+        assert (done["matched"], done["replayed"]) == (20, 20)
+        await bus.wait_for(outcomes=41)
+        replayed = bus.outcome_docs()[21:]
+        assert Counter(d["status"] for d in replayed) == {"accepted": 20}
+        assert letters_of(name, env) == []
+
+        # A replay copy published twice (its ack was lost): the second is a duplicate, not a send.
+        await bus.publish(name, request("r1", to="+48502220001"), headers={c.H_REPLAY: "again"})
+        await bus.wait_for(outcomes=42)
+        assert bus.outcome_docs()[-1]["status"] == "duplicate"
+        assert bus.outcome_docs()[-1]["original"]["status"] == "accepted"
+        again = cli_json("dlq", "replay", "--account", name, "--yes", env=env)
+        assert again["replayed"] == 0
+        await bus.settle(0.5)
+    assert all(sandbox.sends_of(name, u) == 1 for u in uids)
+
+
+async def test_replay_killed_half_way_then_run_again_sends_every_letter_once(
+    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
+) -> None:
+    """5,000 rejected dead letters; `kill -9` of the replaying CLI after about a fifth; a second
+    replay: every request ends accepted exactly once at the provider, no letter is left or lost."""
+    _, sandbox = sandbox_process
+    name = new_account_name("kill")
+    accounts_cleanup.append(name)
+    accounts = [account_doc(name, sandbox.port, rate_per_s=100_000, burst=100_000)]
+    env = gateway_env(accounts=accounts)
+    sandbox.fault(match=f"token:tok-{name}", code=3005)
+    proc, _port = start_gateway(tmp_path, accounts)
+    procs.append(proc)
+    n = 5000
+    uids = [f"k{i}" for i in range(n)]
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(u, to=f"+485033{i:05d}")) for i, u in enumerate(uids)])
+        await bus.wait_for(outcomes=n, dead=n, timeout=180)
+        sandbox.clear_faults()
+
+        replay = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "dlq", "replay", "--account", name, "--yes", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert replay.stderr is not None
+        progress = ""
+        for line in replay.stderr:  # "replayed 200/5000", one line per confirmed chunk
+            progress = line.strip()
+            if progress.startswith("replayed ") and int(progress.split()[1].split("/")[0]) >= 1000:
+                break
+        os.kill(replay.pid, signal.SIGKILL)
+        replay.wait(10)
+        replay.stderr.close()
+        assert replay.stdout is not None
+        replay.stdout.close()
+        assert replay.returncode == -signal.SIGKILL, progress
+        # The broker gives the killed connection's unacked letters back as it notices the close.
+        left, before = len(letters_of(name, env)), -1
+        while left != before:
+            await asyncio.sleep(1.0)
+            left, before = len(letters_of(name, env)), left
+        assert 0 < left < n, f"the kill came at {progress!r} with {left} letters left: not half-way"
+
+        second = cli_json("dlq", "replay", "--account", name, "--yes", env=env)
+        assert second["replayed"] == left
+        deadline = time.monotonic() + 180
+        while True:
+            accepted = Counter(d["unique_id"] for d in bus.outcome_docs() if d["status"] == "accepted")
+            if len(accepted) == n or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        await bus.settle(1.0)
+    accepted = Counter(d["unique_id"] for d in bus.outcome_docs() if d["status"] == "accepted")
+    assert set(accepted) == set(uids), f"{n - len(accepted)} never accepted"
+    assert max(accepted.values()) == 1
+    ledger = sandbox.ledger()["by_unique_id"]
+    from gateway.providers.base import provider_ref
+
+    sends = [ledger.get(provider_ref(name, u), 0) for u in uids]
+    assert (min(sends), max(sends)) == (1, 1)
+    assert letters_of(name, env) == []
+    # Letters the kill left unconfirmed were published twice: those copies ended `duplicate`.
+    statuses = Counter(d["status"] for d in bus.outcome_docs())
+    assert statuses["rejected"] == n
+    assert statuses["accepted"] == n
+    assert set(statuses) <= {"rejected", "accepted", "duplicate"}
+
+
+async def test_purge_removes_only_the_selection(
+    sandbox_process: tuple[Process, Sandbox], tmp_path: Path, accounts_cleanup: list[str], procs: list[Process]
+) -> None:
+    _, sandbox = sandbox_process
+    name = new_account_name("purge")
+    accounts_cleanup.append(name)
+    accounts = [account_doc(name, sandbox.port)]
+    env = gateway_env(accounts=accounts)
+    proc, _port = start_gateway(tmp_path, accounts)
+    procs.append(proc)
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("bad-number", to="12"))  # invalid
+        await bus.publish(name, b"{not json")  # invalid, no unique_id
+        await bus.publish(name, request("m", text="x", vars={"a": True}))  # invalid: bad vars
+        await bus.wait_for(dead=3)
+    rows = letters_of(name, env)
+    assert Counter(r["code"] for r in rows) == {"invalid_number": 1, "bad_json": 1, "bad_field": 1}
+    assert cli("dlq", "purge", "--account", name, env=env).returncode == 2  # --yes is required
+    purged = cli_json("dlq", "purge", "--account", name, "--code", "bad_json", "--yes", env=env)
+    assert purged["purged"] == 1
+    assert sorted(r["code"] for r in letters_of(name, env)) == ["bad_field", "invalid_number"]
+    assert cli_json("dlq", "purge", "--account", name, "--yes", env=env)["purged"] == 2
+    assert letters_of(name, env) == []
+
+
+async def test_topology_check_finds_wrong_arguments_and_missing_bindings(
+    accounts_cleanup: list[str], services: None
+) -> None:
+    wrong, unbound, fine = (new_account_name(p) for p in ("wrong", "unbound", "fine"))
+    accounts_cleanup += [wrong, unbound, fine]
+    env = gateway_env()
+    assert cli("topology", "declare", "--account", fine, env=env).returncode == 0
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(c.account_queue(wrong), durable=True)  # classic, no arguments: a producer's guess
+        await channel.declare_queue(
+            c.account_queue(unbound), durable=True, arguments=dict(_account_args(unbound))
+        )  # right arguments, never bound
+    ok = cli("topology", "check", "--account", fine, env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    report = cli("topology", "check", "--account", fine, "--account", wrong, "--account", unbound, "--json", env=env)
+    assert report.returncode == 1, report.stdout + report.stderr
+    found = {(d["kind"], d["name"]) for d in json.loads(report.stdout)["drift"]}
+    assert found == {
+        ("wrong_arguments", c.account_queue(wrong)),
+        ("missing_binding", c.account_queue(wrong)),
+        ("missing_binding", c.account_queue(unbound)),
+    }
+
+    # Without the management API, AMQP alone still finds the wrong arguments (the broker's 406).
+    blind = gateway_env(management_url="http://guest:guest@127.0.0.1:1/")
+    report = cli("topology", "check", "--account", wrong, "--json", env=blind)
+    assert report.returncode == 1, report.stdout + report.stderr
+    doc = json.loads(report.stdout)
+    assert doc["bindings_checked"] is False
+    assert [(d["kind"], d["name"]) for d in doc["drift"]] == [("wrong_arguments", c.account_queue(wrong))]
+    assert "x-queue-type" in doc["drift"][0]["detail"] or "inequivalent" in doc["drift"][0]["detail"]
+    # `declare` over a queue with other arguments fails with the broker's reason, exit 1.
+    refused = cli("topology", "declare", "--account", wrong, env=env)
+    assert refused.returncode == 1, refused.stderr
+    assert "inequivalent" in refused.stderr, refused.stderr
+
+
+def _account_args(account: str) -> dict[str, Any]:
+    from gateway import topology
+
+    return topology.account_queue(account).arguments
+
+
+async def test_accounts_shows_depth_consumers_and_a_pause_with_its_reason(
+    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
+) -> None:
+    _, sandbox = sandbox_process
+    name = new_account_name("acct")
+    accounts_cleanup.append(name)
+    accounts = [account_doc(name, sandbox.port, rate_per_s=25, burst=5)]
+    env = gateway_env(accounts=accounts, state_path=str(tmp_path / "state.sqlite3"))
+    sandbox.fault(match=f"token:tok-{name}", code=1001, count=1)  # bad credentials: the account pauses
+    proc, _port = start_gateway(tmp_path, accounts, account_pause_s=300)
+    procs.append(proc)
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("p0"))
+        await bus.wait_for(outcomes=1)
+        await bus.publish_many([(name, request(f"q{i}")) for i in range(7)])
+        await asyncio.sleep(1.0)
+    (row,) = cli_json("accounts", env=env)
+    assert row["account"] == name
+    assert (row["rate_per_s"], row["burst"]) == (25, 5)
+    assert row["ready"] == 7  # queued behind the pause
+    assert row["consumers"] == 0  # the paused gateway cancelled its consumer
+    (pause,) = row["paused"]
+    assert (pause["reason"], pause["code"]) == ("account_error", "1001")
+    table = cli("accounts", env=env)
+    assert table.returncode == 0, table.stdout
+    assert "account_error 1001 until" in table.stdout, table.stdout
+
+
+async def test_send_keeps_its_correlation_and_says_how_it_ended(
+    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
+) -> None:
+    _, sandbox = sandbox_process
+    name = new_account_name("send")
+    accounts_cleanup.append(name)
+    accounts = [account_doc(name, sandbox.port)]
+    env = gateway_env(accounts=accounts)
+    proc, _port = start_gateway(tmp_path, accounts)
+    procs.append(proc)
+    sent = cli(
+        "send", "-a", name, "--to", "+48500600700", "--text", "Code {code}", "--var", "code=4711", "--json", env=env
+    )
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert json.loads(sent.stdout)["status"] == "accepted"
+    literal = cli("send", "-a", name, "--to", "+48500600700", "--text", "price: {5} EUR", env=env)
+    assert literal.returncode == 0, literal.stdout + literal.stderr
+    assert literal.stdout.startswith("accepted"), literal.stdout + literal.stderr
+    bad = cli("send", "-a", name, "--to", "12", "--text", "x", env=env)
+    assert bad.returncode == 1, bad.stdout
+    assert bad.stdout.startswith("invalid"), bad.stdout
+    nobody = cli(
+        "send", "-a", new_account_name("nobody"), "--to", "+48500600700", "--text", "x", "--wait", "1", env=env
+    )
+    assert nobody.returncode == 1
+    assert "invalid" in nobody.stdout
+    assert cli("send", "--to", "1", "--text", "x", "--var", "novalue", env=env).returncode == 2
+    down = cli("send", "--to", "1", "--text", "x", env=gateway_env(amqp_url="amqp://guest:guest@127.0.0.1:1/"))
+    assert down.returncode == 4, down.stderr
+    assert down.stderr.startswith("gateway: cannot reach RabbitMQ"), down.stderr
+
+    # A producer's own correlation_id comes back on the outcome (the usual RPC pattern).
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue("", exclusive=True)
+        exchange = await channel.get_exchange(c.SEND_EXCHANGE)
+        await exchange.publish(
+            aio_pika.Message(request("corr-1"), correlation_id="my-rpc-42", reply_to=replies.name), routing_key=name
+        )
+        message = await _next(replies)
+        assert message.correlation_id == "my-rpc-42"
+        assert json.loads(message.body)["unique_id"] == "corr-1"
+
+
+async def _next(queue: aio_pika.abc.AbstractQueue, timeout: float = 30) -> aio_pika.abc.AbstractIncomingMessage:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is not None:
+            return message
+        await asyncio.sleep(0.1)
+    raise AssertionError("no outcome")
