@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run sandbox test lint typecheck unit integration bench chaos lock clean
+.PHONY: install run sandbox test lint typecheck unit integration bench chaos lock contract clean
 
 # Dependencies come from the hashed lock file (make lock writes it from pyproject.toml); the project
 # itself is installed on top, without resolving anything again.
@@ -52,6 +52,11 @@ chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --size full
 
 ## Re-pin every dependency, with hashes: requirements.lock (the image) and requirements-dev.lock (make install).
+## contract/: the JSON Schemas and the AsyncAPI document, regenerated from the code (a test fails
+## while the committed files differ).
+contract: $(STAMP)
+	$(BIN)/python -m gateway.schema contract
+
 lock: $(STAMP)
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
 		--no-emit-find-links -o requirements.lock pyproject.toml

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from jsonschema import Draft202012Validator
 from prometheus_client.parser import text_string_to_metric_families
 
 from testkit import (
+    ROOT,
     Bus,
     Process,
     Sandbox,
@@ -57,6 +59,9 @@ async def test_metrics_and_logs_after_every_outcome_path(
             await bus.publish(ghost, request("u1", to=phones[9], text=TEXT.format(n=9)))  # unknown account
             await bus.wait_for(outcomes=11, dead=5, timeout=30)
             await bus.settle(0.5)
+        schema = Draft202012Validator(json.loads((ROOT / "contract" / "outcome.schema.json").read_text()))
+        for doc in bus.outcome_docs():  # every outcome path against the published contract
+            schema.validate(doc)
         statuses = Counter((d["account"], d["status"]) for d in bus.outcome_docs())
         assert statuses == {
             (ok, "accepted"): 5,

@@ -19,7 +19,7 @@ import aio_pika
 import pytest
 
 from gateway import contract as c
-from testkit import AMQP_URL, Bus, Process, Sandbox, account_doc, new_account_name, request, start_gateway
+from testkit import AMQP_URL, Bus, Process, Sandbox, account_doc, new_account_name, port_open, request, start_gateway
 from testkit.processes import gateway_env
 
 pytestmark = pytest.mark.e2e
@@ -194,6 +194,9 @@ async def test_purge_removes_only_the_selection(
 async def test_topology_check_finds_wrong_arguments_and_missing_bindings(
     accounts_cleanup: list[str], services: None
 ) -> None:
+    assert port_open(15672), (
+        "RabbitMQ's management API is not on 127.0.0.1:15672 (rabbitmq-plugins enable rabbitmq_management)"
+    )
     wrong, unbound, fine = (new_account_name(p) for p in ("wrong", "unbound", "fine"))
     accounts_cleanup += [wrong, unbound, fine]
     env = gateway_env()
@@ -307,6 +310,13 @@ async def test_send_keeps_its_correlation_and_says_how_it_ended(
         message = await _next(replies)
         assert message.correlation_id == "my-rpc-42"
         assert json.loads(message.body)["unique_id"] == "corr-1"
+
+        # Contract evolution: fields this gateway does not know (a newer producer's) are ignored.
+        extra = request("extra-1", priority="high", channel_hint={"k": [1, 2]}, v=1)
+        await exchange.publish(aio_pika.Message(extra, reply_to=replies.name), routing_key=name)
+        message = await _next(replies)
+        assert json.loads(message.body)["status"] == "accepted"
+        assert message.correlation_id == "extra-1"  # none given: the unique_id
 
 
 async def _next(queue: aio_pika.abc.AbstractQueue, timeout: float = 30) -> aio_pika.abc.AbstractIncomingMessage:
