@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -66,9 +65,8 @@ class DeadLetter:
 
     def full(self) -> dict[str, Any]:
         """Everything, for `dlq show`: headers, properties and the body (as JSON when it is)."""
-        try:
-            body: Any = json.loads(self.body)
-        except ValueError:
+        body = _parse(self.body)
+        if body is None:
             body = self.body.decode("utf-8", "replace")
         return {**self.row(), "message": self.message, "attempts": self.attempts, "to": self.to,
                 "headers": self.headers, "properties": self.properties, "body": body}  # fmt: skip
@@ -93,10 +91,7 @@ def read(message: AbstractIncomingMessage) -> DeadLetter:
     reason = str(headers.get(c.H_REASON) or key_reason or "unknown")
     account = str(headers.get(c.H_ACCOUNT) or key_account or "")
     at = _time(headers)
-    try:
-        doc = json.loads(message.body)
-    except ValueError:
-        doc = None
+    doc = _parse(message.body)
     doc = doc if isinstance(doc, dict) else {}
     uid = doc.get("unique_id", message.message_id)
     to = doc.get("to")
@@ -132,6 +127,15 @@ def read(message: AbstractIncomingMessage) -> DeadLetter:
         ),
         body=message.body,
     )
+
+
+def _parse(body: bytes) -> Any:
+    """The body as JSON, or None. Dead letters are whatever was refused, hostile input included
+    (nesting thousands deep, huge numbers), so they are read with the gateway's own bounded parser."""
+    try:
+        return c.parse_json(body)
+    except Exception:  # noqa: BLE001 - any refusal: the letter is listed without its body's fields
+        return None
 
 
 def _death_time(headers: dict[str, Any]) -> str:

@@ -179,13 +179,16 @@ async def test_purge_removes_only_the_selection(
     async with Bus.open([name]) as bus:
         await bus.publish(name, request("bad-number", to="12"))  # invalid
         await bus.publish(name, b"{not json")  # invalid, no unique_id
+        await bus.publish(name, b"[" * 50_000)  # hostile: the listing must read past it
         await bus.publish(name, request("m", text="x", vars={"a": True}))  # invalid: bad vars
-        await bus.wait_for(dead=3)
+        await bus.wait_for(dead=4)
     rows = letters_of(name, env)
-    assert Counter(r["code"] for r in rows) == {"invalid_number": 1, "bad_json": 1, "bad_field": 1}
+    assert Counter(r["code"] for r in rows) == {"invalid_number": 1, "bad_json": 2, "bad_field": 1}
+    bodies = [cli_json("dlq", "show", r["id"], env=env)["body"] for r in rows if r["code"] == "bad_json"]
+    assert sorted(b[:3] for b in bodies) == ["[[[", "{no"]  # shown as text: neither parses
     assert cli("dlq", "purge", "--account", name, env=env).returncode == 2  # --yes is required
     purged = cli_json("dlq", "purge", "--account", name, "--code", "bad_json", "--yes", env=env)
-    assert purged["purged"] == 1
+    assert purged["purged"] == 2
     assert sorted(r["code"] for r in letters_of(name, env)) == ["bad_field", "invalid_number"]
     assert cli_json("dlq", "purge", "--account", name, "--yes", env=env)["purged"] == 2
     assert letters_of(name, env) == []
