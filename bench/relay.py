@@ -36,7 +36,7 @@ OUTCOME = json.dumps(
 ).encode()
 
 
-async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int) -> None:
+async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int, count: int | None) -> None:
     connection = await aio_pika.connect_robust(amqp_url)
     publisher = await connection.channel(publisher_confirms=True)
     outcomes = await publisher.get_exchange(c.OUTCOMES_EXCHANGE, ensure=False)
@@ -44,6 +44,18 @@ async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    relayed = 0
+    first: float | None = None
+
+    def done(n: int) -> None:
+        """With --count: say when that many were relayed (nobody may be counting outcomes)."""
+        nonlocal relayed
+        relayed += n
+        if count is not None and relayed >= count and not stop.is_set():
+            assert first is not None
+            print(json.dumps({"relayed": relayed, "seconds": round(loop.time() - first, 4)}), flush=True)
+            stop.set()
 
     async def relay(account: str) -> None:
         channel = await connection.channel()
@@ -74,8 +86,12 @@ async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int) ->
                     )
                 )
                 await batch[-1].ack(multiple=True)
+                done(len(batch))
 
         async def on_message(message: AbstractIncomingMessage) -> None:
+            nonlocal first
+            if first is None:
+                first = loop.time()
             pending.append(message)
             if len(pending) >= flush:
                 await drain()
@@ -97,6 +113,7 @@ if __name__ == "__main__":
     ap.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     ap.add_argument("--prefetch", type=int, required=True)
     ap.add_argument("--flush", type=int, default=100)
+    ap.add_argument("--count", type=int, help="print when this many are relayed, then stop")
     ap.add_argument("accounts", nargs="+")
     args = ap.parse_args()
-    asyncio.run(main(args.amqp_url, args.accounts, args.prefetch, args.flush))
+    asyncio.run(main(args.amqp_url, args.accounts, args.prefetch, args.flush, args.count))

@@ -72,8 +72,24 @@ class Account(BaseModel):
     rate_per_s: float = Field(default=50.0, gt=0, description="messages per second, all replicas")
     burst: int = Field(default=50, ge=1, description="messages that may go at once above the rate")
     batch_size: int = Field(default=100, ge=1, le=10000, description="messages per provider call")
-    linger_ms: int = Field(default=100, ge=0, le=60000, description="wait this long to fill a batch")
-    concurrency: int = Field(default=4, ge=1, le=256, description="provider calls in flight")
+    linger_ms: int = Field(
+        default=100, ge=0, le=60000, description="the longest a batch waits to fill (while every send slot is busy)"
+    )
+    quiet_ms: int = Field(
+        default=5,
+        ge=0,
+        le=60000,
+        description="with a send slot free, a batch goes once nothing joined it for this long (low latency when idle)",
+    )
+    concurrency: int = Field(
+        default=4, ge=1, le=256, description="provider calls in flight at start; grows under a backlog (adaptive)"
+    )
+    max_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="the most provider calls in flight the adaptive limit may reach (always within rate_per_s)",
+    )
     dedupe_window_s: int = Field(default=86400, ge=60, description="how long a unique_id is remembered")
     http_timeout_s: float = Field(default=10.0, gt=0, le=300, description="one provider call, end to end")
 

@@ -33,6 +33,7 @@ from gateway import tracing
 from gateway.acks import AckTracker
 from gateway.batching import Batcher
 from gateway.clock import SYSTEM, Clock
+from gateway.concurrency import AdaptiveLimit
 from gateway.config import Account, Settings
 from gateway.providers.base import ProviderAdapter
 from gateway.publisher import Publisher
@@ -210,13 +211,17 @@ class AccountWorker(Worker):
         self._store = store
         self._owner = owner
         self._max_batch = min(account.batch_size, adapter.max_batch)
-        self._slots = asyncio.Semaphore(account.concurrency)
+        self._limit = AdaptiveLimit(account.concurrency, account.max_concurrency, clock=clock)
+        self._limit_gauge = m.INFLIGHT_LIMIT.labels(account.name)
+        self._limit_gauge.set(self._limit.current)
+        self._inflight_gauge = m.INFLIGHT.labels(account.name)
         self._batcher: Batcher[Delivery] = Batcher(
             max_size=self._max_batch,
             linger_s=account.linger_ms / 1000,
+            quiet_s=account.quiet_ms / 1000,
             key=lambda d: adapter.batch_key(d.job.item) if d.job.item else None,
             on_flush=self._flush,
-            ready=lambda: self._batches < self.account.concurrency,
+            ready=lambda: self._batches < self._limit.current,
             clock=clock,
         )
         self._batches = 0  # batches handed over and not finished
@@ -227,7 +232,10 @@ class AccountWorker(Worker):
 
     @property
     def prefetch(self) -> int:
-        return min(65535, self._max_batch * (self.account.concurrency + 1))
+        """Enough for every call in flight plus one batch forming, at the limit's cap. (RabbitMQ
+        applies a consumer's prefetch when it consumes: a later basic.qos would not reach it, so
+        the adaptive limit cannot grow into a prefetch set for its start.)"""
+        return min(65535, self._max_batch * (self._limit.cap + 1))
 
     @property
     def paused(self) -> bool:
@@ -276,6 +284,7 @@ class AccountWorker(Worker):
 
     def _flush(self, batch: list[Delivery]) -> None:
         self._batches += 1
+        self._inflight_gauge.set(self._batches)
         task = asyncio.create_task(self._run_batch(batch))
         self._tasks.add(task)
         task.add_done_callback(self._batch_done)
@@ -283,6 +292,7 @@ class AccountWorker(Worker):
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._batches -= 1
+        self._inflight_gauge.set(self._batches)
         self._batcher.pump()  # due groups that waited for a slot, grown meanwhile
 
     async def _run_batch(self, batch: list[Delivery]) -> None:
@@ -290,12 +300,12 @@ class AccountWorker(Worker):
         parent = trace.set_span_in_context(batch[0].span) if batch[0].span is not None else None
         links = [Link(d.span.get_span_context()) for d in batch[1:] if d.span is not None]
         attributes: dict[str, str | int] = {"sms.account": self.account.name, "sms.batch_size": len(batch)}
-        async with self._slots:
-            with tracing.tracer().start_as_current_span(
-                "sms.batch", context=parent, links=links, attributes=attributes
-            ):
-                result = await self._pipeline.run([d.job for d in batch])
-                await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)))
+        with tracing.tracer().start_as_current_span("sms.batch", context=parent, links=links, attributes=attributes):
+            started = self._clock.monotonic()
+            result = await self._pipeline.run([d.job for d in batch])
+            took = self._clock.monotonic() - started
+            await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)))
+        self._adapt(result, took)
         if result.store_failed:
             await self._pause(self._backoff_s, "store_failed")
             self._backoff_s = min(self._backoff_s * 2, 60.0)
@@ -311,6 +321,15 @@ class AccountWorker(Worker):
                 None,
             )
             await self._pause(self._settings.account_pause_s, "account_error", code)
+
+    def _adapt(self, result: p.BatchResult, took_s: float) -> None:
+        """Grow the in-flight limit while work waits for a slot, halve it on congestion."""
+        if result.congested:
+            changed = self._limit.congested()
+        else:
+            changed = self._limit.succeeded(waiting=self._batcher.waiting, duration_s=took_s)
+        if changed:
+            self._limit_gauge.set(self._limit.current)
 
     # -- pause, resume, stop ------------------------------------------------------------------------
 

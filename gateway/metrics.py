@@ -56,6 +56,10 @@ QUEUE_WAIT = Histogram(
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge("sms_in_flight", "Messages consumed and not yet settled", ["account"], registry=REGISTRY)
+INFLIGHT_LIMIT = Gauge(
+    "sms_inflight_limit", "provider calls the account may have in flight now (adaptive)", ["account"], registry=REGISTRY
+)
+INFLIGHT = Gauge("sms_inflight_batches", "provider calls in flight", ["account"], registry=REGISTRY)
 PAUSED = Gauge("sms_account_paused", "1 while the account's consumption is paused", ["account"], registry=REGISTRY)
 CONSUMER_RESTORED = Counter(
     "sms_consumer_restored",

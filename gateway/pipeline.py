@@ -242,6 +242,12 @@ class BatchResult:
     store_failed: bool  # the store failed on the way: the caller backs the account off
     pause_account: bool  # the provider refused the account itself (credentials, blocked, quota)
 
+    @property
+    def congested(self) -> bool:
+        """Some message meets a retryable provider failure (a timeout, a 5xx, throttling): the
+        provider is struggling, so the account's in-flight limit backs off (concurrency.py)."""
+        return any(isinstance(d, Retry) for d in self.decisions)
+
 
 class Pipeline:
     """Admission and batches of one account."""

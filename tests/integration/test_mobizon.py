@@ -44,7 +44,7 @@ async def test_partial_add_retries_only_the_failed_recipients(world: InProcess) 
     name = new_account_name()
     failing = {f"7702{i:07d}": 99 for i in range(0, 40, 8)}  # 5 of 40 get code 99 once
     world.state.mobizon_recipient_codes = dict(failing)
-    await world.gateway([mobizon(world, name, batch_size=100, linger_ms=300)])
+    await world.gateway([mobizon(world, name, batch_size=100, linger_ms=300, quiet_ms=300)])
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"p{i}", to=f"+7702{i:07d}", text="Same text")) for i in range(40)])
         await bus.wait_for(outcomes=40, timeout=30)
@@ -146,7 +146,7 @@ async def test_code_12_splits_the_campaign_in_halves_without_a_retry(world: InPr
     again at once in two halves, not back through the retry queue."""
     name = new_account_name()
     world.state.faults.add(FaultRule(path="campaign/create", code=12, count=1))
-    await world.gateway([mobizon(world, name, batch_size=100, linger_ms=300)])
+    await world.gateway([mobizon(world, name, batch_size=100, linger_ms=300, quiet_ms=300)])
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"k{i}", to=f"+7701{i + 500:07d}", text="One text")) for i in range(40)])
         await bus.wait_for(outcomes=40, timeout=30)

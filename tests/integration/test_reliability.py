@@ -213,9 +213,10 @@ async def test_a_failed_claim_parks_the_batch_as_delayed_copies_not_requeues(wor
         await bus.settle(0.5)
     assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 10}
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
-    # The failed batch went back through the retry queues (a requeue would count towards the
-    # queue's delivery limit instead).
-    assert m.RETRIES.labels(name, "wait")._value.get() == 10
+    # The failed batch (the first one: the requests of the first event-loop turn) went back
+    # through the retry queues; a requeue would count towards the queue's delivery limit instead
+    # and count no wait.
+    assert 1 <= m.RETRIES.labels(name, "wait")._value.get() <= 10
 
 
 async def test_an_adapter_that_raises_after_sending_is_reconciled_not_resent(world: InProcess) -> None:

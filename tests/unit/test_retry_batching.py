@@ -18,19 +18,61 @@ def test_every_delay_of_the_schedule_has_one_retry_queue() -> None:
     assert retry_delays_ms([1, 5, 5, 0.0001, 30]) == [1, 1000, 5000, 30000]
 
 
-def test_batcher_flushes_on_size_and_on_linger_per_key() -> None:
+def test_batcher_flushes_on_size_and_on_linger_per_key_while_busy() -> None:
     clock = FakeClock()
     flushed: list[list[int]] = []
-    b: Batcher[int] = Batcher(max_size=3, linger_s=0.05, key=lambda n: n % 2, on_flush=flushed.append, clock=clock)
-    for n in range(7):
+    busy = {"now": True}
+    b: Batcher[int] = Batcher(
+        max_size=3,
+        linger_s=0.05,
+        key=lambda n: n % 2,
+        on_flush=flushed.append,
+        clock=clock,
+        ready=lambda: not busy["now"],  # busy while the groups start: they linger
+    )
+    for n in range(6):
         b.add(n)
+    busy["now"] = False
+    b.pump()
     assert flushed == [[0, 2, 4], [1, 3, 5]]
+    busy["now"] = True
+    b.add(6)
+    busy["now"] = False
     assert len(b) == 1
     clock.advance(0.049)
     assert len(b) == 1  # not yet lingered
     clock.advance(0.001)
     assert flushed[-1] == [6]
     assert len(b) == 0
+
+
+def test_batcher_sends_a_quiet_group_at_once_when_a_slot_is_free() -> None:
+    """Low latency when idle: a group started while a slot is free goes as soon as nothing joined
+    it for `quiet_s`, not after the linger; a burst still leaves as one batch."""
+    clock = FakeClock()
+    flushed: list[list[int]] = []
+    b: Batcher[int] = Batcher(
+        max_size=100, linger_s=0.5, quiet_s=0.005, key=lambda n: 0, on_flush=flushed.append, clock=clock
+    )
+    b.add(1)
+    clock.advance(0.004)
+    b.add(2)  # still arriving: the group waits
+    clock.advance(0.004)
+    assert flushed == []
+    clock.advance(0.001)
+    assert flushed == [[1, 2]]  # quiet for 5 ms: 9 ms after the first, not 500
+
+
+def test_batcher_quiet_wait_is_bounded_by_the_linger() -> None:
+    clock = FakeClock()
+    flushed: list[list[int]] = []
+    b: Batcher[int] = Batcher(
+        max_size=1000, linger_s=0.05, quiet_s=0.005, key=lambda n: 0, on_flush=flushed.append, clock=clock
+    )
+    for n in range(20):  # a steady trickle every 3 ms, never quiet for 5 ms
+        b.add(n)
+        clock.advance(0.003)
+    assert flushed[0] == list(range(17))  # gone at the 50 ms linger (the 17th arrived at 48 ms)
 
 
 def test_batcher_take_all_cancels_timers() -> None:

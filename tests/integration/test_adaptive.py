@@ -1,0 +1,53 @@
+"""The adaptive in-flight limit in a real gateway: it grows while a slow provider leaves work
+waiting, it halves when the provider fails, and nothing is sent twice on the way; a lone request
+is sent without waiting for the linger."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gateway import metrics as m
+from gateway.sandbox.state import FaultRule
+from testkit import Bus, new_account_name, request
+from tests.conftest import InProcess
+
+pytestmark = pytest.mark.integration
+
+
+def limit_of(name: str) -> float:
+    return float(m.INFLIGHT_LIMIT.labels(name)._value.get())
+
+
+async def test_a_slow_provider_gets_more_calls_in_flight_and_a_failing_one_fewer(world: InProcess) -> None:
+    name = new_account_name()
+    world.state.faults.add(FaultRule(match=f"token:tok-{name}", latency_ms=300))
+    account = world.account(name, concurrency=2, max_concurrency=12, batch_size=20, rate_per_s=100_000, burst=100_000)
+    await world.gateway([account])
+    assert limit_of(name) == 2
+    n = 1200
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"s{i}", to=f"+4850095{i:04d}")) for i in range(n)])
+        await bus.wait_for(outcomes=n, timeout=60)
+        grown = limit_of(name)
+        assert grown > 4, f"the limit stayed at {grown} with {n} requests waiting on a 300 ms provider"
+        assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": n}
+
+        # The provider starts failing: the limit is cut (halved, at most once a second).
+        world.state.faults.clear()
+        world.state.faults.add(FaultRule(match=f"token:tok-{name}", http_status=503, count=3))
+        await bus.publish_many([(name, request(f"f{i}", to=f"+4850096{i:04d}")) for i in range(60)])
+        await bus.wait_for(outcomes=n + 60, timeout=60)
+        assert limit_of(name) < grown
+    assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+
+
+async def test_a_lone_request_does_not_wait_for_the_linger(world: InProcess) -> None:
+    """With a 60 s linger, an outcome within 30 s means the request did not wait for it."""
+    name = new_account_name()
+    await world.gateway([world.account(name, linger_ms=60_000)])
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("otp-1"))
+        await bus.wait_for(outcomes=1, timeout=30)
+    assert bus.outcome_docs()[0]["status"] == "accepted"
