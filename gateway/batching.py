@@ -2,9 +2,9 @@
 and only while its owner is ready for another batch.
 
 A group that starts while the owner is ready (a send slot is free) does not wait out the linger:
-it goes once nothing new has joined it for `quiet_s` (a few milliseconds), so a lone request (an
-OTP) waits for no companions while a burst still leaves as one batch. The linger bounds that
-wait too.
+it goes `quiet_s` (a few milliseconds) after it started, with whatever joined it meanwhile, so a
+lone request (an OTP) waits for no companions and a burst still leaves as one batch. Under load
+the slots are busy, groups start lingering, and batches grow.
 
 A group that becomes due while the owner is busy (every send slot taken) keeps growing instead of
 queueing up as a row of small batches: under load, batches grow to the size the owner can keep
@@ -50,8 +50,6 @@ class Batcher(Generic[T]):
         self._groups: dict[Hashable, list[T]] = {}
         self._timers: dict[Hashable, Timer] = {}
         self._due: dict[Hashable, None] = {}  # groups full or past their linger, oldest first
-        self._started: dict[Hashable, float] = {}  # when a quiet group began, and its latest arrival
-        self._latest: dict[Hashable, float] = {}
 
     def __len__(self) -> int:
         return sum(len(g) for g in self._groups.values())
@@ -65,18 +63,13 @@ class Batcher(Generic[T]):
         k = self._key(item)
         group = self._groups.setdefault(k, [])
         group.append(item)
-        if k in self._started:
-            self._latest[k] = self._clock.monotonic()
         if len(group) >= self._max or self._linger <= 0:
             self._make_due(k)
         elif k not in self._timers and k not in self._due:
-            if self._ready() and self._quiet < self._linger:
-                # A free send slot: go as soon as the group is quiet (low latency when idle).
-                now = self._clock.monotonic()
-                self._started[k] = self._latest[k] = now
-                self._timers[k] = self._clock.call_later(self._quiet, self._quiet_check, k)
-            else:  # every slot busy: linger and grow (big batches under load)
-                self._timers[k] = self._clock.call_later(self._linger, self._make_due, k)
+            # A free send slot: go after `quiet_s` (low latency when idle); every slot busy:
+            # linger and grow (big batches under load).
+            delay = self._quiet if self._ready() else self._linger
+            self._timers[k] = self._clock.call_later(delay, self._make_due, k)
 
     def pump(self) -> None:
         """Hand due groups over, oldest first, at most `max_size` items each, while the owner is ready."""
@@ -97,8 +90,6 @@ class Batcher(Generic[T]):
             timer.cancel()
         self._timers.clear()
         self._due.clear()
-        self._started.clear()
-        self._latest.clear()
         groups, self._groups = self._groups, {}
         for group in groups.values():
             for start in range(0, len(group), self._max):
@@ -110,26 +101,11 @@ class Batcher(Generic[T]):
             timer.cancel()
         self._timers.clear()
         self._due.clear()
-        self._started.clear()
-        self._latest.clear()
         items = [i for g in self._groups.values() for i in g]
         self._groups.clear()
         return items
 
-    def _quiet_check(self, k: Hashable) -> None:
-        """A quiet group's timer: due when nothing joined it for `quiet_s`, or at its linger."""
-        self._timers.pop(k, None)
-        now = self._clock.monotonic()
-        started, latest = self._started.get(k, now), self._latest.get(k, now)
-        if now - latest >= self._quiet - 1e-9 or now - started >= self._linger - 1e-9:
-            self._make_due(k)
-            return
-        wait = min(latest + self._quiet, started + self._linger) - now
-        self._timers[k] = self._clock.call_later(max(wait, 0.0), self._quiet_check, k)
-
     def _make_due(self, k: Hashable) -> None:
-        self._started.pop(k, None)
-        self._latest.pop(k, None)
         timer = self._timers.pop(k, None)
         if timer is not None:
             timer.cancel()

@@ -46,9 +46,9 @@ def test_batcher_flushes_on_size_and_on_linger_per_key_while_busy() -> None:
     assert len(b) == 0
 
 
-def test_batcher_sends_a_quiet_group_at_once_when_a_slot_is_free() -> None:
-    """Low latency when idle: a group started while a slot is free goes as soon as nothing joined
-    it for `quiet_s`, not after the linger; a burst still leaves as one batch."""
+def test_batcher_sends_a_group_after_quiet_s_when_a_slot_is_free() -> None:
+    """Low latency when idle: a group started while a slot is free goes `quiet_s` after it
+    started, with whatever joined it meanwhile, not after the linger."""
     clock = FakeClock()
     flushed: list[list[int]] = []
     b: Batcher[int] = Batcher(
@@ -56,23 +56,13 @@ def test_batcher_sends_a_quiet_group_at_once_when_a_slot_is_free() -> None:
     )
     b.add(1)
     clock.advance(0.004)
-    b.add(2)  # still arriving: the group waits
-    clock.advance(0.004)
+    b.add(2)  # joins the group
     assert flushed == []
     clock.advance(0.001)
-    assert flushed == [[1, 2]]  # quiet for 5 ms: 9 ms after the first, not 500
-
-
-def test_batcher_quiet_wait_is_bounded_by_the_linger() -> None:
-    clock = FakeClock()
-    flushed: list[list[int]] = []
-    b: Batcher[int] = Batcher(
-        max_size=1000, linger_s=0.05, quiet_s=0.005, key=lambda n: 0, on_flush=flushed.append, clock=clock
-    )
-    for n in range(20):  # a steady trickle every 3 ms, never quiet for 5 ms
-        b.add(n)
-        clock.advance(0.003)
-    assert flushed[0] == list(range(17))  # gone at the 50 ms linger (the 17th arrived at 48 ms)
+    assert flushed == [[1, 2]]  # 5 ms after the first, not 500
+    b.add(3)
+    clock.advance(0.005)
+    assert flushed == [[1, 2], [3]]
 
 
 def test_batcher_take_all_cancels_timers() -> None:
