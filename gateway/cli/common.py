@@ -45,7 +45,7 @@ def settings() -> Settings:
 async def broker(s: Settings, timeout_s: float = 10.0) -> AsyncIterator[Any]:
     """One plain (not robust) connection: a command that loses the broker fails instead of waiting."""
     import aio_pika
-    from aiormq.exceptions import ChannelNotFoundEntity
+    from aiormq.exceptions import AMQPError, ChannelAccessRefused, ChannelNotFoundEntity, ChannelPreconditionFailed
 
     for name in ("aiormq", "aio_pika"):  # their own error logs would repeat the one line below
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -59,6 +59,10 @@ async def broker(s: Settings, timeout_s: float = 10.0) -> AsyncIterator[Any]:
         except ChannelNotFoundEntity as exc:
             text = str(exc.args[0] if exc.args else exc)[:200]
             raise Fail(f"{text}: the bus is not declared yet (gateway topology declare)") from None
+        except (ChannelPreconditionFailed, ChannelAccessRefused) as exc:  # a refusal is an answer: exit 1
+            raise Fail(f"the broker refused: {str(exc.args[0] if exc.args else exc)[:300]}") from None
+        except (AMQPError, ConnectionError) as exc:  # the broker went away mid-command: nothing is lost
+            raise Fail(f"RabbitMQ: {_reason(exc)}", UNREACHABLE) from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +39,41 @@ def cli_json(*args: str, env: dict[str, str]) -> Any:
     return json.loads(done.stdout)
 
 
+@dataclass
+class Ring:
+    sandbox: Sandbox
+    name: str  # the test's account
+    env: dict[str, str]  # what the CLI runs with: the gateway's accounts and state file
+
+
+@pytest.fixture
+def ring(
+    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
+) -> Callable[..., Ring]:
+    """Starts a gateway for one new account (`fault`: a sandbox fault armed for it first)."""
+
+    def start(prefix: str, *, fault: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
+              **account: Any) -> Ring:  # fmt: skip
+        _, sandbox = sandbox_process
+        name = new_account_name(prefix)
+        accounts_cleanup.append(name)
+        accounts = [account_doc(name, sandbox.port, **account)]
+        if fault is not None:
+            sandbox.fault(match=f"token:tok-{name}", **fault)
+        proc, _port = start_gateway(tmp_path, accounts, **(settings or {}))
+        procs.append(proc)
+        return Ring(sandbox, name, gateway_env(accounts=accounts, state_path=str(tmp_path / "state.sqlite3")))
+
+    return start
+
+
 def letters_of(account: str, env: dict[str, str]) -> list[dict[str, Any]]:
     return list(cli_json("dlq", "list", "--account", account, "--limit", "100000", env=env))
 
 
-async def test_rejected_dead_letters_are_replayed_after_the_cause_is_fixed(
-    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
-) -> None:
-    _, sandbox = sandbox_process
-    name = new_account_name("replay")
-    accounts_cleanup.append(name)
-    accounts = [account_doc(name, sandbox.port)]
-    env = gateway_env(accounts=accounts)
-    sandbox.fault(match=f"token:tok-{name}", code=3005)  # the account may not send this type (yet)
-    proc, _port = start_gateway(tmp_path, accounts)
-    procs.append(proc)
+async def test_rejected_dead_letters_are_replayed_after_the_cause_is_fixed(ring: Callable[..., Ring]) -> None:
+    r = ring("replay", fault={"code": 3005})  # the account may not send this type (yet)
+    sandbox, name, env = r.sandbox, r.name, r.env
     uids = [f"r{i}" for i in range(20)]
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(u, to=f"+4850222{i:04d}")) for i, u in enumerate(uids)])
@@ -95,19 +117,11 @@ async def test_rejected_dead_letters_are_replayed_after_the_cause_is_fixed(
     assert all(sandbox.sends_of(name, u) == 1 for u in uids)
 
 
-async def test_replay_killed_half_way_then_run_again_sends_every_letter_once(
-    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
-) -> None:
+async def test_replay_killed_half_way_then_run_again_sends_every_letter_once(ring: Callable[..., Ring]) -> None:
     """5,000 rejected dead letters; `kill -9` of the replaying CLI after about a fifth; a second
     replay: every request ends accepted exactly once at the provider, no letter is left or lost."""
-    _, sandbox = sandbox_process
-    name = new_account_name("kill")
-    accounts_cleanup.append(name)
-    accounts = [account_doc(name, sandbox.port, rate_per_s=100_000, burst=100_000)]
-    env = gateway_env(accounts=accounts)
-    sandbox.fault(match=f"token:tok-{name}", code=3005)
-    proc, _port = start_gateway(tmp_path, accounts)
-    procs.append(proc)
+    r = ring("kill", fault={"code": 3005}, rate_per_s=100_000, burst=100_000)
+    sandbox, name, env = r.sandbox, r.name, r.env
     n = 5000
     uids = [f"k{i}" for i in range(n)]
     async with Bus.open([name]) as bus:
@@ -166,16 +180,9 @@ async def test_replay_killed_half_way_then_run_again_sends_every_letter_once(
     assert set(statuses) <= {"rejected", "accepted", "duplicate"}
 
 
-async def test_purge_removes_only_the_selection(
-    sandbox_process: tuple[Process, Sandbox], tmp_path: Path, accounts_cleanup: list[str], procs: list[Process]
-) -> None:
-    _, sandbox = sandbox_process
-    name = new_account_name("purge")
-    accounts_cleanup.append(name)
-    accounts = [account_doc(name, sandbox.port)]
-    env = gateway_env(accounts=accounts)
-    proc, _port = start_gateway(tmp_path, accounts)
-    procs.append(proc)
+async def test_purge_removes_only_the_selection(ring: Callable[..., Ring]) -> None:
+    r = ring("purge")
+    name, env = r.name, r.env
     async with Bus.open([name]) as bus:
         await bus.publish(name, request("bad-number", to="12"))  # invalid
         await bus.publish(name, b"{not json")  # invalid, no unique_id
@@ -242,17 +249,10 @@ def _account_args(account: str) -> dict[str, Any]:
     return topology.account_queue(account).arguments
 
 
-async def test_accounts_shows_depth_consumers_and_a_pause_with_its_reason(
-    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
-) -> None:
-    _, sandbox = sandbox_process
-    name = new_account_name("acct")
-    accounts_cleanup.append(name)
-    accounts = [account_doc(name, sandbox.port, rate_per_s=25, burst=5)]
-    env = gateway_env(accounts=accounts, state_path=str(tmp_path / "state.sqlite3"))
-    sandbox.fault(match=f"token:tok-{name}", code=1001, count=1)  # bad credentials: the account pauses
-    proc, _port = start_gateway(tmp_path, accounts, account_pause_s=300)
-    procs.append(proc)
+async def test_accounts_shows_depth_consumers_and_a_pause_with_its_reason(ring: Callable[..., Ring]) -> None:
+    # Bad credentials once: the account pauses for 5 minutes.
+    r = ring("acct", fault={"code": 1001, "count": 1}, settings={"account_pause_s": 300}, rate_per_s=25, burst=5)
+    name, env = r.name, r.env
     async with Bus.open([name]) as bus:
         await bus.publish(name, request("p0"))
         await bus.wait_for(outcomes=1)
@@ -270,16 +270,9 @@ async def test_accounts_shows_depth_consumers_and_a_pause_with_its_reason(
     assert "account_error 1001 until" in table.stdout, table.stdout
 
 
-async def test_send_keeps_its_correlation_and_says_how_it_ended(
-    tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
-) -> None:
-    _, sandbox = sandbox_process
-    name = new_account_name("send")
-    accounts_cleanup.append(name)
-    accounts = [account_doc(name, sandbox.port)]
-    env = gateway_env(accounts=accounts)
-    proc, _port = start_gateway(tmp_path, accounts)
-    procs.append(proc)
+async def test_send_keeps_its_correlation_and_says_how_it_ended(ring: Callable[..., Ring]) -> None:
+    r = ring("send")
+    name, env = r.name, r.env
     sent = cli(
         "send", "-a", name, "--to", "+48500600700", "--text", "Code {code}", "--var", "code=4711", "--json", env=env
     )
