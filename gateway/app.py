@@ -22,14 +22,15 @@ from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
+import aio_pika
 import aiormq
 import pamqp.exceptions
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp.web import AppRunner
 from yarl import URL
 
-from gateway import amqp, topology, web
 from gateway import contract as c
+from gateway import topology, web
 from gateway.config import Account, ConfigError, Settings, sandbox_account
 from gateway.consumer import AccountWorker, UnroutableWorker
 from gateway.dlr import Desk, Poller
@@ -182,7 +183,7 @@ class Gateway:
         for attempt in count(1):
             self._waiting_for = "broker"
             try:
-                return await amqp.connect_robust(url, timeout=10)
+                return await aio_pika.connect_robust(url, timeout=10)
             except aiormq.exceptions.ProbableAuthenticationError:
                 raise ConfigError(
                     f"GATEWAY_AMQP_URL: the broker refused the login of user {url.user!r} (wrong user or password)"
