@@ -34,6 +34,10 @@ class AckTracker:
         self._open: dict[int, None] = {}  # delivery tags not yet settled, oldest first
         self._lock = asyncio.Lock()
 
+    def __len__(self) -> int:
+        """Deliveries of the current channel not settled yet."""
+        return len(self._open)
+
     def delivered(self, message: AbstractIncomingMessage) -> None:
         """Register a delivery. Call it before the first `await` of the message's handler."""
         channel = _channel(message)

@@ -207,6 +207,10 @@ class Gateway:
             return 503, "starting" if self.settings.dlr_enabled else "delivery reports are off"
         return await self._desk.webhook(provider, account, body, content_type)
 
+    @property
+    def workers(self) -> list[AccountWorker]:
+        return list(self._workers)
+
     async def problems(self) -> list[str]:
         """Why the gateway cannot do its job right now (empty: ready)."""
         problems = []

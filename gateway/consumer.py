@@ -103,7 +103,6 @@ class QueueConsumer:
 
     async def start(self, wanted: Callable[[], bool]) -> None:
         self._wanted = wanted
-        await self._channel.set_qos(prefetch_count=self._prefetch)
         self._queue = await self._channel.get_queue(self.queue_name, ensure=False)
         await self.ensure()
         self._watch = asyncio.create_task(self._watchdog(), name=f"watch {self.queue_name}")
@@ -119,6 +118,7 @@ class QueueConsumer:
             if self._closed or not self._wanted() or self.live:
                 return
             assert self._queue is not None
+            await self._channel.set_qos(prefetch_count=self._prefetch)  # it may have been resized
             tag = await self._queue.consume(self._callback)
             # Looked up after the consume: had a reconnect come in between, the tag would not be on
             # this channel, the consumer would not count as live, and the next round consumes again.
@@ -130,6 +130,33 @@ class QueueConsumer:
                 self.restored += 1
                 m.CONSUMER_RESTORED.labels(self.queue_name).inc()
                 log.warning("consumer_restored", queue=self.queue_name)
+
+    @property
+    def prefetch(self) -> int:
+        return self._prefetch
+
+    async def resize(self, prefetch: int) -> None:
+        """Change the prefetch of a running consumer. RabbitMQ applies a prefetch to a consumer when
+        it consumes (a later basic.qos does not reach it), so: consume again with the new prefetch,
+        then cancel the old consumer. The old one's unacked deliveries belong to the channel and are
+        acked as usual; what the broker sent it before the cancel still arrives (before CancelOk)."""
+        async with self._lock:
+            if prefetch == self._prefetch:
+                return
+            self._prefetch = prefetch
+            if self._closed or not self.live:
+                return  # the next ensure() consumes with it
+            assert self._queue is not None
+            old = self._tag
+            await self._channel.set_qos(prefetch_count=prefetch)
+            tag = await self._queue.consume(self._callback)
+            self._tag = tag
+            self._underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+            if old is not None:
+                try:
+                    await self._queue.cancel(old)
+                except Exception:  # noqa: BLE001 - a closed channel took the old consumer with it
+                    log.warning("cancel_failed", queue=self.queue_name)
 
     async def cancel(self) -> None:
         async with self._lock:
@@ -177,6 +204,11 @@ class Worker:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         raise NotImplementedError
+
+    @property
+    def unsettled(self) -> int:
+        """Deliveries taken from the broker and not acked or requeued yet."""
+        return len(self._acks)
 
     @property
     def consuming(self) -> bool:
@@ -229,21 +261,27 @@ class AccountWorker(Worker):
         self._paused_until = 0.0
         self._backoff_s = 1.0
         self._queue_wait = m.QUEUE_WAIT.labels(account.name)  # looked up once, observed per message
+        self._resizing: asyncio.Task[None] | None = None
+
+    def _prefetch_for(self, limit: int) -> int:
+        """Enough for every call in flight plus one batch forming. It follows the in-flight limit:
+        a prefetch sized for the cap would let a backlogged account fill the process (and the
+        connection) with work that its limit will not send soon, ahead of other accounts' requests."""
+        return min(65535, self._max_batch * (limit + 1))
 
     @property
     def prefetch(self) -> int:
-        """Enough for every call in flight plus one batch forming, at the limit's cap. (RabbitMQ
-        applies a consumer's prefetch when it consumes: a later basic.qos would not reach it, so
-        the adaptive limit cannot grow into a prefetch set for its start.)"""
-        return min(65535, self._max_batch * (self._limit.cap + 1))
+        return self._consumer.prefetch if self._consumer is not None else self._prefetch_for(self._limit.current)
 
     @property
     def paused(self) -> bool:
         return self._paused_until > self._clock.monotonic()
 
     async def start(self, channel: AbstractChannel) -> None:
+        prefetch = self._prefetch_for(self._limit.current)
+        m.PREFETCH.labels(self.account.name).set(prefetch)
         await self._consume(
-            channel, c.account_queue(self.account.name), self.prefetch, lambda: not (self._stopping or self.paused)
+            channel, c.account_queue(self.account.name), prefetch, lambda: not (self._stopping or self.paused)
         )
 
     # -- admission: one message at a time ---------------------------------------------------------
@@ -330,6 +368,27 @@ class AccountWorker(Worker):
             changed = self._limit.succeeded(waiting=self._batcher.waiting, duration_s=took_s)
         if changed:
             self._limit_gauge.set(self._limit.current)
+            self._follow_limit()
+
+    def _follow_limit(self) -> None:
+        """Resize the prefetch when the limit outgrew it or fell to half of it (not on every step
+        down: a consumer swap is three round trips)."""
+        want = self._prefetch_for(self._limit.current)
+        have = self.prefetch
+        if (want > have or want * 2 <= have) and (self._resizing is None or self._resizing.done()):
+            self._resizing = asyncio.create_task(self._resize())
+
+    async def _resize(self) -> None:
+        while self._consumer is not None and not self._stopping:
+            want = self._prefetch_for(self._limit.current)
+            if want == self._consumer.prefetch:
+                return
+            try:
+                await self._consumer.resize(want)
+            except Exception as exc:  # noqa: BLE001 - the broker is away: the watchdog consumes again with it
+                log.info("prefetch_not_resized", account=self.account.name, error=type(exc).__name__)
+                return
+            m.PREFETCH.labels(self.account.name).set(want)
 
     # -- pause, resume, stop ------------------------------------------------------------------------
 

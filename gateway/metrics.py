@@ -60,6 +60,12 @@ INFLIGHT_LIMIT = Gauge(
     "sms_inflight_limit", "provider calls the account may have in flight now (adaptive)", ["account"], registry=REGISTRY
 )
 INFLIGHT = Gauge("sms_inflight_batches", "provider calls in flight", ["account"], registry=REGISTRY)
+PREFETCH = Gauge(
+    "sms_consumer_prefetch",
+    "requests the broker may deliver ahead (follows the in-flight limit)",
+    ["account"],
+    registry=REGISTRY,
+)
 PAUSED = Gauge("sms_account_paused", "1 while the account's consumption is paused", ["account"], registry=REGISTRY)
 CONSUMER_RESTORED = Counter(
     "sms_consumer_restored",

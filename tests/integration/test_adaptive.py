@@ -4,10 +4,12 @@ is sent without waiting for the linger."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import pytest
 
+from gateway import contract as c
 from gateway import metrics as m
 from gateway.sandbox.state import FaultRule
 from testkit import Bus, new_account_name, request
@@ -20,19 +22,41 @@ def limit_of(name: str) -> float:
     return float(m.INFLIGHT_LIMIT.labels(name)._value.get())
 
 
+def prefetch_of(name: str) -> float:
+    return float(m.PREFETCH.labels(name)._value.get())
+
+
 async def test_a_slow_provider_gets_more_calls_in_flight_and_a_failing_one_fewer(world: InProcess) -> None:
     name = new_account_name()
     world.state.faults.add(FaultRule(match=f"token:tok-{name}", latency_ms=300))
     account = world.account(name, concurrency=2, max_concurrency=12, batch_size=20, rate_per_s=100_000, burst=100_000)
-    await world.gateway([account])
+    gw = await world.gateway([account])
+    worker = gw.workers[0]
     assert limit_of(name) == 2
+    assert prefetch_of(name) == 20 * (2 + 1)
     n = 1200
+    most_unsettled = 0
+
+    async def watch() -> None:
+        nonlocal most_unsettled
+        while True:
+            most_unsettled = max(most_unsettled, worker.unsettled)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"s{i}", to=f"+4850095{i:04d}")) for i in range(n)])
         await bus.wait_for(outcomes=n, timeout=60)
+        watcher.cancel()
         grown = limit_of(name)
         assert grown > 4, f"the limit stayed at {grown} with {n} requests waiting on a 300 ms provider"
         assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": n}
+        # The prefetch followed the limit, and the broker applied it: more deliveries were open at
+        # once than the starting prefetch allows. The swapped consumers left exactly one behind.
+        assert prefetch_of(name) >= 20 * (grown + 1) / 2
+        assert most_unsettled > 20 * (2 + 1), most_unsettled
+        queue = await bus.channel.declare_queue(c.account_queue(name), passive=True)
+        assert queue.declaration_result.consumer_count == 1
 
         # The provider starts failing: the limit is cut (halved, at most once a second).
         world.state.faults.clear()
