@@ -85,7 +85,7 @@ class Account(BaseModel):
         default=4, ge=1, le=256, description="provider calls in flight at start; grows under a backlog (adaptive)"
     )
     max_concurrency: int = Field(
-        default=8,
+        default=16,
         ge=1,
         le=256,
         description="the most provider calls in flight the adaptive limit may reach (always within rate_per_s)",

@@ -343,7 +343,7 @@ class AccountWorker(Worker):
             result = await self._pipeline.run([d.job for d in batch])
             took = self._clock.monotonic() - started
             await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)))
-        self._adapt(result, took)
+        self._adapt(result, took if len(batch) * 2 >= self._max_batch else None)
         if result.store_failed:
             await self._pause(self._backoff_s, "store_failed")
             self._backoff_s = min(self._backoff_s * 2, 60.0)
@@ -360,8 +360,10 @@ class AccountWorker(Worker):
             )
             await self._pause(self._settings.account_pause_s, "account_error", code)
 
-    def _adapt(self, result: p.BatchResult, took_s: float) -> None:
-        """Grow the in-flight limit while work waits for a slot, halve it on congestion."""
+    def _adapt(self, result: p.BatchResult, took_s: float | None) -> None:
+        """Grow the in-flight limit while work waits for a slot, trim it when batches queue, halve
+        it on congestion. Only batches at least half full are timed: a lone request's batch is
+        faster than a full one's without anything queueing, and would make full ones look slow."""
         if result.congested:
             changed = self._limit.congested()
         else:
@@ -371,16 +373,23 @@ class AccountWorker(Worker):
             self._follow_limit()
 
     def _follow_limit(self) -> None:
-        """Resize the prefetch when the limit outgrew it or fell to half of it (not on every step
-        down: a consumer swap is three round trips)."""
-        want = self._prefetch_for(self._limit.current)
-        have = self.prefetch
-        if (want > have or want * 2 <= have) and (self._resizing is None or self._resizing.done()):
+        """Resize the prefetch when the limit outgrew it, or fell three batches below it. A resize
+        leaves one batch of headroom, so a limit that swings by one does not swap consumers (three
+        round trips) at every swing."""
+        if self._consumer is None or (self._resizing is not None and not self._resizing.done()):
+            return
+        if self._prefetch_target(self._consumer.prefetch) != self._consumer.prefetch:
             self._resizing = asyncio.create_task(self._resize())
+
+    def _prefetch_target(self, have: int) -> int:
+        need = self._prefetch_for(self._limit.current)
+        if need > have or have >= need + 3 * self._max_batch:
+            return min(need + self._max_batch, self._prefetch_for(self._limit.cap))
+        return have
 
     async def _resize(self) -> None:
         while self._consumer is not None and not self._stopping:
-            want = self._prefetch_for(self._limit.current)
+            want = self._prefetch_target(self._consumer.prefetch)
             if want == self._consumer.prefetch:
                 return
             try:
