@@ -5,8 +5,10 @@ admission and batches in pipeline.py, acks and publishes in settle.py.
                                           -> Settler (outcome / retry copy / dead letter, then ack)
     sms.send.unroutable --> UnroutableWorker: `invalid` outcome + dead letter, whatever the body
 
-Batches are handed over only while the account has a free send slot (`concurrency`); under load
-the waiting batch grows instead, so the cost per message falls as the load rises.
+Batches are handed over only while the account has a free send slot (the adaptive limit of
+concurrency.py); under load the waiting batch grows instead, so the cost per message falls as the
+load rises. The prefetch follows the limit, so a backlogged account holds in the process only
+what it can send soon, not work that would sit ahead of other accounts' requests.
 
 Failure handling:
 - A crash while admitting one message (its own fault) requeues it, and after
