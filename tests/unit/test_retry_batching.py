@@ -120,3 +120,59 @@ def test_batcher_hands_over_one_batch_per_free_slot() -> None:
     assert flushed == [[0, 3], [1, 4]]
     b.flush_all()  # shutdown hands over everything, ready or not
     assert flushed == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_a_group_that_started_while_busy_goes_when_a_slot_frees_not_after_the_linger() -> None:
+    """Nagle's rule: a small group is held only while the slots are taken. Too young when the
+    slot frees (under quiet_s), it goes once it is old enough, without another batch finishing."""
+    clock = FakeClock()
+    flushed: list[list[int]] = []
+    slots = {"free": 0}
+    b: Batcher[int] = Batcher(
+        max_size=100,
+        linger_s=0.5,
+        quiet_s=0.005,
+        key=lambda n: 0,
+        on_flush=flushed.append,
+        ready=lambda: slots["free"] > 0,
+        clock=clock,
+    )
+    b.add(1)  # every slot busy: it lingers
+    clock.advance(0.02)
+    b.add(2)
+    assert flushed == []
+    slots["free"] = 1
+    b.pump()  # a batch finished: the lingering group goes now, 20 ms in, not 500
+    assert flushed == [[1, 2]]
+    slots["free"] = 0
+    b.add(3)
+    clock.advance(0.001)
+    slots["free"] = 1
+    b.pump()  # 1 ms old: younger than quiet_s, it may still gather company
+    assert flushed == [[1, 2]]
+    clock.advance(0.004)  # 5 ms old: it goes with nothing else finishing
+    assert flushed == [[1, 2], [3]]
+    clock.advance(1)
+    assert flushed == [[1, 2], [3]]  # and its linger timer does not fire a second, empty batch
+
+
+def test_a_bulk_account_still_batches_when_a_slot_frees() -> None:
+    """quiet_s = linger_s (campaign accounts): a group goes full or after its linger, as before."""
+    clock = FakeClock()
+    flushed: list[list[int]] = []
+    slots = {"free": 0}
+    b: Batcher[int] = Batcher(
+        max_size=100,
+        linger_s=0.5,
+        key=lambda n: 0,
+        on_flush=flushed.append,
+        ready=lambda: slots["free"] > 0,
+        clock=clock,
+    )
+    b.add(1)
+    clock.advance(0.2)
+    slots["free"] = 1
+    b.pump()
+    assert flushed == []
+    clock.advance(0.3)
+    assert flushed == [[1]]
