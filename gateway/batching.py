@@ -10,12 +10,6 @@ A group that becomes due while the owner is busy (every send slot taken) keeps g
 queueing up as a row of small batches: under load, batches grow to the size the owner can keep
 up with, so the cost per message falls as the load rises instead of the backlog running away.
 
-A group that started while the owner was busy does not wait out the whole linger either: when a
-slot frees and nothing is due, the oldest group that is at least `quiet_s` old goes (Nagle's rule:
-hold small sends only while earlier ones are outstanding). Under moderate load a request waits
-for a free slot, not for the linger; under heavy load groups fill up and become due before any
-slot frees, and batches stay big.
-
 No I/O: the owner decides what a flush does (the consumer starts a send task) and calls `pump`
 when it becomes ready again.
 """
@@ -56,8 +50,6 @@ class Batcher(Generic[T]):
         self._groups: dict[Hashable, list[T]] = {}
         self._timers: dict[Hashable, Timer] = {}
         self._due: dict[Hashable, None] = {}  # groups full or past their linger, oldest first
-        self._started: dict[Hashable, float] = {}  # when each group's oldest item arrived, oldest first
-        self._nudge: Timer | None = None
 
     def __len__(self) -> int:
         return sum(len(g) for g in self._groups.values())
@@ -69,10 +61,7 @@ class Batcher(Generic[T]):
 
     def add(self, item: T) -> None:
         k = self._key(item)
-        group = self._groups.get(k)
-        if group is None:
-            group = self._groups[k] = []
-            self._started[k] = self._clock.monotonic()
+        group = self._groups.setdefault(k, [])
         group.append(item)
         if len(group) >= self._max or self._linger <= 0:
             self._make_due(k)
@@ -84,7 +73,7 @@ class Batcher(Generic[T]):
 
     def pump(self) -> None:
         """Hand due groups over, oldest first, at most `max_size` items each, while the owner is ready."""
-        while self._ready() and (self._due or self._promote()):
+        while self._due and self._ready():
             k = next(iter(self._due))
             group = self._groups.pop(k, [])
             batch, rest = group[: self._max], group[self._max :]
@@ -92,29 +81,8 @@ class Batcher(Generic[T]):
                 self._groups[k] = rest
             else:
                 del self._due[k]
-                self._started.pop(k, None)
             if batch:
                 self._on_flush(batch)
-
-    def _promote(self) -> bool:
-        """A slot is free and nothing is due: the oldest group, once `quiet_s` old, is due now."""
-        if not self._started:
-            return False
-        k, started = next(iter(self._started.items()))
-        young = started + self._quiet - self._clock.monotonic()
-        if young > 0:  # look again when it is old enough, in case no batch finishes meanwhile
-            if self._nudge is None:
-                self._nudge = self._clock.call_later(young, self._nudged)
-            return False
-        timer = self._timers.pop(k, None)
-        if timer is not None:
-            timer.cancel()
-        self._due[k] = None
-        return True
-
-    def _nudged(self) -> None:
-        self._nudge = None
-        self.pump()
 
     def flush_all(self) -> None:
         """Hand everything over now, ready or not (shutdown)."""
@@ -122,7 +90,6 @@ class Batcher(Generic[T]):
             timer.cancel()
         self._timers.clear()
         self._due.clear()
-        self._started.clear()
         groups, self._groups = self._groups, {}
         for group in groups.values():
             for start in range(0, len(group), self._max):
@@ -134,7 +101,6 @@ class Batcher(Generic[T]):
             timer.cancel()
         self._timers.clear()
         self._due.clear()
-        self._started.clear()
         items = [i for g in self._groups.values() for i in g]
         self._groups.clear()
         return items
