@@ -34,7 +34,8 @@ class AckTracker:
         self._open: dict[int, None] = {}  # delivery tags not yet settled, oldest first
         self._lock = asyncio.Lock()
 
-    def __len__(self) -> int:
+    @property
+    def open_count(self) -> int:
         """Deliveries of the current channel not settled yet."""
         return len(self._open)
 

@@ -210,7 +210,7 @@ class Worker:
     @property
     def unsettled(self) -> int:
         """Deliveries taken from the broker and not acked or requeued yet."""
-        return len(self._acks)
+        return self._acks.open_count
 
     @property
     def consuming(self) -> bool:
