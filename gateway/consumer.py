@@ -70,6 +70,7 @@ def _float_header(message: AbstractIncomingMessage, name: str) -> float | None:
 
 
 WATCH_INTERVAL_S = 1.0
+RESIZE_TIMEOUT_S = 5.0
 
 
 class QueueConsumer:
@@ -141,7 +142,10 @@ class QueueConsumer:
         """Change the prefetch of a running consumer. RabbitMQ applies a prefetch to a consumer when
         it consumes (a later basic.qos does not reach it), so: consume again with the new prefetch,
         then cancel the old consumer. The old one's unacked deliveries belong to the channel and are
-        acked as usual; what the broker sent it before the cancel still arrives (before CancelOk)."""
+        acked as usual; what the broker sent it before the cancel still arrives (before CancelOk).
+
+        Bounded in time: a connection lost midway would otherwise hold the lock (the robust
+        channel waits for the reconnect) and keep the watchdog from consuming again."""
         async with self._lock:
             if prefetch == self._prefetch:
                 return
@@ -150,15 +154,16 @@ class QueueConsumer:
                 return  # the next ensure() consumes with it
             assert self._queue is not None
             old = self._tag
-            await self._channel.set_qos(prefetch_count=prefetch)
-            tag = await self._queue.consume(self._callback)
-            self._tag = tag
-            self._underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-            if old is not None:
-                try:
-                    await self._queue.cancel(old)
-                except Exception:  # noqa: BLE001 - a closed channel took the old consumer with it
-                    log.warning("cancel_failed", queue=self.queue_name)
+            async with asyncio.timeout(RESIZE_TIMEOUT_S):
+                await self._channel.set_qos(prefetch_count=prefetch)
+                tag = await self._queue.consume(self._callback)
+                self._tag = tag
+                self._underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+                if old is not None:
+                    try:
+                        await self._queue.cancel(old)
+                    except Exception:  # noqa: BLE001 - a closed channel took the old consumer with it
+                        log.warning("cancel_failed", queue=self.queue_name)
 
     async def cancel(self) -> None:
         async with self._lock:
@@ -345,7 +350,7 @@ class AccountWorker(Worker):
             result = await self._pipeline.run([d.job for d in batch])
             took = self._clock.monotonic() - started
             await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)))
-        self._adapt(result, took if len(batch) * 2 >= self._max_batch else None)
+        self._adapt(result, took if result.sent * 2 >= self._max_batch else None)
         if result.store_failed:
             await self._pause(self._backoff_s, "store_failed")
             self._backoff_s = min(self._backoff_s * 2, 60.0)
@@ -364,8 +369,10 @@ class AccountWorker(Worker):
 
     def _adapt(self, result: p.BatchResult, took_s: float | None) -> None:
         """Grow the in-flight limit while work waits for a slot, trim it when batches queue, halve
-        it on congestion. Only batches at least half full are timed: a lone request's batch is
-        faster than a full one's without anything queueing, and would make full ones look slow."""
+        it on congestion. Only batches that sent at least half a batch to the provider are timed:
+        a lone request's batch, or one answered from the store (redelivered duplicates after a
+        reconnect take under a millisecond), is faster than a full send without anything queueing,
+        and would make every full one look slow for the baseline's whole window."""
         if result.congested:
             changed = self._limit.congested()
         else:

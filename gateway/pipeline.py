@@ -241,6 +241,7 @@ class BatchResult:
     decisions: list[Decision]  # one per job, in order
     store_failed: bool  # the store failed on the way: the caller backs the account off
     pause_account: bool  # the provider refused the account itself (credentials, blocked, quota)
+    sent: int = 0  # jobs handed to the provider's send call (not answered from the store)
 
     @property
     def congested(self) -> bool:
@@ -321,7 +322,7 @@ class Pipeline:
         """A decision for every job. Never raises: a store failure before anything was sent makes
         every job wait; after, the known results stand and the rest wait."""
         try:
-            decisions, store_failed = await self._decide(jobs)
+            decisions, store_failed, sent = await self._decide(jobs)
         except Exception:
             # Nothing of the batch reached the provider (see _decide). The batch waits in the broker
             # as delayed copies rather than being requeued: a requeue counts towards the queue's
@@ -338,11 +339,12 @@ class Pipeline:
             store_failed = True
         ordered = [decisions[i] for i in range(len(jobs))]
         pause = any(isinstance(x, Finish) and x.pause_account for x in ordered)
-        return BatchResult(ordered, store_failed, pause)
+        return BatchResult(ordered, store_failed, pause, sent)
 
-    async def _decide(self, jobs: Sequence[Job]) -> tuple[dict[int, Decision], bool]:
-        """Claim, reconcile, send: a decision for every job, and whether the store failed on the
-        way. Raises only before anything of the batch was sent (the claim or the reconcile failed)."""
+    async def _decide(self, jobs: Sequence[Job]) -> tuple[dict[int, Decision], bool, int]:
+        """Claim, reconcile, send: a decision for every job, whether the store failed on the way,
+        and how many were sent. Raises only before anything of the batch was sent (the claim or the
+        reconcile failed)."""
         decisions: dict[int, Decision] = {}
         first_of: dict[str, int] = {}
         for i, job in enumerate(jobs):
@@ -390,7 +392,7 @@ class Pipeline:
                 send.remove(i)
         taken = grant if grant.granted or grant.wait_s else None
         store_failed = await self._send(jobs, send, decisions, taken)
-        return decisions, store_failed
+        return decisions, store_failed, len(send)
 
     async def _reconcile(self, jobs: Sequence[Job], idx: list[int], decisions: dict[int, Decision]) -> list[int]:
         """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""

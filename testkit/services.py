@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -99,3 +100,13 @@ def consumers_on(queue: str, node: str | None = None, vhost: str = AMQP_VHOST) -
     prefix = ["-n", node] if node else []
     out = rabbitmqctl(*prefix, "list_consumers", "-q", "-p", vhost, "queue_name", "--formatter", "json")
     return sum(1 for r in json.loads(out) if r["queue_name"] == queue)
+
+
+async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll `check()` until it is true; return the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not {what} after {timeout}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,6 +21,7 @@ from testkit import (
     Bus,
     close_broker_connections,
     consumers_on,
+    eventually,
     new_account_name,
     request,
 )
@@ -33,16 +33,6 @@ pytestmark = pytest.mark.integration
 
 def sends_of(world: InProcess, account: str, uid: str) -> int:
     return int(world.state.ledger()["by_unique_id"].get(provider_ref(account, uid), 0))
-
-
-async def eventually(check: Any, timeout: float, what: str) -> float:
-    """Poll `check()` until it is true; return the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not {what} after {timeout}s")
-        await asyncio.sleep(0.1)
-    return time.monotonic() - started
 
 
 # aiormq leaves the socket of a connection the broker closed to the garbage collector.
