@@ -77,6 +77,8 @@ async def test_a_lone_request_does_not_wait_for_the_linger(world: InProcess) -> 
     assert bus.outcome_docs()[0]["status"] == "accepted"
 
 
+# aiormq leaves the socket of a connection the broker closed to the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_prefetch_resizes_racing_a_lost_connection_leave_one_consumer_and_send_once(world: InProcess) -> None:
     """The limit grows (consumers swapped for bigger prefetches) while the broker closes the
     gateway's connection twice: every request ends accepted, sent once, and the queue has exactly
