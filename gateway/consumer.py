@@ -397,16 +397,20 @@ class AccountWorker(Worker):
         return have
 
     async def _resize(self) -> None:
-        while self._consumer is not None and not self._stopping:
-            want = self._prefetch_target(self._consumer.prefetch)
-            if want == self._consumer.prefetch:
-                return
-            try:
-                await self._consumer.resize(want)
-            except Exception as exc:  # noqa: BLE001 - the broker is away: the watchdog consumes again with it
-                log.info("prefetch_not_resized", account=self.account.name, error=type(exc).__name__)
-                return
-            m.PREFETCH.labels(self.account.name).set(want)
+        consumer = self._consumer
+        if consumer is None:
+            return
+        try:
+            while not self._stopping:
+                want = self._prefetch_target(consumer.prefetch)
+                if want == consumer.prefetch:
+                    return
+                await consumer.resize(want)
+        except Exception as exc:  # noqa: BLE001 - the broker is away: the watchdog consumes again with it
+            log.info("prefetch_not_resized", account=self.account.name, error=type(exc).__name__)
+        finally:
+            # A failed resize keeps the new prefetch (the next consume uses it): the gauge shows it too.
+            m.PREFETCH.labels(self.account.name).set(consumer.prefetch)
 
     # -- pause, resume, stop ------------------------------------------------------------------------
 

@@ -108,3 +108,5 @@ async def test_prefetch_resizes_racing_a_lost_connection_leave_one_consumer_and_
     await eventually(lambda: consumers_on(c.account_queue(name)) == 1, 30, "one consumer on the account queue")
     assert gw.queues_without_consumer() == []
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+    # The gauge shows the prefetch the consumer runs with, also after a resize the cut failed.
+    await eventually(lambda: gw.workers[0].prefetch == prefetch_of(name), 10, "the prefetch gauge caught up")
