@@ -95,12 +95,25 @@ class Settler:
         else:
             failures = await asyncio.gather(*(self._publish(d, x) for d, x in items), return_exceptions=True)
         done: list[tuple[Delivery, Decision]] = []
+        failed: list[tuple[Delivery, BaseException]] = []
         for (d, decision), exc in zip(items, failures, strict=True):
             if exc is None:
                 done.append((d, decision))
-                continue
-            log.error("settle_failed", account=d.account, unique_id=d.unique_id, exc_info=exc)
-            await requeue(self._acks, [d])
+            else:
+                failed.append((d, exc))
+        if failed:
+            # One line per batch, not per message: a lost connection fails every publish of the
+            # batch the same way. The first failure's traceback stands for them.
+            first, exc = failed[0]
+            log.error(
+                "settle_failed",
+                account=first.account,
+                count=len(failed),
+                unique_id=first.unique_id if len(failed) == 1 else None,
+                error=type(exc).__name__,
+                exc_info=exc,
+            )
+            await requeue(self._acks, [d for d, _ in failed])
         if not done:
             return 0
         try:
@@ -253,9 +266,16 @@ async def _failure(job: Awaitable[None]) -> BaseException | None:
 
 
 async def requeue(acks: AckTracker, deliveries: Sequence[Delivery]) -> None:
+    """Nack each with requeue. Deliveries of a lost channel cannot be nacked (the broker has
+    requeued them already): one line for all of them."""
+    failed = 0
+    error = ""
     for d in deliveries:
         try:
             await acks.requeue(d.message)
-        except Exception:  # noqa: BLE001 - the channel is gone; the broker requeues on its own
-            log.warning("nack_failed", account=d.account, unique_id=d.unique_id)
+        except Exception as exc:  # noqa: BLE001 - the channel is gone; the broker requeues on its own
+            failed += 1
+            error = error or type(exc).__name__
         d.close("requeued")
+    if failed:
+        log.warning("nack_failed", account=deliveries[0].account, count=failed, error=error)
