@@ -102,6 +102,7 @@ class QueueConsumer:
         self._wanted: Callable[[], bool] = lambda: True
         self._watch: asyncio.Task[None] | None = None
         self._closed = False
+        self._stale: set[str] = set()  # consumer tags a resize replaced and has not cancelled yet
         self.restored = 0  # consumers started again after a loss (a metric and the tests read it)
 
     async def start(self, wanted: Callable[[], bool]) -> None:
@@ -158,12 +159,25 @@ class QueueConsumer:
                 await self._channel.set_qos(prefetch_count=prefetch)
                 tag = await self._queue.consume(self._callback)
                 self._tag = tag
-                self._underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
                 if old is not None:
-                    try:
-                        await self._queue.cancel(old)
-                    except Exception:  # noqa: BLE001 - a closed channel took the old consumer with it
-                        log.warning("cancel_failed", queue=self.queue_name)
+                    self._stale.add(old)  # cancelled below, or by the watchdog if time runs out first
+                self._underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+                await self._cancel_stale()
+
+    async def _cancel_stale(self) -> None:
+        """Cancel consumers a resize replaced. One the channel no longer has (a reconnect took it)
+        is forgotten; one whose cancel fails stays for the watchdog's next round."""
+        assert self._queue is not None
+        u = self._underlay
+        for tag in list(self._stale):
+            if u is None or u.is_closed or tag not in u.consumers:
+                self._stale.discard(tag)
+                continue
+            try:
+                await self._queue.cancel(tag)
+                self._stale.discard(tag)
+            except Exception:  # noqa: BLE001 - the channel is going: a reconnect takes it with it
+                log.warning("cancel_failed", queue=self.queue_name)
 
     async def cancel(self) -> None:
         async with self._lock:
@@ -175,6 +189,7 @@ class QueueConsumer:
                 await self._queue.cancel(tag)
             except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
                 log.warning("cancel_failed", queue=self.queue_name)
+            await self._cancel_stale()
 
     async def close(self) -> None:
         """Cancel for good (shutdown): the watchdog stops too."""
@@ -189,6 +204,9 @@ class QueueConsumer:
             await asyncio.sleep(WATCH_INTERVAL_S)
             try:
                 await asyncio.wait_for(self.ensure(), timeout=10)
+                if self._stale:
+                    async with self._lock:
+                        await asyncio.wait_for(self._cancel_stale(), timeout=10)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the broker is away: look again next round

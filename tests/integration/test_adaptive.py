@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import aio_pika
 import pytest
 
+from gateway import consumer as gc
 from gateway import contract as c
 from gateway import metrics as m
 from gateway.sandbox.state import FaultRule
-from testkit import Bus, close_broker_connections, consumers_on, eventually, new_account_name, request
+from testkit import AMQP_URL, Bus, close_broker_connections, consumers_on, eventually, new_account_name, request
 from tests.conftest import InProcess
 
 pytestmark = pytest.mark.integration
@@ -110,3 +112,45 @@ async def test_prefetch_resizes_racing_a_lost_connection_leave_one_consumer_and_
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
     # The gauge shows the prefetch the consumer runs with, also after a resize the cut failed.
     await eventually(lambda: gw.workers[0].prefetch == prefetch_of(name), 10, "the prefetch gauge caught up")
+
+
+async def test_a_resize_cut_short_before_the_old_consumer_is_cancelled_leaves_one_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The resize's time runs out between the new consume and the old one's cancel, on a channel
+    that stays up: the watchdog cancels the replaced consumer, so its prefetch does not linger."""
+    monkeypatch.setattr(gc, "RESIZE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(gc, "WATCH_INTERVAL_S", 0.2)
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"test.resize.{new_account_name()}", auto_delete=True)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+
+        consumer = gc.QueueConsumer(channel, queue.name, on_message, 10)
+        await consumer.start(wanted=lambda: True)
+        assert consumer._queue is not None
+        kind = type(consumer._queue)
+        real_cancel = kind.cancel
+        calls = 0
+
+        async def slow_first_cancel(self: object, tag: str, *args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(5)  # CancelOk does not come in time
+            return await real_cancel(self, tag, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(kind, "cancel", slow_first_cancel)  # the queue's class has slots
+        with pytest.raises(TimeoutError):
+            await consumer.resize(20)
+        assert consumer.prefetch == 20
+        assert consumer.live
+        assert consumers_on(queue.name) == 2
+        await eventually(lambda: consumers_on(queue.name) == 1, 15, "the replaced consumer cancelled")
+        assert consumer.live
+        await consumer.close()
+    finally:
+        await connection.close()
