@@ -36,7 +36,22 @@ OUTCOME = json.dumps(
 ).encode()
 
 
-async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int, count: int | None) -> None:
+def _with_meta(request: bytes) -> bytes:
+    """The outcome carrying the request's `meta` (the latency runs' observer reads its send time)."""
+    doc = json.loads(OUTCOME)
+    doc["meta"] = json.loads(request).get("meta")
+    return json.dumps(doc).encode()
+
+
+async def main(
+    amqp_url: str,
+    accounts: list[str],
+    prefetch: int,
+    flush: int,
+    count: int | None,
+    tick_s: float = 0.02,
+    echo_meta: bool = False,
+) -> None:
     connection = await aio_pika.connect_robust(amqp_url)
     publisher = await connection.channel(publisher_confirms=True)
     outcomes = await publisher.get_exchange(c.OUTCOMES_EXCHANGE, ensure=False)
@@ -75,7 +90,7 @@ async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int, co
                     *(
                         outcomes.publish(
                             aio_pika.Message(
-                                OUTCOME,
+                                _with_meta(m.body) if echo_meta else OUTCOME,
                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                 correlation_id=m.message_id,
                                 content_type="application/json",
@@ -98,7 +113,7 @@ async def main(amqp_url: str, accounts: list[str], prefetch: int, flush: int, co
 
         await queue.consume(on_message)
         while not stop.is_set():
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(tick_s)
             await drain()
 
     tasks = [asyncio.create_task(relay(a)) for a in accounts]
@@ -114,6 +129,9 @@ if __name__ == "__main__":
     ap.add_argument("--prefetch", type=int, required=True)
     ap.add_argument("--flush", type=int, default=100)
     ap.add_argument("--count", type=int, help="print when this many are relayed, then stop")
+    ap.add_argument("--tick-ms", type=float, default=20.0, help="a partial batch goes after at most this long")
+    ap.add_argument("--echo-meta", action="store_true", help="copy each request's meta into its outcome")
     ap.add_argument("accounts", nargs="+")
     args = ap.parse_args()
-    asyncio.run(main(args.amqp_url, args.accounts, args.prefetch, args.flush, args.count))
+    tick_s = args.tick_ms / 1000
+    asyncio.run(main(args.amqp_url, args.accounts, args.prefetch, args.flush, args.count, tick_s, args.echo_meta))
