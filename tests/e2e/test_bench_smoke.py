@@ -41,7 +41,9 @@ def test_benchmark_smoke_run_completes_and_reports_every_contender(tmp_path: Pat
         "celery threads-32 @200ms",
     }
     assert all(v["msgs_per_s"] and v["msgs_per_s"] > 0 for v in doc["medians"].values())
-    assert [x["label"] for x in doc["latency"]] == ["10%", "50%"]
+    assert [x["label"] for x in doc["latency"]] == ["10%", "50%", "relay 10%", "relay 50%"]
+    assert all(x["p50_ms"] > 0 for x in doc["latency"])  # the relay's outcomes carry the send time too
+    assert "(the relay at the same rate: p50" in doc["table"]
     for when in ("before", "after"):  # the broker's state is part of every run's record
         state = doc["broker"][when]
         assert state["queues"] > 0
