@@ -8,6 +8,7 @@ that says exactly what is wrong.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -201,6 +202,8 @@ def _finite_float(text: str) -> float:
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float)
 # Reads a refused document only to find its unique_id and number, so the outcome can name them.
+# One encoder for every outcome: `json.dumps` with options builds a new encoder per call.
+_STRICT_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _SALVAGE = json.JSONDecoder(parse_constant=lambda _: None, parse_int=lambda _: 0, parse_float=lambda _: 0.0)
 
 
@@ -368,8 +371,9 @@ def _validate(
     )
 
 
+@functools.lru_cache(maxsize=64)
 def rfc3339(ts: datetime) -> str:
-    """The contract's timestamp form: UTC, `Z` suffix."""
+    """The contract's timestamp form: UTC, `Z` suffix. Cached: a batch's decisions share one `now`."""
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -432,4 +436,4 @@ def outcome_body(
         doc["status_at"] = rfc3339(status_at)
         doc["reason"] = reason
     # Strict JSON: NaN or a lone surrogate raises here rather than reach a consumer's parser.
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _STRICT_COMPACT.encode(doc).encode()

@@ -38,6 +38,9 @@ from gateway.contract import OutcomeError
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.state")
+# Built once: `json.dumps` with options builds a new encoder per call (per stored result and record).
+_COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"))
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class ClaimState(StrEnum):
@@ -71,7 +74,7 @@ class StoredResult:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), separators=(",", ":"))
+        return _COMPACT_ASCII.encode(self.as_dict())
 
     @classmethod
     def from_json(cls, text: str) -> StoredResult:
@@ -148,7 +151,7 @@ class Tracked:
             "p": self.provider,
             "a": self.accepted_at,
         }
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+        return _COMPACT.encode(doc)
 
     @classmethod
     def from_json(cls, text: str, polls: int = 0) -> Tracked:
