@@ -10,6 +10,13 @@ A group that becomes due while the owner is busy (every send slot taken) keeps g
 queueing up as a row of small batches: under load, batches grow to the size the owner can keep
 up with, so the cost per message falls as the load rises instead of the backlog running away.
 
+A group that started lingering (every slot was busy at that moment) is shortened when the owner
+becomes `eager` as slots free: it then goes once it is `quiet_s` old, as if it had started with a
+slot free. The consumer is eager when the busy moment has passed (at most half of its slots
+taken) and nothing more is queued for it (its prefetch window has room). So a light load does
+not wait out the whole linger behind one burst, while a heavy one (slots mostly busy) or a
+backlog still fills its batches: small batches cost more CPU per message.
+
 No I/O: the owner decides what a flush does (the consumer starts a send task) and calls `pump`
 when it becomes ready again.
 """
@@ -28,6 +35,10 @@ def _always() -> bool:
     return True
 
 
+def _never() -> bool:
+    return False
+
+
 class Batcher(Generic[T]):
     def __init__(
         self,
@@ -38,6 +49,7 @@ class Batcher(Generic[T]):
         quiet_s: float | None = None,
         on_flush: Callable[[list[T]], None],
         ready: Callable[[], bool] = _always,
+        eager: Callable[[], bool] = _never,
         clock: Clock = SYSTEM,
     ) -> None:
         self._max = max_size
@@ -46,10 +58,12 @@ class Batcher(Generic[T]):
         self._key = key
         self._on_flush = on_flush
         self._ready = ready
+        self._eager = eager
         self._clock = clock
         self._groups: dict[Hashable, list[T]] = {}
         self._timers: dict[Hashable, Timer] = {}
         self._due: dict[Hashable, None] = {}  # groups full or past their linger, oldest first
+        self._lingering: dict[Hashable, float] = {}  # groups on a linger timer: when each started
 
     def __len__(self) -> int:
         return sum(len(g) for g in self._groups.values())
@@ -68,21 +82,41 @@ class Batcher(Generic[T]):
         elif k not in self._timers and k not in self._due:
             # A free send slot: go after `quiet_s` (low latency when idle); every slot busy:
             # linger and grow (big batches under load).
-            delay = self._quiet if self._ready() else self._linger
-            self._timers[k] = self._clock.call_later(delay, self._make_due, k)
+            if self._ready():
+                self._timers[k] = self._clock.call_later(self._quiet, self._make_due, k)
+            else:
+                self._lingering[k] = self._clock.monotonic()
+                self._timers[k] = self._clock.call_later(self._linger, self._make_due, k)
 
     def pump(self) -> None:
-        """Hand due groups over, oldest first, at most `max_size` items each, while the owner is ready."""
-        while self._due and self._ready():
-            k = next(iter(self._due))
-            group = self._groups.pop(k, [])
-            batch, rest = group[: self._max], group[self._max :]
-            if rest:  # arrived while the owner was busy: due at once
-                self._groups[k] = rest
-            else:
-                del self._due[k]
-            if batch:
-                self._on_flush(batch)
+        """Hand due groups over, oldest first, at most `max_size` items each, while the owner is
+        ready; then, if it is ready and eager, shorten the lingering groups to `quiet_s`."""
+        while True:
+            while self._due and self._ready():
+                k = next(iter(self._due))
+                group = self._groups.pop(k, [])
+                batch, rest = group[: self._max], group[self._max :]
+                if rest:  # arrived while the owner was busy: due at once
+                    self._groups[k] = rest
+                else:
+                    del self._due[k]
+                if batch:
+                    self._on_flush(batch)
+            if not (self._lingering and self._ready() and self._eager()):
+                return
+            now = self._clock.monotonic()
+            lingering, self._lingering = self._lingering, {}
+            for k, started in lingering.items():
+                timer = self._timers.pop(k, None)
+                if timer is not None:
+                    timer.cancel()
+                wait = started + self._quiet - now
+                if wait <= 0:
+                    self._due.setdefault(k, None)
+                else:
+                    self._timers[k] = self._clock.call_later(wait, self._make_due, k)
+            if not self._due:
+                return
 
     def flush_all(self) -> None:
         """Hand everything over now, ready or not (shutdown)."""
@@ -90,6 +124,7 @@ class Batcher(Generic[T]):
             timer.cancel()
         self._timers.clear()
         self._due.clear()
+        self._lingering.clear()
         groups, self._groups = self._groups, {}
         for group in groups.values():
             for start in range(0, len(group), self._max):
@@ -101,6 +136,7 @@ class Batcher(Generic[T]):
             timer.cancel()
         self._timers.clear()
         self._due.clear()
+        self._lingering.clear()
         items = [i for g in self._groups.values() for i in g]
         self._groups.clear()
         return items
@@ -109,6 +145,7 @@ class Batcher(Generic[T]):
         timer = self._timers.pop(k, None)
         if timer is not None:
             timer.cancel()
+        self._lingering.pop(k, None)
         if k in self._groups:
             self._due.setdefault(k, None)
         self.pump()

@@ -279,6 +279,7 @@ class AccountWorker(Worker):
             key=lambda d: adapter.batch_key(d.job.item) if d.job.item else None,
             on_flush=self._flush,
             ready=lambda: self._batches < self._limit.current,
+            eager=self._lightly_loaded,
             clock=clock,
         )
         self._batches = 0  # batches handed over and not finished
@@ -297,6 +298,11 @@ class AccountWorker(Worker):
     @property
     def prefetch(self) -> int:
         return self._consumer.prefetch if self._consumer is not None else self._prefetch_for(self._limit.current)
+
+    def _lightly_loaded(self) -> bool:
+        """At most half of the send slots are taken, and the broker holds nothing more for us as
+        far as the consumer can tell (its prefetch window has room for another batch)."""
+        return self._batches * 2 <= self._limit.current and self._acks.open_count + self._max_batch <= self.prefetch
 
     @property
     def paused(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.batching import Batcher
 from gateway.retry import RetryPolicy, retry_delays_ms
 from tests.fakes import FakeClock
@@ -120,3 +122,35 @@ def test_batcher_hands_over_one_batch_per_free_slot() -> None:
     assert flushed == [[0, 3], [1, 4]]
     b.flush_all()  # shutdown hands over everything, ready or not
     assert flushed == [[0, 3], [1, 4], [2, 5]]
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_a_lingering_group_goes_when_a_slot_frees_only_while_the_owner_is_eager(eager: bool) -> None:
+    """A group that started behind a busy moment is shortened to `quiet_s` once the owner is eager
+    (lightly loaded, nothing more queued); otherwise it keeps lingering and filling."""
+    clock = FakeClock()
+    flushed: list[list[int]] = []
+    slots = {"free": 0}
+    b: Batcher[int] = Batcher(
+        max_size=100,
+        linger_s=0.1,
+        quiet_s=0.005,
+        key=lambda n: 0,
+        on_flush=flushed.append,
+        ready=lambda: slots["free"] > 0,
+        eager=lambda: eager,
+        clock=clock,
+    )
+    b.add(1)  # every slot busy: the group lingers
+    clock.advance(0.002)
+    slots["free"] = 1
+    b.pump()  # a slot frees 2 ms after the group started
+    assert flushed == []  # not before it is quiet_s old
+    b.add(2)
+    clock.advance(0.003)
+    if eager:
+        assert flushed == [[1, 2]], "5 ms after it started, not after the 100 ms linger"
+    else:
+        assert flushed == []
+        clock.advance(0.095)
+        assert flushed == [[1, 2]], "the whole linger"
