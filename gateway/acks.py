@@ -17,7 +17,7 @@ channel cannot be settled any more (the broker has already requeued them).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
@@ -29,10 +29,18 @@ class StaleDelivery(Exception):
 
 
 class AckTracker:
-    def __init__(self) -> None:
+    """`timeout_s` bounds each ack or nack, the wait for the lock included. After a lost
+    connection, aiormq can leave a frame write blocked for good: the old connection's write queue
+    is full and nothing drains it any more (seen in the chaos suite, with the tracker's lock held
+    and every later ack of the new channel queued behind it). See `_bounded`."""
+
+    def __init__(self, *, timeout_s: float = 30.0, on_wedged: Callable[[AbstractChannel], None] | None = None) -> None:
         self._channel: AbstractChannel | None = None
         self._open: dict[int, None] = {}  # delivery tags not yet settled, oldest first
         self._lock = asyncio.Lock()
+        self._timeout_s = timeout_s
+        self._on_wedged = on_wedged
+        self._writing: AbstractChannel | None = None  # the channel of the write under way, if any
 
     @property
     def open_count(self) -> int:
@@ -50,11 +58,43 @@ class AckTracker:
 
     async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Ack deliveries whose outcomes are safe. Raises StaleDelivery when none of them can be."""
+        await self._bounded(lambda: self._ack(messages))
+
+    async def requeue(self, message: AbstractIncomingMessage) -> None:
+        """Give a delivery back to the queue (nack with requeue)."""
+        await self._bounded(lambda: self._requeue(message))
+
+    async def _bounded(self, op: Callable[[], Awaitable[None]]) -> None:
+        """Run a frame-writing step within `timeout_s`. Past it, the channel whose write holds the
+        lock is given up: a fresh lock (the old one may never be released). If that was an old
+        channel's write (a lost connection) and ours is for the current channel, ours goes again;
+        if the current channel is the stuck one, its deliveries are forgotten and the owner told."""
+        target = self._channel
+        for first in (True, False):
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await op()
+            except TimeoutError:
+                stuck, self._writing = self._writing, None
+                self._lock = asyncio.Lock()
+                if first and stuck is not None and stuck is not target and target is self._channel:
+                    continue  # we waited behind a dead channel's write: try ours once more
+                if target is not None and target is self._channel:
+                    self._channel = None
+                    self._open.clear()
+                    if self._on_wedged is not None:
+                        self._on_wedged(target)
+                raise StaleDelivery(f"no ack or nack went out within {self._timeout_s} s") from None
+            else:
+                return
+
+    async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         async with self._lock:
             channel = self._channel
             tags = [t for m in messages if (t := self._tag(m)) is not None]
             if not tags or channel is None or channel.is_closed:
                 raise StaleDelivery(f"{len(messages)} deliveries of a closed channel")
+            self._writing = channel
             for tag in tags:
                 self._open.pop(tag, None)
             oldest_open = next(iter(self._open), None)
@@ -64,16 +104,18 @@ class AckTracker:
                 await channel.basic_ack(upto, multiple=True, wait=False)
             for tag in behind:
                 await channel.basic_ack(tag, wait=False)
+            self._writing = None
 
-    async def requeue(self, message: AbstractIncomingMessage) -> None:
-        """Give a delivery back to the queue (nack with requeue)."""
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
         async with self._lock:
             channel = self._channel
             tag = self._tag(message)
             if tag is None or channel is None or channel.is_closed:
                 raise StaleDelivery("delivery of a closed channel")
             self._open.pop(tag, None)
+            self._writing = channel
             await channel.basic_nack(tag, requeue=True, wait=False)
+            self._writing = None
 
     def _tag(self, message: AbstractIncomingMessage) -> int | None:
         """The message's tag if it belongs to the tracked channel and is still open."""

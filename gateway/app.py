@@ -116,9 +116,9 @@ class Gateway:
         await topology.declare(setup, [a.name for a in self.accounts], s.retry_schedule_s)
         await setup.close()
 
-        pub_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channels.append(pub_channel)
-        publisher = Publisher(pub_channel)
+        publisher = Publisher(
+            await self._publisher_channel(), timeout_s=s.publish_timeout_s, reopen=self._publisher_channel
+        )
 
         for account in self.accounts:
             adapter = self._build_adapter(account)
@@ -154,6 +154,13 @@ class Gateway:
             owner=self._owner,
             store=type(self._store).__name__,
         )
+
+    async def _publisher_channel(self) -> AbstractChannel:
+        """A channel for outcomes, dead letters and retry copies: confirmed, returns raise."""
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channels.append(channel)
+        return channel
 
     async def _open_state(self) -> Store:
         """The state store, once it answers; retried with backoff while it cannot be reached."""

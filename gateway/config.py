@@ -174,6 +174,12 @@ class Settings(BaseSettings):
     )
     account_pause_s: float = Field(default=60.0, gt=0, description="pause after an account-level error")
     drain_timeout_s: float = Field(default=20.0, gt=0, description="SIGTERM: time to finish in-flight work")
+    publish_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="one confirmed publish (outcome, dead letter, retry copy), ack or nack; past it the "
+        "request is requeued and the publishing channel replaced (or the consumer's channel closed)",
+    )
     http_host: str = Field(default="127.0.0.1", description="bind address of /healthz, /readyz, /metrics")
     http_port: int = Field(default=8080, ge=0, le=65535, description="0 disables the HTTP endpoints")
     log_format: Literal["json", "console", "auto"] = "auto"

@@ -214,14 +214,31 @@ class QueueConsumer:
             m.CONSUMER_LIVE.labels(self.queue_name).set(1 if self.live else 0)
 
 
+async def _close_quietly(channel: aiormq.abc.AbstractChannel) -> None:
+    try:
+        async with asyncio.timeout(5.0):
+            await channel.close()
+    except Exception as exc:  # noqa: BLE001 - a wedged channel may not close; its connection's loss will
+        log.warning("wedged_channel_not_closed", error=type(exc).__name__)
+
+
 class Worker:
     """One queue's consumer with its own acks and settler: what both workers share."""
 
-    def __init__(self, publisher: Publisher, provider: str | None) -> None:
-        self._acks = AckTracker()
+    def __init__(self, publisher: Publisher, provider: str | None, ack_timeout_s: float = 30.0) -> None:
+        self._acks = AckTracker(timeout_s=ack_timeout_s, on_wedged=self._channel_wedged)
         self._settler = Settler(publisher, provider, self._acks)
         self._consumer: QueueConsumer | None = None
         self._stopping = False
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _channel_wedged(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """No ack went out on the consumer's channel in time: close it, so the broker requeues what
+        it holds and the watchdog consumes again on a new one."""
+        log.error("consumer_channel_wedged", queue=self._consumer.queue_name if self._consumer else None)
+        task = asyncio.create_task(_close_quietly(channel))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _consume(self, channel: AbstractChannel, queue: str, prefetch: int, wanted: Callable[[], bool]) -> None:
         self._consumer = QueueConsumer(channel, queue, self._on_message, prefetch)
@@ -258,7 +275,7 @@ class AccountWorker(Worker):
         owner: str,
         clock: Clock = SYSTEM,
     ) -> None:
-        super().__init__(publisher, adapter.name)
+        super().__init__(publisher, adapter.name, settings.publish_timeout_s)
         self.account = account
         self._settings = settings
         self._clock = clock
@@ -498,7 +515,7 @@ class UnroutableWorker(Worker):
     shortened for the outcome's and the dead letter's routing keys."""
 
     def __init__(self, publisher: Publisher, settings: Settings, clock: Clock = SYSTEM) -> None:
-        super().__init__(publisher, None)
+        super().__init__(publisher, None, settings.publish_timeout_s)
         self._settings = settings
         self._clock = clock
 

@@ -73,6 +73,11 @@ CONSUMER_RESTORED = Counter(
     ["queue"],
     registry=REGISTRY,
 )
+PUBLISHER_REPLACED = Counter(
+    "sms_publisher_channel_replaced",
+    "Publishing channels replaced after a publish was not confirmed within publish_timeout_s",
+    registry=REGISTRY,
+)
 CONSUMER_LIVE = Gauge(
     "sms_consumer_live", "1 while a live consumer is registered on the queue", ["queue"], registry=REGISTRY
 )

@@ -13,6 +13,7 @@ that no queue takes fails the publish and the request is requeued instead of ack
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +22,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from gateway import contract as c
+from gateway import metrics as m
+from gateway.telemetry import get_logger
 
+log = get_logger("gateway.publisher")
 _table_integer = pamqp.encode.table_integer
 
 
@@ -40,22 +44,74 @@ _STRIP = c.BROKER_HEADERS
 PERSISTENT = 2
 
 
+class PublishTimeout(Exception):
+    """A publish was not confirmed in time; the channel it went to is being replaced."""
+
+
 class Publisher:
-    def __init__(self, channel: AbstractChannel) -> None:
+    """Confirmed publishes on one channel. Every publish is bounded in time: after a lost
+    connection a publish could otherwise wait forever (seen in the chaos suite: hundreds of
+    publishes queued on the channel's lock, or on a confirm that never came, after the robust
+    connection had reconnected). One that times out fails (its request is requeued by the
+    settler) and the channel is replaced by a new one from `reopen`, once per wedged channel."""
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        *,
+        timeout_s: float = 30.0,
+        reopen: Callable[[], Awaitable[AbstractChannel]] | None = None,
+    ) -> None:
         self._channel = channel
+        self._timeout_s = timeout_s
+        self._reopen = reopen
+        self._replacing: asyncio.Task[None] | None = None
+        self.replaced = 0  # channels replaced after a timeout (the tests read it)
 
     async def _publish(
         self, exchange: str, routing_key: str, body: bytes, props: Basic.Properties, *, mandatory: bool
     ) -> None:
-        # The underlying channel is looked up per publish: a robust channel swaps it on reconnect.
-        # wait=False: do not hold the channel's publish lock until this frame has been written
-        # (aiormq's default), which let only one publish per loop turn onto the socket. The
-        # broker's confirm, awaited here, comes after the write anyway; the write queue is bounded
-        # and publishes in flight are bounded by the consumers' prefetch.
-        channel = await self._channel.get_underlay_channel()
-        await channel.basic_publish(  # type: ignore[call-arg]  # `wait` is on aiormq's Channel, not its ABC
-            body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=mandatory, wait=False
-        )
+        channel = self._channel
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if self._replacing is not None and not self._replacing.done():
+                    await asyncio.shield(self._replacing)
+                    channel = self._channel
+                # The underlying channel is looked up per publish: a robust channel swaps it on
+                # reconnect. wait=False: do not hold the channel's publish lock until this frame
+                # has been written (aiormq's default), which let only one publish per loop turn
+                # onto the socket. The broker's confirm, awaited here, comes after the write anyway.
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_publish(  # type: ignore[call-arg]  # `wait` is on aiormq's Channel
+                    body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=mandatory, wait=False
+                )
+        except TimeoutError:
+            self._replace(channel)
+            raise PublishTimeout(f"not confirmed within {self._timeout_s} s") from None
+
+    def _replace(self, wedged: AbstractChannel) -> None:
+        if self._reopen is None or wedged is not self._channel:
+            return  # no way to replace it, or replaced already
+        if self._replacing is not None and not self._replacing.done():
+            return
+        self._replacing = asyncio.create_task(self._swap(wedged), name="replace publisher channel")
+
+    async def _swap(self, wedged: AbstractChannel) -> None:
+        assert self._reopen is not None
+        try:
+            fresh = await self._reopen()
+        except Exception as exc:  # noqa: BLE001 - the broker is away: the next timeout tries again
+            log.warning("publisher_channel_not_replaced", error=type(exc).__name__)
+            return
+        self._channel = fresh
+        self.replaced += 1
+        m.PUBLISHER_REPLACED.inc()
+        log.warning("publisher_channel_replaced", timeout_s=self._timeout_s)
+        try:  # best effort: a wedged channel may not even close
+            async with asyncio.timeout(5):
+                await wedged.close()
+        except Exception:  # noqa: BLE001, S110 - it is abandoned either way
+            pass
 
     async def outcome(
         self,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aio_pika
 import pytest
 from aiormq.exceptions import PublishError
 
 from gateway import contract as c
 from gateway import topology
-from gateway.publisher import Publisher
+from gateway.publisher import Publisher, PublishTimeout
 from testkit import AMQP_URL, Bus, delete_account_queues, new_account_name, request
 
 pytestmark = pytest.mark.integration
@@ -41,3 +43,32 @@ async def _retry_copies(account: str) -> None:
             # An outcome nobody listens for is not an error: it is dropped by the broker, by design.
             await publisher.outcome(account="nobody-listens", status="accepted", body=b"{}", unique_id="x")
             await original.ack()
+
+
+async def test_a_publish_that_is_never_confirmed_times_out_and_the_channel_is_replaced() -> None:
+    """A wedged channel (seen after a lost connection: publishes queued behind the channel's lock
+    or a confirm that never came) fails its publishes after `timeout_s` instead of holding their
+    requests forever, and the next publishes go out on a fresh channel."""
+    account = new_account_name()
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection, Bus.open([account]) as bus:
+
+        async def confirming_channel() -> aio_pika.abc.AbstractChannel:
+            return await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+        first = await confirming_channel()
+        wedged = await first.get_underlay_channel()
+        gate = asyncio.Event()  # never set: the broker "never confirms" on this channel
+
+        async def never_confirmed(*_: object, **__: object) -> None:
+            await gate.wait()
+
+        wedged.basic_publish = never_confirmed  # type: ignore[method-assign]
+        publisher = Publisher(first, timeout_s=0.5, reopen=confirming_channel)
+        with pytest.raises(PublishTimeout):
+            await publisher.outcome(account=account, status="accepted", body=b'{"n":1}', unique_id="w-1")
+        # The replacement is under way; a publish meanwhile waits for it, then goes out.
+        await publisher.outcome(account=account, status="accepted", body=b'{"n":2}', unique_id="w-2")
+        await bus.wait_for(outcomes=1, timeout=10)
+        assert publisher.replaced == 1
+        assert [d["n"] for d in bus.outcome_docs()] == [2]

@@ -107,3 +107,38 @@ async def test_frames_leave_in_the_order_they_were_decided() -> None:
     # or the broker would see "ack up to 4" and then an unknown tag 2 and close the channel.
     await asyncio.gather(tracker.ack(ms[:2]), tracker.ack(ms[2:]))
     assert ch.frames == [("ack", 2, True), ("ack", 4, True)]
+
+
+class DeadChannel(FakeChannel):
+    """A channel of a lost connection whose frame writes never end (aiormq's full write queue
+    that nothing drains any more)."""
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_an_ack_stuck_on_a_dead_channel_does_not_hold_the_new_channels_acks() -> None:
+    """Seen in the chaos suite after a lost connection: an ack of the old channel blocked for
+    good while holding the tracker's lock, and every ack of the new channel queued behind it."""
+    wedged: list[Any] = []
+    tracker = AckTracker(timeout_s=0.2, on_wedged=wedged.append)
+    old, new = DeadChannel(), FakeChannel()
+    stuck = asyncio.create_task(tracker.ack(deliver(tracker, old, range(1, 4))))
+    await asyncio.sleep(0.05)  # it holds the lock, writing on the dead channel
+    fresh = deliver(tracker, new, range(1, 4))  # the reconnect: deliveries of the new channel
+    await tracker.ack(fresh)  # waits behind the stuck write, then goes on a fresh lock
+    assert new.frames == [("ack", 3, True)]
+    with pytest.raises(StaleDelivery):
+        await stuck
+    assert wedged == []  # the current channel is fine: nothing to close
+
+
+async def test_a_current_channel_whose_acks_never_go_out_is_given_up_and_reported() -> None:
+    wedged: list[Any] = []
+    tracker = AckTracker(timeout_s=0.1, on_wedged=wedged.append)
+    ch = DeadChannel()
+    ms = deliver(tracker, ch, range(1, 4))
+    with pytest.raises(StaleDelivery):
+        await tracker.ack(ms)
+    assert wedged == [ch]  # the owner closes it: the broker requeues what it holds
+    assert tracker.open_count == 0
