@@ -154,3 +154,24 @@ async def test_a_resize_cut_short_before_the_old_consumer_is_cancelled_leaves_on
         await consumer.close()
     finally:
         await connection.close()
+
+
+async def test_a_consumer_channel_given_up_as_wedged_is_closed_and_consumed_again(world: InProcess) -> None:
+    """What the ack tracker's `on_wedged` sets off when no ack goes out on the current consumer
+    channel: the channel is closed (the broker requeues what it held), the robust channel reopens,
+    and the watchdog consumes again; requests still go through, each sent once."""
+    name = new_account_name()
+    gw = await world.gateway([world.account(name)])
+    worker = gw.workers[0]
+    assert worker._consumer is not None
+    underlay = await worker._consumer._channel.get_underlay_channel()
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"w{i}", to=f"+4850098{i:04d}")) for i in range(20)])
+        worker._channel_wedged(underlay)
+        await eventually(lambda: underlay.is_closed, 10, "the wedged channel closed")
+        await eventually(lambda: worker.consuming, 30, "consuming again")
+        await bus.publish_many([(name, request(f"v{i}", to=f"+4850099{i:04d}")) for i in range(20)])
+        ids = {f"w{i}" for i in range(20)} | {f"v{i}" for i in range(20)}
+        await eventually(lambda: {d["unique_id"] for d in bus.outcome_docs()} >= ids, 60, "every id answered")
+    assert consumers_on(c.account_queue(name)) == 1
+    assert set(world.state.ledger()["by_unique_id"].values()) == {1}
