@@ -33,15 +33,15 @@ log = get_logger("gateway.settle")
 
 # Metric children by label values, looked up per message: `labels()` costs microseconds each.
 # Bounded: account labels are configured names (or one "unknown"), codes come from code tables.
-_IN_FLIGHT_GAUGES: dict[str, Any] = {}
-_OUTCOME_COUNTERS: dict[tuple[str, str, str], Any] = {}
+_CHILDREN: dict[tuple[Any, ...], Any] = {}
 
 
-def _in_flight(label: str) -> Any:
-    gauge = _IN_FLIGHT_GAUGES.get(label)
-    if gauge is None:
-        gauge = _IN_FLIGHT_GAUGES[label] = m.IN_FLIGHT.labels(label)
-    return gauge
+def _child(metric: Any, *labels: str) -> Any:
+    key = (metric, *labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
 
 
 @dataclass(eq=False, slots=True)
@@ -68,7 +68,7 @@ class Delivery:
             attributes={"messaging.system": "rabbitmq", "messaging.destination.name": c.account_queue(account)},
         )
         label = account if label is None else label
-        _in_flight(label).inc()
+        _child(m.IN_FLIGHT, label).inc()
         return cls(message, account, span=span, _open=True, label=label)
 
     @property
@@ -79,7 +79,7 @@ class Delivery:
         if not self._open:
             return
         self._open = False
-        _in_flight(self.label).dec()
+        _child(m.IN_FLIGHT, self.label).dec()
         if self.span is not None:
             self.span.set_attribute("sms.result", result)
             if self.job.unique_id:
@@ -174,11 +174,7 @@ class Settler:
     def _count(d: Delivery, decision: Decision) -> None:
         if isinstance(decision, Finish):
             code = decision.result.error.code if decision.result.error is not None else ""
-            key = (d.label, decision.result.status, code)
-            counter = _OUTCOME_COUNTERS.get(key)
-            if counter is None:
-                counter = _OUTCOME_COUNTERS[key] = m.OUTCOMES.labels(*key)
-            counter.inc()
+            _child(m.OUTCOMES, d.label, decision.result.status, code).inc()
             if decision.dead is not None:
                 m.DEAD_LETTERS.labels(d.label, str(decision.dead)).inc()
         else:
