@@ -27,22 +27,47 @@ ROOT = Path(__file__).resolve().parent.parent  # the checkout
 
 
 def free_port() -> int:
+    """A port a child server can bind on 127.0.0.1 (see `free_ports`)."""
+    return free_ports(1)[0]
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections (Linux's default when unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def bindable(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:`port` now. A connect test is not enough: the
+    local end of an outgoing connection refuses connections, yet a bind on it fails."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Redis and RabbitMQ bind
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_ports(n: int, offset: int = 0) -> list[int]:
-    """`n` free ports in 21000-50000 (with `offset`, port + offset is free too: a RabbitMQ node's
-    distribution port, a Redis Cluster node's bus port). The ephemeral range would put port + offset
-    above 65535."""
+    """`n` ports a child server can bind on 127.0.0.1 (with `offset`, port + offset is bindable too:
+    a RabbitMQ node's distribution port, a Redis Cluster node's bus port). They lie below the
+    ephemeral range, so no outgoing connection takes one between this check and the child's bind
+    (CI once lost a Redis Cluster node that way)."""
+    low, high = 10000, _ephemeral_low() - offset
+    if high - low < 20 * n:  # an unusual ephemeral range: fall back on the bind test alone
+        low, high = 21000, 65535 - offset
     found: list[int] = []
-    candidate = 21000 + secrets.randbelow(20000)
-    while len(found) < n:
-        candidate = candidate + 1 if candidate < 50000 else 21000
-        if not port_open(candidate) and not (offset and port_open(candidate + offset)):
+    candidate = low + secrets.randbelow(high - low)
+    for _ in range(high - low):
+        candidate = candidate + 1 if candidate + 1 < high else low
+        if bindable(candidate) and (not offset or bindable(candidate + offset)):
             found.append(candidate)
-    return found
+            if len(found) == n:
+                return found
+    raise RuntimeError(f"no {n} free ports in {low}-{high} on 127.0.0.1")
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 30, interval: float = 0.1) -> None:

@@ -4,14 +4,17 @@ gateway runs on both, and a Sentinel failover mid-run sends nothing twice."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from gateway.sandbox.state import FaultRule
-from testkit import Bus, new_account_name, request
+from testkit import Bus, new_account_name, redis_ha, request, services
 from testkit.redis_ha import RedisCluster, RedisSentinels
+from testkit.services import bindable, free_ports, port_open
 from tests.conftest import InProcess
 
 pytestmark = pytest.mark.integration
@@ -67,3 +70,41 @@ async def test_the_gateway_runs_on_a_redis_cluster(world: InProcess, redis_clust
     statuses = Counter(d["status"] for d in bus.outcome_docs())
     assert statuses == {"accepted": 300, "duplicate": 1}
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+
+
+def test_a_port_held_by_an_outgoing_connection_is_not_free(tmp_path: Path) -> None:
+    """CI once lost the Cluster because a node's port was the local end of an outgoing connection:
+    nothing listened there, so a connect test called it free, and `redis-server` could not bind it."""
+    with socket.create_connection(("127.0.0.1", 6379)) as held:
+        port = held.getsockname()[1]
+        assert not port_open(port)
+        assert not bindable(port)
+        assert all(p < port for p in free_ports(5, offset=10000))  # below the ephemeral range
+
+
+def test_a_server_that_cannot_bind_costs_a_retry_not_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = socket.create_connection(("127.0.0.1", 6379))
+    taken = held.getsockname()[1]
+    calls: list[list[int]] = []
+
+    def ports_first_taken(n: int, offset: int = 0) -> list[int]:
+        ports = services.free_ports(n, offset)
+        if not calls:
+            ports[-1] = taken
+        calls.append(ports)
+        return ports
+
+    monkeypatch.setattr(redis_ha, "free_ports", ports_first_taken)
+    deployment = RedisSentinels(tmp_path)
+    try:
+        deployment.start()
+        assert len(calls) == 2
+        assert taken not in calls[1]
+        assert f"127.0.0.1:{taken}" not in deployment.url
+        assert "Address already in use" in (tmp_path / "redis-4.log").read_text()  # the first try's sentinel
+        assert deployment.master_port() == calls[1][0]
+    finally:
+        deployment.stop()
+        held.close()
