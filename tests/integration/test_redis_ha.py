@@ -80,6 +80,8 @@ def test_a_port_held_by_an_outgoing_connection_is_not_free(tmp_path: Path) -> No
         assert not port_open(port)
         assert not bindable(port)
         assert all(p < port for p in free_ports(5, offset=10000))  # below the ephemeral range
+    # closed by this side first, it lingers in TIME_WAIT, and still cannot be bound for a minute
+    assert not bindable(port)
 
 
 def test_a_server_that_cannot_bind_costs_a_retry_not_the_session(
