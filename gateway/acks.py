@@ -11,7 +11,9 @@ the tracker keeps the channel's open deliveries in delivery order (tags only gro
   ack is never overtaken by a multiple ack that would cover its tag.
 
 After a reconnect the channel is a new one and its tags start again at 1; deliveries of the old
-channel cannot be settled any more (the broker has already requeued them).
+channel cannot be settled any more (the broker has already requeued them). The new channel gets a
+lock of its own: frame order only matters within a channel, and a write still under way on the old
+one (possibly blocked for good, see `AckTracker`) must not hold the new channel's frames.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ class AckTracker:
         self._lock = asyncio.Lock()
         self._timeout_s = timeout_s
         self._on_wedged = on_wedged
-        self._writing: AbstractChannel | None = None  # the channel of the write under way, if any
 
     @property
     def open_count(self) -> int:
@@ -53,6 +54,7 @@ class AckTracker:
         if channel is not self._channel:
             self._channel = channel
             self._open.clear()
+            self._lock = asyncio.Lock()  # the old channel's frames, if any are under way, keep theirs
         assert message.delivery_tag is not None
         self._open[message.delivery_tag] = None
 
@@ -65,36 +67,30 @@ class AckTracker:
         await self._bounded(lambda: self._requeue(message))
 
     async def _bounded(self, op: Callable[[], Awaitable[None]]) -> None:
-        """Run a frame-writing step within `timeout_s`. Past it, the channel whose write holds the
-        lock is given up: a fresh lock (the old one may never be released). If that was an old
-        channel's write (a lost connection) and ours is for the current channel, ours goes again;
-        if the current channel is the stuck one, its deliveries are forgotten and the owner told."""
+        """Run a frame-writing step within `timeout_s`. Past it, if its channel is still the current
+        one, the channel is given up: a fresh lock (the old one may never be released), its
+        deliveries forgotten, and the owner told (it closes the channel, the broker requeues)."""
         target = self._channel
-        for first in (True, False):
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    await op()
-            except TimeoutError:
-                stuck, self._writing = self._writing, None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await op()
+        except TimeoutError:
+            if target is not None and target is self._channel:  # else the new channel has its own lock
                 self._lock = asyncio.Lock()
-                if first and stuck is not None and stuck is not target and target is self._channel:
-                    continue  # we waited behind a dead channel's write: try ours once more
-                if target is not None and target is self._channel:
-                    self._channel = None
-                    self._open.clear()
-                    if self._on_wedged is not None:
-                        self._on_wedged(target)
-                raise StaleDelivery(f"no ack or nack went out within {self._timeout_s} s") from None
-            else:
-                return
+                self._channel = None
+                self._open.clear()
+                if self._on_wedged is not None:
+                    self._on_wedged(target)
+            raise StaleDelivery(f"no ack or nack went out within {self._timeout_s} s") from None
 
     async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        if not any(self._tag(m) is not None for m in messages):  # stale stays stale: no need to queue
+            raise StaleDelivery(f"{len(messages)} deliveries of a closed channel")
         async with self._lock:
             channel = self._channel
             tags = [t for m in messages if (t := self._tag(m)) is not None]
             if not tags or channel is None or channel.is_closed:
                 raise StaleDelivery(f"{len(messages)} deliveries of a closed channel")
-            self._writing = channel
             for tag in tags:
                 self._open.pop(tag, None)
             oldest_open = next(iter(self._open), None)
@@ -104,18 +100,17 @@ class AckTracker:
                 await channel.basic_ack(upto, multiple=True, wait=False)
             for tag in behind:
                 await channel.basic_ack(tag, wait=False)
-            self._writing = None
 
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        if self._tag(message) is None:  # of a replaced channel, or settled: no need to queue
+            raise StaleDelivery("delivery of a closed channel")
         async with self._lock:
             channel = self._channel
             tag = self._tag(message)
             if tag is None or channel is None or channel.is_closed:
                 raise StaleDelivery("delivery of a closed channel")
             self._open.pop(tag, None)
-            self._writing = channel
             await channel.basic_nack(tag, requeue=True, wait=False)
-            self._writing = None
 
     def _tag(self, message: AbstractIncomingMessage) -> int | None:
         """The message's tag if it belongs to the tracked channel and is still open."""

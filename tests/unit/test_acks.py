@@ -119,18 +119,56 @@ class DeadChannel(FakeChannel):
 
 async def test_an_ack_stuck_on_a_dead_channel_does_not_hold_the_new_channels_acks() -> None:
     """Seen in the chaos suite after a lost connection: an ack of the old channel blocked for
-    good while holding the tracker's lock, and every ack of the new channel queued behind it."""
+    good while holding the tracker's lock, and every ack of the new channel queued behind it (for
+    the whole timeout, before the new channel got a lock of its own)."""
     wedged: list[Any] = []
-    tracker = AckTracker(timeout_s=0.2, on_wedged=wedged.append)
+    tracker = AckTracker(timeout_s=3600, on_wedged=wedged.append)
     old, new = DeadChannel(), FakeChannel()
-    stuck = asyncio.create_task(tracker.ack(deliver(tracker, old, range(1, 4))))
+    olds = deliver(tracker, old, range(1, 4))
+    stuck = asyncio.create_task(tracker.ack(olds[:2]))
     await asyncio.sleep(0.05)  # it holds the lock, writing on the dead channel
     fresh = deliver(tracker, new, range(1, 4))  # the reconnect: deliveries of the new channel
-    await tracker.ack(fresh)  # waits behind the stuck write, then goes on a fresh lock
-    assert new.frames == [("ack", 3, True)]
-    with pytest.raises(StaleDelivery):
-        await stuck
+    await asyncio.wait_for(tracker.ack(fresh[:2]), 5)  # at once, not after the hour
+    assert new.frames == [("ack", 2, True)]
+    with pytest.raises(StaleDelivery):  # the old channel's last delivery: stale at once, no queueing
+        await asyncio.wait_for(tracker.requeue(olds[2]), 5)
+    await asyncio.wait_for(tracker.requeue(fresh[2]), 5)
+    assert new.frames[1:] == [("nack", 3, True)]
+    assert not stuck.done()
+    stuck.cancel()
     assert wedged == []  # the current channel is fine: nothing to close
+
+
+class GatedChannel(FakeChannel):
+    """Its first ack waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.calls = 0
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.gate.wait()
+        await super().basic_ack(tag, multiple, wait)
+
+
+async def test_a_stuck_old_write_timing_out_leaves_the_new_channels_frame_order_alone() -> None:
+    tracker = AckTracker(timeout_s=0.5)
+    old, new = DeadChannel(), GatedChannel()
+    stuck = asyncio.create_task(tracker.ack(deliver(tracker, old, range(1, 3))))
+    await asyncio.sleep(0.3)  # the first new ack below starts well into the old write's timeout
+    fresh = deliver(tracker, new, range(1, 5))
+    first = asyncio.create_task(tracker.ack(fresh[:2]))  # holds the new channel's lock, writing
+    await asyncio.sleep(0.05)
+    with pytest.raises(StaleDelivery):  # the old write gives up meanwhile
+        await stuck
+    second = asyncio.create_task(tracker.ack(fresh[2:]))  # decided after the first
+    await asyncio.sleep(0.05)
+    new.gate.set()
+    await asyncio.gather(first, second)
+    assert new.frames == [("ack", 2, True), ("ack", 4, True)]
 
 
 async def test_a_current_channel_whose_acks_never_go_out_is_given_up_and_reported() -> None:
