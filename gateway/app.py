@@ -159,6 +159,7 @@ class Gateway:
         """A channel for outcomes, dead letters and retry copies: confirmed, returns raise."""
         assert self._connection is not None
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channels = [c for c in self._channels if not c.is_closed]  # one it replaced, once closed
         self._channels.append(channel)
         return channel
 
@@ -259,7 +260,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in self._channels:
             if not channel.is_closed:
-                await channel.close()
+                await _close_within(channel, 5)
         if self._connection is not None:
             await self._connection.close()
         for adapter in self._adapters:
@@ -270,6 +271,16 @@ class Gateway:
             await runner.cleanup()
         log.info("gateway_stopped", clean=clean)
         return clean
+
+
+async def _close_within(channel: AbstractChannel, timeout_s: float) -> None:
+    """Close a channel at shutdown; one wedged on a lost connection (see Publisher) must not hold
+    the drain, so it is given `timeout_s` and then left to the connection's close."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await channel.close()
+    except Exception as exc:  # noqa: BLE001 - closing anyway: the connection goes next
+        log.warning("channel_not_closed", error=type(exc).__name__, timeout_s=timeout_s)
 
 
 async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = False) -> None:
