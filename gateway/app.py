@@ -33,6 +33,7 @@ from gateway import contract as c
 from gateway import topology, web
 from gateway.config import Account, ConfigError, Settings, sandbox_account
 from gateway.consumer import AccountWorker, UnroutableWorker
+from gateway.diagnostics import dump_tasks
 from gateway.dlr import Desk, Poller
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
@@ -285,11 +286,13 @@ async def _close_within(channel: AbstractChannel, timeout_s: float) -> None:
 
 async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain within `drain_timeout_s`. A signal during start-up
-    (the broker or Redis not reachable yet) ends the process as cleanly."""
+    (the broker or Redis not reachable yet) ends the process as cleanly. SIGUSR2 logs what every
+    task waits on (`diagnostics.dump_tasks`) and changes nothing."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR2, dump_tasks)  # what each task waits on, for a stuck gateway
     gateway = Gateway(settings, accounts, sandbox=sandbox)
     starting = asyncio.create_task(gateway.start(), name="start")
     stopping = asyncio.create_task(stop.wait(), name="stop signal")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import signal
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -232,3 +234,34 @@ async def test_sigterm_while_busy_drains_and_exits_0(
     assert all(s == ["accepted"] for s in seen.values()), "a drained request was answered twice"
     ledger = sandbox.ledger()["by_unique_id"]
     assert all(ledger.get(provider_ref(name, u)) == 1 for u in uids)
+
+
+async def test_sigusr2_logs_what_each_task_waits_on_and_changes_nothing(
+    tmp_path: Path,
+    sandbox_process: tuple[Process, Sandbox],
+    procs: list[Process],
+    accounts_cleanup: list[str],
+) -> None:
+    _, sandbox = sandbox_process
+    name = new_account_name()
+    accounts_cleanup.append(name)
+    sandbox.fault(match=f"token:tok-{name}", latency_ms=1500)  # provider calls in flight at the dump
+    acc = [account_doc(name, sandbox.port, batch_size=10, concurrency=2)]
+    proc, _ = start_gateway(tmp_path / "u", acc)
+    procs.append(proc)
+    uids = [f"u{i}" for i in range(40)]
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(u, to=f"+4850091{i:04d}")) for i, u in enumerate(uids)])
+        await asyncio.sleep(1.0)
+        proc.popen.send_signal(signal.SIGUSR2)
+        await bus.wait_for(outcomes=40, timeout=60)
+    assert proc.popen.poll() is None  # still running
+    lines = [json.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
+    dump = [e for e in lines if e.get("event") == "task_dump"]
+    waits = [e for e in lines if e.get("event") == "task_waits"]
+    assert len(dump) == 1
+    assert sum(e["count"] for e in waits) == dump[0]["tasks"]
+    assert any("AccountWorker" in e["chain"] for e in waits), [e["chain"] for e in waits]
+    assert not any("4850091" in json.dumps(e) for e in waits)
+    assert sorted(by_uid(bus)) == sorted(uids)
+    assert all(s == ["accepted"] for s in by_uid(bus).values())
