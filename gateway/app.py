@@ -50,7 +50,7 @@ def open_store(settings: Settings) -> Store:
     if settings.redis_url is not None:
         from gateway.state.redis import RedisStore
 
-        return RedisStore(settings.redis_url.get_secret_value())
+        return RedisStore(settings.redis_url.get_secret_value(), timeout_s=settings.redis_timeout_s)
     from gateway.state.sqlite import SqliteStore
 
     return SqliteStore(Path(settings.state_path))

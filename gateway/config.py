@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None, description="Redis URL; unset means the embedded SQLite store (one node only)"
     )
+    redis_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="one Redis command or connect; past it the call fails and the batch waits as delayed "
+        "copies. Without it, a Redis host that vanished (no reset, no answer) held every store call for good",
+    )
     state_path: Path = Field(default=Path("gateway-state.sqlite3"), description="SQLite state file")
     management_url: SecretStr | None = Field(
         default=None,

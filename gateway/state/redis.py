@@ -339,20 +339,29 @@ return ids
 )
 
 
-def connect(url: str) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+def connect(url: str, timeout_s: float = 5.0) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
     """A client for the URL's deployment:
     - `redis://` / `rediss://`: one server (TLS options in the query: `ssl_ca_certs`, ...);
     - `redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]`: the service's master,
       found and followed through a failover by the Sentinels (`?sentinel_password=` if they need one);
     - `redis+cluster://[:password@]host:port/`: a Redis Cluster, discovered from that node.
     Every key of one account carries the account as its hash tag, so each script runs in one slot.
+    Every command and connect is bounded by `timeout_s`, with TCP keepalive on: a host that vanishes
+    answers nothing, not even a reset, and without a bound a call to it waits for good (tested
+    through `testkit.netcut`). A call past the bound fails, and its connection is dropped.
     Returns the client, and the Sentinels' own clients (to be closed with it)."""
+    bounds: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "socket_keepalive": True,
+    }
     scheme, _, rest = url.partition("://")
     if scheme.endswith("+cluster"):
         from redis.asyncio.cluster import RedisCluster
 
         base = scheme.removesuffix("+cluster")
-        return cast(aioredis.Redis, RedisCluster.from_url(f"{base}://{rest}", decode_responses=True)), []
+        cluster = RedisCluster.from_url(f"{base}://{rest}", decode_responses=True, **bounds)
+        return cast(aioredis.Redis, cluster), []
     if scheme.endswith("+sentinel"):
         from redis.asyncio.sentinel import Sentinel
 
@@ -368,17 +377,19 @@ def connect(url: str) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
         ]
         sentinel_auth = {"password": query.pop("sentinel_password")} if "sentinel_password" in query else {}
         # redis-py leaves Sentinel's constructor untyped
-        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_auth, socket_timeout=5)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(sentinels, sentinel_kwargs={**sentinel_auth, **bounds}, **bounds)  # type: ignore[no-untyped-call]
         db = int(path[1]) if len(path) > 1 else 0
-        master: aioredis.Redis = sentinel.master_for(path[0], password=password, db=db, decode_responses=True, **query)
+        master: aioredis.Redis = sentinel.master_for(
+            path[0], password=password, db=db, decode_responses=True, **{**bounds, **query}
+        )
         return master, list(sentinel.sentinels)
-    client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+    client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True, **bounds)
     return client, []
 
 
 class RedisStore:
-    def __init__(self, url: str, clock: Clock | None = None) -> None:
-        self._redis, self._sentinels = connect(url)
+    def __init__(self, url: str, clock: Clock | None = None, *, timeout_s: float = 5.0) -> None:
+        self._redis, self._sentinels = connect(url, timeout_s)
         self._claim_take = self._redis.register_script(_CLAIM_TAKE)
         self._complete = self._redis.register_script(_COMPLETE)
         self._note_pause = self._redis.register_script(_NOTE_PAUSE)

@@ -25,6 +25,7 @@ from testkit import (
     new_account_name,
     request,
 )
+from testkit.netcut import NetCut
 from tests.conftest import InProcess
 from tests.fakes import BuggyAdapter, FailingStore
 
@@ -226,4 +227,36 @@ async def test_an_adapter_that_raises_after_sending_is_reconciled_not_resent(wor
         await bus.settle(0.5)
     assert buggy[0].raised == 1
     assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 10}
+    assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+
+
+async def test_redis_vanishing_without_a_word_stalls_the_account_only_while_it_is_gone(world: InProcess) -> None:
+    """The network to Redis is cut the way a lost node cuts it: connections stay open and nothing
+    answers, not even a reset (`testkit.netcut`). Without a socket timeout every store call hung
+    for good, connections made after the cut too. Now calls fail after `redis_timeout_s`, the
+    batches wait as delayed copies, and once Redis is reachable again every request goes out once."""
+    name = new_account_name()
+    async with NetCut(6379) as cut:
+        gw = await world.gateway(
+            [world.account(name, linger_ms=20)],
+            redis_url=f"redis://127.0.0.1:{cut.port}/0",
+            redis_timeout_s=1.0,
+            retry_schedule_s=[0.5, 1.0],
+            claim_lease_s=2.0,
+        )
+        async with Bus.open([name]) as bus:
+            await bus.publish_many([(name, request(f"a{i}", to=f"+4850070{i:04d}")) for i in range(20)])
+            await bus.wait_for(outcomes=20, timeout=30)
+            cut.drop()
+            await bus.publish_many([(name, request(f"b{i}", to=f"+4850071{i:04d}")) for i in range(20)])
+            await eventually(lambda: cut.dropped_bytes > 0, 10, "store calls into the cut")
+            problems = await gw.problems()
+            assert any(p.startswith("state store") for p in problems), problems
+            await asyncio.sleep(3.0)
+            assert len(bus.outcomes) == 20  # nothing is decided without the store
+            cut.heal()
+            await bus.wait_for(outcomes=40, timeout=60)
+            await bus.settle(1.0)
+    final = {d["unique_id"]: d["status"] for d in bus.outcome_docs()}
+    assert Counter(final.values()) == {"accepted": 40}
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
