@@ -390,8 +390,13 @@ class AccountWorker(Worker):
             started = self._clock.monotonic()
             result = await self._pipeline.run([d.job for d in batch])
             took = self._clock.monotonic() - started
+            # Pause before the outcomes go out: what a producer publishes once it has seen the
+            # outcome must find the account paused, not reach the provider that just refused it.
+            await self._pause_after(result)
             await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)))
         self._adapt(result, took if result.sent * 2 >= self._max_batch else None)
+
+    async def _pause_after(self, result: p.BatchResult) -> None:
         if result.store_failed:
             await self._pause(self._backoff_s, "store_failed")
             self._backoff_s = min(self._backoff_s * 2, 60.0)
