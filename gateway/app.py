@@ -189,6 +189,8 @@ class Gateway:
         url = URL(self.settings.amqp_url.get_secret_value()).update_query(name=f"sms-gateway {self._owner}")
         if "reconnect_interval" not in url.query:  # aio-pika's default is 5 s
             url = url.update_query(reconnect_interval=RECONNECT_INTERVAL_S)
+        if "heartbeat" not in url.query:  # aiormq's default, 60 s, gives a silent broker up after 183 s
+            url = url.update_query(heartbeat=self.settings.amqp_heartbeat_s)
         for attempt in count(1):
             self._waiting_for = "broker"
             try:
@@ -263,7 +265,7 @@ class Gateway:
             if not channel.is_closed:
                 await _close_within(channel, 5)
         if self._connection is not None:
-            await self._connection.close()
+            await _close_within(self._connection, 5, "connection")
         for adapter in self._adapters:
             await adapter.close()
         if self._store is not None:
@@ -274,14 +276,17 @@ class Gateway:
         return clean
 
 
-async def _close_within(channel: AbstractChannel, timeout_s: float) -> None:
-    """Close a channel at shutdown; one wedged on a lost connection (see Publisher) must not hold
-    the drain, so it is given `timeout_s` and then left to the connection's close."""
+async def _close_within(
+    closable: AbstractChannel | AbstractRobustConnection, timeout_s: float, what: str = "channel"
+) -> None:
+    """Close a channel or the connection at shutdown. One wedged on a lost connection (see
+    Publisher), or a connection to a broker that vanished (its close-ok never comes), must not hold
+    the drain: it is given `timeout_s`, then left (the process is ending)."""
     try:
         async with asyncio.timeout(timeout_s):
-            await channel.close()
-    except Exception as exc:  # noqa: BLE001 - closing anyway: the connection goes next
-        log.warning("channel_not_closed", error=type(exc).__name__, timeout_s=timeout_s)
+            await closable.close()
+    except Exception as exc:  # noqa: BLE001 - closing anyway: the process is ending
+        log.warning(f"{what}_not_closed", error=type(exc).__name__, timeout_s=timeout_s)
 
 
 async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = False) -> None:

@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", secrets_dir=None)
 
     amqp_url: SecretStr = Field(default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ URL")
+    amqp_heartbeat_s: int = Field(
+        default=10,
+        ge=0,
+        le=600,
+        description="AMQP heartbeat proposed to the broker (a `heartbeat` in the URL wins; 0 turns it off). A "
+        "broker that vanished without a word is given up after three missed (about 3 x (h + 1) s)",
+    )
     redis_url: SecretStr | None = Field(
         default=None, description="Redis URL; unset means the embedded SQLite store (one node only)"
     )

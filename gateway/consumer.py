@@ -71,6 +71,7 @@ def _float_header(message: AbstractIncomingMessage, name: str) -> float | None:
 
 WATCH_INTERVAL_S = 1.0
 RESIZE_TIMEOUT_S = 5.0
+CANCEL_TIMEOUT_S = 5.0  # a consumer cancel; see QueueConsumer.cancel
 
 
 class QueueConsumer:
@@ -174,7 +175,8 @@ class QueueConsumer:
                 self._stale.discard(tag)
                 continue
             try:
-                await self._queue.cancel(tag)
+                async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                    await self._queue.cancel(tag)
                 self._stale.discard(tag)
             except Exception:  # noqa: BLE001 - the channel is going: a reconnect takes it with it
                 log.warning("cancel_failed", queue=self.queue_name)
@@ -186,7 +188,10 @@ class QueueConsumer:
             if tag is None or self._queue is None:
                 return
             try:
-                await self._queue.cancel(tag)
+                # Bounded: while the connection is down, aio-pika waits for it to come back first,
+                # which held a shutdown during a broker outage for as long as the outage.
+                async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                    await self._queue.cancel(tag)
             except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
                 log.warning("cancel_failed", queue=self.queue_name)
             await self._cancel_stale()

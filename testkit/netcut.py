@@ -17,7 +17,10 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import socket
+import struct
 from types import TracebackType
+from typing import Any
 
 
 class NetCut:
@@ -29,7 +32,8 @@ class NetCut:
         self._server: asyncio.Server | None = None
         self._live: set[asyncio.StreamWriter] = set()  # both ends of every forwarding connection
         self._doomed: set[asyncio.StreamWriter] = set()  # every connection alive during a cut
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # connection handlers and their pipes
+        self._writers: set[asyncio.StreamWriter] = set()  # every socket opened, closed with the proxy
 
     async def start(self) -> NetCut:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -57,10 +61,23 @@ class NetCut:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            sock = writer.get_extra_info("socket")
+            if sock is not None and not writer.is_closing():  # a reset: a client still holding on lets go
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
+        self._writers.clear()
         if self._server is not None:
             await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._tasks.add(handler)
+            handler.add_done_callback(self._tasks.discard)
         if self.dropping:
             self._doomed.add(writer)
             await self._swallow(reader)
@@ -70,6 +87,7 @@ class NetCut:
         except OSError:
             writer.close()
             return
+        self._writers.add(up_writer)
         pair = {writer, up_writer}
         self._live |= pair
         legs = [

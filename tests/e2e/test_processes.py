@@ -24,6 +24,7 @@ from testkit import (
     request,
     start_gateway,
 )
+from testkit.netcut import NetCut
 
 pytestmark = pytest.mark.e2e
 
@@ -265,3 +266,52 @@ async def test_sigusr2_logs_what_each_task_waits_on_and_changes_nothing(
     assert not any("4850091" in json.dumps(e) for e in waits)
     assert sorted(by_uid(bus)) == sorted(uids)
     assert all(s == ["accepted"] for s in by_uid(bus).values())
+
+
+async def test_a_broker_that_vanishes_without_a_word_is_left_within_the_heartbeat(
+    tmp_path: Path,
+    sandbox_process: tuple[Process, Sandbox],
+    procs: list[Process],
+    accounts_cleanup: list[str],
+) -> None:
+    """The network to the broker is cut the way a lost node cuts it (`testkit.netcut`): the
+    connection stays open and nothing answers, not even a reset. Only AMQP heartbeats can tell;
+    with aiormq's default (60 s, given up after three missed: 183 s) the gateway sat that long
+    looking ready. With `amqp_heartbeat_s` it reconnects within about three heartbeats, every
+    request goes out once, and a SIGTERM while the broker cannot be reached at all still drains."""
+    _, sandbox = sandbox_process
+    name = new_account_name()
+    accounts_cleanup.append(name)
+    async with NetCut(5672) as cut:
+        proc, _port = await asyncio.to_thread(  # the proxy runs in this loop: keep it turning
+            start_gateway,
+            tmp_path / "v",
+            [account_doc(name, sandbox.port, linger_ms=20)],
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{cut.port}/",
+            amqp_heartbeat_s=2,
+            publish_timeout_s=5,
+            drain_timeout_s=5,
+        )
+        procs.append(proc)
+
+        async with Bus.open([name]) as bus:
+            await bus.publish_many([(name, request(f"a{i}", to=f"+4850072{i:04d}")) for i in range(10)])
+            await bus.wait_for(outcomes=10, timeout=30)
+            cut.drop()
+            await bus.publish_many([(name, request(f"b{i}", to=f"+4850073{i:04d}")) for i in range(10)])
+            await asyncio.sleep(1.0)
+            cut.heal()  # new connections go through; the one that lived through the cut stays dead
+            started = time.monotonic()
+            while proc.log().count("consumer_restored") < 2:  # the account's queue and the unroutable one
+                assert time.monotonic() - started < 30, "the dead connection was never given up"
+                await asyncio.sleep(0.2)
+            noticed = time.monotonic() - started + 1.0
+            await bus.wait_for(outcomes=20, timeout=60)
+            await bus.settle(1.0)
+    print(f"consuming again {noticed:.1f} s after the cut")
+    final = {d["unique_id"]: d["status"] for d in bus.outcome_docs()}
+    assert Counter(final.values()) == {"accepted": 20}
+    assert all(sandbox.sends_of(name, u) == 1 for u in final)
+    # The proxy is gone: the broker cannot be reached at all. SIGTERM still ends the process.
+    code = await asyncio.to_thread(proc.terminate, 60)
+    assert code == 0, proc.log()[-2000:]
