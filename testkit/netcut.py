@@ -34,6 +34,7 @@ class NetCut:
         self._doomed: set[asyncio.StreamWriter] = set()  # every connection alive during a cut
         self._tasks: set[asyncio.Task[Any]] = set()  # connection handlers and their pipes
         self._writers: set[asyncio.StreamWriter] = set()  # every socket opened, closed with the proxy
+        self._closing = asyncio.Event()  # what a doomed connection waits for: the proxy's end
 
     async def start(self) -> NetCut:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -56,17 +57,21 @@ class NetCut:
         self.dropping = False
 
     async def close(self) -> None:
+        """Stop: every socket closed with a reset (a client still holding on lets go), every
+        connection's handler ended by itself (a cancelled stream handler makes asyncio log it)."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closing.set()
         for writer in self._writers:
             sock = writer.get_extra_info("socket")
-            if sock is not None and not writer.is_closing():  # a reset: a client still holding on lets go
+            if sock is not None and not writer.is_closing():
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.close()
+        _done, late = await asyncio.wait(self._tasks, timeout=5) if self._tasks else (set(), set())
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
         await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
         self._writers.clear()
         if self._server is not None:
@@ -106,21 +111,25 @@ class NetCut:
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: set[asyncio.StreamWriter]
     ) -> None:
-        while data := await reader.read(65536):
-            if pair & self._doomed:
-                self.dropped_bytes += len(data)
-                continue
-            writer.write(data)
-            await writer.drain()
+        try:
+            while data := await reader.read(65536):
+                if pair & self._doomed:
+                    self.dropped_bytes += len(data)
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except OSError:  # reset, or closed by the proxy's own end
+            return
         if not pair & self._doomed:  # a clean close passes through; a doomed connection never ends
             writer.close()
         else:
-            await asyncio.Event().wait()
+            await self._closing.wait()
 
     async def _swallow(self, reader: asyncio.StreamReader) -> None:
-        while data := await reader.read(65536):
-            self.dropped_bytes += len(data)
-        await asyncio.Event().wait()
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                self.dropped_bytes += len(data)
+        await self._closing.wait()
 
 
 async def _main(target: int, port: int) -> None:

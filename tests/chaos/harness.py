@@ -325,14 +325,13 @@ class World:
 
     def start_gateway(self, i: int) -> None:
         port = free_port()
-        env = gateway_env(
-            accounts=self.account_docs(),
-            http_port=port,
-            amqp_url=self.rabbit.url,
-            redis_url=self.redis.url,
-            state_path=str(self.root / f"unused-{i}.sqlite3"),
-            **self.settings,
-        )
+        settings: dict[str, Any] = {
+            "amqp_url": self.rabbit.url,
+            "redis_url": self.redis.url,
+            "state_path": str(self.root / f"unused-{i}.sqlite3"),
+        }
+        settings.update(self.settings)  # a scenario may route the gateways through a proxy
+        env = gateway_env(accounts=self.account_docs(), http_port=port, **settings)
         proc = Process(["run"], env, self.root / f"gateway-{self.accounts[0]}-{i}.log")
         proc.wait_http(port, timeout=60)
         self.gateways[i] = (proc, port)

@@ -17,6 +17,7 @@ import httpx
 
 from gateway import contract as c
 from gateway import topology
+from testkit.netcut import NetCut
 from tests.chaos.harness import RETRY_SCHEDULE_S, Ledger, RabbitNode, RedisServer, World, request_body
 
 
@@ -41,9 +42,16 @@ def _account(prefix: str) -> str:
 
 
 async def _world(
-    root: Path, nodes: list[RabbitNode], redis_server: RedisServer, accounts: list[str], replicas: int, **acc: object
+    root: Path,
+    nodes: list[RabbitNode],
+    redis_server: RedisServer,
+    accounts: list[str],
+    replicas: int,
+    settings: dict[str, object] | None = None,
+    **acc: object,
 ) -> World:
     world = World(root, nodes[0], redis_server, accounts)
+    world.settings.update(settings or {})
     for name in accounts:
         world.account_overrides[name] = dict(acc)
     world.start_sandbox()
@@ -112,10 +120,11 @@ async def _broker_fault(
     redis_server: RedisServer,
     size: Size,
     hold_s: float = 0.0,
+    settings: dict[str, object] | None = None,
 ) -> Ledger:
     account, ghost = _account("b"), _account("ghost")
     rate = max(200, size.messages // 6)
-    world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
+    world = await _world(root, nodes, redis_server, [account], 2, settings, rate_per_s=rate, burst=rate // 4)
     first = _items(account, "b", size.messages // 2)
     await world.publish(first)
     await asyncio.sleep(1.0)
@@ -184,16 +193,23 @@ async def _redis_fault(
     redis_server: RedisServer,
     size: Size,
     swallow: float = 0.0,
+    settings: dict[str, object] | None = None,
+    heal: Callable[[World], None] | None = None,
+    hold_s: float = 0.0,
 ) -> Ledger:
     account = _account("r")
     rate = max(200, size.messages // 6)
-    world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
+    world = await _world(root, nodes, redis_server, [account], 2, settings, rate_per_s=rate, burst=rate // 4)
     assert world.sandbox is not None
     if swallow:
         world.sandbox.fault(match=f"token:tok-{account}", swallow=True, rate=swallow)
     await world.publish(_items(account, "r", size.messages))
     await asyncio.sleep(1.5)
     await asyncio.to_thread(fault, world)
+    if hold_s:
+        await asyncio.sleep(hold_s)
+    if heal is not None:
+        await asyncio.to_thread(heal, world)
     since = time.monotonic()
     if swallow:
         await asyncio.sleep(3)
@@ -224,6 +240,50 @@ async def redis_empty_swallow(root: Path, nodes: list[RabbitNode], redis_server:
 
 async def redis_pause(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
     return await _redis_fault("Redis paused 5 s", lambda w: w.redis.pause(5), root, nodes, redis_server, size)
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop, act: Callable[[], None]) -> Callable[[World], None]:
+    """A fault step run from a worker thread that acts on something living in the scenario's loop."""
+
+    def step(_world: World) -> None:
+        loop.call_soon_threadsafe(act)
+
+    return step
+
+
+async def broker_cut(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """The network to the broker cut the way a lost node cuts it (testkit.netcut): connections stay
+    open, nothing answers, no reset. Only the heartbeat (the gateway's default) can tell."""
+    loop = asyncio.get_running_loop()
+    async with NetCut(nodes[0].port) as cut:
+        return await _broker_fault(
+            "broker unreachable 5 s (no reset: a lost node)",
+            _in_loop(loop, cut.drop),
+            _in_loop(loop, cut.heal),
+            root,
+            nodes,
+            redis_server,
+            size,
+            5,
+            {"amqp_url": f"amqp://guest:guest@127.0.0.1:{cut.port}/"},
+        )
+
+
+async def redis_cut(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """The network to Redis cut the same way; GATEWAY_REDIS_TIMEOUT_S (its default) notices."""
+    loop = asyncio.get_running_loop()
+    async with NetCut(redis_server.port) as cut:
+        return await _redis_fault(
+            "Redis unreachable 5 s (no reset: a lost node)",
+            _in_loop(loop, cut.drop),
+            root,
+            nodes,
+            redis_server,
+            size,
+            settings={"redis_url": f"redis://127.0.0.1:{cut.port}/0"},
+            heal=_in_loop(loop, cut.heal),
+            hold_s=5,
+        )
 
 
 async def provider_faults(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
@@ -382,9 +442,11 @@ SINGLE_NODE: dict[str, Scenario] = {
     "broker_close": broker_close,
     "broker_restart": broker_restart,
     "memory_alarm": memory_alarm,
+    "broker_cut": broker_cut,
     "redis_pause": redis_pause,
     "redis_empty": redis_empty,
     "redis_empty_swallow": redis_empty_swallow,
+    "redis_cut": redis_cut,
     "provider_faults": provider_faults,
     "mobizon_throttle": mobizon_throttle,
     "poison": poison,
