@@ -27,7 +27,12 @@ from gateway.providers.base import Action, ItemResult
 def make_client(
     base_url: str, timeout_s: float, concurrency: int, *, proxy_from_env: bool = False
 ) -> httpx.AsyncClient:
-    """`proxy_from_env`: take HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment (an egress
+    """`concurrency`: the most provider calls the account's adaptive limit may have in flight (its
+    `max_concurrency`); the pool holds twice that, as lookups and status polls run beside the sends.
+    Sized from the starting `concurrency` instead, the pool was a hidden, lower limit: at 1 it held
+    2 connections for up to 12 batches, and after a reconnect their redeliveries and lookups queued
+    for it until they failed with PoolTimeout (a test that sent 60 of 600 in 90 s).
+    `proxy_from_env`: take HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment (an egress
     proxy); otherwise the provider URL is reached directly, with no environment lookups."""
     return httpx.AsyncClient(
         base_url=base_url,

@@ -83,7 +83,10 @@ class MobizonApi:
         self.account = account.name
         self._base = account.base_url
         self._client = client or make_client(
-            account.base_url, account.http_timeout_s, account.concurrency, proxy_from_env=proxy_from_env
+            account.base_url,
+            account.http_timeout_s,
+            max(account.concurrency, account.max_concurrency),
+            proxy_from_env=proxy_from_env,
         )
         self._query = {"output": "json", "api": "v1", "apiKey": account.api_key.get_secret_value()}
         self.gate = asyncio.Semaphore(account.concurrency)

@@ -166,7 +166,10 @@ class SerwerSmsAdapter:
     ) -> None:
         self._account = account
         self._client = client or make_client(
-            account.base_url, account.http_timeout_s, account.concurrency, proxy_from_env=proxy_from_env
+            account.base_url,
+            account.http_timeout_s,
+            max(account.concurrency, account.max_concurrency),
+            proxy_from_env=proxy_from_env,
         )
         self._headers: dict[str, str] = {}
         self._auth_body: dict[str, str] = {}
