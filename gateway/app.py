@@ -32,7 +32,7 @@ from yarl import URL
 from gateway import contract as c
 from gateway import topology, web
 from gateway.config import Account, ConfigError, Settings, sandbox_account
-from gateway.consumer import AccountWorker, UnroutableWorker
+from gateway.consumer import AccountWorker, UnroutableWorker, close_within
 from gateway.diagnostics import dump_tasks
 from gateway.dlr import Desk, Poller
 from gateway.providers import build_adapter
@@ -263,9 +263,9 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in self._channels:
             if not channel.is_closed:
-                await _close_within(channel, 5)
+                await close_within(channel, 5, "channel_not_closed")
         if self._connection is not None:
-            await _close_within(self._connection, 5, "connection")
+            await close_within(self._connection, 5, "connection_not_closed")
         for adapter in self._adapters:
             await adapter.close()
         if self._store is not None:
@@ -274,19 +274,6 @@ class Gateway:
             await runner.cleanup()
         log.info("gateway_stopped", clean=clean)
         return clean
-
-
-async def _close_within(
-    closable: AbstractChannel | AbstractRobustConnection, timeout_s: float, what: str = "channel"
-) -> None:
-    """Close a channel or the connection at shutdown. One wedged on a lost connection (see
-    Publisher), or a connection to a broker that vanished (its close-ok never comes), must not hold
-    the drain: it is given `timeout_s`, then left (the process is ending)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            await closable.close()
-    except Exception as exc:  # noqa: BLE001 - closing anyway: the process is ending
-        log.warning(f"{what}_not_closed", error=type(exc).__name__, timeout_s=timeout_s)
 
 
 async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = False) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, Protocol, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -219,12 +219,19 @@ class QueueConsumer:
             m.CONSUMER_LIVE.labels(self.queue_name).set(1 if self.live else 0)
 
 
-async def _close_quietly(channel: aiormq.abc.AbstractChannel) -> None:
+class Closable(Protocol):
+    def close(self) -> Awaitable[Any]: ...
+
+
+async def close_within(closable: Closable, timeout_s: float, event: str) -> None:
+    """Close a channel or a connection, giving up after `timeout_s` (logged as `event`). One wedged
+    on a lost connection, or a connection to a broker that vanished (its close-ok never comes),
+    may never close: a consumer being replaced, or a shutdown, must not wait for it."""
     try:
-        async with asyncio.timeout(5.0):
-            await channel.close()
-    except Exception as exc:  # noqa: BLE001 - a wedged channel may not close; its connection's loss will
-        log.warning("wedged_channel_not_closed", error=type(exc).__name__)
+        async with asyncio.timeout(timeout_s):
+            await closable.close()
+    except Exception as exc:  # noqa: BLE001 - given up either way; the connection's loss takes it
+        log.warning(event, error=type(exc).__name__, timeout_s=timeout_s)
 
 
 class Worker:
@@ -241,7 +248,7 @@ class Worker:
         """No ack went out on the consumer's channel in time: close it, so the broker requeues what
         it holds and the watchdog consumes again on a new one."""
         log.error("consumer_channel_wedged", queue=self._consumer.queue_name if self._consumer else None)
-        task = asyncio.create_task(_close_quietly(channel))
+        task = asyncio.create_task(close_within(channel, 5.0, "wedged_channel_not_closed"))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
