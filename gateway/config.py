@@ -170,8 +170,11 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(
         default=1530, ge=1, description="longest text after templating (1,530 = 10 GSM-7 parts); longer is invalid"
     )
-    max_waits: int = Field(
-        default=20, ge=1, description="times a copy may wait for another worker's claim before it fails"
+    wait_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="a copy waits for another worker's claim on its id for the claim lease plus this long (the "
+        "store's recovery window: a failover, a slow provider call) before it fails as `waits_exhausted`",
     )
     store_recovery_s: float = Field(
         default=3600.0,

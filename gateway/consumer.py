@@ -355,9 +355,12 @@ class AccountWorker(Worker):
         job = d.job
         job.attempts = _int_header(message, c.H_ATTEMPTS)
         job.waits = _int_header(message, c.H_WAITS)
+        job.waiting_since = _float_header(message, c.H_WAITING_SINCE)
         job.sent_at = _float_header(message, c.H_SENT_AT)
         job.redelivered = bool(message.redelivered)
-        job.replay = bool((message.headers or {}).get(c.H_REPLAY))
+        headers = message.headers or {}
+        job.own = bool(headers.get(c.H_OWN))
+        job.replay = bool(headers.get(c.H_REPLAY))
         if message.timestamp is not None and not (job.attempts or job.waits or job.redelivered):
             self._queue_wait.observe(max(0.0, self._clock.time() - message.timestamp.timestamp()))
         try:

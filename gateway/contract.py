@@ -42,6 +42,12 @@ def retry_queue(delay_ms: int) -> str:
 H_ATTEMPTS = "x-gateway-attempts"  # provider attempts made so far (retry copies carry it)
 H_WAITS = "x-gateway-waits"  # times this copy waited for another worker's in-flight claim
 H_SENT_AT = "x-gateway-sent-at"  # epoch seconds of an attempt whose fate is unknown (ambiguous)
+# Epoch seconds when this request first found another worker's live claim on its id: its wait for
+# that claim is bounded by time from here (pipeline.Pipeline.wait). Only wait copies carry it.
+H_WAITING_SINCE = "x-gateway-waiting-since"
+# The copy is the gateway's own (a redelivery, a retry copy, or a wait copy of one), not a second
+# copy from a producer: when its id is done it gets the original outcome again, never `duplicate`.
+H_OWN = "x-gateway-own"
 # Selects the retry TTL queue through the headers exchange. Deliberately without the `x-` prefix:
 # RabbitMQ ignores `x-` headers when matching `x-match: all`, which would route to every queue.
 H_RETRY_DELAY = "gateway-retry-delay"

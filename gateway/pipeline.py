@@ -36,13 +36,15 @@ from gateway.providers.base import (
     send_split,
 )
 from gateway.ratelimit import RateLimiter
-from gateway.retry import RetryPolicy
-from gateway.state import ClaimState, Grant, Store, StoredResult
-from gateway.state.base import Tracked
+from gateway.retry import RetryPolicy, wait_delay_ms
+from gateway.state import Claim, ClaimState, Grant, Store, StoredResult
+from gateway.state.base import BatchRecord, Tracked
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.pipeline")
 CORRELATION_MARGIN_S = 86400.0  # a correlation outlives the tracking window, for its last poll
+RECORD_RETRY_FIRST_S = 0.2  # a batch's record that failed is tried again after this, then doubling
+RECORD_RETRY_MAX_S = 2.0
 
 
 @dataclass(eq=False, slots=True)
@@ -51,9 +53,11 @@ class Job:
     consumer), then what admission read from the body."""
 
     attempts: int = 0  # provider attempts made by earlier copies
-    waits: int = 0  # times earlier copies waited for another worker's claim
+    waits: int = 0  # times earlier copies waited for another worker's claim (or for the store)
+    waiting_since: float | None = None  # when an earlier copy first found another worker's claim
     sent_at: float | None = None  # an earlier ambiguous attempt's time, for the lookup window
     redelivered: bool = False
+    own: bool = False  # a copy the gateway published itself for this request (x-gateway-own)
     replay: bool = False  # a re-driven dead letter: an earlier rejected/failed/expired result is sent again
     unique_id: str | None = None
     to: str | None = None
@@ -64,8 +68,9 @@ class Job:
 
     @property
     def ours(self) -> bool:
-        """Seen by this gateway before (a redelivery or our own retry copy), not a producer's copy."""
-        return self.redelivered or self.attempts > 0
+        """Seen by this gateway before (a redelivery, a retry copy, a wait copy of either), not a
+        producer's second copy."""
+        return self.redelivered or self.own or self.attempts > 0
 
     @property
     def seen_before(self) -> bool:
@@ -111,9 +116,14 @@ class Retry:
 @dataclass(frozen=True, slots=True)
 class Wait:
     """Another worker holds this id (or the store failed): look again after `delay_ms`, without
-    counting an attempt."""
+    counting an attempt. `since` is when the copy first found another worker's claim (None: it has
+    not); `own` marks the copy the gateway's own; `unsent` False means an attempt of this copy may
+    have reached the provider (its result could not be stored), so the next copy reconciles."""
 
     delay_ms: int
+    since: float | None = None
+    own: bool = False
+    unsent: bool = True
 
 
 Decision = Finish | Retry | Wait
@@ -270,6 +280,9 @@ class Pipeline:
         self._owner = owner
         self._clock = clock
         self._policy = RetryPolicy(settings.retry_schedule_s, settings.max_attempts)
+        # A live claim lasts at most a lease; past it the claim is reconciled, not waited for. The
+        # grace covers the store's own recovery (a failover) and a claim renewed meanwhile.
+        self._patience_s = settings.claim_lease_s + settings.wait_grace_s
         self._limiter = RateLimiter(store, account, clock)
 
     @property
@@ -299,22 +312,42 @@ class Pipeline:
         job.item = item
         return None
 
-    def wait(self, job: Job) -> Decision:
-        """Look again later without an attempt (another claim holds the id, or the store failed);
-        the delay grows with each wait, and after `max_waits` the message fails instead of looping."""
-        if job.waits + 1 > self._settings.max_waits:
-            err = OutcomeError("waits_exhausted", "WaitsExhausted", "gave up waiting for the id's claim", False)
-            # Not stored: the claim belongs to another worker, whose result is the id's record.
-            return finish(
-                Status.FAILED,
-                self._adapter.name,
-                at=self._clock.now(),
-                attempts=job.attempts,
-                error=err,
-                dead=DeadReason.RETRIES_EXHAUSTED,
-                store=False,
-            )
-        return Wait(self._policy.delay_ms(job.waits + 1))
+    def wait(self, job: Job, busy: Claim | None = None) -> Decision:
+        """Look again later without an attempt; the delay grows with each wait (retry.WAIT_SCHEDULE_S).
+
+        With `busy` (another worker's live claim holds the id) the wait is bounded by time from the
+        copy's first such wait: the claim lease plus `wait_grace_s`. A claim still live after that
+        was taken again and again meanwhile, and the copy fails rather than loop. Without it (the
+        store failed, or the same id came twice in one batch) no time is counted: a store outage
+        pauses the account instead of spending the copies' patience."""
+        if busy is None:
+            return Wait(wait_delay_ms(job.waits), job.waiting_since, own=job.ours)
+        now = self._clock.time()
+        since = job.waiting_since if job.waiting_since is not None else now
+        if now - since <= self._patience_s:
+            return Wait(wait_delay_ms(job.waits), since, own=job.ours)
+        lease_left = busy.lease_left_s or 0.0
+        log.warning(
+            "waits_exhausted",
+            account=self.account.name,
+            unique_id=job.unique_id,
+            owner=busy.owner,
+            claim_age_s=round(max(0.0, self._settings.claim_lease_s - lease_left), 1),
+            lease_left_s=round(lease_left, 1),
+            waited_s=round(now - since, 1),
+            waits=job.waits,
+        )
+        err = OutcomeError("waits_exhausted", "WaitsExhausted", "gave up waiting for the id's claim", False)
+        # Not stored: the claim belongs to another worker, whose result is the id's record.
+        return finish(
+            Status.FAILED,
+            self._adapter.name,
+            at=self._clock.now(),
+            attempts=job.attempts,
+            error=err,
+            dead=DeadReason.RETRIES_EXHAUSTED,
+            store=False,
+        )
 
     # -- a batch ------------------------------------------------------------------------------------
 
@@ -329,16 +362,18 @@ class Pipeline:
             # delivery limit, whose dead letter has no gateway headers.
             log.exception("batch_failed", account=self.account.name, size=len(jobs))
             return BatchResult([self.wait(j) for j in jobs], store_failed=True, pause_account=False)
-        try:
-            await self._record(jobs, decisions)
-        except Exception:
-            # Part of the batch may have reached the provider: never requeue it for a blind resend.
-            # The results known are published; the claims left behind in the store make any later
-            # copy reconcile once their lease ends.
-            log.exception("record_failed", account=self.account.name, size=len(jobs))
+        pause = any(isinstance(x, Finish) and x.pause_account for x in decisions.values())
+        if not await self._record(self._batch_record(jobs, decisions)):
+            # Nothing the batch did is stored. Publishing its results now would leave an accepted
+            # message untracked (no delivery report, ever) and a result later copies cannot find.
+            # So a copy whose result was not stored waits instead: its claim stays, and its next
+            # copy reconciles with the provider (never a blind resend). Retries stand: an ambiguous
+            # one reconciles anyway, and any other one surely did not send.
             store_failed = True
+            for i, decision in decisions.items():
+                if isinstance(decision, Finish) and decision.store:
+                    decisions[i] = Wait(wait_delay_ms(jobs[i].waits), jobs[i].waiting_since, own=True, unsent=False)
         ordered = [decisions[i] for i in range(len(jobs))]
-        pause = any(isinstance(x, Finish) and x.pause_account for x in ordered)
         return BatchResult(ordered, store_failed, pause, sent)
 
     async def _decide(self, jobs: Sequence[Job]) -> tuple[dict[int, Decision], bool, int]:
@@ -375,7 +410,7 @@ class Pipeline:
                 assert claim.result is not None
                 decisions[i] = already_done(claim.result, ours=jobs[i].ours, at=now)
             elif claim.state is ClaimState.BUSY:
-                decisions[i] = self.wait(jobs[i])
+                decisions[i] = self.wait(jobs[i], claim)
             elif claim.state is ClaimState.RECONCILE or jobs[i].sent_at is not None:
                 # A copy that says an earlier attempt may have gone out is reconciled whatever the
                 # store says: a store that lost its records answers NEW for it.
@@ -451,39 +486,56 @@ class Pipeline:
             decisions[i] = self.wait(jobs[i])
         return bool(unsent)
 
-    async def _record(self, jobs: Sequence[Job], decisions: dict[int, Decision]) -> None:
-        """Write what the decisions mean to the state store, before anything is published."""
-        name = self.account.name
+    def _batch_record(self, jobs: Sequence[Job], decisions: dict[int, Decision]) -> BatchRecord:
+        """What the decisions mean to the state store: results, unknown marks, released claims, and
+        the accepted messages' correlation for delivery reports (dlr.py). Test requests and messages
+        without a provider id are not tracked."""
         done: dict[str, StoredResult] = {}
         unknown: list[str] = []
         release: list[str] = []
+        tracked: list[Tracked] = []
+        track = self._settings.dlr_enabled
+        now = self._clock.time()
         for i, decision in decisions.items():
-            uid = jobs[i].unique_id
+            job = jobs[i]
+            uid = job.unique_id
             assert uid is not None
             if isinstance(decision, Finish) and decision.store:
-                done[uid] = decision.result
+                r = done[uid] = decision.result
+                is_test = job.item is not None and job.item.test
+                if track and r.status == Status.ACCEPTED and r.provider_message_id and not is_test:
+                    tracked.append(Tracked(r.provider_message_id, uid, job.phone, job.meta, self.provider, now))
             elif isinstance(decision, Retry):
                 (unknown if decision.ambiguous else release).append(uid)
-        window = self.account.dedupe_window_s
-        await self._store.complete(name, done, window)
-        await self._store.mark_unknown(name, unknown, window)
-        await self._store.release(name, release, self._owner)
-        if self._settings.dlr_enabled:
-            await self._track(jobs, decisions)
-
-    async def _track(self, jobs: Sequence[Job], decisions: dict[int, Decision]) -> None:
-        """Correlate the accepted messages with their provider ids for delivery reports (dlr.py):
-        one store round trip per batch. Test requests and messages without an id are not tracked."""
-        now = self._clock.time()
-        tracked = []
-        for i, decision in decisions.items():
-            if not isinstance(decision, Finish) or not decision.store:
-                continue
-            job, r = jobs[i], decision.result
-            if r.status != Status.ACCEPTED or not r.provider_message_id:
-                continue
-            if job.unique_id is None or (job.item is not None and job.item.test):
-                continue
-            tracked.append(Tracked(r.provider_message_id, job.unique_id, job.phone, job.meta, self.provider, now))
         s = self._settings
-        await self._store.track(self.account.name, tracked, s.dlr_poll_after_s, s.dlr_window_s + CORRELATION_MARGIN_S)
+        return BatchRecord(
+            done=done,
+            unknown=unknown,
+            release=release,
+            owner=self._owner,
+            ttl_s=self.account.dedupe_window_s,
+            tracked=tracked,
+            first_poll_s=s.dlr_poll_after_s,
+            track_ttl_s=s.dlr_window_s + CORRELATION_MARGIN_S,
+        )
+
+    async def _record(self, batch: BatchRecord) -> bool:
+        """Store the batch's record before anything is published, trying again while the store is
+        away (a pause, a failover) for up to half a claim lease. False when it never answered."""
+        if not batch:
+            return True
+        deadline = self._clock.monotonic() + self._settings.claim_lease_s / 2
+        delay = RECORD_RETRY_FIRST_S
+        while True:
+            try:
+                await self._store.record(self.account.name, batch)
+            except Exception as exc:  # noqa: BLE001 - the store is away: try again, then give up
+                name, error = self.account.name, type(exc).__name__
+                if self._clock.monotonic() + delay > deadline:
+                    log.error("record_failed", account=name, size=len(batch.done), error=error)  # noqa: TRY400
+                    return False
+                log.warning("record_retry", account=name, error=error, delay_s=delay)
+            else:
+                return True
+            await self._clock.sleep(delay)
+            delay = min(delay * 2, RECORD_RETRY_MAX_S)

@@ -174,12 +174,23 @@ class Publisher:
         attempts: int,
         waits: int,
         sent_at: float | None = None,
+        waiting_since: float | None = None,
+        own: bool = True,
     ) -> None:
-        """Park a byte-identical copy in the TTL queue for `delay_ms`; it comes back to sms.send."""
+        """Park a byte-identical copy in the TTL queue for `delay_ms`; it comes back to sms.send.
+        `own` marks it the gateway's own copy (`x-gateway-own`): false only for a wait copy of a
+        producer's second copy. `waiting_since` starts or continues a wait for another worker's
+        claim; a copy without it carries no earlier wait's start."""
         headers = _clean_headers(original.headers)
+        headers.pop(c.H_WAITING_SINCE, None)
+        headers.pop(c.H_OWN, None)
         headers.update({c.H_ATTEMPTS: attempts, c.H_WAITS: waits, c.H_RETRY_DELAY: str(delay_ms)})
+        if own:
+            headers[c.H_OWN] = 1
         if sent_at is not None:
             headers[c.H_SENT_AT] = str(round(sent_at, 3))
+        if waiting_since is not None:
+            headers[c.H_WAITING_SINCE] = str(round(waiting_since, 3))
         await self._publish(c.RETRY_EXCHANGE, account, original.body, _copy(original, headers), mandatory=True)
 
 

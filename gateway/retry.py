@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+# The delays of a copy that waits for another worker's claim on its id (or for the store), growing
+# with each wait; independent of the retry schedule, whose steps may be far shorter or longer.
+WAIT_SCHEDULE_S = (1.0, 2.0, 5.0, 10.0)
+
 
 def retry_delays_ms(schedule_s: Iterable[float]) -> list[int]:
-    """The distinct delays of a schedule, in ms: one retry queue each (topology declares them)."""
-    return sorted({max(1, round(s * 1000)) for s in schedule_s})
+    """The distinct delays of a retry schedule and of the wait schedule, in ms: one retry queue each
+    (topology declares them)."""
+    return sorted({max(1, round(s * 1000)) for s in (*schedule_s, *WAIT_SCHEDULE_S)})
+
+
+def wait_delay_ms(waits_made: int) -> int:
+    """Delay before a copy looks again after its `waits_made + 1`-th wait."""
+    return round(WAIT_SCHEDULE_S[min(waits_made, len(WAIT_SCHEDULE_S) - 1)] * 1000)
 
 
 class RetryPolicy:

@@ -168,6 +168,9 @@ class Settler:
                 delay_ms=decision.delay_ms,
                 attempts=d.job.attempts,
                 waits=d.job.waits + 1,
+                sent_at=None if decision.unsent else (d.job.attempt_at or d.job.sent_at),
+                waiting_since=decision.since,
+                own=decision.own,
             )
 
     @staticmethod

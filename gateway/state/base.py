@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -87,6 +87,8 @@ class StoredResult:
 class Claim:
     state: ClaimState
     result: StoredResult | None = None
+    owner: str | None = None  # BUSY: who holds the claim
+    lease_left_s: float | None = None  # BUSY: how long its lease still runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +159,43 @@ class Tracked:
     def from_json(cls, text: str, polls: int = 0) -> Tracked:
         d = json.loads(text)
         return cls(d["i"], d["u"], d["t"], d["m"], d["p"], float(d["a"]), polls)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """What one batch's decisions mean to the store, written in one atomic step (`Store.record`):
+    an accepted message's result and its delivery tracking are stored together or not at all."""
+
+    done: Mapping[str, StoredResult] = field(default_factory=dict)  # terminal results (ends the claims)
+    unknown: Sequence[str] = ()  # the send may have happened: the next claim reconciles first
+    release: Sequence[str] = ()  # the send surely did not happen: our claims are forgotten
+    owner: str = ""  # whose claims `release` may delete
+    ttl_s: float = 0.0  # the dedupe window of `done` and `unknown`
+    tracked: Sequence[Tracked] = ()  # accepted messages waiting for their delivery report
+    first_poll_s: float = 0.0  # each tracked message's first status poll, after acceptance
+    track_ttl_s: float = 0.0  # how long a tracked message's correlation is kept
+
+    def __bool__(self) -> bool:
+        return bool(self.done or self.unknown or self.release or self.tracked)
+
+
+class RecordShortcuts:
+    """One part of a `BatchRecord` at a time, through the store's `record`."""
+
+    async def record(self, account: str, batch: BatchRecord) -> None:
+        raise NotImplementedError
+
+    async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
+        await self.record(account, BatchRecord(done=results, ttl_s=ttl_s))
+
+    async def mark_unknown(self, account: str, uids: list[str], ttl_s: float) -> None:
+        await self.record(account, BatchRecord(unknown=uids, ttl_s=ttl_s))
+
+    async def release(self, account: str, uids: list[str], owner: str) -> None:
+        await self.record(account, BatchRecord(release=uids, owner=owner))
+
+    async def track(self, account: str, records: Sequence[Tracked], first_poll_s: float, ttl_s: float) -> None:
+        await self.record(account, BatchRecord(tracked=records, first_poll_s=first_poll_s, track_ttl_s=ttl_s))
 
 
 class FinalState(StrEnum):
@@ -236,16 +275,10 @@ class Store(Protocol):
         RECONCILE keep the tokens taken for them. Nothing new: `NOTHING`, no tokens taken."""
         ...
 
-    async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
-        """Store terminal results for the dedupe window; this ends the claims."""
-        ...
-
-    async def mark_unknown(self, account: str, uids: list[str], ttl_s: float) -> None:
-        """The send may have happened: whoever claims next must reconcile first."""
-        ...
-
-    async def release(self, account: str, uids: list[str], owner: str) -> None:
-        """The send surely did not happen: forget our claims so a retry starts clean."""
+    async def record(self, account: str, batch: BatchRecord) -> None:
+        """Write a batch's results, unknown marks, releases and delivery tracking in one atomic step
+        (one round trip): after a failure none of it is stored, and calling again is safe (a result
+        is set again, a release deletes only our claims, a tracked message is left as it is)."""
         ...
 
     async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
@@ -267,12 +300,6 @@ class Store(Protocol):
         ...
 
     # -- delivery reports ---------------------------------------------------------------------------
-
-    async def track(self, account: str, records: Sequence[Tracked], first_poll_s: float, ttl_s: float) -> None:
-        """Remember accepted messages by provider message id for `ttl_s` (one round trip per
-        batch); each is due for its first status poll `first_poll_s` after acceptance. A message
-        tracked already is left as it is."""
-        ...
 
     async def begin_final(
         self, account: str, message_id: str, owner: str, lease_s: float

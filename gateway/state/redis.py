@@ -35,6 +35,7 @@ from gateway.state.base import (
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
     AccountState,
+    BatchRecord,
     Claim,
     ClaimState,
     Epoch,
@@ -42,6 +43,7 @@ from gateway.state.base import (
     FinalState,
     Grant,
     Pause,
+    RecordShortcuts,
     StoredResult,
     Tracked,
     distrust_new,
@@ -85,7 +87,8 @@ local function clock(arg)
 end
 """
 
-# claim(n, ...): claims KEYS[1..n]; returns, per key, {state, result-json}, and how many are new.
+# claim(n, ...): claims KEYS[1..n]; returns, per key, {state, result-json} ({'busy', owner, lease
+# ms left} for another live claim), and how many are new.
 # `replay` holds one character per key: '1' claims a done result again when its status is replayable.
 _CLAIM_FN = f"""
 local replayable = {{{", ".join(f"['{s}'] = true" for s in sorted(REPLAYABLE))}}}
@@ -108,7 +111,7 @@ local function claim(n, owner, lease, window, now_s, replay)
       elseif rec.s == 'done' then
         out[i] = {{'done', rec.r}}
       elseif rec.s == 'inflight' and tonumber(rec.l) > now then
-        out[i] = {{'busy', ''}}
+        out[i] = {{'busy', rec.o or '', tonumber(rec.l) - now}}
       else
         redis.call('SET', key, mine, 'PX', window)
         out[i] = {{'reconcile', ''}}
@@ -191,19 +194,42 @@ return {out, grant, tostring(wait), tostring(f), ep}
 """
 )
 
-# KEYS = dedupe keys; ARGV = window ms, then one result JSON per key.
-_COMPLETE = """
-for i, key in ipairs(KEYS) do
-  redis.call('SET', key, cjson.encode({s = 'done', r = ARGV[i + 1]}), 'PX', tonumber(ARGV[1]))
+# A batch's record (state.base.BatchRecord) in one step. (A script rather than a transaction: the
+# same on a single Redis, behind Sentinel and in a Cluster, where every key of one account shares a
+# slot.) KEYS = due, open, then nd result keys, nu unknown keys, nr release keys, and one correlation
+# key per tracked message. ARGV = nd, nu, nr, dedupe ttl ms, owner, the unknown record, track ttl
+# ms, first poll after s, then nd result JSONs, then (record, message id, accepted at) per tracked.
+_RECORD = """
+local nd, nu, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ttl, owner = tonumber(ARGV[4]), ARGV[5]
+local k = 2
+for i = 1, nd do
+  redis.call('SET', KEYS[k + i], cjson.encode({s = 'done', r = ARGV[8 + i]}), 'PX', ttl)
 end
-return #KEYS
-"""
-
-# KEYS = dedupe keys; ARGV = ttl ms, the record. (A script rather than a transaction: the same on a
-# single Redis, behind Sentinel and in a Cluster, where every key of one account shares a slot.)
-_MARK_UNKNOWN = """
-for _, key in ipairs(KEYS) do redis.call('SET', key, ARGV[2], 'PX', tonumber(ARGV[1])) end
-return #KEYS
+k = k + nd
+for i = 1, nu do redis.call('SET', KEYS[k + i], ARGV[6], 'PX', ttl) end
+k = k + nu
+for i = 1, nr do
+  local raw = redis.call('GET', KEYS[k + i])
+  if raw then
+    local rec = cjson.decode(raw)
+    if rec.s == 'inflight' and rec.o == owner then redis.call('DEL', KEYS[k + i]) end
+  end
+end
+k = k + nr
+local track_ttl, first = tonumber(ARGV[7]), tonumber(ARGV[8])
+local a = 8 + nd
+for i = k + 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local at = tonumber(ARGV[a + 3])
+    redis.call('HSET', KEYS[i], 'r', ARGV[a + 1], 's', 'open', 'n', 0)
+    redis.call('PEXPIRE', KEYS[i], track_ttl)
+    redis.call('ZADD', KEYS[1], at + first, ARGV[a + 2])
+    redis.call('ZADD', KEYS[2], at, ARGV[a + 2])
+  end
+  a = a + 3
+end
+return 1
 """
 
 # KEYS = due, then one correlation key per message; ARGV = (next poll time, message id) per message.
@@ -218,21 +244,6 @@ end
 return #KEYS - 1
 """
 
-# KEYS = dedupe keys; ARGV = owner. Deletes only claims this owner still holds.
-_RELEASE = """
-local n = 0
-for _, key in ipairs(KEYS) do
-  local raw = redis.call('GET', key)
-  if raw then
-    local rec = cjson.decode(raw)
-    if rec.s == 'inflight' and rec.o == ARGV[1] then
-      redis.call('DEL', key)
-      n = n + 1
-    end
-  end
-end
-return n
-"""
 
 # KEYS[1] = bucket; ARGV = rate per s, burst, wanted, now. Returns {granted, wait (string), factor}.
 _ACQUIRE = (
@@ -279,23 +290,6 @@ local st = redis.call('HMGET', KEYS[1], 'f', 'fc')
 return tostring(factor(st[1], st[2], clock(ARGV[1])))
 """
 )
-
-# KEYS = due, open, then one correlation key per message; ARGV = ttl ms, first poll after s, then
-# (record, message id, accepted at) per message. Existing correlations are left as they are.
-_TRACK = """
-local ttl, first = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 3, #KEYS do
-  local j = 3 + (i - 3) * 3
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    local at = tonumber(ARGV[j + 2])
-    redis.call('HSET', KEYS[i], 'r', ARGV[j], 's', 'open', 'n', 0)
-    redis.call('PEXPIRE', KEYS[i], ttl)
-    redis.call('ZADD', KEYS[1], at + first, ARGV[j + 1])
-    redis.call('ZADD', KEYS[2], at, ARGV[j + 1])
-  end
-end
-return #KEYS - 2
-"""
 
 # KEYS = correlation; ARGV = owner, lease ms, now. Returns {state, record}.
 _BEGIN_FINAL = (
@@ -387,22 +381,22 @@ def connect(url: str, timeout_s: float = 5.0) -> tuple[aioredis.Redis, list[aior
     return client, []
 
 
-class RedisStore:
+_UNKNOWN = json.dumps({"s": "unknown"})
+
+
+class RedisStore(RecordShortcuts):
     def __init__(self, url: str, clock: Clock | None = None, *, timeout_s: float = 5.0) -> None:
         self._redis, self._sentinels = connect(url, timeout_s)
         self._claim_take = self._redis.register_script(_CLAIM_TAKE)
-        self._complete = self._redis.register_script(_COMPLETE)
+        self._record = self._redis.register_script(_RECORD)
         self._note_pause = self._redis.register_script(_NOTE_PAUSE)
         self._factor = self._redis.register_script(_FACTOR)
-        self._release = self._redis.register_script(_RELEASE)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._throttle = self._redis.register_script(_THROTTLE)
-        self._track = self._redis.register_script(_TRACK)
         self._begin_final = self._redis.register_script(_BEGIN_FINAL)
         self._end_final = self._redis.register_script(_END_FINAL)
         self._abandon_final = self._redis.register_script(_ABANDON_FINAL)
         self._due = self._redis.register_script(_DUE)
-        self._mark_unknown = self._redis.register_script(_MARK_UNKNOWN)
         self._poll_later = self._redis.register_script(_POLL_LATER)
         self._epochs = EpochMemory()
         self._clock = clock
@@ -450,21 +444,26 @@ class RedisStore:
         grant = Grant(int(granted), float(wait), float(factor))
         return distrust_new(_claims(uids, rows), epoch, suspect, recovery_s), grant
 
-    async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
-        if not results:
+    async def record(self, account: str, batch: BatchRecord) -> None:
+        if not batch:
             return
-        keys = [dedupe_key(account, u) for u in results]
-        await self._complete(keys=keys, args=[int(ttl_s * 1000), *(r.to_json() for r in results.values())])
-
-    async def mark_unknown(self, account: str, uids: list[str], ttl_s: float) -> None:
-        if not uids:
-            return
-        keys = [dedupe_key(account, uid) for uid in uids]
-        await self._mark_unknown(keys=keys, args=[int(ttl_s * 1000), json.dumps({"s": "unknown"})])
-
-    async def release(self, account: str, uids: list[str], owner: str) -> None:
-        if uids:
-            await self._release(keys=[dedupe_key(account, u) for u in uids], args=[owner])
+        keys = [dlr_key(account, "due"), dlr_key(account, "open")]
+        keys += [dedupe_key(account, u) for u in (*batch.done, *batch.unknown, *batch.release)]
+        args: list[Any] = [
+            len(batch.done),
+            len(batch.unknown),
+            len(batch.release),
+            max(1, int(batch.ttl_s * 1000)),
+            batch.owner,
+            _UNKNOWN,
+            max(1, int(batch.track_ttl_s * 1000)),
+            batch.first_poll_s,
+            *(r.to_json() for r in batch.done.values()),
+        ]
+        for t in batch.tracked:
+            keys.append(corr_key(account, t.provider_message_id))
+            args += [t.to_json(), t.provider_message_id, t.accepted_at]
+        await self._record(keys=keys, args=args)
 
     async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
         granted, wait, factor = await self._acquire(keys=[bucket_key(key)], args=[rate, burst, want, self._now()])
@@ -486,16 +485,6 @@ class RedisStore:
         return AccountState(tuple(p for p in pauses if p.until > now), factor)
 
     # -- delivery reports ---------------------------------------------------------------------------
-
-    async def track(self, account: str, records: Sequence[Tracked], first_poll_s: float, ttl_s: float) -> None:
-        if not records:
-            return
-        keys = [dlr_key(account, "due"), dlr_key(account, "open")]
-        args: list[Any] = [int(ttl_s * 1000), first_poll_s]
-        for r in records:
-            keys.append(corr_key(account, r.provider_message_id))
-            args += [r.to_json(), r.provider_message_id, r.accepted_at]
-        await self._track(keys=keys, args=args)
 
     async def begin_final(
         self, account: str, message_id: str, owner: str, lease_s: float
@@ -585,7 +574,10 @@ class RedisStore:
 
 def _claims(uids: list[str], rows: list[Any]) -> dict[str, Claim]:
     out: dict[str, Claim] = {}
-    for uid, (state, result) in zip(uids, rows, strict=True):
-        st = ClaimState(state)
-        out[uid] = Claim(st, StoredResult.from_json(result) if st is ClaimState.DONE else None)
+    for uid, row in zip(uids, rows, strict=True):
+        st = ClaimState(row[0])
+        if st is ClaimState.BUSY:
+            out[uid] = Claim(st, owner=row[1] or None, lease_left_s=int(row[2]) / 1000)
+        else:
+            out[uid] = Claim(st, StoredResult.from_json(row[1]) if st is ClaimState.DONE else None)
     return out

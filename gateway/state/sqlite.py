@@ -23,6 +23,7 @@ from gateway.state.base import (
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
     AccountState,
+    BatchRecord,
     Claim,
     ClaimState,
     Epoch,
@@ -30,6 +31,7 @@ from gateway.state.base import (
     FinalState,
     Grant,
     Pause,
+    RecordShortcuts,
     StoredResult,
     Tracked,
     distrust_new,
@@ -83,7 +85,7 @@ CREATE TABLE IF NOT EXISTS epoch (
 """
 
 
-class SqliteStore:
+class SqliteStore(RecordShortcuts):
     def __init__(self, path: Path, clock: Clock = SYSTEM) -> None:
         self._path = path
         self._clock = clock
@@ -182,7 +184,7 @@ class SqliteStore:
         out: dict[str, Claim] = {}
         for uid in uids:
             row = db.execute(
-                "SELECT state, lease_until, result FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
+                "SELECT state, lease_until, result, owner FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
                 (account, uid, now),
             ).fetchone()
             if row is not None and row[0] == "done":
@@ -191,7 +193,7 @@ class SqliteStore:
                     out[uid] = Claim(ClaimState.DONE, result)
                     continue
             if row is not None and row[0] == "inflight" and row[1] > now:
-                out[uid] = Claim(ClaimState.BUSY)
+                out[uid] = Claim(ClaimState.BUSY, owner=row[3], lease_left_s=row[1] - now)
                 continue
             db.execute(
                 "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'inflight', ?, ?, NULL, ?)",
@@ -200,36 +202,35 @@ class SqliteStore:
             out[uid] = Claim(ClaimState.NEW if row is None else ClaimState.RECONCILE)
         return out
 
-    async def complete(self, account: str, results: dict[str, StoredResult], ttl_s: float) -> None:
+    async def record(self, account: str, batch: BatchRecord) -> None:
         def op(db: sqlite3.Connection) -> None:
-            expires = self._clock.time() + ttl_s
-            db.executemany(
-                "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'done', NULL, NULL, ?, ?)",
-                [(account, uid, r.to_json(), expires) for uid, r in results.items()],
-            )
+            now = self._clock.time()
+            self._sweep(db, now)
+            expires = now + batch.ttl_s
+            if batch.done:
+                db.executemany(
+                    "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'done', NULL, NULL, ?, ?)",
+                    [(account, uid, r.to_json(), expires) for uid, r in batch.done.items()],
+                )
+            if batch.unknown:
+                db.executemany(
+                    "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'unknown', NULL, NULL, NULL, ?)",
+                    [(account, uid, expires) for uid in batch.unknown],
+                )
+            if batch.release:
+                db.executemany(
+                    "DELETE FROM dedupe WHERE account=? AND uid=? AND state='inflight' AND owner=?",
+                    [(account, uid, batch.owner) for uid in batch.release],
+                )
+            if batch.tracked:
+                until, first = now + batch.track_ttl_s, batch.first_poll_s
+                rows = [
+                    (account, t.provider_message_id, t.to_json(), t.accepted_at + first, t.accepted_at, until)
+                    for t in batch.tracked
+                ]
+                db.executemany("INSERT OR IGNORE INTO dlr VALUES (?, ?, ?, 'open', NULL, NULL, ?, ?, 0, ?)", rows)
 
-        if results:
-            await self._run(op)
-
-    async def mark_unknown(self, account: str, uids: list[str], ttl_s: float) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            expires = self._clock.time() + ttl_s
-            db.executemany(
-                "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'unknown', NULL, NULL, NULL, ?)",
-                [(account, uid, expires) for uid in uids],
-            )
-
-        if uids:
-            await self._run(op)
-
-    async def release(self, account: str, uids: list[str], owner: str) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "DELETE FROM dedupe WHERE account=? AND uid=? AND state='inflight' AND owner=?",
-                [(account, uid, owner) for uid in uids],
-            )
-
-        if uids:
+        if batch:
             await self._run(op)
 
     async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
@@ -290,20 +291,6 @@ class SqliteStore:
         return await self._run(op)
 
     # -- delivery reports ---------------------------------------------------------------------------
-
-    async def track(self, account: str, records: Sequence[Tracked], first_poll_s: float, ttl_s: float) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            now = self._clock.time()
-            self._sweep(db, now)
-            expires = now + ttl_s
-            rows = [
-                (account, r.provider_message_id, r.to_json(), r.accepted_at + first_poll_s, r.accepted_at, expires)
-                for r in records
-            ]
-            db.executemany("INSERT OR IGNORE INTO dlr VALUES (?, ?, ?, 'open', NULL, NULL, ?, ?, 0, ?)", rows)
-
-        if records:
-            await self._run(op)
 
     async def begin_final(
         self, account: str, message_id: str, owner: str, lease_s: float

@@ -66,6 +66,34 @@ async def test_consumers_come_back_after_the_broker_closes_the_connection(world:
     assert sends_of(world, name, "after") == 1
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_the_gateways_own_redelivery_gets_the_same_outcome_never_duplicate(world: InProcess) -> None:
+    """The broker closes the gateway's connections while a provider call is under way: the
+    redeliveries find the first attempt's claim, wait, and when it ends get `accepted` with the same
+    provider id. A producer's second copy of one of them still gets `duplicate`."""
+    name = new_account_name()
+    world.state.faults.add(FaultRule(match=f"token:tok-{name}", latency_ms=6000, count=1))
+    gw = await world.gateway([world.account(name, linger_ms=100, http_timeout_s=15)])
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"r{i}", to=f"+4850070{i:04d}")) for i in range(10)])
+        await asyncio.sleep(1.0)  # the batch is at the provider, which answers after 6 s
+        assert close_broker_connections(gw._owner) == 1
+        await bus.wait_for(outcomes=10, timeout=60)
+        await bus.settle(2.0)
+        first = {d["unique_id"]: d for d in bus.outcome_docs()}
+        await bus.publish(name, request("r0", to="+48500700000"))  # a stranger's copy, later
+        await bus.wait_for(outcomes=len(bus.outcome_docs()) + 1, timeout=30)
+        await bus.settle(0.5)
+    docs = bus.outcome_docs()
+    assert {d["status"] for d in docs[:-1]} == {"accepted"}, Counter(d["status"] for d in docs)
+    assert {d["unique_id"] for d in docs[:-1]} == {f"r{i}" for i in range(10)}
+    for d in docs[:-1]:  # every repeat carries the first attempt's provider id
+        assert d["provider_message_id"] == first[d["unique_id"]]["provider_message_id"]
+    assert docs[-1]["status"] == "duplicate"
+    assert docs[-1]["unique_id"] == "r0"
+    assert all(sends_of(world, name, f"r{i}") == 1 for i in range(10))
+
+
 async def test_one_unencodable_message_does_not_wedge_its_batch(world: InProcess) -> None:
     name = new_account_name()
     bad_text = b'{"unique_id":"bad-text","to":"+48500600700","text":"\\ud800 x"}'
@@ -133,18 +161,51 @@ async def test_unknown_account_worker_survives_hostile_bodies(world: InProcess) 
     assert 'sms_dead_letters_total{account="(unknown)",reason="unknown_account"}' in rendered
 
 
-async def test_a_store_failure_after_the_send_publishes_the_results_and_resends_nothing(world: InProcess) -> None:
+async def test_a_store_that_fails_briefly_after_the_send_holds_the_results_until_they_are_stored(
+    world: InProcess,
+) -> None:
+    """The batch's record (results and delivery tracking in one step) fails a few times: it is
+    tried again, and only then are the outcomes published; every accepted SMS is tracked."""
     name = new_account_name()
-    flaky = FailingStore({"complete", "mark_unknown", "release"})
-    await world.gateway([world.account(name, linger_ms=200)], stores=flaky.around)
+    flaky = FailingStore({"record"}, times=3)
+    await world.gateway([world.account(name, linger_ms=200)], stores=flaky.around, dlr_poll_after_s=0.5)
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"s{i}", to=f"+4850080{i:04d}")) for i in range(20)])
-        await bus.wait_for(outcomes=20, timeout=30)
-        flaky.fail.clear()
-        await bus.settle(1.5)
-    assert flaky.failed >= 1
-    assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 20}
+        await bus.wait_for(outcomes=40, timeout=30)  # accepted, then delivered/undelivered (polled)
+        await bus.settle(1.0)
+    assert flaky.failed == 3
+    statuses = Counter((d["unique_id"], d["status"]) for d in bus.outcome_docs())
+    assert {k[1] for k in statuses} <= {"accepted", "delivered", "undelivered"}
+    assert Counter(k[1] for k in statuses)["accepted"] == 20
+    per_id = Counter(uid for uid, status in statuses if status != "accepted")
+    assert len(per_id) == 20
+    assert set(statuses.values()) == {1}
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+
+
+async def test_a_store_that_stays_away_after_the_send_makes_the_copies_reconcile_not_resend(
+    world: InProcess,
+) -> None:
+    """The record fails for longer than the batch waits for it: nothing is published for the sent
+    messages; they wait in the broker and their next copies reconcile with the provider. Each gets
+    `accepted` (never `duplicate`), each is tracked, and nothing reaches the provider twice."""
+    name = new_account_name()
+    flaky = FailingStore({"record"}, times=2)  # the batch tries twice within half the lease
+    await world.gateway(
+        [world.account(name, linger_ms=200)], stores=flaky.around, claim_lease_s=0.6, dlr_poll_after_s=0.5
+    )
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"h{i}", to=f"+4850081{i:04d}")) for i in range(10)])
+        await bus.wait_for(outcomes=20, timeout=60)
+        await bus.settle(1.0)
+    assert flaky.failed == 2
+    docs = bus.outcome_docs()
+    assert Counter(d["status"] for d in docs if d["status"] not in ("delivered", "undelivered")) == {"accepted": 10}
+    assert len({d["unique_id"] for d in docs if d["status"] in ("delivered", "undelivered")}) == 10
+    assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+    from gateway import metrics as m
+
+    assert m.RETRIES.labels(name, "wait")._value.get() >= 10
 
 
 async def test_a_retry_copy_is_reconciled_even_when_the_store_forgot_it(world: InProcess) -> None:
@@ -172,7 +233,7 @@ async def test_a_retry_copy_is_reconciled_even_when_the_store_forgot_it(world: I
     assert sends_of(world, name, "lost-1") == 1
 
 
-async def test_a_copy_that_waits_too_often_fails_instead_of_looping(world: InProcess) -> None:
+async def test_a_copy_that_waits_past_the_lease_and_grace_fails_instead_of_looping(world: InProcess) -> None:
     from gateway.state.sqlite import SqliteStore
 
     name = new_account_name()
@@ -181,7 +242,8 @@ async def test_a_copy_that_waits_too_often_fails_instead_of_looping(world: InPro
     claims, _ = await other.claim_and_acquire(name, ["held"], "someone-else", 600, 1e6, 10**6)
     await other.close()
     assert claims["held"].state.value == "new"
-    await world.gateway([world.account(name)], max_waits=2)
+    # The claim's lease is far longer than the copy's patience (lease 1 s + grace 1 s).
+    await world.gateway([world.account(name)], claim_lease_s=1, wait_grace_s=1)
     async with Bus.open([name]) as bus:
         await bus.publish(name, request("held"))
         await bus.wait_for(outcomes=1, dead=1, timeout=30)

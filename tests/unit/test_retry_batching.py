@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.batching import Batcher
-from gateway.retry import RetryPolicy, retry_delays_ms
+from gateway.retry import RetryPolicy, retry_delays_ms, wait_delay_ms
 from tests.fakes import FakeClock
 
 
@@ -16,8 +16,13 @@ def test_retry_schedule_repeats_its_last_delay_and_runs_out() -> None:
     assert policy.exhausted(5)
 
 
-def test_every_delay_of_the_schedule_has_one_retry_queue() -> None:
-    assert retry_delays_ms([1, 5, 5, 0.0001, 30]) == [1, 1000, 5000, 30000]
+def test_every_delay_of_the_schedule_and_of_the_waits_has_one_retry_queue() -> None:
+    # The wait schedule (1, 2, 5, 10 s) is declared whatever the retry schedule.
+    assert retry_delays_ms([1, 5, 5, 0.0001, 30]) == [1, 1000, 2000, 5000, 10000, 30000]
+
+
+def test_a_wait_grows_along_its_own_schedule_and_stays_at_its_last_step() -> None:
+    assert [wait_delay_ms(n) for n in range(6)] == [1000, 2000, 5000, 10000, 10000, 10000]
 
 
 def test_batcher_flushes_on_size_and_on_linger_per_key_while_busy() -> None:
