@@ -258,6 +258,8 @@ class Gateway:
             await self._unroutable.stop()
         results = await asyncio.gather(*(w.stop(timeout) for w in self._workers))
         clean = all(results)
+        if self._desk is not None:
+            await self._desk.finish_marks(5.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,29 +1,39 @@
 """Delivery reports: every accepted SMS ends as exactly one `delivered` or `undelivered` event.
 
-    pipeline (accepted, with a provider message id) --track--> Store: correlation + first poll time
-    Mobizon webhook  POST /dlr/mobizon/<account> --> Desk.webhook --+
-    Poller (per account, every replica): due ids --statuses()-------+--> Desk.report
-                                                                        begin_final (one caller wins)
-                                                                        -> publish on sms.outcomes
-                                                                           <status>.<account>, confirmed
-                                                                        -> end_final
+    pipeline (accepted, with a provider message id) --record--> Store: result + correlation + first
+                                                                poll time, in one atomic step
+    Mobizon webhook  POST /dlr/mobizon/<account> --> Desk.webhook: the message's poll is due now
+    Poller (per account, every replica): due ids --statuses()--> Desk.report
+                                                                 begin_final (one caller wins)
+                                                                 -> publish on sms.outcomes
+                                                                    <status>.<account>, confirmed
+                                                                 -> end_final (retried until stored)
 
 - Exactly one final event: the store lets one caller claim a message's final event at a time;
-  it publishes (broker confirm), then marks the message final. A webhook retry, a duplicate
-  webhook or a poll that comes later finds it final and publishes nothing. A publish that fails
-  gives the claim back; a crash between the confirm and the mark leaves a claim whose lease ends,
-  and the message's next poll publishes it again (the one way to see a final event twice).
-- A report before its correlation (the provider answered the webhook faster than the gateway
-  recorded the send) is parked in the store and answered 2xx; the desk matches it once the
-  correlation exists.
+  it publishes (broker confirm), then marks the message final, trying the mark again until the
+  store answers (a store that pauses after the confirm must not let the claim's lease run out
+  into a second publish). A poll that comes later finds it final and publishes nothing. A publish
+  that fails gives the claim back; a crash between the confirm and the mark leaves a claim whose
+  lease ends, and the message's next poll publishes it again (the one way to see a final event
+  twice).
+- A webhook is a hint, never a report: Mobizon signs only `eventId|attempt|eventCreateTs`, so the
+  message id and status it names are not the provider's word. A webhook whose signature holds
+  (for an account with a webhook secret), whose `eventCreateTs` is fresh, and whose `eventId`
+  names the message it named the first time, makes that message's status poll due now; the poll
+  (the provider's own answer) decides the event. So a forged or rewritten webhook can at most make
+  the gateway ask the provider about a message sooner. A rewritten payload with a known `eventId`
+  is refused (409) and logged.
+- A webhook for a message not recorded yet (the provider answered the webhook faster than the
+  gateway recorded the send) is parked in the store and answered 2xx; the desk makes its poll due
+  once the correlation exists.
 - Polling is SerwerSMS's source of truth (its push format is undocumented) and Mobizon's safety
   net: a message is first polled `dlr_poll_after_s` after acceptance, then at doubling gaps up to
   `dlr_poll_max_gap_s`, in batches (`max_status_ids`), each batch leased to one replica and paid
   for with one rate-limit token of the account. A message without a final status when
   `dlr_window_s` ends becomes `undelivered` with reason `unknown`.
-- A webhook is answered 2xx only once its report is published or parked; 503 when the broker or the
-  store cannot take it (Mobizon retries), 403 for a bad `sign`, 404 for an unknown account, 400 for
-  a malformed or oversized body.
+- A webhook is answered 2xx only once its poll is due or it is parked; 503 when the store cannot
+  take it (Mobizon retries), 403 for a bad `sign` or a stale `eventCreateTs`, 409 for a rewritten
+  event, 404 for an unknown account, 400 for a malformed or oversized body.
 """
 
 from __future__ import annotations
@@ -31,8 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gateway import contract as c
@@ -48,11 +57,19 @@ from gateway.telemetry import get_logger
 
 log = get_logger("gateway.dlr")
 
-FINAL_LEASE_S = 30.0  # a claim on a final event outlives any publish
+# A claim on a final event outlives a publish and a store outage of most of a minute during its mark
+# (tried again meanwhile); another caller may publish the event again only after it, which is what a
+# crash between the confirm and the mark costs: a repeat, and this long before it.
+FINAL_LEASE_S = 60.0
+MARK_RETRY_FIRST_S = 0.5  # a final mark that failed is tried again after this, doubling up to the max
+MARK_RETRY_MAX_S = 5.0
 SWEEP_S = 0.5  # parked reports are matched this often
 LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often
 IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long
 WEBHOOK_DEADLINE_S = 4.0  # Mobizon waits 5 s for the answer
+# `eventCreateTs` is in an undocumented time zone and Mobizon retries for about an hour: an event
+# further than this from now (either way) is a replay, not a retry.
+WEBHOOK_FRESH_S = 26 * 3600.0
 
 
 class EventSink(Protocol):
@@ -94,6 +111,7 @@ class Desk:
         self._settings = settings
         self._owner = owner
         self._clock = clock
+        self._marks: set[asyncio.Task[None]] = set()  # final marks tried again in the background
 
     # -- one report -----------------------------------------------------------------------------------
 
@@ -118,9 +136,42 @@ class Desk:
         except BaseException:
             await asyncio.shield(self._store.abandon_final(account, message_id, holder))
             raise
-        await self._store.end_final(account, message_id, holder)
         m.DLR_REPORTS.labels(account, source, "published").inc()
+        try:
+            await self._store.end_final(account, message_id, holder)
+        except BaseException as exc:
+            # Published: the mark must land, or the lease ends and the event goes out again.
+            log.warning("dlr_mark_failed", account=account, provider_message_id=message_id, error=type(exc).__name__)
+            task = asyncio.create_task(self._mark_until_stored(account, message_id, holder))
+            self._marks.add(task)
+            task.add_done_callback(self._marks.discard)
+            if not isinstance(exc, Exception):
+                raise
         return True
+
+    async def _mark_until_stored(self, account: str, message_id: str, holder: str) -> None:
+        delay = MARK_RETRY_FIRST_S
+        while True:
+            await self._clock.sleep(delay)
+            try:
+                await self._store.end_final(account, message_id, holder)
+            except Exception:  # noqa: BLE001 - the store is still away
+                delay = min(delay * 2, MARK_RETRY_MAX_S)
+            else:
+                log.info("dlr_marked_late", account=account, provider_message_id=message_id)
+                return
+
+    async def finish_marks(self, timeout_s: float) -> int:
+        """At shutdown: wait up to `timeout_s` for final marks still being tried; returns how many
+        were left (their events may be published again after the lease)."""
+        if not self._marks:
+            return 0
+        _done, late = await asyncio.wait(set(self._marks), timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("dlr_marks_left", count=len(late))
+        return len(late)
 
     async def _publish(self, account: str, t: Tracked, report: StatusReport) -> None:
         assert report.final is not None
@@ -176,39 +227,51 @@ class Desk:
         if event.report is None:
             m.DLR_REPORTS.labels(account.name, "webhook", "other_event").inc()
             return 200, "ignored"
+        created = mobizon_webhook.created_at(event)
+        if created is not None and abs(self._clock.time() - created) > WEBHOOK_FRESH_S:
+            return _rejected(provider, 403, "stale")
         try:
             return await asyncio.wait_for(self._webhook_report(account.name, event), WEBHOOK_DEADLINE_S)
-        except Exception as exc:  # noqa: BLE001 - the store or the broker is away: Mobizon retries
+        except Exception as exc:  # noqa: BLE001 - the store is away: Mobizon retries
             log.warning("dlr_webhook_unavailable", account=account.name, error=type(exc).__name__)
             return _rejected(provider, 503, "unavailable")
 
     async def _webhook_report(self, account: str, event: mobizon_webhook.WebhookEvent) -> tuple[int, str]:
         assert event.report is not None
-        if await self._store.event_seen(account, event.dedupe_key):
-            m.DLR_REPORTS.labels(account, "webhook", "duplicate").inc()
-            return 200, "duplicate"
-        if not await self.report(account, event.report, "webhook"):
-            await self._store.park(
-                account, event.report.provider_message_id, _park(event.report), self._settings.dlr_window_s
+        message_id = event.report.provider_message_id
+        window = self._settings.dlr_window_s
+        bound = await self._store.bind_event(account, event.event_id, message_id, window)
+        if bound is not None and bound != message_id:
+            log.warning(
+                "dlr_webhook_refused",
+                account=account,
+                reason="event_rewritten",
+                event_id=event.event_id,
+                provider_message_id=message_id[:64],
+                bound_to=bound,
             )
-            m.DLR_REPORTS.labels(account, "webhook", "parked").inc()
-        await self._store.remember_event(account, event.dedupe_key, self._settings.dlr_window_s)
-        return 200, "ok"
+            return _rejected("mobizon", 409, "event_rewritten")
+        # A retry of an event seen before still makes the poll due: its first try may have been
+        # answered 503 after the binding.
+        if await self._store.poll_soon(account, message_id):
+            result = "duplicate" if bound else "poll_due"
+        else:
+            await self._store.park(account, message_id, _park(event.report), window)
+            result = "parked"
+        m.DLR_REPORTS.labels(account, "webhook", result).inc()
+        return 200, "duplicate" if bound else "ok"
 
     # -- parked reports and the lag gauge -------------------------------------------------------------
 
     async def sweep(self) -> int:
-        """Match parked reports whose correlation exists now; returns how many were finished."""
-        finished = 0
+        """Make the polls of parked webhooks due once their correlation exists; returns how many."""
+        matched = 0
         for name in self._accounts:
             parked = await self._store.parked(name, 200)
-            done = []
-            for message_id, raw in parked.items():
-                if await self.report(name, _unpark(message_id, raw), "parked"):
-                    done.append(message_id)
+            done = [message_id for message_id in parked if await self._store.poll_soon(name, message_id)]
             await self._store.unpark(name, done)
-            finished += len(done)
-        return finished
+            matched += len(done)
+        return matched
 
     async def measure_lag(self) -> None:
         now = self._clock.time()
@@ -320,9 +383,3 @@ def _rejected(provider: str, status: int, reason: str, exc: Exception | None = N
 def _park(report: StatusReport) -> str:
     at = report.at.isoformat() if report.at is not None else None
     return json.dumps({"s": report.status, "f": report.final, "r": report.reason, "at": at})
-
-
-def _unpark(message_id: str, raw: str) -> StatusReport:
-    d: Mapping[str, Any] = json.loads(raw)
-    at = datetime.fromisoformat(d["at"]) if d.get("at") else None
-    return StatusReport(message_id, d["s"], c.Status(d["f"]) if d.get("f") else None, d.get("r"), at)

@@ -334,11 +334,15 @@ class Store(Protocol):
 
     async def unpark(self, account: str, message_ids: Sequence[str]) -> None: ...
 
-    async def event_seen(self, account: str, key: str) -> bool:
-        """A webhook event handled before (its dedupe key was remembered)."""
+    async def poll_soon(self, account: str, message_id: str) -> bool:
+        """Make a tracked message's status poll due now (a webhook said it has a final status).
+        False when the message is not tracked (not recorded yet, or its window is over)."""
         ...
 
-    async def remember_event(self, account: str, key: str, ttl_s: float) -> None: ...
+    async def bind_event(self, account: str, event_id: str, message_id: str, ttl_s: float) -> str | None:
+        """Bind a webhook event id to the message it names, for `ttl_s`. Returns the message id it
+        was bound to before (None: the event is new, and is bound now)."""
+        ...
 
     async def oldest_open(self, account: str) -> float | None:
         """Acceptance time (epoch s) of the oldest tracked message without a final event."""

@@ -11,7 +11,7 @@ Keys (all here, one place); `{account}` is a hash tag so one account's keys shar
     smsgw:{<account>}:dlr:due         zset: message id -> next status poll (epoch s)
     smsgw:{<account>}:dlr:open        zset: message id -> acceptance time, until its final event
     smsgw:{<account>}:dlr:early       hash: message id -> a report that came before its correlation
-    smsgw:{<account>}:dlr:ev:<key>    a handled webhook event (dedupe)
+    smsgw:{<account>}:dlr:ev:<id>     a webhook event id -> the message id it first named
 
 Time is the Redis server's (one clock for every replica) unless a `Clock` is injected (tests).
 """
@@ -321,6 +321,26 @@ end
 return 1
 """
 
+# KEYS = correlation, due; ARGV = message id, now. A tracked message's poll becomes due now (never
+# later than it was). Returns 1 when the message is tracked.
+_POLL_SOON = (
+    _NOW_FN
+    + """
+local st = redis.call('HGET', KEYS[1], 's')
+if not st then return 0 end
+if st ~= 'final' then redis.call('ZADD', KEYS[2], 'LT', clock(ARGV[2]), ARGV[1]) end
+return 1
+"""
+)
+
+# KEYS = event key; ARGV = message id, ttl ms. The message id bound before, or false (bound now).
+_BIND_EVENT = """
+local before = redis.call('GET', KEYS[1])
+if before then return before end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return false
+"""
+
 # KEYS = due; ARGV = limit, lease s, now. Leases the due ids (their score moves to now + lease).
 _DUE = (
     _NOW_FN
@@ -397,6 +417,8 @@ class RedisStore(RecordShortcuts):
         self._end_final = self._redis.register_script(_END_FINAL)
         self._abandon_final = self._redis.register_script(_ABANDON_FINAL)
         self._due = self._redis.register_script(_DUE)
+        self._poll_soon = self._redis.register_script(_POLL_SOON)
+        self._bind_event = self._redis.register_script(_BIND_EVENT)
         self._poll_later = self._redis.register_script(_POLL_LATER)
         self._epochs = EpochMemory()
         self._clock = clock
@@ -553,11 +575,13 @@ class RedisStore(RecordShortcuts):
         if message_ids:
             await self._redis.hdel(dlr_key(account, "early"), *message_ids)  # type: ignore[misc]
 
-    async def event_seen(self, account: str, key: str) -> bool:
-        return bool(await self._redis.exists(dlr_key(account, f"ev:{key}")))
+    async def poll_soon(self, account: str, message_id: str) -> bool:
+        keys = [corr_key(account, message_id), dlr_key(account, "due")]
+        return bool(await self._poll_soon(keys=keys, args=[message_id, self._now()]))
 
-    async def remember_event(self, account: str, key: str, ttl_s: float) -> None:
-        await self._redis.set(dlr_key(account, f"ev:{key}"), 1, px=int(ttl_s * 1000))
+    async def bind_event(self, account: str, event_id: str, message_id: str, ttl_s: float) -> str | None:
+        before = await self._bind_event(keys=[dlr_key(account, f"ev:{event_id}")], args=[message_id, int(ttl_s * 1000)])
+        return str(before) if before else None
 
     async def oldest_open(self, account: str) -> float | None:
         rows = await self._redis.zrange(dlr_key(account, "open"), 0, 0, withscores=True)

@@ -73,8 +73,10 @@ CREATE INDEX IF NOT EXISTS dlr_open ON dlr (account, accepted_at) WHERE state !=
 CREATE TABLE IF NOT EXISTS dlr_early (
     account TEXT NOT NULL, mid TEXT NOT NULL, report TEXT NOT NULL, until REAL NOT NULL, PRIMARY KEY (account, mid)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dlr_event (
-    account TEXT NOT NULL, key TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (account, key)
+-- A webhook event id and the message id it first named.
+CREATE TABLE IF NOT EXISTS dlr_bound (
+    account TEXT NOT NULL, event TEXT NOT NULL, mid TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (account, event)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pause (
     account TEXT NOT NULL, owner TEXT NOT NULL, record TEXT NOT NULL, until REAL NOT NULL, PRIMARY KEY (account, owner)
@@ -126,7 +128,7 @@ class SqliteStore(RecordShortcuts):
         if self._ops % 1000 == 0:
             db.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM dlr WHERE expires_at < ?", (now,))
-            db.execute("DELETE FROM dlr_event WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM dlr_bound WHERE expires_at < ?", (now,))
 
     async def claim_and_acquire(
         self,
@@ -381,21 +383,37 @@ class SqliteStore(RecordShortcuts):
         if message_ids:
             await self._run(op)
 
-    async def event_seen(self, account: str, key: str) -> bool:
+    async def poll_soon(self, account: str, message_id: str) -> bool:
         def op(db: sqlite3.Connection) -> bool:
+            now = self._clock.time()
             row = db.execute(
-                "SELECT 1 FROM dlr_event WHERE account=? AND key=? AND expires_at>=?",
-                (account, key, self._clock.time()),
+                "SELECT state FROM dlr WHERE account=? AND mid=? AND expires_at>=?", (account, message_id, now)
             ).fetchone()
-            return row is not None
+            if row is None:
+                return False
+            if row[0] != "final":
+                db.execute(
+                    "UPDATE dlr SET due_at=MIN(COALESCE(due_at, ?), ?) WHERE account=? AND mid=?",
+                    (now, now, account, message_id),
+                )
+            return True
 
         return await self._run(op)
 
-    async def remember_event(self, account: str, key: str, ttl_s: float) -> None:
-        until = self._clock.time() + ttl_s
-        await self._run(
-            lambda db: db.execute("INSERT OR REPLACE INTO dlr_event VALUES (?, ?, ?)", (account, key, until))
-        )
+    async def bind_event(self, account: str, event_id: str, message_id: str, ttl_s: float) -> str | None:
+        def op(db: sqlite3.Connection) -> str | None:
+            now = self._clock.time()
+            row = db.execute(
+                "SELECT mid FROM dlr_bound WHERE account=? AND event=? AND expires_at>=?", (account, event_id, now)
+            ).fetchone()
+            if row is not None:
+                return str(row[0])
+            db.execute(
+                "INSERT OR REPLACE INTO dlr_bound VALUES (?, ?, ?, ?)", (account, event_id, message_id, now + ttl_s)
+            )
+            return None
+
+        return await self._run(op)
 
     async def oldest_open(self, account: str) -> float | None:
         def op(db: sqlite3.Connection) -> float | None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from gateway import metrics as m
 from gateway.config import Account
 from gateway.sandbox.dlr import DlrConfig, Webhook
+from gateway.sandbox.dlr import sign as sandbox_sign
 from testkit import REDIS_URL, Bus, free_port, new_account_name, request
 from tests.conftest import InProcess
 from tests.fakes import FailingStore
@@ -77,6 +79,53 @@ async def test_mobizon_webhooks_end_each_message_exactly_once(world: InProcess) 
     assert hooks["posts"] > n  # retries and duplicates were sent, and came to nothing
     assert m.REGISTRY.get_sample_value(
         "sms_dlr_reports_total", {"account": name, "source": "webhook", "result": "parked"}
+    )
+    # A webhook only makes the poll due: every event came from the provider's own answer.
+    assert (
+        m.REGISTRY.get_sample_value("sms_dlr_reports_total", {"account": name, "source": "poll", "result": "published"})
+        == n
+    )
+
+
+async def test_a_captured_webhook_rewritten_to_another_message_publishes_nothing(world: InProcess) -> None:
+    """An attacker holds one genuinely signed webhook and rewrites its message id, status and
+    webhook id (none of them signed): refused; the genuine report still ends its message."""
+    name = new_account_name()
+    port = free_port()
+    world.state.lifecycle.config = DlrConfig(delay_s=0.2)  # final (delivered) soon; no webhooks of its own
+    await world.gateway([mobizon(world, name, linger_ms=20)], http_port=port)
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("real", to="+77010000001"))
+        await bus.publish(name, request("victim", to="+77010000002"))
+        await bus.wait_for(outcomes=2)
+        ids = {d["unique_id"]: d["provider_message_id"] for d in bus.outcome_docs()}
+        await asyncio.sleep(0.5)  # both are delivered at the provider now
+        created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        genuine = {
+            "eventId": 4242,
+            "eventType": "sms-delivery-report",
+            "eventCreateTs": created,
+            "webhookId": 1,
+            "attempt": 1,
+            "data": {"messageId": int(ids["real"]) if ids["real"].isdigit() else ids["real"], "status": "DELIVRD"},
+            "sign": sandbox_sign(4242, 1, created, SECRET),
+        }
+        forged = {**genuine, "webhookId": 9, "data": {"messageId": ids["victim"], "status": "UNDELIV"}}
+        url = f"http://127.0.0.1:{port}/dlr/mobizon/{name}"
+        async with httpx.AsyncClient(timeout=5) as client:
+            first = await client.post(url, json=genuine)
+            forgeries = [(await client.post(url, json=forged)).status_code for _ in range(20)]
+        await wait_finals(bus, 1, timeout=20)
+        await bus.settle(1.0)
+    assert first.status_code == 200
+    assert forgeries == [409] * 20
+    events = finals(bus)
+    assert [(d["unique_id"], d["status"]) for d in events] == [("real", "delivered")]
+    assert (
+        m.REGISTRY.get_sample_value(
+            "sms_dlr_webhooks_rejected_total", {"provider": "mobizon", "reason": "event_rewritten"}
+        )
+        >= 20
     )
 
 
@@ -163,7 +212,7 @@ async def test_a_webhook_is_answered_503_while_the_store_is_down_and_taken_when_
 ) -> None:
     name = new_account_name()
     port = free_port()
-    flaky = FailingStore({"event_seen"}, times=1)
+    flaky = FailingStore({"bind_event"}, times=1)
     world.state.lifecycle.config = DlrConfig(
         delay_s=0.2,
         webhooks={f"key-{name}": Webhook(url=f"http://127.0.0.1:{port}/dlr/mobizon/{name}", secret=SECRET)},

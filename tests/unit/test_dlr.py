@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,10 @@ def test_serwersms_reports_carry_the_reason_and_the_warsaw_time() -> None:
     assert second.at.isoformat() == "2026-07-01T10:00:00+02:00"
 
 
+def now_ts() -> str:
+    return datetime.fromtimestamp(time.time(), UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def event(**overrides: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "eventId": 26,
@@ -95,7 +100,7 @@ def test_the_documented_webhook_body_and_its_signature() -> None:
     doc = event()
     doc["sign"] = sandbox_sign(26, 1, "2026-01-15 11:42:28", "s3cret")  # the sandbox signs as Mobizon does
     parsed = webhook.parse(json.dumps(doc).encode())
-    assert parsed.dedupe_key == "1:26"
+    assert webhook.created_at(parsed) == datetime(2026, 1, 15, 11, 42, 28, tzinfo=UTC).timestamp()
     assert parsed.report is not None
     assert (parsed.report.provider_message_id, parsed.report.status, parsed.report.final) == ("169275418", "DELIVRD", D)
     assert webhook.verify(parsed, "s3cret")
@@ -190,24 +195,73 @@ async def test_reports_of_one_message_at_once_publish_one_event(
     assert len(sink.events) == 1
 
 
-async def test_a_report_before_its_correlation_is_parked_then_matched(
+async def post(desk: Desk, doc: dict[str, Any]) -> tuple[int, str]:
+    return await desk.webhook("mobizon", "kz", json.dumps(doc).encode(), "application/json")
+
+
+async def due_ids(store: SqliteStore) -> list[str]:
+    return [t.provider_message_id for t in await store.due_polls("kz", 100, 30)]
+
+
+async def test_a_webhook_before_its_correlation_is_parked_then_makes_the_poll_due(
     desk_parts: tuple[Desk, SqliteStore, RecordingSink],
 ) -> None:
     desk, store, sink = desk_parts
-    doc = event(data={"messageId": "early-1", "status": "EXPIRED", "to": "77010000002"})
-    doc["sign"] = sandbox_sign(26, 1, doc["eventCreateTs"], "k")
-    status, _ = await desk.webhook("mobizon", "kz", json.dumps(doc).encode(), "application/json")
-    assert status == 200  # parked: safely stored
-    assert sink.events == []
+    doc = event(eventCreateTs=now_ts(), data={"messageId": "early-1", "status": "EXPIRED", "to": "77010000002"})
+    assert await post(desk, doc) == (200, "ok")  # parked: safely stored
     assert await desk.sweep() == 0  # still no correlation
     await store.track("kz", [Tracked("early-1", "u2", "+77010000002", None, "mobizon", time.time())], 60, 600)
+    assert await due_ids(store) == []  # its first poll is a minute away
     assert await desk.sweep() == 1
-    (event_doc,) = sink.events
-    assert (event_doc["status"], event_doc["provider_status"], event_doc["unique_id"]) == (
-        "undelivered",
-        "EXPIRED",
-        "u2",
-    )
+    assert await due_ids(store) == ["early-1"]  # due now: the provider's answer decides the event
+    assert sink.events == []  # a webhook itself publishes nothing
     # The webhook retried later is a duplicate: answered 200, nothing published.
-    assert await desk.webhook("mobizon", "kz", json.dumps(doc).encode(), "application/json") == (200, "duplicate")
+    assert await post(desk, doc) == (200, "duplicate")
+    assert sink.events == []
+
+
+async def test_a_rewritten_or_stale_webhook_is_refused_and_a_forged_status_publishes_nothing(
+    desk_parts: tuple[Desk, SqliteStore, RecordingSink],
+) -> None:
+    """Mobizon signs only eventId|attempt|eventCreateTs (this account has no secret, so nothing):
+    the message id, status and webhook id of a captured webhook can be rewritten at will."""
+    desk, store, sink = desk_parts
+    now = time.time()
+    await store.track("kz", [Tracked(f"m{i}", f"u{i}", None, None, "mobizon", now) for i in (1, 2)], 60, 600)
+    genuine = event(eventCreateTs=now_ts(), data={"messageId": "m1", "status": "DELIVRD", "to": "77010000001"})
+    assert await post(desk, genuine) == (200, "ok")
+    # The same event rewritten to name another pending message as undelivered: refused.
+    forged = {**genuine, "webhookId": 77, "data": {"messageId": "m2", "status": "UNDELIV", "to": "77010000002"}}
+    assert await post(desk, forged) == (409, "event_rewritten")
+    # A replay from long ago: refused before the store is asked.
+    stale = event(eventId=27, data={"messageId": "m2", "status": "UNDELIV"})
+    assert await post(desk, stale) == (403, "stale")
+    # A fresh, unknown event id naming m2 only makes m2's poll due: nothing is published from it.
+    fresh = event(eventId=28, eventCreateTs=now_ts(), data={"messageId": "m2", "status": "UNDELIV"})
+    assert await post(desk, fresh) == (200, "ok")
+    assert sorted(await due_ids(store)) == ["m1", "m2"]
+    assert sink.events == []
+
+
+async def test_a_final_mark_that_fails_is_tried_again_and_the_event_is_not_published_twice(
+    desk_parts: tuple[Desk, SqliteStore, RecordingSink],
+) -> None:
+    desk, store, sink = desk_parts
+    await store.track("kz", [Tracked("m1", "u1", None, None, "mobizon", time.time())], 60, 600)
+    real_end = store.end_final
+    failures = {"left": 3}
+
+    async def flaky_end(*args: Any) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("store paused")
+        await real_end(*args)
+
+    store.end_final = flaky_end  # type: ignore[method-assign]
+    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll")
+    assert len(sink.events) == 1
+    assert await desk.finish_marks(30) == 0  # the mark landed on a later try
+    assert failures["left"] == 0
+    # Every later report finds the message final: still one event.
+    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll")
     assert len(sink.events) == 1

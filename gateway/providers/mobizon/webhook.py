@@ -5,9 +5,10 @@
 
 `sign = sha1(eventId|attempt|eventCreateTs|secret)`, lowercase hex, absent when the webhook has no
 secret. Mobizon sends one event per whole message and only for final statuses, retries up to ten
-times with the same `eventId` (so `(webhookId, eventId)` is the dedupe key) and wants a 2xx within
-5 s. The `raw` and `xml` formats are undocumented; a form-encoded body (bracket notation) is read
-the same way as JSON.
+times with the same `eventId` and wants a 2xx within 5 s. Only `eventId`, `attempt` and
+`eventCreateTs` are signed: nothing else of the body (message id, status, `webhookId`) can be
+trusted from the webhook itself. The `raw` and `xml` formats are undocumented; a form-encoded body
+(bracket notation) is read the same way as JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -41,9 +43,20 @@ class WebhookEvent:
     report: StatusReport | None  # for delivery reports
     to: str | None
 
-    @property
-    def dedupe_key(self) -> str:
-        return f"{self.webhook_id}:{self.event_id}"
+
+def created_at(event: WebhookEvent) -> float | None:
+    """`eventCreateTs` as epoch seconds: documented as `2026-01-15 11:42:28` in an unstated time zone
+    (read as UTC; callers allow for any zone), also taken as epoch seconds or milliseconds. None
+    when it is neither (the signature still covers it)."""
+    text = event.created.strip()
+    if text.isdigit():
+        value = float(text)
+        return value / 1000 if value > 1e11 else value
+    try:
+        when = datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError:
+        return None
+    return (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
 
 
 def signature(event_id: str, attempt: str, created: str, secret: str) -> str:
