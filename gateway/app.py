@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -30,7 +31,7 @@ from aiohttp.web import AppRunner
 from yarl import URL
 
 from gateway import contract as c
-from gateway import topology, web
+from gateway import numbers, topology, web
 from gateway.config import Account, ConfigError, Settings, sandbox_account
 from gateway.consumer import AccountWorker, UnroutableWorker, close_within
 from gateway.diagnostics import dump_tasks
@@ -92,7 +93,7 @@ class Gateway:
         self._adapters: list[ProviderAdapter] = []
         self._workers: list[AccountWorker] = []
         self._unroutable: UnroutableWorker | None = None
-        self._runners: list[AppRunner] = []
+        self._runners: list[AppRunner | web.HttpPort] = []
         self._channels: list[AbstractChannel] = []
         self._tasks: list[asyncio.Task[None]] = []  # delivery reports: the desk and one poller per account
         self._desk: Desk | None = None
@@ -108,8 +109,19 @@ class Gateway:
 
             self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
         if s.http_port:
-            app = web.build_app(self.problems, lambda: {"paused": self.paused_accounts()}, self._webhook)
-            self._runners.append(await web.serve(app, s.http_host, s.http_port))
+            guard = web.ConnectionGuard(
+                max_connections=min(s.http_max_connections, max(8, file_limit() // 4)),
+                header_timeout_s=s.http_header_timeout_s,
+                idle_timeout_s=s.http_idle_timeout_s,
+            )
+            app = web.build_app(
+                self.problems,
+                lambda: {"paused": self.paused_accounts()},
+                self._webhook,
+                guard=guard,
+                webhook_concurrency=s.webhook_concurrency,
+            )
+            self._runners.append(await web.serve(app, s.http_host, s.http_port, guard))
         self._store = await self._open_state()
         self._connection = await self._connect()
         self._waiting_for = "topology"
@@ -284,6 +296,9 @@ async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = Fa
     task waits on (`diagnostics.dump_tasks`) and changes nothing."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    raise_file_limit()
+    numbers.preload()
+    web.quiet_accept_errors(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR2, dump_tasks)  # what each task waits on, for a stuck gateway
@@ -307,6 +322,23 @@ async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = Fa
     finally:
         stopping.cancel()
         await gateway.stop()
+
+
+def file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_file_limit() -> None:
+    """The process's open-file limit up to its hard limit: every connection (broker, store,
+    provider, HTTP client) is a file, and a low soft limit (1,024 on many hosts) is soon met."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("file_limit_not_raised", soft=soft, hard=hard, error=str(exc))
+    log.info("file_limit", files=file_limit())
 
 
 def _refused(exc: BaseException) -> bool:

@@ -198,6 +198,21 @@ class Settings(BaseSettings):
     )
     http_host: str = Field(default="127.0.0.1", description="bind address of /healthz, /readyz, /metrics")
     http_port: int = Field(default=8080, ge=0, le=65535, description="0 disables the HTTP endpoints")
+    http_max_connections: int = Field(
+        default=512,
+        ge=8,
+        description="open connections the HTTP port holds at most (and at most a quarter of the process's file "
+        "limit); more are closed at once",
+    )
+    http_header_timeout_s: float = Field(
+        default=5.0, gt=0, description="a connection that has not sent a whole request head by then is closed"
+    )
+    http_idle_timeout_s: float = Field(
+        default=15.0, gt=0, description="a keep-alive connection idle this long between requests is closed"
+    )
+    webhook_concurrency: int = Field(
+        default=64, ge=1, description="webhooks handled at once; more are answered 503 before their body is read"
+    )
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     sandbox_port: int = Field(default=8580, ge=1, le=65535, description="port of `run --sandbox`")

@@ -114,3 +114,18 @@ DLR_POLLS = Counter("sms_dlr_polls", "Status polls made, one per provider call",
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
+
+
+HTTP_CONNECTIONS = Gauge("sms_http_connections", "Open connections on the gateway's HTTP port", registry=REGISTRY)
+HTTP_CLOSED = Counter(
+    "sms_http_connections_closed",
+    "Connections the HTTP port closed itself: `refused` (over the cap), `header_timeout` (no request "
+    "head in time), `idle` (keep-alive idle too long)",
+    ["reason"],
+    registry=REGISTRY,
+)
+HTTP_ACCEPT_ERRORS = Counter(
+    "sms_http_accept_errors",
+    "Connections the HTTP port could not accept (the process ran out of files or memory)",
+    registry=REGISTRY,
+)

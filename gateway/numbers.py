@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import phonenumbers
+from phonenumbers.phonemetadata import PhoneMetadata
 
 
 class InvalidNumber(ValueError):
     pass
+
+
+def preload() -> None:
+    """Load every region's metadata now. `phonenumbers` loads a region's on first use, importing a
+    module under a lock; an import that fails for want of files (a flood of connections) left that
+    lock held and the next number of the region waited for good. At start-up nothing can fail it."""
+    PhoneMetadata.load_all()
 
 
 def normalize(raw: str, default_region: str) -> str:

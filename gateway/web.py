@@ -1,8 +1,19 @@
 """The gateway's HTTP port: `/healthz` (the process runs), `/readyz` (it can do its job),
-`/metrics` (Prometheus), and `POST /dlr/<provider>/<account>` (delivery-report webhooks)."""
+`/metrics` (Prometheus), and `POST /dlr/<provider>/<account>` (delivery-report webhooks).
+
+The port is open to whoever can reach it, so nothing a client does may hold the process:
+- `ConnectionGuard` caps the open connections (more are closed at accept, before a byte is read),
+  closes a connection that has not sent a whole request head within `header_timeout_s` (slow or
+  half-open clients) and one idle between requests for `idle_timeout_s`;
+- a webhook's body must arrive within `BODY_TIMEOUT_S`, and at most `webhook_concurrency`
+  webhooks are handled at once: more are answered 503 before their body is read (Mobizon retries);
+- a client that goes away mid-request is one log line, no traceback (aiohttp's own logger).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,6 +21,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import metrics as m
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.web")
 
 # What is wrong right now (empty: ready), and what an operator should see when ready.
 Readiness = Callable[[], Awaitable[list[str]]]
@@ -17,6 +31,115 @@ Details = Callable[[], dict[str, Any]]
 # A webhook: (provider, account, body or None when too large, content type) -> (HTTP status, reason).
 Webhook = Callable[[str, str, bytes | None, str], Awaitable[tuple[int, str]]]
 MAX_WEBHOOK_BYTES = 16 * 1024
+BODY_TIMEOUT_S = 5.0  # a webhook's body, once its head is in
+REAP_EVERY_S = 0.5  # how often connections past their deadline are closed
+
+
+class _Closed(asyncio.Protocol):
+    """The protocol of a connection over the cap: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.abort()
+
+
+class _Tracked(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with the guard told when it opens and closes."""
+
+    def __init__(self, guard: ConnectionGuard, inner: Any) -> None:
+        self._guard = guard
+        self.inner = inner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._guard.opened(self.inner, transport)
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard.closed(self.inner)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[no-any-return]
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class ConnectionGuard:
+    """Bounds what HTTP clients can hold (module docstring). A connection has a deadline while it
+    owes a request head (`header_timeout_s` from its start or from its last answer; `idle_timeout_s`
+    once it has been answered) and none while a handler runs; past it, it is closed."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        header_timeout_s: float,
+        idle_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_connections = max_connections
+        self._header_s = header_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._open: dict[Any, tuple[asyncio.BaseTransport, float, str]] = {}  # protocol -> transport, deadline
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def factory(self, inner: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
+        def make() -> asyncio.Protocol:
+            if len(self._open) >= self.max_connections:
+                m.HTTP_CLOSED.labels("refused").inc()
+                return _Closed()
+            return _Tracked(self, inner())
+
+        return make
+
+    def opened(self, protocol: Any, transport: asyncio.BaseTransport) -> None:
+        self._open[protocol] = (transport, self._clock() + self._header_s, "header_timeout")
+        m.HTTP_CONNECTIONS.set(len(self._open))
+
+    def closed(self, protocol: Any) -> None:
+        self._open.pop(protocol, None)
+        m.HTTP_CONNECTIONS.set(len(self._open))
+
+    def busy(self, protocol: Any) -> None:
+        """A handler runs on the connection: no deadline until it has answered."""
+        if (entry := self._open.get(protocol)) is not None:
+            self._open[protocol] = (entry[0], float("inf"), "")
+
+    def answered(self, protocol: Any) -> None:
+        """The next request head must come within the idle timeout."""
+        if (entry := self._open.get(protocol)) is not None:
+            self._open[protocol] = (entry[0], self._clock() + self.idle_timeout_s, "idle")
+
+    def reap(self) -> int:
+        """Close every connection past its deadline; returns how many."""
+        now = self._clock()
+        late = [(p, t, why) for p, (t, deadline, why) in self._open.items() if deadline <= now]
+        for protocol, transport, why in late:
+            self._open.pop(protocol, None)
+            m.HTTP_CLOSED.labels(why).inc()
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+            else:
+                transport.close()
+        if late:
+            m.HTTP_CONNECTIONS.set(len(self._open))
+        return len(late)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_EVERY_S)
+            self.reap()
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes | None:
@@ -33,7 +156,14 @@ async def read_limited(request: web.Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def build_app(readiness: Readiness, details: Details, webhook: Webhook | None = None) -> web.Application:
+def build_app(
+    readiness: Readiness,
+    details: Details,
+    webhook: Webhook | None = None,
+    *,
+    guard: ConnectionGuard | None = None,
+    webhook_concurrency: int = 64,
+) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -46,23 +176,104 @@ def build_app(readiness: Readiness, details: Details, webhook: Webhook | None = 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    webhooks_running = 0
+
     async def dlr(request: web.Request) -> web.Response:
+        nonlocal webhooks_running
         assert webhook is not None
-        body = await read_limited(request, MAX_WEBHOOK_BYTES)
-        status, reason = await webhook(
-            request.match_info["provider"], request.match_info["account"], body, request.content_type
-        )
+        if webhooks_running >= webhook_concurrency:
+            m.DLR_REJECTED.labels("(any)", "busy").inc()
+            return web.json_response({"status": "busy"}, status=503, headers={"Connection": "close"})
+        webhooks_running += 1
+        try:
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT_S):
+                    body = await read_limited(request, MAX_WEBHOOK_BYTES)
+            except TimeoutError:
+                m.DLR_REJECTED.labels("(any)", "slow_body").inc()
+                return web.json_response({"status": "slow_body"}, status=408, headers={"Connection": "close"})
+            except OSError as exc:  # the client went away mid-body: nobody to answer
+                m.DLR_REJECTED.labels("(any)", "client_gone").inc()
+                log.info("dlr_client_gone", error=type(exc).__name__)
+                return web.Response(status=400)
+            status, reason = await webhook(
+                request.match_info["provider"], request.match_info["account"], body, request.content_type
+            )
+        finally:
+            webhooks_running -= 1
         return web.json_response({"status": reason}, status=status)
 
-    app = web.Application()
+    middlewares = []
+    if guard is not None:
+
+        @web.middleware
+        async def guarded(request: web.Request, handler: Any) -> web.StreamResponse:
+            guard.busy(request.protocol)
+            try:
+                response: web.StreamResponse = await handler(request)
+            finally:
+                guard.answered(request.protocol)
+            return response
+
+        middlewares.append(guarded)
+
+    app = web.Application(middlewares=middlewares)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
     if webhook is not None:
         app.add_routes([web.post("/dlr/{provider}/{account}", dlr)])
     return app
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+ACCEPT_LOG_EVERY_S = 10.0
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio reports every accept that fails for want of files or memory (and tries again a second
+    later) with a traceback; while that lasts, one line per `ACCEPT_LOG_EVERY_S` with a count."""
+    previous = loop.get_exception_handler()
+    state = {"last": -ACCEPT_LOG_EVERY_S, "count": 0}
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            m.HTTP_ACCEPT_ERRORS.inc()
+            state["count"] += 1
+            now = time.monotonic()
+            if now - state["last"] >= ACCEPT_LOG_EVERY_S:
+                exc = context.get("exception")
+                log.error("http_accept_failed", error=f"{type(exc).__name__}: {exc}", count=state["count"])
+                state["last"], state["count"] = now, 0
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+class HttpPort:
+    """A listening port served by an aiohttp application through a `ConnectionGuard`."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server, reaper: asyncio.Task[None]) -> None:
+        self._runner = runner
+        self._server = server
+        self._reaper = reaper
+
+    async def cleanup(self) -> None:
+        self._reaper.cancel()
+        self._server.close()
+        await self._runner.cleanup()
+
+
+async def serve(app: web.Application, host: str, port: int, guard: ConnectionGuard) -> HttpPort:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=guard_idle(guard))
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    assert runner.server is not None
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(guard.factory(runner.server), host, port, reuse_address=True)
+    return HttpPort(runner, server, asyncio.create_task(guard.run(), name="http guard"))
+
+
+def guard_idle(guard: ConnectionGuard) -> float:
+    """aiohttp's own keep-alive close, a little after the guard's (which counts it)."""
+    return guard.idle_timeout_s + 1.0
