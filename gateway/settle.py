@@ -25,10 +25,12 @@ from gateway import tracing
 from gateway.acks import AckTracker
 from gateway.numbers import mask
 from gateway.pipeline import Decision, Finish, Job, Retry
+from gateway.providers.base import UNKNOWN_TYPE
 from gateway.publisher import Publisher
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.settle")
+UNKNOWN_CODE_LABEL = "unknown"  # the metric label of every provider code outside the code tables
 
 
 # Metric children by label values, looked up per message: `labels()` costs microseconds each.
@@ -176,7 +178,9 @@ class Settler:
     @staticmethod
     def _count(d: Delivery, decision: Decision) -> None:
         if isinstance(decision, Finish):
-            code = decision.result.error.code if decision.result.error is not None else ""
+            error = decision.result.error
+            # A code no table knows is in the outcome and the log as sent; as a label it is one value.
+            code = "" if error is None else (UNKNOWN_CODE_LABEL if error.type == UNKNOWN_TYPE else error.code)
             _child(m.OUTCOMES, d.label, decision.result.status, code).inc()
             if decision.dead is not None:
                 m.DEAD_LETTERS.labels(d.label, str(decision.dead)).inc()

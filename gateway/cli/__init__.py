@@ -12,15 +12,28 @@ import sys
 from typing import Any
 
 import click
+import structlog
 
 from gateway.cli import accounts, dlq, send, topology
 from gateway.cli.common import USAGE, Fail
 from gateway.config import ConfigError, Settings, load_settings, unknown_variables
-from gateway.telemetry import get_logger, setup_logging
+from gateway.telemetry import (
+    get_logger,
+    register_secrets,
+    setup_logging,
+    setup_logging_from_environment,
+    url_secrets,
+)
 
 
 def _settings() -> Settings:
     settings = load_settings()
+    register_secrets(
+        value
+        for url in (settings.amqp_url, settings.redis_url, settings.management_url)
+        if url is not None
+        for value in url_secrets(url.get_secret_value())
+    )
     setup_logging(settings.log_format, settings.log_level)
     for name in unknown_variables():
         get_logger("gateway").warning("unknown_setting", variable=name, hint="no such setting; misspelled?")
@@ -58,13 +71,23 @@ def run(sandbox: bool) -> None:
     from gateway.app import run as run_gateway
     from gateway.tracing import setup_tracing
 
-    settings = _settings()
-    setup_tracing()
-    accounts_ = resolve_accounts(settings, sandbox=sandbox)
     try:
+        settings = _settings()
+        setup_tracing()
+        accounts_ = resolve_accounts(settings, sandbox=sandbox)
+        register_secrets(
+            s.get_secret_value()
+            for a in accounts_
+            for s in (a.password, a.token, a.api_key, a.webhook_secret)
+            if s is not None
+        )
         asyncio.run(run_gateway(settings, accounts_, sandbox=sandbox))
-    except ConfigError:
-        raise  # one line and exit code 2 (main)
+    except ConfigError as exc:
+        # A log line like every other line of the service (JSON when asked for), exit code 2.
+        if not structlog.is_configured():
+            setup_logging_from_environment()
+        get_logger("gateway").error("configuration_error", error=str(exc))
+        sys.exit(USAGE)
     except Exception:  # noqa: BLE001 - anything that ends the process
         # Logged, not printed: with JSON logs asked for, the traceback is a field of one JSON line.
         get_logger("gateway").exception("gateway_crashed")

@@ -114,6 +114,9 @@ class ItemResult:
         return cls.failure(code, rule.type, message or rule.meaning, rule.action)
 
 
+UNKNOWN_TYPE = "Unknown"  # the error type of every code outside a provider's table
+
+
 class CodeTable:
     """A provider's code table: every known code with its rule, and the rule of the unknown ones
     (logged with the raw answer, so a new code is seen the first time it comes)."""

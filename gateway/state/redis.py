@@ -358,6 +358,7 @@ def connect(url: str, timeout_s: float = 5.0) -> tuple[aioredis.Redis, list[aior
     - `redis://` / `rediss://`: one server (TLS options in the query: `ssl_ca_certs`, ...);
     - `redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]`: the service's master,
       found and followed through a failover by the Sentinels (`?sentinel_password=` if they need one);
+      `rediss+sentinel://` speaks TLS to the Sentinels and the master (options as for `rediss://`);
     - `redis+cluster://[:password@]host:port/`: a Redis Cluster, discovered from that node.
     Every key of one account carries the account as its hash tag, so each script runs in one slot.
     Every command and connect is bounded by `timeout_s`, with TCP keepalive on: a host that vanishes
@@ -390,6 +391,9 @@ def connect(url: str, timeout_s: float = 5.0) -> tuple[aioredis.Redis, list[aior
             (h.rpartition(":")[0], int(h.rpartition(":")[2])) if ":" in h else (h, 26379) for h in hosts.split(",")
         ]
         sentinel_auth = {"password": query.pop("sentinel_password")} if "sentinel_password" in query else {}
+        if scheme.startswith("rediss"):  # TLS asked for: to the Sentinels and to the master alike
+            query["ssl"] = True
+            sentinel_auth["ssl"] = True
         # redis-py leaves Sentinel's constructor untyped
         sentinel = Sentinel(sentinels, sentinel_kwargs={**sentinel_auth, **bounds}, **bounds)  # type: ignore[no-untyped-call]
         db = int(path[1]) if len(path) > 1 else 0

@@ -62,9 +62,11 @@ def test_a_configuration_mistake_is_one_line_and_exit_2(
     done = gateway(tmp_path, "run", "--sandbox", log_format="json", **settings)
     assert done.returncode == 2, done.stderr[-2000:]
     assert NO_TRACEBACK not in done.stdout + done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("configuration error: ")
-    assert variable in last
+    lines = [json.loads(line) for line in done.stderr.strip().splitlines()]  # JSON asked for: every line
+    last = lines[-1]
+    assert last["event"] == "configuration_error"
+    assert last["error"].startswith(variable)
+    assert "not-the-password" not in done.stderr
 
 
 def test_a_comma_separated_retry_schedule_is_read(tmp_path: Path) -> None:
@@ -123,3 +125,42 @@ def test_version() -> None:
     done = subprocess.run([sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True, check=False)
     assert done.returncode == 0
     assert done.stdout.startswith("gateway 0.")
+
+
+SECRET = "hunter2-secret"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"amqp_url": f"amqp//guest:{SECRET}@127.0.0.1:5672/"},  # malformed: retried, logged each time
+        {"amqp_url": f"amqp://guest:{SECRET}@127.0.0.1:5672/"},  # refused login
+        {"amqp_url": f"amqps://guest:{SECRET}@127.0.0.1:5672/"},  # TLS to a plain port
+        {"redis_url": f"redis://:{SECRET}@127.0.0.1:6379/0"},  # a password Redis does not have
+        {"redis_url": f"rediss+sentinel://:{SECRET}@127.0.0.1:6379/mymaster"},  # TLS asked for: used
+    ],
+    ids=["malformed-url", "refused-login", "amqp-tls", "redis-auth", "sentinel-tls"],
+)
+def test_start_up_failures_are_json_lines_that_never_show_the_secret(
+    tmp_path: Path, services: None, settings: dict[str, str]
+) -> None:
+    env = gateway_env(
+        state_path=str(tmp_path / "state.sqlite3"), http_port=0, sandbox_port=free_port(), log_format="json", **settings
+    )
+    proc = Process(["run", "--sandbox"], env, tmp_path / "gateway.log")
+    try:
+        deadline = time.monotonic() + 15
+        while proc.popen.poll() is None and time.monotonic() < deadline and proc.log().count("\n") < 8:
+            time.sleep(0.2)
+        if proc.popen.poll() is None:
+            assert proc.terminate(timeout=20) == 0
+    finally:
+        proc.close()
+    log = proc.log()
+    assert SECRET not in log
+    lines = [json.loads(line) for line in log.splitlines()]  # every line is one JSON object
+    failures = [x for x in lines if x["level"] in ("error", "warning")]
+    assert failures, log[-2000:]
+    if settings.get("redis_url", "").startswith("rediss+sentinel"):
+        # Not a plain connection to the plain port: TLS was tried and failed, or the address is no Sentinel.
+        assert any("SSL" in json.dumps(x) or "TLS" in json.dumps(x) for x in failures), log[-2000:]

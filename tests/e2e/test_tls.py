@@ -6,6 +6,7 @@ verifying the server against the CA bundle; a wrong CA bundle ends start-up with
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -156,6 +157,8 @@ def test_a_wrong_ca_bundle_ends_start_up_with_one_line(tmp_path: Path, tls: Tls,
         raise AssertionError(f"start-up did not end: {str(exc.stderr)[-1500:]}") from None
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stdout + done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"configuration error: GATEWAY_{which.upper()}: TLS: "), last
+    line = json.loads(done.stderr.strip().splitlines()[-1])  # JSON logs: the error is a JSON line too
+    assert line["event"] == "configuration_error", line
+    last = line["error"]
+    assert last.startswith(f"GATEWAY_{which.upper()}: TLS: "), last
     assert "certificate verify failed" in last.lower() or "unknown ca" in last.lower(), last

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.contract import Status
+from gateway.providers.base import UNKNOWN_TYPE, CodeRule, CodeTable, ItemResult, StatusTable
 from gateway.providers.base import Action as A
-from gateway.providers.base import CodeRule, CodeTable, ItemResult, StatusTable
 
 NAME = "mobizon"
 
@@ -51,7 +51,7 @@ RECIPIENT_CODES: dict[int, CodeRule] = {
     51: CodeRule("ShortLinkUnavailable", "short link temporarily unavailable", A.RETRYABLE),
     99: CodeRule("SystemError", "system error", A.RETRYABLE),
 }
-UNKNOWN = CodeRule("Unknown", "code not in the Mobizon table", A.PERMANENT)
+UNKNOWN = CodeRule(UNKNOWN_TYPE, "code not in the Mobizon table", A.PERMANENT)
 TABLE = CodeTable(NAME, CODES, UNKNOWN)
 RECIPIENT_TABLE = CodeTable(NAME, RECIPIENT_CODES, UNKNOWN)
 SUCCESS = {0, 100}  # 100: accepted as a background task

@@ -4,8 +4,8 @@ answer means. Pure data and one lookup: no I/O."""
 from __future__ import annotations
 
 from gateway.contract import Status
+from gateway.providers.base import UNKNOWN_TYPE, CodeRule, CodeTable, ItemResult, StatusTable
 from gateway.providers.base import Action as A
-from gateway.providers.base import CodeRule, CodeTable, ItemResult, StatusTable
 
 NAME = "serwersms"
 
@@ -106,7 +106,7 @@ CODES: dict[int, CodeRule] = {
     4601: CodeRule("BlacklistExists", "number already on the list", A.PERMANENT),
     4602: CodeRule("BlacklistMissing", "number not found", A.PERMANENT),
 }
-UNKNOWN = CodeRule("Unknown", "code not in the SerwerSMS table", A.PERMANENT)
+UNKNOWN = CodeRule(UNKNOWN_TYPE, "code not in the SerwerSMS table", A.PERMANENT)
 TABLE = CodeTable(NAME, CODES, UNKNOWN)
 
 
