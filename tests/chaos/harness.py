@@ -15,6 +15,7 @@ import os
 import pwd
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -37,6 +38,7 @@ from testkit import start_sandbox as start_sandbox_process
 
 RETRY_SCHEDULE_S = [0.5, 1.0, 2.0]
 TERMINAL = {"accepted", "rejected", "failed", "duplicate", "invalid", "expired"}
+FINAL = {"delivered", "undelivered"}
 
 
 def _wait(check: Any, timeout: float, what: str, interval: float = 0.2) -> float:
@@ -146,6 +148,15 @@ class RedisServer:
         client = redis.Redis.from_url(self.url)
         client.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
         client.close()
+
+    def stop(self) -> None:
+        """SIGSTOP: the server holds every connection open and answers nothing until `cont`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def cont(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
 
 @dataclass
@@ -258,6 +269,14 @@ class Ledger:
     dead_lettered: int = 0
     lost: int = 0
     sent_twice: int = 0
+    # With delivery reports on (`World.check_reports`): accepted SMS without a final event, with
+    # more than one, and requests answered `duplicate` although each was published once (the
+    # gateway's own copies).
+    failed_allowed: bool = True  # False: a `failed` outcome is a fault of the scenario's guarantee
+    reports_checked: bool = False
+    reports_missing: int = 0
+    reports_twice: int = 0
+    own_duplicates: int = 0
     consumers_restored: bool = True
     recovered_s: float | None = None
     seconds: float = 0.0
@@ -266,21 +285,28 @@ class Ledger:
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.sent_twice == 0 and self.consumers_restored
+        reports = self.reports_missing == 0 and self.reports_twice == 0 and self.own_duplicates == 0
+        failed = self.failed_allowed or self.failed == 0
+        return self.lost == 0 and self.sent_twice == 0 and self.consumers_restored and reports and failed
 
     def row(self) -> str:
         rec = "yes" if self.consumers_restored else "NO"
         if self.recovered_s is not None:
             rec += f", {self.recovered_s:.1f} s"
+        events = (
+            f"{self.reports_missing} / {self.reports_twice} / {self.own_duplicates}" if self.reports_checked else "-"
+        )
         return (
             f"| {self.scenario} | {self.published} | {self.accepted} | {self.rejected} | {self.failed} | "
-            f"{self.invalid} | {self.dead_lettered} | {self.lost} | {self.sent_twice} | {rec} | {self.seconds:.0f} s |"
+            f"{self.invalid} | {self.dead_lettered} | {self.lost} | {self.sent_twice} | {events} | {rec} | "
+            f"{self.seconds:.0f} s |"
         )
 
 
 HEADER = (
     "| scenario | published | accepted | rejected | failed | invalid | dead-lettered | lost | sent twice | "
-    "recovered by itself | run |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "events missing / twice / own duplicate | recovered by itself | run |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -301,6 +327,7 @@ class World:
         self.by_recipient: set[str] = set()
         self.phone_of: dict[str, str] = {}
         self.rng = random.Random(20261129)
+        self.check_reports = False  # every accepted SMS must end in exactly one delivery event
         self.account_overrides: dict[str, dict[str, Any]] = {}
         self.settings: dict[str, Any] = {
             "retry_schedule_s": RETRY_SCHEDULE_S,
@@ -397,13 +424,29 @@ class World:
             await asyncio.sleep(0.25)
         await asyncio.sleep(2.0)  # late extras (a second outcome, a second send) show up in the ledger too
 
+    def accepted_keys(self) -> set[str]:
+        assert self.observer is not None
+        return {k for k in self.keys if any(s == "accepted" for _t, s in self.observer.seen.get(k, Seen()).outcomes)}
+
+    async def wait_reports(self, timeout: float) -> None:
+        """Until every accepted SMS has its delivery event (or `timeout`), then a quiet while for
+        any second event to show up."""
+        assert self.observer is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            accepted = self.accepted_keys()
+            if all(any(s in FINAL for _t, s in self.observer.seen[k].outcomes) for k in accepted):
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3.0)
+
     def ledger(self, scenario: str) -> Ledger:
         assert self.observer is not None
         assert self.sandbox is not None
         provider_ledger = self.sandbox.ledger()
         sends = provider_ledger["by_unique_id"]
         recipients = provider_ledger.get("by_recipient", {})
-        led = Ledger(scenario, published=len(self.keys))
+        led = Ledger(scenario, published=len(self.keys), reports_checked=self.check_reports)
         for key in self.keys:
             account, uid = key.split("/", 1)
             seen = self.observer.seen.get(key, Seen())
@@ -434,6 +477,19 @@ class World:
                 led.other += 1
             if len(set(statuses)) > 1:
                 led.notes.append(f"{key} got different outcomes {Counter(statuses)}")
+            if self.check_reports:
+                if "duplicate" in statuses:
+                    led.own_duplicates += 1
+                finals = sum(1 for _t, s in seen.outcomes if s in FINAL)
+                if final == "accepted" and finals == 0:
+                    led.reports_missing += 1
+                elif finals > 1:
+                    led.reports_twice += 1
+        if self.check_reports:
+            led.notes.append(
+                f"delivery events: {led.reports_missing} accepted without one, {led.reports_twice} with more "
+                f"than one; {led.own_duplicates} own copies answered duplicate"
+            )
         led.seconds = time.monotonic() - self.started
         if provider_ledger.get("answers"):
             led.notes.append(f"provider error answers: {provider_ledger['answers']}")
@@ -446,7 +502,17 @@ class World:
 
     def log_events(self) -> dict[str, int]:
         """How often the gateways said they recovered from something (the proof the fault hit)."""
-        wanted = ("consumer_restored", "store_epoch_changed", "reconciled", "record_failed", "batch_failed")
+        wanted = (
+            "consumer_restored",
+            "store_epoch_changed",
+            "reconciled",
+            "record_failed",
+            "record_retry",
+            "batch_failed",
+            "dlr_mark_failed",
+            "dlr_marked_late",
+            "waits_exhausted",
+        )
         counts: Counter[str] = Counter()
         for path in self.root.glob(f"gateway-{self.accounts[0]}-*.log"):
             for line in path.read_text(errors="replace").splitlines():

@@ -18,6 +18,7 @@ import httpx
 from gateway import contract as c
 from gateway import topology
 from testkit.netcut import NetCut
+from testkit.redis_ha import RedisSentinels
 from tests.chaos.harness import RETRY_SCHEDULE_S, Ledger, RabbitNode, RedisServer, World, request_body
 
 
@@ -336,6 +337,150 @@ async def mobizon_throttle(root: Path, nodes: list[RabbitNode], redis_server: Re
     return led
 
 
+# Delivery reports on, and soon: the sandbox ends each message 1-4 s after its send, the gateways
+# poll 1 s after acceptance and then every 2 s at most.
+DLR_SETTINGS: dict[str, object] = {"dlr_poll_after_s": 1.0, "dlr_poll_max_gap_s": 2.0}
+
+
+async def _dlr_fault(
+    name: str,
+    fault: Callable[[World], None],
+    heal: Callable[[World], None] | None,
+    hold_s: float,
+    root: Path,
+    nodes: list[RabbitNode],
+    redis_server: RedisServer,
+    size: Size,
+    *,
+    provider_latency_ms: float = 0.0,
+) -> Ledger:
+    """A fault while delivery reports flow: every accepted SMS must still end in exactly one
+    delivery event, and no request of the gateway's own may be answered `duplicate`."""
+    account = _account("d")
+    rate = max(200, size.messages // 6)
+    acc: dict[str, object] = {"rate_per_s": rate, "burst": rate // 4}
+    if provider_latency_ms:
+        acc["http_timeout_s"] = 3 * provider_latency_ms / 1000
+    world = await _world(root, nodes, redis_server, [account], 2, DLR_SETTINGS, **acc)
+    world.check_reports = True
+    assert world.sandbox is not None
+    world.sandbox.configure(dlr={"delay_s": 1.0, "jitter_s": 3.0})
+    if provider_latency_ms:
+        world.sandbox.fault(match=f"token:tok-{account}", latency_ms=provider_latency_ms, rate=0.5)
+    await world.publish(_items(account, "d", size.messages))
+    await asyncio.sleep(2.5)  # sends under way, and the first reports polled
+    await asyncio.to_thread(fault, world)
+    if hold_s:
+        await asyncio.sleep(hold_s)
+    if heal is not None:
+        await asyncio.to_thread(heal, world)
+    since = time.monotonic()
+    world.sandbox.clear_faults()
+    recovered = await world.wait_recovered(since, 120)
+    await world.wait_settled(240)
+    await world.wait_reports(120)
+    led = world.ledger(name)
+    await world.close()
+    led.recovered_s = recovered
+    return led
+
+
+async def dlr_redis_pause(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    return await _dlr_fault(
+        "reports on: Redis CLIENT PAUSE 20 s", lambda w: w.redis.pause(20), None, 20, root, nodes, redis_server, size
+    )
+
+
+async def dlr_redis_stop(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    return await _dlr_fault(
+        "reports on: Redis stopped (SIGSTOP) 20 s",
+        lambda w: w.redis.stop(),
+        lambda w: w.redis.cont(),
+        20,
+        root,
+        nodes,
+        redis_server,
+        size,
+    )
+
+
+async def dlr_broker_close(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    def fault(w: World) -> None:
+        w.rabbit.ctl("close_all_connections", "chaos: connections closed")
+
+    return await _dlr_fault(
+        "reports on: broker connections closed during 2 s provider calls",
+        fault,
+        None,
+        0,
+        root,
+        nodes,
+        redis_server,
+        size,
+        provider_latency_ms=2000,
+    )
+
+
+async def _sentinel_failover(
+    name: str, schedule: list[float] | None, root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size
+) -> Ledger:
+    """Redis behind Sentinel (a master, a replica, three Sentinels); the master is killed (-9)
+    while claims are in flight, 10% of the provider's answers are lost after it took the message
+    and every answer takes 300 ms; Sentinel promotes the replica. The default claim lease (60 s):
+    claims the failover orphaned must be waited out, not failed as waits_exhausted."""
+    ha_root = root / f"sentinel-{secrets.token_hex(3)}"
+    ha_root.mkdir(parents=True)
+    ha = RedisSentinels(ha_root)
+    await asyncio.to_thread(ha.start)
+    try:
+        account = _account("s")
+        settings: dict[str, object] = {"redis_url": ha.url, "claim_lease_s": 60}
+        if schedule is not None:
+            settings["retry_schedule_s"] = schedule
+        rate = max(200, size.messages // 6)
+        world = await _world(root, nodes, redis_server, [account], 2, settings, rate_per_s=rate, burst=rate // 4)
+        assert world.sandbox is not None
+        who = f"token:tok-{account}"
+        world.sandbox.fault(match=who, latency_ms=300)
+        world.sandbox.fault(match=who, swallow=True, rate=0.1)
+        await world.publish(_items(account, "s", size.messages))
+        await asyncio.sleep(2.0)
+        master = ha.master_port()
+        ha.procs[0].kill()  # the first server started is the master
+        since = time.monotonic()
+        await asyncio.to_thread(_wait_promoted, ha, master)
+        await asyncio.sleep(3)
+        world.sandbox.clear_faults()
+        recovered = await world.wait_recovered(since, 180)
+        led = await _finish(world, name, 300)
+        led.recovered_s = recovered
+        led.failed_allowed = False
+        led.notes.append(f"master :{master} killed; promoted :{ha.master_port()}")
+        return led
+    finally:
+        ha.stop()
+
+
+def _wait_promoted(ha: RedisSentinels, old: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while ha.master_port() == old:
+        if time.monotonic() > deadline:
+            raise RuntimeError("Sentinel promoted no replica")
+        time.sleep(0.2)
+
+
+async def sentinel_failover(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    return await _sentinel_failover(
+        "Sentinel failover (master kill -9), default retry schedule", None, root, nodes, redis_server, size
+    )
+
+
+async def sentinel_failover_short(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    return await _sentinel_failover(
+        "Sentinel failover (master kill -9), retry schedule 1,1,2 s", [1, 1, 2], root, nodes, redis_server, size
+    )
+
+
 def _fault_name(rule: dict[str, object]) -> str:
     return next((k for k in ("hang", "reset", "swallow") if rule.get(k)), f"http {rule.get('http_status')}")
 
@@ -451,6 +596,20 @@ SINGLE_NODE: dict[str, Scenario] = {
     "mobizon_throttle": mobizon_throttle,
     "poison": poison,
     "noisy_neighbour": noisy_neighbour,
+    "dlr_redis_pause": dlr_redis_pause,
+    "dlr_redis_stop": dlr_redis_stop,
+    "dlr_broker_close": dlr_broker_close,
+    "sentinel_failover": sentinel_failover,
+    "sentinel_failover_short": sentinel_failover_short,
 }
 CLUSTER: dict[str, Scenario] = {"cluster_failover": cluster_failover}
-CI_SCENARIOS = ["kill9", "broker_close", "broker_restart", "redis_empty", "poison"]
+CI_SCENARIOS = [
+    "kill9",
+    "broker_close",
+    "broker_restart",
+    "redis_empty",
+    "poison",
+    "dlr_redis_pause",
+    "dlr_broker_close",
+    "sentinel_failover_short",
+]
