@@ -2,7 +2,9 @@
 faults injected, and the ledger checked after each scenario. `make chaos` runs the full size.
 
 A scenario fails when a request is lost (no outcome and no dead letter), reached the provider
-twice, or when the consumers did not come back by themselves."""
+twice, or when the consumers did not come back by themselves; with delivery reports on, when an
+accepted SMS has no delivery event or more than one, or a request of the gateway's own was answered
+`duplicate`."""
 
 from __future__ import annotations
 
@@ -41,5 +43,9 @@ async def test_chaos_scenario_loses_nothing_and_sends_nothing_twice(
     assert led.lost == 0, led.notes
     assert led.sent_twice == 0, led.notes
     assert led.consumers_restored, led.notes
+    assert led.reports_missing == 0, led.notes  # with reports on: one delivery event per accepted SMS
+    assert led.reports_twice == 0, led.notes
+    assert led.own_duplicates == 0, led.notes
+    assert led.failed_allowed or led.failed == 0, led.notes
     assert led.extra["log_lines_not_json"] == 0, "a gateway wrote a line that is not JSON under GATEWAY_LOG_FORMAT=json"
     assert led.accepted + led.rejected + led.failed + led.invalid + led.other == led.published
