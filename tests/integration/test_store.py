@@ -19,6 +19,7 @@ from gateway.state.base import (
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
     AccountState,
+    BatchRecord,
     FinalState,
     Pause,
     Tracked,
@@ -303,17 +304,65 @@ async def test_due_polls_are_leased_to_one_caller(store: Store, account: str, cl
     assert await store.oldest_open(account) == now  # m0 is still open; m1 is final
 
 
-async def test_parked_reports_and_handled_events(store: Store, account: str, clock: FakeClock) -> None:
+async def test_parked_reports_and_bound_events(store: Store, account: str, clock: FakeClock) -> None:
     await store.park(account, "early", '{"s":"DELIVRD"}', ttl_s=10)
     await store.park(account, "stale", '{"s":"UNDELIV"}', ttl_s=1)
     clock.advance(2)
     assert await store.parked(account, 10) == {"early": '{"s":"DELIVRD"}'}
     await store.unpark(account, ["early"])
     assert await store.parked(account, 10) == {}
-    assert not await store.event_seen(account, "1:26")
-    await store.remember_event(account, "1:26", ttl_s=60)
-    assert await store.event_seen(account, "1:26")
-    assert not await store.event_seen(account + "x", "1:26")
+    # A webhook event id is bound to the first message it named, per account.
+    assert await store.bind_event(account, "26", "m1", ttl_s=60) is None
+    assert await store.bind_event(account, "26", "m1", ttl_s=60) == "m1"  # a retry
+    assert await store.bind_event(account, "26", "m2", ttl_s=60) == "m1"  # a rewrite
+    assert await store.bind_event(account + "x", "26", "m2", ttl_s=60) is None
+
+
+async def test_poll_soon_makes_a_tracked_open_message_due_now_and_nothing_else(
+    store: Store, account: str, clock: FakeClock
+) -> None:
+    now = clock.time()
+    await store.track(account, [tracked("m1", now), tracked("m2", now)], first_poll_s=60, ttl_s=600)
+    assert await store.due_polls(account, 10, lease_s=30) == []
+    assert await store.poll_soon(account, "m1")
+    assert not await store.poll_soon(account, "unknown")
+    assert [t.provider_message_id for t in await store.due_polls(account, 10, lease_s=30)] == ["m1"]
+    await store.begin_final(account, "m2", "w1", 30)
+    await store.end_final(account, "m2", "w1")
+    assert await store.poll_soon(account, "m2")  # tracked, but final: nothing to poll
+    assert await store.due_polls(account, 10, lease_s=30) == []
+
+
+async def test_a_batch_record_stores_results_and_their_tracking_together(
+    store: Store, account: str, clock: FakeClock
+) -> None:
+    """One atomic step: results (which end the claims), unknown marks, releases (only our own
+    claims) and tracking; writing the same record again changes nothing."""
+    uids = ["done", "unsure", "mine", "theirs"]
+    await claim(store, account, uids[:3], "w1", 30)
+    await claim(store, account, ["theirs"], "w2", 30)
+    batch = BatchRecord(
+        done={"done": RESULT},
+        unknown=["unsure"],
+        release=["mine", "theirs"],
+        owner="w1",
+        ttl_s=60,
+        tracked=[tracked("p1", clock.time())],
+        first_poll_s=0,
+        track_ttl_s=600,
+    )
+    await store.record(account, batch)
+    await store.record(account, batch)  # tried again after a lost answer: the same state
+    claims = await claim(store, account, uids, "w3", 30)
+    assert {u: c.state for u, c in claims.items()} == {
+        "done": ClaimState.DONE,
+        "unsure": ClaimState.RECONCILE,
+        "mine": ClaimState.NEW,
+        "theirs": ClaimState.BUSY,  # w2's claim: not w1's to release
+    }
+    assert claims["theirs"].owner == "w2"
+    assert claims["theirs"].lease_left_s == pytest.approx(30, abs=1)
+    assert [t.provider_message_id for t in await store.due_polls(account, 10, lease_s=30)] == ["p1"]
 
 
 async def test_a_replay_claims_a_rejected_failed_or_expired_result_again_once(store: Store, account: str) -> None:
