@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import statistics
 import sys
@@ -28,6 +29,7 @@ from gateway import contract as c
 from gateway.sandbox.dlr import sign
 from testkit import AMQP_URL, Process, delete_account_queues, free_port, gateway_env, start_sandbox
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "flood-secret"  # noqa: S105 - the sandbox webhook secret of this run
 FLOOD_CONCURRENCY = 64
 
@@ -55,28 +57,52 @@ def webhook_bodies(n: int) -> list[tuple[bytes, str]]:
     return out
 
 
-async def flood(url: str, bodies: list[tuple[bytes, str]]) -> dict[int, int]:
+async def flood(port: int, path: str, bodies: list[tuple[bytes, str]]) -> dict[int, int]:
+    """POST every body over `FLOOD_CONCURRENCY` keep-alive connections, written as raw HTTP/1.1 so
+    the flooder itself costs little CPU (an httpx client of this size takes most of a core)."""
     answers: dict[int, int] = {}
     queue = list(reversed(bodies))
-    limits = httpx.Limits(max_connections=FLOOD_CONCURRENCY, max_keepalive_connections=FLOOD_CONCURRENCY)
-    async with httpx.AsyncClient(timeout=10, limits=limits) as client:
 
-        async def worker() -> None:
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
             while queue:
                 body, content_type = queue.pop()
-                try:
-                    r = await client.post(url, content=body, headers={"Content-Type": content_type})
-                    answers[r.status_code] = answers.get(r.status_code, 0) + 1
-                except httpx.HTTPError:
-                    answers[0] = answers.get(0, 0) + 1
+                head = (
+                    f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                )
+                writer.write(head.encode() + body)
+                status_line = await reader.readline()
+                status = int(status_line.split()[1]) if status_line else 0
+                length, close = 0, False
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                    close |= name.lower() == "connection" and value.strip().lower() == "close"
+                await reader.readexactly(length)
+                answers[status] = answers.get(status, 0) + 1
+                if close or not status_line:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            writer.close()
 
-        await asyncio.gather(*(worker() for _ in range(FLOOD_CONCURRENCY)))
+    await asyncio.gather(*(worker() for _ in range(FLOOD_CONCURRENCY)))
     return answers
 
 
-async def drain(account: str, n: int, flood_url: str | None, webhooks: int) -> tuple[float, dict[int, int]]:
-    """Publish `n` requests and time them until the last outcome; with `flood_url`, a webhook flood
-    runs from just before the first publish."""
+def run_flood(port: int, path: str, webhooks: int) -> Process:
+    """The flood in a process of its own: the drain's timing must not share its event loop."""
+    command = [sys.executable, "-m", "bench.webhook_flood", "--flood-port", str(port), "--flood-path", path,
+               "--webhooks", str(webhooks)]  # fmt: skip
+    return Process([], dict(os.environ), Path(tempfile.mkdtemp()) / "flood.log", ROOT, command=command)
+
+
+async def drain(account: str, n: int, flood_at: tuple[int, str] | None, webhooks: int) -> tuple[float, str]:
+    """Publish `n` requests and time them until the last outcome; with `flood_at` (port, path), a
+    webhook flood runs from just before the first publish."""
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -93,7 +119,9 @@ async def drain(account: str, n: int, flood_url: str | None, webhooks: int) -> t
 
         await queue.consume(on, no_ack=True)
         exchange = await channel.get_exchange(c.SEND_EXCHANGE)
-        flooding = asyncio.create_task(flood(flood_url, webhook_bodies(webhooks))) if flood_url else None
+        flooding = run_flood(*flood_at, webhooks) if flood_at else None
+        if flooding is not None:
+            await asyncio.sleep(0.5)  # under way before the first request
         started = time.monotonic()
         tag = secrets.token_hex(3)
         for start in range(0, n, 500):
@@ -110,7 +138,12 @@ async def drain(account: str, n: int, flood_url: str | None, webhooks: int) -> t
             )
         await asyncio.wait_for(seen.wait(), 300)
         seconds = time.monotonic() - started
-        answers = await flooding if flooding is not None else {}
+    answers = ""
+    if flooding is not None:
+        still_flooding = flooding.popen.poll() is None
+        flooding.popen.wait(300)
+        answers = flooding.log().strip().splitlines()[-1] + (" (outlasted the drain)" if still_flooding else "")
+        flooding.close()
     return n / seconds, answers
 
 
@@ -126,10 +159,10 @@ async def main_async(rounds: int, n: int, webhooks: int) -> int:
          "webhook_secret": SECRET},
     ]  # fmt: skip
     port = free_port()
-    env = gateway_env(accounts=accounts, http_port=port, state_path=str(tmp / "state.sqlite3"), log_level="WARNING")
+    env = gateway_env(accounts=accounts, http_port=port, state_path=str(tmp / "state.sqlite3"))  # default INFO logs
     gateway = Process(["run"], env, tmp / "gateway.log")
     gateway.wait_http(port)
-    url = f"http://127.0.0.1:{port}/dlr/mobizon/{hooks}"
+    path = f"/dlr/mobizon/{hooks}"
     quiet: list[float] = []
     flooded: list[float] = []
     try:
@@ -137,7 +170,7 @@ async def main_async(rounds: int, n: int, webhooks: int) -> int:
         for r in range(rounds):
             rate, _ = await drain(send, n, None, 0)
             quiet.append(rate)
-            rate_f, answers = await drain(send, n, url, webhooks)
+            rate_f, answers = await drain(send, n, (port, path), webhooks)
             flooded.append(rate_f)
             print(f"round {r + 1}: {rate:,.0f} msg/s quiet, {rate_f:,.0f} msg/s under the flood {answers}", flush=True)
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code
@@ -159,7 +192,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--webhooks", type=int, default=10_000)
+    parser.add_argument("--flood-port", type=int, help=argparse.SUPPRESS)  # the flooding child process
+    parser.add_argument("--flood-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flood_port:
+        started = time.monotonic()
+        answers = asyncio.run(flood(args.flood_port, args.flood_path, webhook_bodies(args.webhooks)))
+        took = time.monotonic() - started
+        print(f"{args.webhooks} webhooks in {took:.1f} s ({args.webhooks / took:,.0f}/s): {answers}", flush=True)
+        return 0
     return asyncio.run(main_async(args.rounds, args.requests, args.webhooks))
 
 

@@ -120,6 +120,7 @@ class Gateway:
                 self._webhook,
                 guard=guard,
                 webhook_concurrency=s.webhook_concurrency,
+                webhook_rate_per_s=s.webhook_rate_per_s,
             )
             self._runners.append(await web.serve(app, s.http_host, s.http_port, guard))
         self._store = await self._open_state()

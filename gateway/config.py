@@ -213,6 +213,12 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(
         default=64, ge=1, description="webhooks handled at once; more are answered 503 before their body is read"
     )
+    webhook_rate_per_s: float = Field(
+        default=500.0,
+        gt=0,
+        description="webhooks taken a second by this replica (Mobizon sends one per SMS); more are answered 503 "
+        "before their body is read, and Mobizon retries them",
+    )
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     sandbox_port: int = Field(default=8580, ge=1, le=65535, description="port of `run --sandbox`")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -52,7 +53,7 @@ from gateway.numbers import mask
 from gateway.providers.base import LookupFailed, ProviderAdapter, StatusReport
 from gateway.providers.mobizon import webhook as mobizon_webhook
 from gateway.state import Store
-from gateway.state.base import FinalState, Tracked
+from gateway.state.base import FinalState, Tracked, WebhookHint
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.dlr")
@@ -63,7 +64,13 @@ log = get_logger("gateway.dlr")
 FINAL_LEASE_S = 60.0
 MARK_RETRY_FIRST_S = 0.5  # a final mark that failed is tried again after this, doubling up to the max
 MARK_RETRY_MAX_S = 5.0
-SWEEP_S = 0.5  # parked reports are matched this often
+SWEEP_S = 0.5  # parked webhooks are matched this often
+SWEEP_LIMIT = 500  # parked webhooks looked at per account and sweep
+# A webhook for a message not recorded yet waits this long for its record (a record comes within
+# seconds of the send; a poll finds the message's status anyway), at most PARK_MAX per account:
+# a flood of webhooks for unknown messages neither grows the store nor the sweep's work unbounded.
+PARK_TTL_S = 3600.0
+PARK_MAX = 10_000
 LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often
 IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long
 WEBHOOK_DEADLINE_S = 4.0  # Mobizon waits 5 s for the answer
@@ -239,9 +246,11 @@ class Desk:
     async def _webhook_report(self, account: str, event: mobizon_webhook.WebhookEvent) -> tuple[int, str]:
         assert event.report is not None
         message_id = event.report.provider_message_id
-        window = self._settings.dlr_window_s
-        bound = await self._store.bind_event(account, event.event_id, message_id, window)
-        if bound is not None and bound != message_id:
+        hint = WebhookHint(_park(event.report), self._settings.dlr_window_s, PARK_TTL_S, PARK_MAX)
+        # A retry of an event seen before makes the poll due again: its first try may have been
+        # answered 503 after the binding.
+        bound, action = await self._store.hint(account, event.event_id, message_id, hint)
+        if action == "refused":
             log.warning(
                 "dlr_webhook_refused",
                 account=account,
@@ -251,26 +260,20 @@ class Desk:
                 bound_to=bound,
             )
             return _rejected("mobizon", 409, "event_rewritten")
-        # A retry of an event seen before still makes the poll due: its first try may have been
-        # answered 503 after the binding.
-        if await self._store.poll_soon(account, message_id):
-            result = "duplicate" if bound else "poll_due"
-        else:
-            await self._store.park(account, message_id, _park(event.report), window)
-            result = "parked"
+        if action == "full":  # too many hints for unknown messages: Mobizon retries later
+            return _rejected("mobizon", 503, "parked_full")
+        result = "duplicate" if bound is not None else action
         m.DLR_REPORTS.labels(account, "webhook", result).inc()
-        return 200, "duplicate" if bound else "ok"
+        return 200, "duplicate" if bound is not None else "ok"
 
     # -- parked reports and the lag gauge -------------------------------------------------------------
 
     async def sweep(self) -> int:
-        """Make the polls of parked webhooks due once their correlation exists; returns how many."""
+        """Make the polls of parked webhooks due once their correlation exists (one store call per
+        account); returns how many."""
         matched = 0
         for name in self._accounts:
-            parked = await self._store.parked(name, 200)
-            done = [message_id for message_id in parked if await self._store.poll_soon(name, message_id)]
-            await self._store.unpark(name, done)
-            matched += len(done)
+            matched += await self._store.match_parked(name, SWEEP_LIMIT)
         return matched
 
     async def measure_lag(self) -> None:
@@ -374,9 +377,26 @@ class Poller:
                 await self._clock.sleep(IDLE_POLL_S)
 
 
+REJECT_LOG_EVERY_S = 1.0  # a refused webhook is one line per reason per second at most, with a count
+_reject_log: dict[str, tuple[float, int]] = {}  # reason -> (time of the last line, refusals since)
+
+
 def _rejected(provider: str, status: int, reason: str, exc: Exception | None = None) -> tuple[int, str]:
     m.DLR_REJECTED.labels(provider, reason).inc()
-    log.info("dlr_webhook_rejected", provider=provider, status=status, reason=reason, detail=str(exc or "")[:200])
+    last, count = _reject_log.get(reason, (-REJECT_LOG_EVERY_S, 0))
+    now = time.monotonic()
+    if now - last < REJECT_LOG_EVERY_S:
+        _reject_log[reason] = (last, count + 1)
+        return status, reason
+    _reject_log[reason] = (now, 0)
+    log.info(
+        "dlr_webhook_rejected",
+        provider=provider,
+        status=status,
+        reason=reason,
+        detail=str(exc or "")[:200],
+        also_since_last_line=count,
+    )
     return status, reason
 
 

@@ -156,6 +156,28 @@ async def read_limited(request: web.Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+class Bucket:
+    """A token bucket of this process: `rate` a second, as many at once."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._clock = clock
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+_BUSY_BODY = b'{"status": "busy"}'  # answered before the body is read: a flood past the bounds costs little
+
+
 def build_app(
     readiness: Readiness,
     details: Details,
@@ -163,6 +185,7 @@ def build_app(
     *,
     guard: ConnectionGuard | None = None,
     webhook_concurrency: int = 64,
+    webhook_rate_per_s: float = 500.0,
 ) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -177,13 +200,14 @@ def build_app(
         return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     webhooks_running = 0
+    bucket = Bucket(webhook_rate_per_s)
 
     async def dlr(request: web.Request) -> web.Response:
         nonlocal webhooks_running
         assert webhook is not None
-        if webhooks_running >= webhook_concurrency:
+        if webhooks_running >= webhook_concurrency or not bucket.take():
             m.DLR_REJECTED.labels("(any)", "busy").inc()
-            return web.json_response({"status": "busy"}, status=503, headers={"Connection": "close"})
+            return web.Response(body=_BUSY_BODY, status=503, content_type="application/json")
         webhooks_running += 1
         try:
             try:

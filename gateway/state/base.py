@@ -198,6 +198,16 @@ class RecordShortcuts:
         await self.record(account, BatchRecord(tracked=records, first_poll_s=first_poll_s, track_ttl_s=ttl_s))
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookHint:
+    """What `Store.hint` needs besides the ids: the webhook's report (kept while parked) and bounds."""
+
+    report: str
+    bind_ttl_s: float
+    park_ttl_s: float
+    park_max: int
+
+
 class FinalState(StrEnum):
     """Who publishes a message's final delivery event (exactly one caller does)."""
 
@@ -324,24 +334,18 @@ class Store(Protocol):
         """Polled without a final status: count the poll and set each message's next poll time."""
         ...
 
-    async def park(self, account: str, message_id: str, report: str, ttl_s: float) -> None:
-        """Hold a report that came before its correlation (until `unpark`, at most `ttl_s`)."""
+    async def hint(self, account: str, event_id: str, message_id: str, hint: WebhookHint) -> tuple[str | None, str]:
+        """A webhook's hint, in one atomic step: bind `event_id` to `message_id` for `hint.bind_ttl_s`
+        unless it is bound already; then make the message's poll due now when it is tracked, or
+        park the hint (at most `hint.park_max` per account, each for `hint.park_ttl_s`). Returns the
+        message id the event was bound to before (None: new) and what was done: `poll_due`,
+        `parked`, `full` (nothing parked: too many), or `refused` (bound to another message:
+        nothing done)."""
         ...
 
-    async def parked(self, account: str, limit: int) -> dict[str, str]:
-        """Held reports by provider message id (expired ones are dropped)."""
-        ...
-
-    async def unpark(self, account: str, message_ids: Sequence[str]) -> None: ...
-
-    async def poll_soon(self, account: str, message_id: str) -> bool:
-        """Make a tracked message's status poll due now (a webhook said it has a final status).
-        False when the message is not tracked (not recorded yet, or its window is over)."""
-        ...
-
-    async def bind_event(self, account: str, event_id: str, message_id: str, ttl_s: float) -> str | None:
-        """Bind a webhook event id to the message it names, for `ttl_s`. Returns the message id it
-        was bound to before (None: the event is new, and is bound now)."""
+    async def match_parked(self, account: str, limit: int) -> int:
+        """Make the polls of up to `limit` parked hints whose message is tracked now due, and drop
+        those hints (and expired ones); returns how many were matched."""
         ...
 
     async def oldest_open(self, account: str) -> float | None:

@@ -10,7 +10,8 @@ Keys (all here, one place); `{account}` is a hash tag so one account's keys shar
                                       s=open|claim|final, o=claim owner, l=lease ms, n=polls)
     smsgw:{<account>}:dlr:due         zset: message id -> next status poll (epoch s)
     smsgw:{<account>}:dlr:open        zset: message id -> acceptance time, until its final event
-    smsgw:{<account>}:dlr:early       hash: message id -> a report that came before its correlation
+    smsgw:{<account>}:dlr:early       hash: message id -> [until, report] of a webhook that came before
+                                      its correlation (at most `park_max`)
     smsgw:{<account>}:dlr:ev:<id>     a webhook event id -> the message id it first named
 
 Time is the Redis server's (one clock for every replica) unless a `Clock` is injected (tests).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -46,6 +47,7 @@ from gateway.state.base import (
     RecordShortcuts,
     StoredResult,
     Tracked,
+    WebhookHint,
     distrust_new,
 )
 
@@ -321,25 +323,43 @@ end
 return 1
 """
 
-# KEYS = correlation, due; ARGV = message id, now. A tracked message's poll becomes due now (never
-# later than it was). Returns 1 when the message is tracked.
-_POLL_SOON = (
+# A webhook's hint (Store.hint). KEYS = event key, correlation, due, early; ARGV = message id, bind
+# ttl ms, now, the parked report, park until (s), park max. Returns {bound before or '', action}.
+_HINT = (
     _NOW_FN
     + """
-local st = redis.call('HGET', KEYS[1], 's')
-if not st then return 0 end
-if st ~= 'final' then redis.call('ZADD', KEYS[2], 'LT', clock(ARGV[2]), ARGV[1]) end
-return 1
+local before = redis.call('GET', KEYS[1])
+if before and before ~= ARGV[1] then return {before, 'refused'} end
+if not before then redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2])) end
+local b = before or ''
+local st = redis.call('HGET', KEYS[2], 's')
+if st then
+  if st ~= 'final' then redis.call('ZADD', KEYS[3], 'LT', clock(ARGV[3]), ARGV[1]) end
+  return {b, 'poll_due'}
+end
+if redis.call('HLEN', KEYS[4]) >= tonumber(ARGV[6]) then return {b, 'full'} end
+redis.call('HSET', KEYS[4], ARGV[1], cjson.encode({tonumber(ARGV[5]), ARGV[4]}))
+return {b, 'parked'}
 """
 )
 
-# KEYS = event key; ARGV = message id, ttl ms. The message id bound before, or false (bound now).
-_BIND_EVENT = """
-local before = redis.call('GET', KEYS[1])
-if before then return before end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-return false
+# KEYS = due, early, then one correlation key per parked message id; ARGV = now, then the ids. A
+# tracked one's poll becomes due now (unless final) and its hint goes. Returns how many matched.
+_MATCH_PARKED = (
+    _NOW_FN
+    + """
+local now, n = clock(ARGV[1]), 0
+for i = 3, #KEYS do
+  local st = redis.call('HGET', KEYS[i], 's')
+  if st then
+    if st ~= 'final' then redis.call('ZADD', KEYS[1], 'LT', now, ARGV[i - 1]) end
+    redis.call('HDEL', KEYS[2], ARGV[i - 1])
+    n = n + 1
+  end
+end
+return n
 """
+)
 
 # KEYS = due; ARGV = limit, lease s, now. Leases the due ids (their score moves to now + lease).
 _DUE = (
@@ -421,8 +441,8 @@ class RedisStore(RecordShortcuts):
         self._end_final = self._redis.register_script(_END_FINAL)
         self._abandon_final = self._redis.register_script(_ABANDON_FINAL)
         self._due = self._redis.register_script(_DUE)
-        self._poll_soon = self._redis.register_script(_POLL_SOON)
-        self._bind_event = self._redis.register_script(_BIND_EVENT)
+        self._hint = self._redis.register_script(_HINT)
+        self._match_parked = self._redis.register_script(_MATCH_PARKED)
         self._poll_later = self._redis.register_script(_POLL_LATER)
         self._epochs = EpochMemory()
         self._clock = clock
@@ -557,35 +577,40 @@ class RedisStore(RecordShortcuts):
             args += [at, message_id]
         await self._poll_later(keys=keys, args=args)
 
-    async def park(self, account: str, message_id: str, report: str, ttl_s: float) -> None:
-        until = (self._clock.time() if self._clock else time.time()) + ttl_s
-        await self._redis.hset(dlr_key(account, "early"), message_id, json.dumps([until, report]))  # type: ignore[misc]  # redis-py types sync and async alike
-
-    async def parked(self, account: str, limit: int) -> dict[str, str]:
+    async def hint(self, account: str, event_id: str, message_id: str, hint: WebhookHint) -> tuple[str | None, str]:
         now = self._clock.time() if self._clock else time.time()
-        out: dict[str, str] = {}
+        keys = [
+            dlr_key(account, f"ev:{event_id}"),
+            corr_key(account, message_id),
+            dlr_key(account, "due"),
+            dlr_key(account, "early"),
+        ]
+        args: list[Any] = [
+            message_id,
+            int(hint.bind_ttl_s * 1000),
+            self._now(),
+            hint.report,
+            now + hint.park_ttl_s,
+            hint.park_max,
+        ]
+        before, action = await self._hint(keys=keys, args=args)
+        return (str(before) or None), str(action)
+
+    async def match_parked(self, account: str, limit: int) -> int:
+        now = self._clock.time() if self._clock else time.time()
+        early = dlr_key(account, "early")
+        ids: list[str] = []
         stale: list[str] = []
-        async for message_id, raw in self._redis.hscan_iter(dlr_key(account, "early"), count=limit):
-            until, report = json.loads(raw)
-            if until < now:
-                stale.append(message_id)
-            elif len(out) < limit:
-                out[message_id] = report
+        async for message_id, raw in self._redis.hscan_iter(early, count=limit):
+            (stale if json.loads(raw)[0] < now else ids).append(message_id)
+            if len(ids) >= limit:
+                break
         if stale:
-            await self._redis.hdel(dlr_key(account, "early"), *stale)  # type: ignore[misc]
-        return out
-
-    async def unpark(self, account: str, message_ids: Sequence[str]) -> None:
-        if message_ids:
-            await self._redis.hdel(dlr_key(account, "early"), *message_ids)  # type: ignore[misc]
-
-    async def poll_soon(self, account: str, message_id: str) -> bool:
-        keys = [corr_key(account, message_id), dlr_key(account, "due")]
-        return bool(await self._poll_soon(keys=keys, args=[message_id, self._now()]))
-
-    async def bind_event(self, account: str, event_id: str, message_id: str, ttl_s: float) -> str | None:
-        before = await self._bind_event(keys=[dlr_key(account, f"ev:{event_id}")], args=[message_id, int(ttl_s * 1000)])
-        return str(before) if before else None
+            await self._redis.hdel(early, *stale)  # type: ignore[misc]  # redis-py types sync and async alike
+        if not ids:
+            return 0
+        keys = [dlr_key(account, "due"), early, *(corr_key(account, m) for m in ids)]
+        return int(await self._match_parked(keys=keys, args=[self._now(), *ids]))
 
     async def oldest_open(self, account: str) -> float | None:
         rows = await self._redis.zrange(dlr_key(account, "open"), 0, 0, withscores=True)

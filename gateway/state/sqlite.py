@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -34,6 +34,7 @@ from gateway.state.base import (
     RecordShortcuts,
     StoredResult,
     Tracked,
+    WebhookHint,
     distrust_new,
 )
 
@@ -129,6 +130,7 @@ class SqliteStore(RecordShortcuts):
             db.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM dlr WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM dlr_bound WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM dlr_early WHERE until < ?", (now,))
 
     async def claim_and_acquire(
         self,
@@ -359,59 +361,56 @@ class SqliteStore(RecordShortcuts):
         if next_at:
             await self._run(op)
 
-    async def park(self, account: str, message_id: str, report: str, ttl_s: float) -> None:
-        until = self._clock.time() + ttl_s
-        await self._run(
-            lambda db: db.execute(
-                "INSERT OR REPLACE INTO dlr_early VALUES (?, ?, ?, ?)", (account, message_id, report, until)
-            )
-        )
-
-    async def parked(self, account: str, limit: int) -> dict[str, str]:
-        def op(db: sqlite3.Connection) -> dict[str, str]:
-            now = self._clock.time()
-            db.execute("DELETE FROM dlr_early WHERE account=? AND until<?", (account, now))
-            rows = db.execute("SELECT mid, report FROM dlr_early WHERE account=? LIMIT ?", (account, limit))
-            return {mid: report for mid, report in rows.fetchall()}
-
-        return await self._run(op)
-
-    async def unpark(self, account: str, message_ids: Sequence[str]) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            db.executemany("DELETE FROM dlr_early WHERE account=? AND mid=?", [(account, m) for m in message_ids])
-
-        if message_ids:
-            await self._run(op)
-
-    async def poll_soon(self, account: str, message_id: str) -> bool:
-        def op(db: sqlite3.Connection) -> bool:
-            now = self._clock.time()
-            row = db.execute(
-                "SELECT state FROM dlr WHERE account=? AND mid=? AND expires_at>=?", (account, message_id, now)
-            ).fetchone()
-            if row is None:
-                return False
-            if row[0] != "final":
-                db.execute(
-                    "UPDATE dlr SET due_at=MIN(COALESCE(due_at, ?), ?) WHERE account=? AND mid=?",
-                    (now, now, account, message_id),
-                )
-            return True
-
-        return await self._run(op)
-
-    async def bind_event(self, account: str, event_id: str, message_id: str, ttl_s: float) -> str | None:
-        def op(db: sqlite3.Connection) -> str | None:
+    async def hint(self, account: str, event_id: str, message_id: str, hint: WebhookHint) -> tuple[str | None, str]:
+        def op(db: sqlite3.Connection) -> tuple[str | None, str]:
             now = self._clock.time()
             row = db.execute(
                 "SELECT mid FROM dlr_bound WHERE account=? AND event=? AND expires_at>=?", (account, event_id, now)
             ).fetchone()
-            if row is not None:
-                return str(row[0])
+            before = None if row is None else str(row[0])
+            if before is not None and before != message_id:
+                return before, "refused"
+            if before is None:
+                db.execute(
+                    "INSERT OR REPLACE INTO dlr_bound VALUES (?, ?, ?, ?)",
+                    (account, event_id, message_id, now + hint.bind_ttl_s),
+                )
+            state = db.execute(
+                "SELECT state FROM dlr WHERE account=? AND mid=? AND expires_at>=?", (account, message_id, now)
+            ).fetchone()
+            if state is not None:
+                if state[0] != "final":
+                    db.execute(
+                        "UPDATE dlr SET due_at=MIN(COALESCE(due_at, ?), ?) WHERE account=? AND mid=?",
+                        (now, now, account, message_id),
+                    )
+                return before, "poll_due"
+            (held,) = db.execute("SELECT COUNT(*) FROM dlr_early WHERE account=?", (account,)).fetchone()
+            if held >= hint.park_max:
+                return before, "full"
             db.execute(
-                "INSERT OR REPLACE INTO dlr_bound VALUES (?, ?, ?, ?)", (account, event_id, message_id, now + ttl_s)
+                "INSERT OR REPLACE INTO dlr_early VALUES (?, ?, ?, ?)",
+                (account, message_id, hint.report, now + hint.park_ttl_s),
             )
-            return None
+            return before, "parked"
+
+        return await self._run(op)
+
+    async def match_parked(self, account: str, limit: int) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            now = self._clock.time()
+            db.execute("DELETE FROM dlr_early WHERE account=? AND until<?", (account, now))
+            rows = db.execute(
+                "SELECT e.mid, d.state FROM dlr_early e JOIN dlr d ON d.account=e.account AND d.mid=e.mid "
+                "WHERE e.account=? AND d.expires_at>=? LIMIT ?",
+                (account, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE dlr SET due_at=MIN(COALESCE(due_at, ?), ?) WHERE account=? AND mid=?",
+                [(now, now, account, mid) for mid, state in rows if state != "final"],
+            )
+            db.executemany("DELETE FROM dlr_early WHERE account=? AND mid=?", [(account, mid) for mid, _ in rows])
+            return len(rows)
 
         return await self._run(op)
 

@@ -212,7 +212,7 @@ async def test_a_webhook_is_answered_503_while_the_store_is_down_and_taken_when_
 ) -> None:
     name = new_account_name()
     port = free_port()
-    flaky = FailingStore({"bind_event"}, times=1)
+    flaky = FailingStore({"hint"}, times=1)
     world.state.lifecycle.config = DlrConfig(
         delay_s=0.2,
         webhooks={f"key-{name}": Webhook(url=f"http://127.0.0.1:{port}/dlr/mobizon/{name}", secret=SECRET)},

@@ -23,6 +23,7 @@ from gateway.state.base import (
     FinalState,
     Pause,
     Tracked,
+    WebhookHint,
 )
 from gateway.state.redis import RedisStore
 from gateway.state.sqlite import SqliteStore
@@ -304,33 +305,40 @@ async def test_due_polls_are_leased_to_one_caller(store: Store, account: str, cl
     assert await store.oldest_open(account) == now  # m0 is still open; m1 is final
 
 
-async def test_parked_reports_and_bound_events(store: Store, account: str, clock: FakeClock) -> None:
-    await store.park(account, "early", '{"s":"DELIVRD"}', ttl_s=10)
-    await store.park(account, "stale", '{"s":"UNDELIV"}', ttl_s=1)
-    clock.advance(2)
-    assert await store.parked(account, 10) == {"early": '{"s":"DELIVRD"}'}
-    await store.unpark(account, ["early"])
-    assert await store.parked(account, 10) == {}
-    # A webhook event id is bound to the first message it named, per account.
-    assert await store.bind_event(account, "26", "m1", ttl_s=60) is None
-    assert await store.bind_event(account, "26", "m1", ttl_s=60) == "m1"  # a retry
-    assert await store.bind_event(account, "26", "m2", ttl_s=60) == "m1"  # a rewrite
-    assert await store.bind_event(account + "x", "26", "m2", ttl_s=60) is None
+def hint_of(report: str, park_ttl_s: float = 10, park_max: int = 100) -> WebhookHint:
+    return WebhookHint(report, bind_ttl_s=60, park_ttl_s=park_ttl_s, park_max=park_max)
 
 
-async def test_poll_soon_makes_a_tracked_open_message_due_now_and_nothing_else(
+async def test_a_webhook_hint_binds_its_event_and_makes_the_poll_due_or_parks(
     store: Store, account: str, clock: FakeClock
 ) -> None:
     now = clock.time()
     await store.track(account, [tracked("m1", now), tracked("m2", now)], first_poll_s=60, ttl_s=600)
-    assert await store.due_polls(account, 10, lease_s=30) == []
-    assert await store.poll_soon(account, "m1")
-    assert not await store.poll_soon(account, "unknown")
+    assert await store.hint(account, "26", "m1", hint_of("r")) == (None, "poll_due")
+    assert await store.hint(account, "26", "m1", hint_of("r")) == ("m1", "poll_due")  # a retry
+    assert await store.hint(account, "26", "m2", hint_of("r")) == ("m1", "refused")  # a rewrite: nothing done
+    assert await store.hint(account + "x", "26", "m2", hint_of("r")) == (None, "parked")  # another account
     assert [t.provider_message_id for t in await store.due_polls(account, 10, lease_s=30)] == ["m1"]
+    # A final message's hint makes nothing due.
     await store.begin_final(account, "m2", "w1", 30)
     await store.end_final(account, "m2", "w1")
-    assert await store.poll_soon(account, "m2")  # tracked, but final: nothing to poll
+    assert await store.hint(account, "27", "m2", hint_of("r")) == (None, "poll_due")
     assert await store.due_polls(account, 10, lease_s=30) == []
+
+
+async def test_parked_hints_are_bounded_expire_and_are_matched_once_tracked(
+    store: Store, account: str, clock: FakeClock
+) -> None:
+    assert await store.hint(account, "1", "early", hint_of("r1")) == (None, "parked")
+    assert await store.hint(account, "2", "stale", hint_of("r2", park_ttl_s=1)) == (None, "parked")
+    assert await store.hint(account, "3", "late", hint_of("r3", park_max=2)) == (None, "full")
+    assert await store.match_parked(account, 10) == 0  # nothing tracked yet
+    clock.advance(2)  # `stale` has expired
+    now = clock.time()
+    await store.track(account, [tracked(m, now) for m in ("early", "stale")], first_poll_s=60, ttl_s=600)
+    assert await store.match_parked(account, 10) == 1
+    assert [t.provider_message_id for t in await store.due_polls(account, 10, lease_s=30)] == ["early"]
+    assert await store.match_parked(account, 10) == 0  # matched hints are gone
 
 
 async def test_a_batch_record_stores_results_and_their_tracking_together(
