@@ -31,7 +31,7 @@ from aiohttp.web import AppRunner
 from yarl import URL
 
 from gateway import contract as c
-from gateway import numbers, topology, web
+from gateway import numbers, topology, tracking, web
 from gateway.config import Account, ConfigError, Settings, sandbox_account
 from gateway.consumer import AccountWorker, UnroutableWorker, close_within
 from gateway.diagnostics import dump_tasks
@@ -155,7 +155,15 @@ class Gateway:
         self._channels.append(channel)
         await self._unroutable.start(channel)
         if s.dlr_enabled:
-            desk = Desk(store=self._store, sink=publisher, accounts=self.accounts, settings=s, owner=self._owner)
+            connection, store = self._connection, self._store
+            desk = Desk(
+                store=store,
+                sink=publisher,
+                accounts=self.accounts,
+                settings=s,
+                owner=self._owner,
+                rebuild=lambda account: tracking.rebuild(connection, store, account, s),
+            )
             self._tasks.append(asyncio.create_task(desk.run(), name="dlr desk"))
             for account, adapter in zip(self.accounts, self._adapters, strict=True):
                 poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, settings=s)

@@ -238,6 +238,11 @@ class Settings(BaseSettings):
         description="how long an accepted message is tracked; without a final status by then it ends undelivered",
     )
 
+    @property
+    def dlr_track_ttl_s(self) -> float:
+        """How long an accepted message's correlation is kept: the window, plus a day for its last poll."""
+        return self.dlr_window_s + 86400.0
+
     @field_validator("retry_schedule_s", mode="before")
     @classmethod
     def _schedule_text(cls, value: Any) -> Any:

@@ -27,6 +27,9 @@ UNROUTABLE_QUEUE = "sms.send.unroutable"
 OUTCOMES_EXCHANGE = "sms.outcomes"
 DEAD_EXCHANGE = "sms.dead"
 DEAD_QUEUE = "sms.dead"
+# A stream of the outcomes delivery reports depend on (accepted, delivered, undelivered): what the
+# gateway rebuilds its delivery tracking from after the state store lost it.
+TRACKING_STREAM = "sms.tracking"
 RETRY_EXCHANGE = "sms.retry"
 
 
@@ -48,6 +51,8 @@ H_WAITING_SINCE = "x-gateway-waiting-since"
 # The copy is the gateway's own (a redelivery, a retry copy, or a wait copy of one), not a second
 # copy from a producer: when its id is done it gets the original outcome again, never `duplicate`.
 H_OWN = "x-gateway-own"
+# On an `accepted` outcome whose message waits for a delivery report (not a test, has a provider id).
+H_TRACKED = "x-gateway-tracked"
 # Selects the retry TTL queue through the headers exchange. Deliberately without the `x-` prefix:
 # RabbitMQ ignores `x-` headers when matching `x-match: all`, which would route to every queue.
 H_RETRY_DELAY = "gateway-retry-delay"

@@ -42,7 +42,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from gateway import contract as c
@@ -111,7 +111,10 @@ class Desk:
         settings: Settings,
         owner: str,
         clock: Clock = SYSTEM,
+        rebuild: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
+        """`rebuild(account)` writes the account's delivery tracking back after the store lost it
+        (tracking.rebuild); the desk calls it when it sees the account's store epoch change."""
         self._store = store
         self._sink = sink
         self._accounts = {a.name: a for a in accounts}
@@ -119,6 +122,8 @@ class Desk:
         self._owner = owner
         self._clock = clock
         self._marks: set[asyncio.Task[None]] = set()  # final marks tried again in the background
+        self._rebuild = rebuild
+        self._rebuilding: dict[str, asyncio.Task[None]] = {}
 
     # -- one report -----------------------------------------------------------------------------------
 
@@ -169,8 +174,12 @@ class Desk:
                 return
 
     async def finish_marks(self, timeout_s: float) -> int:
-        """At shutdown: wait up to `timeout_s` for final marks still being tried; returns how many
-        were left (their events may be published again after the lease)."""
+        """At shutdown: stop any rebuild (the next process's loss check does not see it: see the
+        README), and wait up to `timeout_s` for final marks still being tried; returns how many were
+        left (their events may be published again after the lease)."""
+        for task in self._rebuilding.values():
+            task.cancel()
+        await asyncio.gather(*self._rebuilding.values(), return_exceptions=True)
         if not self._marks:
             return 0
         _done, late = await asyncio.wait(set(self._marks), timeout=timeout_s)
@@ -276,6 +285,24 @@ class Desk:
             matched += await self._store.match_parked(name, SWEEP_LIMIT)
         return matched
 
+    async def watch_epochs(self) -> None:
+        """Start a rebuild for each account whose store epoch changed (one at a time per account)."""
+        if self._rebuild is None:
+            return
+        for name in self._accounts:
+            if await self._store.epoch_changed(name) and name not in self._rebuilding:
+                task = asyncio.create_task(self._rebuild_account(name), name=f"rebuild tracking {name}")
+                self._rebuilding[name] = task
+
+    async def _rebuild_account(self, name: str) -> None:
+        assert self._rebuild is not None
+        try:
+            await self._rebuild(name)
+        except Exception as exc:
+            log.exception("tracking_rebuild_failed", account=name, error=type(exc).__name__)
+        finally:
+            self._rebuilding.pop(name, None)
+
     async def measure_lag(self) -> None:
         now = self._clock.time()
         for name in self._accounts:
@@ -283,13 +310,14 @@ class Desk:
             m.DLR_POLL_LAG.labels(name).set(0.0 if oldest is None else max(0.0, now - oldest))
 
     async def run(self) -> None:
-        """Sweep parked reports and refresh the lag gauge until cancelled."""
+        """Sweep parked webhooks, watch the store epochs and refresh the lag gauge until cancelled."""
         last_lag = -LAG_EVERY_S
         while True:
             try:
                 await self.sweep()
                 if self._clock.monotonic() - last_lag >= LAG_EVERY_S:
                     last_lag = self._clock.monotonic()
+                    await self.watch_epochs()
                     await self.measure_lag()
             except asyncio.CancelledError:
                 raise

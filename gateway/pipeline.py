@@ -42,7 +42,6 @@ from gateway.state.base import BatchRecord, Tracked
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.pipeline")
-CORRELATION_MARGIN_S = 86400.0  # a correlation outlives the tracking window, for its last poll
 RECORD_RETRY_FIRST_S = 0.2  # a batch's record that failed is tried again after this, then doubling
 RECORD_RETRY_MAX_S = 2.0
 
@@ -516,7 +515,7 @@ class Pipeline:
             ttl_s=self.account.dedupe_window_s,
             tracked=tracked,
             first_poll_s=s.dlr_poll_after_s,
-            track_ttl_s=s.dlr_window_s + CORRELATION_MARGIN_S,
+            track_ttl_s=s.dlr_track_ttl_s,
         )
 
     async def _record(self, batch: BatchRecord) -> bool:

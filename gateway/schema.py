@@ -354,7 +354,7 @@ def _exchange_messages(name: str) -> dict[str, Any]:
 
 
 def _queue_messages(name: str) -> dict[str, Any]:
-    ref = "DeadLetter" if name == c.DEAD_QUEUE else "SendRequest"
+    ref = "DeadLetter" if name == c.DEAD_QUEUE else "Outcome" if name == c.TRACKING_STREAM else "SendRequest"
     return {"messages": {ref: {"$ref": f"#/components/messages/{ref}"}}}
 
 

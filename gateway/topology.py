@@ -12,6 +12,8 @@ document (`gateway.schema`). One description, so the three never disagree.
                                           sms.send keeping the account routing key
     sms.outcomes (topic, <status>.<account>)
     sms.dead (topic, <reason>.<account>) -> sms.dead (bound to #)
+    sms.outcomes --accepted.*, delivered.*, undelivered.*--> sms.tracking   stream, 7 days: what the
+                                          delivery tracking is rebuilt from after a store loss
 
 Queue arguments never depend on tunable settings other than the retry delays themselves, so a
 configuration change never makes a redeclare fail with PRECONDITION_FAILED.
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from gateway.broker_api import BrokerApi
 
 DELIVERY_LIMIT = 20  # broker-side backstop; the gateway itself stops at settings.poison_deliveries
+TRACKING_MAX_AGE = "7D"  # the tracking stream's retention: longer than the default tracking window (4 days)
+TRACKING_MAX_BYTES = 20 * 2**30  # and its size at most: ~70 million outcomes of ~300 bytes
 
 _QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # At-least-once dead-lettering (RabbitMQ 3.10+) so a message moving between queues is never dropped.
@@ -120,6 +124,13 @@ def layout(accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> Layout
             "Every dead letter, kept until an operator replays or purges it (gateway dlq).",
             dict(_QUORUM),
             (Binding(c.DEAD_EXCHANGE, "#"),),
+        ),
+        Queue(
+            c.TRACKING_STREAM,
+            "A stream of the accepted, delivered and undelivered outcomes, kept 7 days: after the state "
+            "store lost its delivery tracking the gateway rebuilds it from here (gateway-internal).",
+            {"x-queue-type": "stream", "x-max-age": TRACKING_MAX_AGE, "x-max-length-bytes": TRACKING_MAX_BYTES},
+            tuple(Binding(c.OUTCOMES_EXCHANGE, f"{status}.*") for status in ("accepted", "delivered", "undelivered")),
         ),
         *(account_queue(a) for a in accounts),
         *(retry_queue(d) for d in retry_delays_ms(retry_schedule_s)),

@@ -106,6 +106,7 @@ class EpochMemory:
 
     def __init__(self) -> None:
         self._seen: dict[str, str] = {}
+        self._changed: set[str] = set()  # accounts whose epoch changed since `take_changed` last asked
 
     def known(self, account: str) -> str:
         return self._seen.get(account, "")
@@ -115,7 +116,15 @@ class EpochMemory:
         if known is not None and known != epoch.id:
             m.STORE_EPOCH_RESETS.labels(account).inc()
             log.warning("store_epoch_changed", account=account, lost=epoch.lost)
+            self._changed.add(account)
         self._seen[account] = epoch.id
+
+    def take_changed(self, account: str) -> bool:
+        """Whether this process saw the account's epoch change since the last time it was asked."""
+        if account in self._changed:
+            self._changed.discard(account)
+            return True
+        return False
 
 
 def distrust_new(
@@ -310,6 +319,16 @@ class Store(Protocol):
         ...
 
     # -- delivery reports ---------------------------------------------------------------------------
+
+    async def epoch_changed(self, account: str) -> bool:
+        """Look at the account's epoch (creating it when missing, as a claim does): True once after
+        this process saw it change, here or in a claim (the store lost its data meanwhile)."""
+        ...
+
+    async def mark_final(self, account: str, message_ids: Sequence[str], ttl_s: float) -> None:
+        """These messages had their final event (a rebuild after a store loss found it): never
+        poll or publish them again, whether they are tracked or not."""
+        ...
 
     async def begin_final(
         self, account: str, message_id: str, owner: str, lease_s: float

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Collection, Mapping
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -293,19 +293,34 @@ return tostring(factor(st[1], st[2], clock(ARGV[1])))
 """
 )
 
-# KEYS = correlation; ARGV = owner, lease ms, now. Returns {state, record}.
+# KEYS = correlation; ARGV = owner, lease ms, now. Returns {state, record}. (A message marked final by
+# a rebuild may have no record.)
 _BEGIN_FINAL = (
     _NOW_FN
     + """
 local now = math.floor(clock(ARGV[3]) * 1000)
 local st = redis.call('HMGET', KEYS[1], 'r', 's', 'o', 'l')
-if not st[1] then return {'unknown', ''} end
 if st[2] == 'final' then return {'done', ''} end
+if not st[1] then return {'unknown', ''} end
 if st[2] == 'claim' and st[3] ~= ARGV[1] and tonumber(st[4]) > now then return {'busy', ''} end
 redis.call('HSET', KEYS[1], 's', 'claim', 'o', ARGV[1], 'l', now + tonumber(ARGV[2]))
 return {'claimed', st[1]}
 """
 )
+
+# KEYS = the account's epoch; ARGV = known id, id for a new epoch, now. {id, age ms, lost}.
+_EPOCH = _NOW_FN + _EPOCH_FN + "return epoch(KEYS[1], ARGV[1], ARGV[2], clock(ARGV[3]))"
+
+# KEYS = due, open, then one correlation key per message; ARGV = ttl ms, then the message ids.
+_MARK_FINAL = """
+for i = 3, #KEYS do
+  redis.call('HSET', KEYS[i], 's', 'final')
+  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1])) end
+  redis.call('ZREM', KEYS[1], ARGV[i - 1])
+  redis.call('ZREM', KEYS[2], ARGV[i - 1])
+end
+return #KEYS - 2
+"""
 
 # KEYS = correlation, due, open; ARGV = message id, owner.
 _END_FINAL = """
@@ -442,6 +457,8 @@ class RedisStore(RecordShortcuts):
         self._abandon_final = self._redis.register_script(_ABANDON_FINAL)
         self._due = self._redis.register_script(_DUE)
         self._hint = self._redis.register_script(_HINT)
+        self._epoch = self._redis.register_script(_EPOCH)
+        self._mark_final = self._redis.register_script(_MARK_FINAL)
         self._match_parked = self._redis.register_script(_MATCH_PARKED)
         self._poll_later = self._redis.register_script(_POLL_LATER)
         self._epochs = EpochMemory()
@@ -531,6 +548,19 @@ class RedisStore(RecordShortcuts):
         return AccountState(tuple(p for p in pauses if p.until > now), factor)
 
     # -- delivery reports ---------------------------------------------------------------------------
+
+    async def epoch_changed(self, account: str) -> bool:
+        epoch_id, age_ms, lost = await self._epoch(
+            keys=[epoch_key(account)], args=[self._epochs.known(account), secrets.token_hex(8), self._now()]
+        )
+        self._epochs.saw(account, Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost))))
+        return self._epochs.take_changed(account)
+
+    async def mark_final(self, account: str, message_ids: Sequence[str], ttl_s: float) -> None:
+        if not message_ids:
+            return
+        keys = [dlr_key(account, "due"), dlr_key(account, "open"), *(corr_key(account, m) for m in message_ids)]
+        await self._mark_final(keys=keys, args=[int(ttl_s * 1000), *message_ids])
 
     async def begin_final(
         self, account: str, message_id: str, owner: str, lease_s: float

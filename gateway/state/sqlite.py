@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -295,6 +295,24 @@ class SqliteStore(RecordShortcuts):
         return await self._run(op)
 
     # -- delivery reports ---------------------------------------------------------------------------
+
+    async def epoch_changed(self, account: str) -> bool:
+        known = self._epochs.known(account)
+        epoch = await self._run(lambda db: self._epoch(db, account, known))
+        self._epochs.saw(account, epoch)
+        return self._epochs.take_changed(account)
+
+    async def mark_final(self, account: str, message_ids: Sequence[str], ttl_s: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            now = self._clock.time()
+            db.executemany(
+                "INSERT INTO dlr VALUES (?, ?, '', 'final', NULL, NULL, NULL, ?, 0, ?) "
+                "ON CONFLICT (account, mid) DO UPDATE SET state='final', due_at=NULL",
+                [(account, mid, now, now + ttl_s) for mid in message_ids],
+            )
+
+        if message_ids:
+            await self._run(op)
 
     async def begin_final(
         self, account: str, message_id: str, owner: str, lease_s: float

@@ -404,6 +404,12 @@ async def dlr_redis_stop(root: Path, nodes: list[RabbitNode], redis_server: Redi
     )
 
 
+async def dlr_redis_empty(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    return await _dlr_fault(
+        "reports on: Redis restarted empty", lambda w: w.redis.restart_empty(), None, 0, root, nodes, redis_server, size
+    )
+
+
 async def dlr_broker_close(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
     def fault(w: World) -> None:
         w.rabbit.ctl("close_all_connections", "chaos: connections closed")
@@ -598,6 +604,7 @@ SINGLE_NODE: dict[str, Scenario] = {
     "noisy_neighbour": noisy_neighbour,
     "dlr_redis_pause": dlr_redis_pause,
     "dlr_redis_stop": dlr_redis_stop,
+    "dlr_redis_empty": dlr_redis_empty,
     "dlr_broker_close": dlr_broker_close,
     "sentinel_failover": sentinel_failover,
     "sentinel_failover_short": sentinel_failover_short,
@@ -610,6 +617,7 @@ CI_SCENARIOS = [
     "redis_empty",
     "poison",
     "dlr_redis_pause",
+    "dlr_redis_empty",
     "dlr_broker_close",
     "sentinel_failover_short",
 ]

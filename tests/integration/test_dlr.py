@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from gateway import metrics as m
 from gateway.config import Account
@@ -225,3 +226,32 @@ async def test_a_webhook_is_answered_503_while_the_store_is_down_and_taken_when_
     assert flaky.failed == 1
     assert world.state.ledger()["webhooks"]["answers"] == {"503": 1, "200": 1}  # Mobizon's retry got through
     assert [d["status"] for d in finals(bus)] == ["delivered"]
+
+
+async def test_delivery_tracking_lost_with_the_store_is_rebuilt_from_the_broker(world: InProcess) -> None:
+    """Redis loses every key of the account while reports are pending (a restart without
+    persistence): the tracking comes back from the sms.tracking stream, every accepted SMS still
+    ends in exactly one delivery event, and those that had theirs already get no second one."""
+    name = new_account_name()
+    world.state.lifecycle.config = DlrConfig(delay_s=1.0, jitter_s=8.0, mix={"delivered": 0.8, "undelivered": 0.2})
+    await world.gateway(
+        [world.account(name, linger_ms=20)], redis_url=REDIS_URL, dlr_poll_after_s=0.5, dlr_poll_max_gap_s=1.0
+    )
+    n = 30
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        async with Bus.open([name]) as bus:
+            await bus.publish_many([(name, request(f"t{i}", to=f"+4850060{i:04d}")) for i in range(n)])
+            await bus.wait_for(outcomes=n, timeout=30)
+            await wait_finals(bus, 3, timeout=20)  # some have their event already, most do not
+            before = len(finals(bus))
+            assert before < n
+            await client.delete(*[k async for k in client.scan_iter(match=f"smsgw:{{{name}}}:*")])
+            await wait_finals(bus, n, timeout=60)
+            await bus.settle(2.0)
+    finally:
+        await client.aclose()
+    per_id = Counter(d["unique_id"] for d in finals(bus))
+    assert len(per_id) == n, f"{n - len(per_id)} accepted SMS got no delivery event ({before} had one before)"
+    assert set(per_id.values()) == {1}
+    assert m.REGISTRY.get_sample_value("sms_store_epoch_resets_total", {"account": name}) == 1

@@ -410,3 +410,20 @@ async def test_pauses_and_throttling_are_visible_to_operators(store: Store, acco
     assert state.throttle_factor == 0.5
     clock.advance(10)
     assert [p.owner for p in (await store.account_state(account)).pauses] == ["gw-1"]  # gw-2's pause ended
+
+
+async def test_a_lost_epoch_is_reported_once_and_marked_final_messages_stay_final(
+    store: Store, account: str, clock: FakeClock
+) -> None:
+    assert not await store.epoch_changed(account)  # the first look creates the epoch
+    assert not await store.epoch_changed(account)
+    await forget(store, account)
+    assert await store.epoch_changed(account)  # this process had seen the old one
+    assert not await store.epoch_changed(account)  # once
+    # A rebuild: one message already had its event, one did not, one was never tracked again.
+    now = clock.time()
+    await store.mark_final(account, ["ended", "orphan"], ttl_s=600)
+    await store.track(account, [tracked("ended", now), tracked("open", now)], first_poll_s=0, ttl_s=600)
+    assert (await store.begin_final(account, "ended", "w1", 30))[0] is FinalState.DONE
+    assert (await store.begin_final(account, "orphan", "w1", 30))[0] is FinalState.DONE
+    assert [t.provider_message_id for t in await store.due_polls(account, 10, lease_s=30)] == ["open"]

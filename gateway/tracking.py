@@ -1,0 +1,134 @@
+"""Delivery tracking rebuilt from the broker after the state store lost it.
+
+The store keeps each accepted message's correlation until its final event (dlr.py). A store that
+loses its data (Redis restarted without persistence, a failover to a replica that had not caught
+up) loses that too, and with it every pending delivery event. The broker keeps the same facts:
+the `sms.tracking` stream (topology.py) takes every `accepted` outcome marked `x-gateway-tracked`
+and every `delivered` / `undelivered` event, for seven days. When a process sees an account's store
+epoch change, it reads the stream from its start up to a marker it publishes first, and writes
+back, in stream order, the tracking of each message accepted within the tracking window and the
+final state of each message that already had its event. The messages still pending are then
+polled as usual (their first poll is long due), so each gets exactly one event; one whose window
+has ended gets `undelivered` / `unknown` at once.
+
+A rebuild is idempotent (a tracked message is left as it is, a final one stays final), so two
+replicas that both saw the loss both rebuild, and nothing is published twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from gateway import contract as c
+from gateway.config import Settings
+from gateway.state import Store
+from gateway.state.base import BatchRecord, Tracked
+from gateway.telemetry import get_logger
+
+log = get_logger("gateway.tracking")
+
+H_MARKER = "x-gateway-tracking-marker"  # the end of one rebuild's replay
+CHUNK = 500  # records written to the store at once
+REPLAY_MARGIN_S = 600.0
+
+
+async def rebuild(connection: AbstractConnection, store: Store, account: str, settings: Settings) -> tuple[int, int]:
+    """Replay the tracking stream for `account` into the store; returns (tracked, final) counts."""
+    started = time.monotonic()
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        await channel.set_qos(prefetch_count=CHUNK * 2)  # a stream consumer must have a prefetch
+        marker = secrets.token_hex(8)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", headers={H_MARKER: marker}, content_type="application/json"),
+            routing_key=c.TRACKING_STREAM,
+        )
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        queue = await channel.get_queue(c.TRACKING_STREAM, ensure=False)
+        oldest = time.time() - settings.dlr_window_s
+        # From the oldest acceptance still tracked (a little before, for clocks that disagree).
+        since = datetime.fromtimestamp(oldest - REPLAY_MARGIN_S, UTC)
+        tag = await queue.consume(inbox.put, arguments={"x-stream-offset": since})
+        tracked: list[Tracked] = []
+        finals: list[str] = []
+        counts = [0, 0]
+
+        async def flush() -> None:
+            if tracked:
+                await store.record(
+                    account,
+                    BatchRecord(
+                        tracked=list(tracked),
+                        first_poll_s=settings.dlr_poll_after_s,
+                        track_ttl_s=settings.dlr_track_ttl_s,
+                    ),
+                )
+            if finals:
+                await store.mark_final(account, list(finals), settings.dlr_track_ttl_s)
+            counts[0] += len(tracked)
+            counts[1] += len(finals)
+            tracked.clear()
+            finals.clear()
+
+        while True:
+            message = await inbox.get()
+            headers = message.headers or {}
+            if headers.get(H_MARKER) is not None:
+                done = str(headers[H_MARKER]) == marker
+                await message.ack()
+                if done:
+                    break
+                continue
+            status, _, name = (message.routing_key or "").partition(".")
+            if name == account:
+                _take(message, status, headers, oldest, tracked, finals)
+            await message.ack()
+            if len(tracked) + len(finals) >= CHUNK:
+                await flush()
+        await flush()
+        await queue.cancel(tag)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    log.warning(
+        "tracking_rebuilt",
+        account=account,
+        tracked=counts[0],
+        final=counts[1],
+        seconds=round(time.monotonic() - started, 1),
+    )
+    return counts[0], counts[1]
+
+
+def _take(
+    message: AbstractIncomingMessage,
+    status: str,
+    headers: Mapping[str, object],
+    oldest: float,
+    tracked: list[Tracked],
+    finals: list[str],
+) -> None:
+    """One outcome of the stream into what the store gets back; anything unreadable is skipped."""
+    try:
+        doc = json.loads(message.body)
+        message_id = doc.get("provider_message_id")
+        if not isinstance(message_id, str) or not message_id:
+            return
+        if status in (c.Status.DELIVERED, c.Status.UNDELIVERED):
+            finals.append(message_id)
+        elif status == c.Status.ACCEPTED and headers.get(c.H_TRACKED):
+            at = datetime.fromisoformat(str(doc["at"]).replace("Z", "+00:00")).timestamp()
+            if at >= oldest:
+                tracked.append(
+                    Tracked(message_id, doc["unique_id"], doc.get("to"), doc.get("meta"), doc["provider"], at)
+                )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("tracking_record_unreadable", routing_key=message.routing_key)
