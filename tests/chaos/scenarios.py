@@ -569,7 +569,8 @@ async def cluster_failover(root: Path, nodes: list[RabbitNode], redis_server: Re
     async with connection:
         await topology.declare(await connection.channel(), [account], RETRY_SCHEDULE_S)
     rate = max(200, size.messages // 6)
-    world = await _world(root, nodes, redis_server, [account], 2, rate_per_s=rate, burst=rate // 4)
+    world = await _world(root, nodes, redis_server, [account], 2, DLR_SETTINGS, rate_per_s=rate, burst=rate // 4)
+    world.check_reports = True  # delivery events through the failover too, and no own copy answered duplicate
     await world.publish(_items(account, "c", size.messages))
     await asyncio.sleep(1.5)
     leaders = json.loads(nodes[0].ctl("list_queues", "-q", "name", "leader", "--formatter", "json"))
@@ -577,7 +578,10 @@ async def cluster_failover(root: Path, nodes: list[RabbitNode], redis_server: Re
     await asyncio.to_thread(nodes[1].ctl, "stop_app")
     since = time.monotonic()
     recovered = await world.wait_recovered(since, 90)
-    led = await _finish(world, "3-node cluster, queue leader's node stopped", 240)
+    await world.wait_settled(240)
+    await world.wait_reports(120)
+    led = world.ledger("3-node cluster, queue leader's node stopped")
+    await world.close()
     await asyncio.to_thread(nodes[1].ctl, "start_app")
     led.recovered_s = recovered
     led.notes.append(f"queue leader was on {leader}, stopped node {nodes[1].node}")
