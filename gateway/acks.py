@@ -58,6 +58,12 @@ class AckTracker:
         assert message.delivery_tag is not None
         self._open[message.delivery_tag] = None
 
+    def stale(self, message: AbstractIncomingMessage) -> bool:
+        """The delivery's channel is closed or replaced: the broker has requeued it and delivers it
+        again, so nothing may be published for this copy (its redelivery gets the outcome)."""
+        channel = _channel(message)
+        return channel is None or channel.is_closed or channel is not self._channel
+
     async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Ack deliveries whose outcomes are safe. Raises StaleDelivery when none of them can be."""
         await self._bounded(lambda: self._ack(messages))

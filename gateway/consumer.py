@@ -397,6 +397,16 @@ class AccountWorker(Worker):
         self._batcher.pump()  # due groups that waited for a slot, grown meanwhile
 
     async def _run_batch(self, batch: list[Delivery]) -> None:
+        # Deliveries of a channel lost while they waited in the batcher come again from the broker
+        # (to this replica or another): working on these copies too would race their redeliveries.
+        if any(self._acks.stale(d.message) for d in batch):
+            stale = [d for d in batch if self._acks.stale(d.message)]
+            batch = [d for d in batch if not self._acks.stale(d.message)]
+            log.info("stale_deliveries_dropped", account=self.account.name, count=len(stale))
+            for d in stale:
+                d.close("requeued")
+            if not batch:
+                return
         # One span per batch: the first message's trace is its parent, the others are links.
         parent = trace.set_span_in_context(batch[0].span) if batch[0].span is not None else None
         links = [Link(d.span.get_span_context()) for d in batch[1:] if d.span is not None]

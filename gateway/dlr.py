@@ -72,6 +72,7 @@ SWEEP_LIMIT = 500  # parked webhooks looked at per account and sweep
 PARK_TTL_S = 3600.0
 PARK_MAX = 10_000
 LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often
+EPOCH_EVERY_S = 30.0  # each account's store epoch is looked at this often (a loss starts a rebuild)
 IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long
 WEBHOOK_DEADLINE_S = 4.0  # Mobizon waits 5 s for the answer
 # `eventCreateTs` is in an undocumented time zone and Mobizon retries for about an hour: an event
@@ -255,7 +256,7 @@ class Desk:
     async def _webhook_report(self, account: str, event: mobizon_webhook.WebhookEvent) -> tuple[int, str]:
         assert event.report is not None
         message_id = event.report.provider_message_id
-        hint = WebhookHint(_park(event.report), self._settings.dlr_window_s, PARK_TTL_S, PARK_MAX)
+        hint = WebhookHint(_park(event.report), 2 * WEBHOOK_FRESH_S, PARK_TTL_S, PARK_MAX)
         # A retry of an event seen before makes the poll due again: its first try may have been
         # answered 503 after the binding.
         bound, action = await self._store.hint(account, event.event_id, message_id, hint)
@@ -285,12 +286,13 @@ class Desk:
             matched += await self._store.match_parked(name, SWEEP_LIMIT)
         return matched
 
-    async def watch_epochs(self) -> None:
-        """Start a rebuild for each account whose store epoch changed (one at a time per account)."""
+    async def watch_epochs(self, *, look: bool) -> None:
+        """Start a rebuild for each account whose store epoch changed (one at a time per account):
+        seen by a claim, or with `look` by looking at each account's epoch (a store call each)."""
         if self._rebuild is None:
             return
         for name in self._accounts:
-            if await self._store.epoch_changed(name) and name not in self._rebuilding:
+            if await self._store.epoch_changed(name, look=look) and name not in self._rebuilding:
                 task = asyncio.create_task(self._rebuild_account(name), name=f"rebuild tracking {name}")
                 self._rebuilding[name] = task
 
@@ -311,13 +313,16 @@ class Desk:
 
     async def run(self) -> None:
         """Sweep parked webhooks, watch the store epochs and refresh the lag gauge until cancelled."""
-        last_lag = -LAG_EVERY_S
+        last_lag = last_epoch = -EPOCH_EVERY_S
         while True:
             try:
                 await self.sweep()
+                look = self._clock.monotonic() - last_epoch >= EPOCH_EVERY_S
+                if look:
+                    last_epoch = self._clock.monotonic()
+                await self.watch_epochs(look=look)
                 if self._clock.monotonic() - last_lag >= LAG_EVERY_S:
                     last_lag = self._clock.monotonic()
-                    await self.watch_epochs()
                     await self.measure_lag()
             except asyncio.CancelledError:
                 raise

@@ -105,7 +105,18 @@ class Settler:
         return await self.settle_all([(d, decision)]) == 1
 
     async def settle_all(self, items: Sequence[tuple[Delivery, Decision]]) -> int:
-        """Settle deliveries together; returns how many were acked."""
+        """Settle deliveries together; returns how many were acked. A delivery whose channel is gone
+        publishes nothing: the broker delivers it again, and that copy (the gateway's own) gets the
+        outcome. Published for this one too, a result found done by another replica meanwhile would
+        go out as `duplicate` to the producer whose request it is."""
+        if any(self._acks.stale(d.message) for d, _ in items):
+            stale = [d for d, _ in items if self._acks.stale(d.message)]
+            items = [(d, x) for d, x in items if not self._acks.stale(d.message)]
+            log.info("stale_deliveries_not_settled", account=stale[0].account, count=len(stale))
+            for d in stale:
+                d.close("requeued")
+            if not items:
+                return 0
         if len(items) == 1:
             failures: list[BaseException | None] = [await _failure(self._publish(*items[0]))]
         else:

@@ -320,9 +320,10 @@ class Store(Protocol):
 
     # -- delivery reports ---------------------------------------------------------------------------
 
-    async def epoch_changed(self, account: str) -> bool:
-        """Look at the account's epoch (creating it when missing, as a claim does): True once after
-        this process saw it change, here or in a claim (the store lost its data meanwhile)."""
+    async def epoch_changed(self, account: str, *, look: bool = True) -> bool:
+        """True once after this process saw the account's epoch change (the store lost its data
+        meanwhile), in a claim or, with `look`, by looking at it now (creating it when missing, as a
+        claim does). Without `look` no store call is made."""
         ...
 
     async def mark_final(self, account: str, message_ids: Sequence[str], ttl_s: float) -> None:

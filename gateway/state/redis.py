@@ -549,11 +549,12 @@ class RedisStore(RecordShortcuts):
 
     # -- delivery reports ---------------------------------------------------------------------------
 
-    async def epoch_changed(self, account: str) -> bool:
-        epoch_id, age_ms, lost = await self._epoch(
-            keys=[epoch_key(account)], args=[self._epochs.known(account), secrets.token_hex(8), self._now()]
-        )
-        self._epochs.saw(account, Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost))))
+    async def epoch_changed(self, account: str, *, look: bool = True) -> bool:
+        if look:
+            epoch_id, age_ms, lost = await self._epoch(
+                keys=[epoch_key(account)], args=[self._epochs.known(account), secrets.token_hex(8), self._now()]
+            )
+            self._epochs.saw(account, Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost))))
         return self._epochs.take_changed(account)
 
     async def mark_final(self, account: str, message_ids: Sequence[str], ttl_s: float) -> None:

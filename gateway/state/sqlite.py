@@ -296,10 +296,10 @@ class SqliteStore(RecordShortcuts):
 
     # -- delivery reports ---------------------------------------------------------------------------
 
-    async def epoch_changed(self, account: str) -> bool:
-        known = self._epochs.known(account)
-        epoch = await self._run(lambda db: self._epoch(db, account, known))
-        self._epochs.saw(account, epoch)
+    async def epoch_changed(self, account: str, *, look: bool = True) -> bool:
+        if look:
+            known = self._epochs.known(account)
+            self._epochs.saw(account, await self._run(lambda db: self._epoch(db, account, known)))
         return self._epochs.take_changed(account)
 
     async def mark_final(self, account: str, message_ids: Sequence[str], ttl_s: float) -> None:

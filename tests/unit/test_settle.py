@@ -16,8 +16,15 @@ class ClosedChannel:
     is_closed = True
 
 
+class OpenChannel:
+    """A consumer channel still open whose frames cannot be written (no basic_nack here): the
+    connection the publishes use is the one that was lost."""
+
+    is_closed = False
+
+
 class Message:
-    def __init__(self, tag: int, channel: ClosedChannel) -> None:
+    def __init__(self, tag: int, channel: ClosedChannel | OpenChannel) -> None:
         self.delivery_tag = tag
         self.channel = channel
         self.reply_to = None
@@ -47,10 +54,45 @@ class Lines:
     error = warning = info = _record
 
 
-async def test_a_lost_connection_fails_the_batch_in_one_line_and_closes_every_delivery(monkeypatch: Any) -> None:
+class CountingPublisher(LostPublisher):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def outcome(self, **_: Any) -> None:
+        self.calls += 1
+
+
+async def test_deliveries_of_a_lost_channel_publish_nothing_and_are_left_to_their_redelivery(
+    monkeypatch: Any,
+) -> None:
+    """Their redeliveries are the gateway's own copies and get the outcome: published for these
+    too, a result another replica finished meanwhile would reach the producer as `duplicate`."""
     lines = Lines()
     monkeypatch.setattr(settle, "log", lines)
     channel = ClosedChannel()
+    acks = AckTracker()
+    deliveries = []
+    for tag in range(1, 11):
+        message = Message(tag, channel)
+        acks.delivered(message)  # type: ignore[arg-type]
+        d = Delivery(message, "acme", _open=True, label="unit-settle")  # type: ignore[arg-type]
+        d.job.unique_id = f"id-{tag}"
+        deliveries.append(d)
+    publisher = CountingPublisher()
+    settler = Settler(publisher, "sandbox", acks)  # type: ignore[arg-type]
+    done = p.finish(p.Status.DUPLICATE, "sandbox", at=datetime.now(UTC), attempts=0, store=False)
+
+    assert await settler.settle_all([(d, done) for d in deliveries]) == 0
+    assert publisher.calls == 0
+    assert [event for event, _ in lines.lines] == ["stale_deliveries_not_settled"]
+    assert lines.lines[0][1]["count"] == 10
+    assert all(not d._open for d in deliveries)
+
+
+async def test_a_lost_connection_fails_the_batch_in_one_line_and_closes_every_delivery(monkeypatch: Any) -> None:
+    lines = Lines()
+    monkeypatch.setattr(settle, "log", lines)
+    channel = OpenChannel()
     acks = AckTracker()
     deliveries = []
     for tag in range(1, 101):
