@@ -272,6 +272,10 @@ class Desk:
             return _rejected("mobizon", 409, "event_rewritten")
         if action == "full":  # too many hints for unknown messages: Mobizon retries later
             return _rejected("mobizon", 503, "parked_full")
+        if action == "parked" and account in self._rebuilding:
+            # The store lost its tracking and it is being rebuilt: the hint is parked all the same,
+            # and Mobizon is asked to come again rather than told the report was taken.
+            return _rejected("mobizon", 503, "rebuilding")
         result = "duplicate" if bound is not None else action
         m.DLR_REPORTS.labels(account, "webhook", result).inc()
         return 200, "duplicate" if bound is not None else "ok"

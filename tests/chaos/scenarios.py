@@ -62,6 +62,18 @@ async def _world(
     return world
 
 
+async def _break(
+    world: World, fault: Callable[[World], None], hold_s: float, heal: Callable[[World], None] | None
+) -> float:
+    """Apply the fault, hold it, heal it; returns when the fault ended (recovery counts from there)."""
+    await asyncio.to_thread(fault, world)
+    if hold_s:
+        await asyncio.sleep(hold_s)
+    if heal is not None:
+        await asyncio.to_thread(heal, world)
+    return time.monotonic()
+
+
 def _items(account: str, prefix: str, n: int) -> list[tuple[str, str, bytes]]:
     return [(account, f"{prefix}{i}", request_body(f"{prefix}{i}", i)) for i in range(n)]
 
@@ -129,12 +141,7 @@ async def _broker_fault(
     first = _items(account, "b", size.messages // 2)
     await world.publish(first)
     await asyncio.sleep(1.0)
-    await asyncio.to_thread(fault, world)
-    if hold_s:
-        await asyncio.sleep(hold_s)
-    if heal is not None:
-        await asyncio.to_thread(heal, world)
-    since = time.monotonic()
+    since = await _break(world, fault, hold_s, heal)
     # After the fault: the rest, and a request for an unknown account (the unroutable consumer).
     second = _items(account, "a", size.messages - len(first))
     await world.publish([*second, (ghost, "g0", request_body("g0", 0))])
@@ -206,12 +213,7 @@ async def _redis_fault(
         world.sandbox.fault(match=f"token:tok-{account}", swallow=True, rate=swallow)
     await world.publish(_items(account, "r", size.messages))
     await asyncio.sleep(1.5)
-    await asyncio.to_thread(fault, world)
-    if hold_s:
-        await asyncio.sleep(hold_s)
-    if heal is not None:
-        await asyncio.to_thread(heal, world)
-    since = time.monotonic()
+    since = await _break(world, fault, hold_s, heal)
     if swallow:
         await asyncio.sleep(3)
         world.sandbox.clear_faults()
@@ -369,12 +371,7 @@ async def _dlr_fault(
         world.sandbox.fault(match=f"token:tok-{account}", latency_ms=provider_latency_ms, rate=0.5)
     await world.publish(_items(account, "d", size.messages))
     await asyncio.sleep(2.5)  # sends under way, and the first reports polled
-    await asyncio.to_thread(fault, world)
-    if hold_s:
-        await asyncio.sleep(hold_s)
-    if heal is not None:
-        await asyncio.to_thread(heal, world)
-    since = time.monotonic()
+    since = await _break(world, fault, hold_s, heal)
     world.sandbox.clear_faults()
     recovered = await world.wait_recovered(since, 120)
     await world.wait_settled(240)

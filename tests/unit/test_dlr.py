@@ -265,3 +265,16 @@ async def test_a_final_mark_that_fails_is_tried_again_and_the_event_is_not_publi
     # Every later report finds the message final: still one event.
     assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll")
     assert len(sink.events) == 1
+
+
+async def test_a_webhook_for_an_unknown_message_while_tracking_is_rebuilt_is_parked_and_answered_503(
+    desk_parts: tuple[Desk, SqliteStore, RecordingSink],
+) -> None:
+    desk, store, _sink = desk_parts
+    rebuilding = asyncio.get_running_loop().create_future()
+    desk._rebuilding["kz"] = rebuilding  # type: ignore[assignment]  # as watch_epochs starts one
+    doc = event(eventCreateTs=now_ts(), data={"messageId": "lost-1", "status": "DELIVRD"})
+    assert await post(desk, doc) == (503, "rebuilding")  # Mobizon comes again
+    await store.track("kz", [Tracked("lost-1", "u9", None, None, "mobizon", time.time())], 60, 600)
+    assert await desk.sweep() == 1  # the hint was parked all the same
+    rebuilding.cancel()

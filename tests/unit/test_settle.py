@@ -54,6 +54,18 @@ class Lines:
     error = warning = info = _record
 
 
+def delivered(acks: AckTracker, channel: ClosedChannel | OpenChannel, n: int) -> list[Delivery]:
+    """`n` deliveries of `channel`, registered with `acks` and open in the in-flight gauge."""
+    out = []
+    for tag in range(1, n + 1):
+        message = Message(tag, channel)
+        acks.delivered(message)  # type: ignore[arg-type]
+        d = Delivery(message, "acme", _open=True, label="unit-settle")  # type: ignore[arg-type]
+        d.job.unique_id = f"id-{tag}"
+        out.append(d)
+    return out
+
+
 class CountingPublisher(LostPublisher):
     def __init__(self) -> None:
         self.calls = 0
@@ -71,13 +83,7 @@ async def test_deliveries_of_a_lost_channel_publish_nothing_and_are_left_to_thei
     monkeypatch.setattr(settle, "log", lines)
     channel = ClosedChannel()
     acks = AckTracker()
-    deliveries = []
-    for tag in range(1, 11):
-        message = Message(tag, channel)
-        acks.delivered(message)  # type: ignore[arg-type]
-        d = Delivery(message, "acme", _open=True, label="unit-settle")  # type: ignore[arg-type]
-        d.job.unique_id = f"id-{tag}"
-        deliveries.append(d)
+    deliveries = delivered(acks, channel, 10)
     publisher = CountingPublisher()
     settler = Settler(publisher, "sandbox", acks)  # type: ignore[arg-type]
     done = p.finish(p.Status.DUPLICATE, "sandbox", at=datetime.now(UTC), attempts=0, store=False)
@@ -94,13 +100,7 @@ async def test_a_lost_connection_fails_the_batch_in_one_line_and_closes_every_de
     monkeypatch.setattr(settle, "log", lines)
     channel = OpenChannel()
     acks = AckTracker()
-    deliveries = []
-    for tag in range(1, 101):
-        message = Message(tag, channel)
-        acks.delivered(message)  # type: ignore[arg-type]
-        d = Delivery(message, "acme", _open=True, label="unit-settle")  # type: ignore[arg-type]
-        d.job.unique_id = f"id-{tag}"
-        deliveries.append(d)
+    deliveries = delivered(acks, channel, 100)
     decision = p.poison(0, "Boom", datetime.now(UTC))
     settler = Settler(LostPublisher(), "sandbox", acks)  # type: ignore[arg-type]
 
