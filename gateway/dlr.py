@@ -32,8 +32,10 @@
   for with one rate-limit token of the account. A message without a final status when
   `dlr_window_s` ends becomes `undelivered` with reason `unknown`.
 - A webhook is answered 2xx only once its poll is due or it is parked; 503 when the store cannot
-  take it (Mobizon retries), 403 for a bad `sign` or a stale `eventCreateTs`, 409 for a rewritten
-  event, 404 for an unknown account, 400 for a malformed or oversized body.
+  take it, when too many are parked, or (parked all the same) while the account's tracking is being
+  rebuilt after a store loss (tracking.py): Mobizon retries. 403 for a bad `sign` or a stale
+  `eventCreateTs`, 409 for a rewritten event, 404 for an unknown account, 400 for a malformed or
+  oversized body.
 """
 
 from __future__ import annotations
