@@ -257,3 +257,17 @@ async def test_delivery_tracking_lost_with_the_store_is_rebuilt_from_the_broker(
     assert len(per_id) == n + 1, f"{n + 1 - len(per_id)} accepted SMS got no delivery event ({before} had one before)"
     assert set(per_id.values()) == {1}
     assert m.REGISTRY.get_sample_value("sms_store_epoch_resets_total", {"account": name}) == 1
+
+
+async def test_webhooks_past_the_rate_are_answered_503_before_their_body_is_read(world: InProcess) -> None:
+    name = new_account_name()
+    port = free_port()
+    await world.gateway([mobizon(world, name)], http_port=port, webhook_rate_per_s=3)
+    url = f"http://127.0.0.1:{port}/dlr/mobizon/{name}"
+    async with httpx.AsyncClient(timeout=5) as client:
+        answers = Counter([(await client.post(url, content=b"not even JSON")).status_code for _ in range(20)])
+        health = (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code
+    assert answers[400] >= 3  # the first few are read (and refused as malformed)
+    assert answers[503] >= 15  # the rest never had their body read
+    assert health == 200
+    assert m.REGISTRY.get_sample_value("sms_dlr_webhooks_rejected_total", {"provider": "(any)", "reason": "busy"})
