@@ -193,9 +193,9 @@ async def test_a_store_that_stays_away_after_the_send_makes_the_copies_reconcile
     `accepted` (never `duplicate`), each is tracked, and nothing reaches the provider twice."""
     name = new_account_name()
     flaky = FailingStore({"record"}, times=2)  # the batch tries twice within half the lease
-    await world.gateway(
-        [world.account(name, linger_ms=200)], stores=flaky.around, claim_lease_s=0.6, dlr_poll_after_s=0.5
-    )
+    # One batch of all ten (a group waits the whole linger): both failures meet the same batch.
+    account = world.account(name, linger_ms=1000, quiet_ms=1000)
+    await world.gateway([account], stores=flaky.around, claim_lease_s=0.6, dlr_poll_after_s=0.5)
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"h{i}", to=f"+4850081{i:04d}")) for i in range(10)])
         await bus.wait_for(outcomes=20, timeout=60)
