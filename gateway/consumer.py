@@ -20,7 +20,7 @@ Failure handling:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast
 
 import aiormq
@@ -41,7 +41,7 @@ from gateway.providers.base import ProviderAdapter
 from gateway.publisher import Publisher
 from gateway.settle import Delivery, Settler, requeue
 from gateway.state import Store
-from gateway.state.base import Pause
+from gateway.state.base import Pause, Tracked
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.consumer")
@@ -239,6 +239,7 @@ class Worker:
 
     def __init__(self, publisher: Publisher, provider: str | None, ack_timeout_s: float = 30.0) -> None:
         self._acks = AckTracker(timeout_s=ack_timeout_s, on_wedged=self._channel_wedged)
+        self._publisher = publisher
         self._settler = Settler(publisher, provider, self._acks)
         self._consumer: QueueConsumer | None = None
         self._stopping = False
@@ -419,7 +420,20 @@ class AccountWorker(Worker):
             # outcome must find the account paused, not reach the provider that just refused it.
             await self._pause_after(result)
             await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)))
+        if result.tracked:
+            task = asyncio.create_task(self._tracking_copy(result.tracked))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self._adapt(result, took if result.sent * 2 >= self._max_batch else None)
+
+    async def _tracking_copy(self, tracked: Sequence[Tracked]) -> None:
+        """The batch's tracked messages into the tracking stream, off the send path (tracking.py):
+        needed only after a store loss, so a copy that fails is one line, and the store's own
+        record stands."""
+        try:
+            await self._publisher.tracking_copy(self.account.name, tracked)
+        except Exception as exc:  # noqa: BLE001 - the broker is away; the store holds the tracking
+            log.warning("tracking_copy_failed", account=self.account.name, count=len(tracked), error=type(exc).__name__)
 
     async def _pause_after(self, result: p.BatchResult) -> None:
         if result.store_failed:

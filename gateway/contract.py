@@ -27,7 +27,7 @@ UNROUTABLE_QUEUE = "sms.send.unroutable"
 OUTCOMES_EXCHANGE = "sms.outcomes"
 DEAD_EXCHANGE = "sms.dead"
 DEAD_QUEUE = "sms.dead"
-# A stream of the outcomes delivery reports depend on (accepted, delivered, undelivered): what the
+# A stream of each batch's tracked messages and of the delivered / undelivered events: what the
 # gateway rebuilds its delivery tracking from after the state store lost it.
 TRACKING_STREAM = "sms.tracking"
 RETRY_EXCHANGE = "sms.retry"
@@ -51,7 +51,7 @@ H_WAITING_SINCE = "x-gateway-waiting-since"
 # The copy is the gateway's own (a redelivery, a retry copy, or a wait copy of one), not a second
 # copy from a producer: when its id is done it gets the original outcome again, never `duplicate`.
 H_OWN = "x-gateway-own"
-# On an `accepted` outcome whose message waits for a delivery report (not a test, has a provider id).
+# On a batch's copy of its tracked messages in the tracking stream (tracking.py).
 H_TRACKED = "x-gateway-tracked"
 # Selects the retry TTL queue through the headers exchange. Deliberately without the `x-` prefix:
 # RabbitMQ ignores `x-` headers when matching `x-match: all`, which would route to every queue.

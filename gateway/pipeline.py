@@ -251,6 +251,7 @@ class BatchResult:
     store_failed: bool  # the store failed on the way: the caller backs the account off
     pause_account: bool  # the provider refused the account itself (credentials, blocked, quota)
     sent: int = 0  # jobs handed to the provider's send call (not answered from the store)
+    tracked: Sequence[Tracked] = ()  # accepted messages now tracked (stored): their copy goes to the stream
 
     @property
     def congested(self) -> bool:
@@ -362,7 +363,8 @@ class Pipeline:
             log.exception("batch_failed", account=self.account.name, size=len(jobs))
             return BatchResult([self.wait(j) for j in jobs], store_failed=True, pause_account=False)
         pause = any(isinstance(x, Finish) and x.pause_account for x in decisions.values())
-        if not await self._record(self._batch_record(jobs, decisions)):
+        batch = self._batch_record(jobs, decisions)
+        if not await self._record(batch):
             # Nothing the batch did is stored. Publishing its results now would leave an accepted
             # message untracked (no delivery report, ever) and a result later copies cannot find.
             # So a copy whose result was not stored waits instead: its claim stays, and its next
@@ -372,8 +374,9 @@ class Pipeline:
             for i, decision in decisions.items():
                 if isinstance(decision, Finish) and decision.store:
                     decisions[i] = Wait(wait_delay_ms(jobs[i].waits), jobs[i].waiting_since, own=True, unsent=False)
+            batch = BatchRecord()
         ordered = [decisions[i] for i in range(len(jobs))]
-        return BatchResult(ordered, store_failed, pause, sent)
+        return BatchResult(ordered, store_failed, pause, sent, batch.tracked)
 
     async def _decide(self, jobs: Sequence[Job]) -> tuple[dict[int, Decision], bool, int]:
         """Claim, reconcile, send: a decision for every job, whether the store failed on the way,

@@ -13,7 +13,8 @@ that no queue takes fails the publish and the request is requeued instead of ack
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from pamqp.commands import Basic
 
 from gateway import contract as c
 from gateway import metrics as m
+from gateway.state.base import Tracked
 from gateway.telemetry import get_logger
 
 log = get_logger("gateway.publisher")
@@ -139,6 +141,12 @@ class Publisher:
             self._publish(c.OUTCOMES_EXCHANGE, routing_key, body, props, mandatory=False),
             self._publish("", reply_to, body, props, mandatory=False),
         )
+
+    async def tracking_copy(self, account: str, records: Sequence[Tracked]) -> None:
+        """One batch's tracked messages into the tracking stream (tracking.py), confirmed."""
+        body = f'{{"account":{json.dumps(account)},"tracked":[{",".join(r.to_json() for r in records)}]}}'.encode()
+        props = Basic.Properties(content_type="application/json", delivery_mode=PERSISTENT, headers={c.H_TRACKED: 1})
+        await self._publish("", c.TRACKING_STREAM, body, props, mandatory=True)
 
     async def dead_letter(
         self,

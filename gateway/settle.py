@@ -23,7 +23,6 @@ from gateway import contract as c
 from gateway import metrics as m
 from gateway import tracing
 from gateway.acks import AckTracker
-from gateway.contract import Status
 from gateway.numbers import mask
 from gateway.pipeline import Decision, Finish, Job, Retry
 from gateway.providers.base import UNKNOWN_TYPE
@@ -225,9 +224,6 @@ class Settler:
             body = c.outcome_body(**{**fields, "meta": None, "to": None})
         jobs = []
         if job.unique_id is not None:  # an outcome nobody can correlate is noise; the dead letter says it all
-            headers = tracing.inject(d.span, {})
-            if f.status is Status.ACCEPTED and r.provider_message_id and not (job.item is not None and job.item.test):
-                headers[c.H_TRACKED] = 1  # its delivery report is awaited: the tracking stream keeps it
             jobs.append(
                 self._publisher.outcome(
                     account=d.account,
@@ -236,7 +232,7 @@ class Settler:
                     unique_id=job.unique_id,
                     reply_to=d.message.reply_to,
                     correlation_id=d.message.correlation_id,
-                    headers=headers,
+                    headers=tracing.inject(d.span, {}),
                 )
             )
         if f.dead is not None:

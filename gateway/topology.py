@@ -12,8 +12,9 @@ document (`gateway.schema`). One description, so the three never disagree.
                                           sms.send keeping the account routing key
     sms.outcomes (topic, <status>.<account>)
     sms.dead (topic, <reason>.<account>) -> sms.dead (bound to #)
-    sms.outcomes --accepted.*, delivered.*, undelivered.*--> sms.tracking   stream, 7 days: what the
-                                          delivery tracking is rebuilt from after a store loss
+    sms.outcomes --delivered.*, undelivered.*--> sms.tracking   stream, 7 days, with one copy of each
+                                          batch's tracked messages published there by the gateway:
+                                          what delivery tracking is rebuilt from after a store loss
 
 Queue arguments never depend on tunable settings other than the retry delays themselves, so a
 configuration change never makes a redeclare fail with PRECONDITION_FAILED.
@@ -127,10 +128,11 @@ def layout(accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> Layout
         ),
         Queue(
             c.TRACKING_STREAM,
-            "A stream of the accepted, delivered and undelivered outcomes, kept 7 days: after the state "
-            "store lost its delivery tracking the gateway rebuilds it from here (gateway-internal).",
+            "A stream of the tracked messages of each accepted batch and of the delivered and undelivered "
+            "events, kept 7 days: after the state store lost its delivery tracking the gateway rebuilds it "
+            "from here (gateway-internal).",
             {"x-queue-type": "stream", "x-max-age": TRACKING_MAX_AGE, "x-max-length-bytes": TRACKING_MAX_BYTES},
-            tuple(Binding(c.OUTCOMES_EXCHANGE, f"{status}.*") for status in ("accepted", "delivered", "undelivered")),
+            tuple(Binding(c.OUTCOMES_EXCHANGE, f"{status}.*") for status in ("delivered", "undelivered")),
         ),
         *(account_queue(a) for a in accounts),
         *(retry_queue(d) for d in retry_delays_ms(retry_schedule_s)),

@@ -2,14 +2,16 @@
 
 The store keeps each accepted message's correlation until its final event (dlr.py). A store that
 loses its data (Redis restarted without persistence, a failover to a replica that had not caught
-up) loses that too, and with it every pending delivery event. The broker keeps the same facts:
-the `sms.tracking` stream (topology.py) takes every `accepted` outcome marked `x-gateway-tracked`
-and every `delivered` / `undelivered` event, for seven days. When a process sees an account's store
-epoch change, it reads the stream from its start up to a marker it publishes first, and writes
-back, in stream order, the tracking of each message accepted within the tracking window and the
-final state of each message that already had its event. The messages still pending are then
-polled as usual (their first poll is long due), so each gets exactly one event; one whose window
-has ended gets `undelivered` / `unknown` at once.
+up) loses that too, and with it every pending delivery event. The broker keeps the same facts in
+the `sms.tracking` stream (topology.py), for seven days: after each batch the worker publishes
+there one copy of the batch's newly tracked messages (`x-gateway-tracked`, off the send path: the
+outcomes do not wait for it), and the broker routes every `delivered` / `undelivered` event there.
+When a process sees an account's store epoch change, it reads the stream from the oldest
+acceptance still in the tracking window up to a marker it publishes first, and writes back, in
+stream order, the tracking of each message accepted within the window and the final state of each
+message that already had its event. The messages still pending are then polled as usual (their
+first poll is long due), so each gets exactly one event; one whose window has ended gets
+`undelivered` / `unknown` at once.
 
 A rebuild is idempotent (a tracked message is left as it is, a final one stays final), so two
 replicas that both saw the loss both rebuild, and nothing is published twice.
@@ -87,9 +89,7 @@ async def rebuild(connection: AbstractConnection, store: Store, account: str, se
                 if done:
                     break
                 continue
-            status, _, name = (message.routing_key or "").partition(".")
-            if name == account:
-                _take(message, status, headers, oldest, tracked, finals)
+            _take(message, account, headers, oldest, tracked, finals)
             await message.ack()
             if len(tracked) + len(finals) >= CHUNK:
                 await flush()
@@ -110,25 +110,24 @@ async def rebuild(connection: AbstractConnection, store: Store, account: str, se
 
 def _take(
     message: AbstractIncomingMessage,
-    status: str,
+    account: str,
     headers: Mapping[str, object],
     oldest: float,
     tracked: list[Tracked],
     finals: list[str],
 ) -> None:
-    """One outcome of the stream into what the store gets back; anything unreadable is skipped."""
+    """One message of the stream into what the store gets back: a batch's copy of its tracked
+    messages, or a delivery event. Anything unreadable is skipped, with a line."""
     try:
         doc = json.loads(message.body)
-        message_id = doc.get("provider_message_id")
-        if not isinstance(message_id, str) or not message_id:
+        if headers.get(c.H_TRACKED):
+            if doc["account"] == account:
+                batch = [Tracked.from_json(json.dumps(r)) for r in doc["tracked"]]
+                tracked.extend(t for t in batch if t.accepted_at >= oldest)
             return
-        if status in (c.Status.DELIVERED, c.Status.UNDELIVERED):
-            finals.append(message_id)
-        elif status == c.Status.ACCEPTED and headers.get(c.H_TRACKED):
-            at = datetime.fromisoformat(str(doc["at"]).replace("Z", "+00:00")).timestamp()
-            if at >= oldest:
-                tracked.append(
-                    Tracked(message_id, doc["unique_id"], doc.get("to"), doc.get("meta"), doc["provider"], at)
-                )
+        status, _, name = (message.routing_key or "").partition(".")
+        message_id = doc.get("provider_message_id")
+        if name == account and status in (c.Status.DELIVERED, c.Status.UNDELIVERED) and message_id:
+            finals.append(str(message_id))
     except (ValueError, KeyError, TypeError, AttributeError):
         log.warning("tracking_record_unreadable", routing_key=message.routing_key)

@@ -512,6 +512,8 @@ class World:
             "dlr_mark_failed",
             "dlr_marked_late",
             "waits_exhausted",
+            "tracking_rebuilt",
+            "stale_deliveries_dropped",
         )
         counts: Counter[str] = Counter()
         for path in self.root.glob(f"gateway-{self.accounts[0]}-*.log"):
