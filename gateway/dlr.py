@@ -132,7 +132,8 @@ class Desk:
 
     async def report(self, account: str, report: StatusReport, source: str) -> bool:
         """Publish the final event a final report owes. False when the message's correlation is
-        unknown (not recorded yet): the caller parks the report. Non-final reports owe nothing."""
+        unknown (not recorded, or its window is over): nothing is published. Non-final reports owe
+        nothing."""
         if report.final is None:
             m.DLR_REPORTS.labels(account, source, "not_final").inc()
             return True
