@@ -119,7 +119,8 @@ def render() -> bytes:
 HTTP_CONNECTIONS = Gauge("sms_http_connections", "Open connections on the gateway's HTTP port", registry=REGISTRY)
 HTTP_CLOSED = Counter(
     "sms_http_connections_closed",
-    "Connections the HTTP port closed itself: `refused` (over the cap), `header_timeout` (no request "
+    "Connections the HTTP port closed itself: `evicted` (the oldest still owing its request head, to "
+    "make room under the cap), `refused` (over the cap, none to evict), `header_timeout` (no request "
     "head in time), `idle` (keep-alive idle too long)",
     ["reason"],
     registry=REGISTRY,

@@ -2,7 +2,8 @@
 `/metrics` (Prometheus), and `POST /dlr/<provider>/<account>` (delivery-report webhooks).
 
 The port is open to whoever can reach it, so nothing a client does may hold the process:
-- `ConnectionGuard` caps the open connections (more are closed at accept, before a byte is read),
+- `ConnectionGuard` caps the open connections (at the cap the oldest one still owing its request
+  head is closed to make room; with none such, the new one is closed before a byte is read),
   closes a connection that has not sent a whole request head within `header_timeout_s` (slow or
   half-open clients) and one idle between requests for `idle_timeout_s`;
 - a webhook's body must arrive within `BODY_TIMEOUT_S`, and at most `webhook_concurrency`
@@ -71,6 +72,13 @@ class _Tracked(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+def _abort(transport: asyncio.BaseTransport) -> None:
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    else:
+        transport.close()
+
+
 class ConnectionGuard:
     """Bounds what HTTP clients can hold (module docstring). A connection has a deadline while it
     owes a request head (`header_timeout_s` from its start or from its last answer; `idle_timeout_s`
@@ -96,12 +104,26 @@ class ConnectionGuard:
 
     def factory(self, inner: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
         def make() -> asyncio.Protocol:
-            if len(self._open) >= self.max_connections:
+            if len(self._open) >= self.max_connections and not self._evict():
                 m.HTTP_CLOSED.labels("refused").inc()
                 return _Closed()
             return _Tracked(self, inner())
 
         return make
+
+    def _evict(self) -> bool:
+        """Make room for a new connection by closing the oldest one still owing its request head.
+        Held open by slow clients, the cap would otherwise refuse everyone else, a health probe
+        too (which Kubernetes answers by restarting the pod); a client that sends its head at once
+        keeps its slot. False when every connection is being served."""
+        waiting = [(deadline, p, t) for p, (t, deadline, why) in self._open.items() if why == "header_timeout"]
+        if not waiting:
+            return False
+        _deadline, protocol, transport = min(waiting, key=lambda w: w[0])
+        self._open.pop(protocol, None)
+        m.HTTP_CLOSED.labels("evicted").inc()
+        _abort(transport)
+        return True
 
     def opened(self, protocol: Any, transport: asyncio.BaseTransport) -> None:
         self._open[protocol] = (transport, self._clock() + self._header_s, "header_timeout")
@@ -128,10 +150,7 @@ class ConnectionGuard:
         for protocol, transport, why in late:
             self._open.pop(protocol, None)
             m.HTTP_CLOSED.labels(why).inc()
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
-            else:
-                transport.close()
+            _abort(transport)
         if late:
             m.HTTP_CONNECTIONS.set(len(self._open))
         return len(late)

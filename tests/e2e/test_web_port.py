@@ -81,6 +81,10 @@ async def test_connections_past_the_file_limit_neither_wedge_the_process_nor_sto
             for i, number in enumerate(NUMBERS):
                 await bus.publish(name, request(f"far-{i}", to=number))
             held += await asyncio.to_thread(half_open, port, 250)
+            # Every slot is held by a slow client now: a probe still gets through (the oldest slow
+            # connection makes room), or Kubernetes would restart the pod under the flood.
+            async with httpx.AsyncClient(timeout=5) as client:
+                probe = (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code
             await bus.wait_for(outcomes=len(NUMBERS), timeout=30)
             # The half-open ones are closed by the gateway (no whole head within 2 s), not kept.
             await asyncio.sleep(3.5)
@@ -94,6 +98,7 @@ async def test_connections_past_the_file_limit_neither_wedge_the_process_nor_sto
             s.close()
     assert statuses == {"accepted": len(NUMBERS)}, gw.log()[-2000:]
     assert health == 200
+    assert probe == 200
     assert gone == len(held), f"{len(held) - gone} of {len(held)} slow connections still open"
     assert 'sms_http_connections_closed_total{reason="header_timeout"}' in metrics
     started = time.monotonic()
