@@ -419,12 +419,31 @@ class AccountWorker(Worker):
             # Pause before the outcomes go out: what a producer publishes once it has seen the
             # outcome must find the account paused, not reach the provider that just refused it.
             await self._pause_after(result)
-            await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)))
+            await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)), self._announce)
         if result.tracked:
             task = asyncio.create_task(self._tracking_copy(result.tracked))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._adapt(result, took if result.sent * 2 >= self._max_batch else None)
+
+    def _announce(self, confirmed: Sequence[tuple[Delivery, p.Decision]]) -> None:
+        """End the final-event holds of the messages whose `accepted` the broker just confirmed
+        (dlr.py), off the send path: a failed announcement is one line, and the hold runs out."""
+        ids = [
+            x.result.provider_message_id
+            for _, x in confirmed
+            if isinstance(x, p.Finish) and x.status == c.Status.ACCEPTED and x.result.provider_message_id
+        ]
+        if ids and self._settings.dlr_enabled:
+            task = asyncio.create_task(self._announce_ids(ids))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _announce_ids(self, ids: list[str]) -> None:
+        try:
+            await self._store.announce(self.account.name, ids)
+        except Exception as exc:  # noqa: BLE001 - the store is away: the holds run out on their own
+            log.warning("announce_failed", account=self.account.name, count=len(ids), error=type(exc).__name__)
 
     async def _tracking_copy(self, tracked: Sequence[Tracked]) -> None:
         """The batch's tracked messages into the tracking stream, off the send path (tracking.py):

@@ -9,6 +9,11 @@
                                                                     <status>.<account>, confirmed
                                                                  -> end_final (retried until stored)
 
+- No final event before its `accepted`: a message is recorded with its final event held; the
+  worker ends the hold (`Store.announce`) once the broker confirmed the `accepted` outcome, by the
+  first copy or by the redelivered one that repeats it after a lost publish. A report for a held
+  message publishes nothing and its poll comes again soon. A hold that no announcement ends (the
+  store was away at that moment) runs out `pipeline.ANNOUNCE_HOLD_S` after acceptance.
 - Exactly one final event: the store lets one caller claim a message's final event at a time;
   it publishes (broker confirm), then marks the message final, trying the mark again until the
   store answers (a store that pauses after the confirm must not let the claim's lease run out
@@ -76,6 +81,10 @@ PARK_MAX = 10_000
 LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often
 EPOCH_EVERY_S = 30.0  # each account's store epoch is looked at this often (a loss starts a rebuild)
 IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long
+# A final report held back (its `accepted` is not out yet) is asked for again after this, doubling
+# with each poll up to the max: a hold ends within moments of the outcome's confirm, or at its time.
+HELD_AGAIN_S = 2.0
+HELD_AGAIN_MAX_S = 60.0
 WEBHOOK_DEADLINE_S = 4.0  # Mobizon waits 5 s for the answer
 # `eventCreateTs` is in an undocumented time zone and Mobizon retries for about an hour: an event
 # further than this from now (either way) is a replay, not a retry.
@@ -95,6 +104,11 @@ class EventSink(Protocol):
         reply_to: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None: ...
+
+
+def held_gap(polls: int) -> float:
+    """The wait before asking again about a message whose final report was held back."""
+    return float(min(HELD_AGAIN_S * 2 ** min(polls, 8), HELD_AGAIN_MAX_S))
 
 
 def poll_gap(settings: Settings, polls: int) -> float:
@@ -130,23 +144,28 @@ class Desk:
 
     # -- one report -----------------------------------------------------------------------------------
 
-    async def report(self, account: str, report: StatusReport, source: str) -> bool:
-        """Publish the final event a final report owes. False when the message's correlation is
-        unknown (not recorded, or its window is over): nothing is published. Non-final reports owe
-        nothing."""
+    async def report(self, account: str, report: StatusReport, source: str) -> FinalState | None:
+        """Publish the final event a final report owes, and say what became of it: CLAIMED when
+        this call published it; DONE or BUSY when another did or does; HELD when the message's
+        `accepted` outcome is not known to be out yet (nothing is published: report it again
+        later); UNKNOWN when its correlation is unknown (not recorded, or its window is over).
+        None for a report that is not final (it owes nothing)."""
         if report.final is None:
             m.DLR_REPORTS.labels(account, source, "not_final").inc()
-            return True
+            return None
         # Each claim has its own holder: two reports of one message in this process (a webhook and
         # its duplicate, or a poll) must not both win.
         holder = f"{self._owner}:{secrets.token_hex(6)}"
         message_id = report.provider_message_id
         state, tracked = await self._store.begin_final(account, message_id, holder, FINAL_LEASE_S)
         if state is FinalState.UNKNOWN:
-            return False
+            return state
+        if state is FinalState.HELD:
+            m.DLR_REPORTS.labels(account, source, "held").inc()
+            return state
         if state is not FinalState.CLAIMED or tracked is None:
             m.DLR_REPORTS.labels(account, source, "already_final").inc()
-            return True
+            return state
         try:
             await self._publish(account, tracked, report)
         except BaseException:
@@ -163,7 +182,7 @@ class Desk:
             task.add_done_callback(self._marks.discard)
             if not isinstance(exc, Exception):
                 raise
-        return True
+        return FinalState.CLAIMED
 
     async def _mark_until_stored(self, account: str, message_id: str, holder: str) -> None:
         delay = MARK_RETRY_FIRST_S
@@ -368,12 +387,15 @@ class Poller:
             return 0
         now = self._clock.time()
         window = self._settings.dlr_window_s
+        later: dict[str, float] = {}
         ended = [t for t in due if t.accepted_at + window <= now]
         for t in ended:
             gone = StatusReport(t.provider_message_id, "unknown", c.Status.UNDELIVERED, "unknown")
-            await self._desk.report(name, gone, "window")
+            if await self._desk.report(name, gone, "window") is FinalState.HELD:
+                later[t.provider_message_id] = now + held_gap(t.polls)
         asking = [t for t in due if t.accepted_at + window > now]
         if not asking:
+            await self._store.poll_later(name, later)
             return len(due)
         await self._take_token()
         m.DLR_POLLS.labels(name).inc()
@@ -384,11 +406,11 @@ class Poller:
         except LookupFailed as exc:
             log.warning("dlr_poll_failed", account=name, count=len(asking), error=str(exc)[:200])
             reports = {}
-        later: dict[str, float] = {}
         for t in asking:
             report = reports.get(t.provider_message_id)
             if report is not None and report.final is not None:
-                await self._desk.report(name, report, "poll")
+                if await self._desk.report(name, report, "poll") is FinalState.HELD:
+                    later[t.provider_message_id] = now + held_gap(t.polls)
             else:
                 gap = poll_gap(self._settings, t.polls + 1)
                 later[t.provider_message_id] = min(now + gap, t.accepted_at + window)

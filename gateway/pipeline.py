@@ -44,6 +44,10 @@ from gateway.telemetry import get_logger
 log = get_logger("gateway.pipeline")
 RECORD_RETRY_FIRST_S = 0.2  # a batch's record that failed is tried again after this, then doubling
 RECORD_RETRY_MAX_S = 2.0
+# An accepted message's final delivery event is held until its `accepted` outcome is confirmed out
+# (the worker announces it to the store), or this long after acceptance: by then a lost `accepted`
+# was published again by the request's redelivered copy, or the store was away when it was.
+ANNOUNCE_HOLD_S = 300.0
 
 
 @dataclass(eq=False, slots=True)
@@ -519,6 +523,7 @@ class Pipeline:
             tracked=tracked,
             first_poll_s=s.dlr_poll_after_s,
             track_ttl_s=s.dlr_track_ttl_s,
+            hold_s=ANNOUNCE_HOLD_S,
         )
 
     async def _record(self, batch: BatchRecord) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,11 +103,16 @@ class Settler:
     async def settle(self, d: Delivery, decision: Decision) -> bool:
         return await self.settle_all([(d, decision)]) == 1
 
-    async def settle_all(self, items: Sequence[tuple[Delivery, Decision]]) -> int:
-        """Settle deliveries together; returns how many were acked. A delivery whose channel is gone
-        publishes nothing: the broker delivers it again, and that copy (the gateway's own) gets the
-        outcome. Published for this one too, a result found done by another replica meanwhile would
-        go out as `duplicate` to the producer whose request it is."""
+    async def settle_all(
+        self,
+        items: Sequence[tuple[Delivery, Decision]],
+        on_confirmed: Callable[[Sequence[tuple[Delivery, Decision]]], None] | None = None,
+    ) -> int:
+        """Settle deliveries together; returns how many were acked. `on_confirmed` is told which
+        deliveries had what they are owed confirmed by the broker, before their acks. A delivery
+        whose channel is gone publishes nothing: the broker delivers it again, and that copy (the
+        gateway's own) gets the outcome. Published for this one too, a result found done by another
+        replica meanwhile would go out as `duplicate` to the producer whose request it is."""
         if any(self._acks.stale(d.message) for d, _ in items):
             stale = [d for d, _ in items if self._acks.stale(d.message)]
             items = [(d, x) for d, x in items if not self._acks.stale(d.message)]
@@ -142,6 +147,8 @@ class Settler:
             await requeue(self._acks, [d for d, _ in failed])
         if not done:
             return 0
+        if on_confirmed is not None:
+            on_confirmed(done)
         try:
             await self._acks.ack([d.message for d, _ in done])
         except Exception as exc:  # noqa: BLE001 - the channel is gone: the broker redelivers them

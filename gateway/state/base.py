@@ -183,6 +183,9 @@ class BatchRecord:
     tracked: Sequence[Tracked] = ()  # accepted messages waiting for their delivery report
     first_poll_s: float = 0.0  # each tracked message's first status poll, after acceptance
     track_ttl_s: float = 0.0  # how long a tracked message's correlation is kept
+    # > 0: each tracked message's final event is held (FinalState.HELD) until `announce` says its
+    # `accepted` outcome is out, or this long after acceptance, whichever comes first.
+    hold_s: float = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.done or self.unknown or self.release or self.tracked)
@@ -223,7 +226,13 @@ class FinalState(StrEnum):
     CLAIMED = "claimed"  # this caller: publish, then `end_final` (or `abandon_final` on failure)
     DONE = "done"  # published already
     BUSY = "busy"  # another caller holds the claim (its lease runs); it publishes
+    HELD = "held"  # the message's `accepted` outcome is not known to be out yet: ask again later
     UNKNOWN = "unknown"  # no correlation (not recorded yet, or its window is over)
+
+
+# A held message's final claim belongs to this holder (no caller's holder looks like it), its lease
+# running to the end of the hold: a hold is a claim that no one publishes, given back by `announce`.
+HOLDER = "~accepted-not-out"
 
 
 # The account's slow-down after the provider throttles (Mobizon 30, HTTP 429). It is kept with the
@@ -334,7 +343,13 @@ class Store(Protocol):
     async def begin_final(
         self, account: str, message_id: str, owner: str, lease_s: float
     ) -> tuple[FinalState, Tracked | None]:
-        """Claim the right to publish a message's final event (the correlation comes with CLAIMED)."""
+        """Claim the right to publish a message's final event (the correlation comes with CLAIMED).
+        HELD while the message was recorded with a hold that neither `announce` nor time ended."""
+        ...
+
+    async def announce(self, account: str, message_ids: Sequence[str]) -> None:
+        """These messages' `accepted` outcomes are confirmed by the broker: end their holds, so
+        their final events may go out (ids without a hold, or unknown, are left as they are)."""
         ...
 
     async def end_final(self, account: str, message_id: str, owner: str) -> None:

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from gateway.clock import Clock
 from gateway.contract import REPLAYABLE
 from gateway.state.base import (
+    HOLDER,
     NOTHING,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
@@ -200,13 +201,14 @@ return {out, grant, tostring(wait), tostring(f), ep}
 # same on a single Redis, behind Sentinel and in a Cluster, where every key of one account shares a
 # slot.) KEYS = due, open, then nd result keys, nu unknown keys, nr release keys, and one correlation
 # key per tracked message. ARGV = nd, nu, nr, dedupe ttl ms, owner, the unknown record, track ttl
-# ms, first poll after s, then nd result JSONs, then (record, message id, accepted at) per tracked.
+# ms, first poll after s, hold s, then nd result JSONs, then (record, message id, accepted at) per
+# tracked message.
 _RECORD = """
 local nd, nu, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ttl, owner = tonumber(ARGV[4]), ARGV[5]
 local k = 2
 for i = 1, nd do
-  redis.call('SET', KEYS[k + i], cjson.encode({s = 'done', r = ARGV[8 + i]}), 'PX', ttl)
+  redis.call('SET', KEYS[k + i], cjson.encode({s = 'done', r = ARGV[9 + i]}), 'PX', ttl)
 end
 k = k + nd
 for i = 1, nu do redis.call('SET', KEYS[k + i], ARGV[6], 'PX', ttl) end
@@ -219,17 +221,31 @@ for i = 1, nr do
   end
 end
 k = k + nr
-local track_ttl, first = tonumber(ARGV[7]), tonumber(ARGV[8])
-local a = 8 + nd
+local track_ttl, first, hold = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local a = 9 + nd
 for i = k + 1, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local at = tonumber(ARGV[a + 3])
-    redis.call('HSET', KEYS[i], 'r', ARGV[a + 1], 's', 'open', 'n', 0)
+    if hold > 0 then
+      local held_to = math.floor((at + hold) * 1000)
+      redis.call('HSET', KEYS[i], 'r', ARGV[a + 1], 's', 'claim', 'o', '{HOLDER}', 'l', held_to, 'n', 0)
+    else
+      redis.call('HSET', KEYS[i], 'r', ARGV[a + 1], 's', 'open', 'n', 0)
+    end
     redis.call('PEXPIRE', KEYS[i], track_ttl)
     redis.call('ZADD', KEYS[1], at + first, ARGV[a + 2])
     redis.call('ZADD', KEYS[2], at, ARGV[a + 2])
   end
   a = a + 3
+end
+return 1
+""".replace("{HOLDER}", HOLDER)
+
+# KEYS = one correlation key per message: their holds end.
+_ANNOUNCE = f"""
+for i = 1, #KEYS do
+  local st = redis.call('HMGET', KEYS[i], 's', 'o')
+  if st[1] == 'claim' and st[2] == '{HOLDER}' then redis.call('HSET', KEYS[i], 's', 'open') end
 end
 return 1
 """
@@ -302,10 +318,13 @@ local now = math.floor(clock(ARGV[3]) * 1000)
 local st = redis.call('HMGET', KEYS[1], 'r', 's', 'o', 'l')
 if st[2] == 'final' then return {'done', ''} end
 if not st[1] then return {'unknown', ''} end
-if st[2] == 'claim' and st[3] ~= ARGV[1] and tonumber(st[4]) > now then return {'busy', ''} end
+if st[2] == 'claim' and st[3] ~= ARGV[1] and tonumber(st[4]) > now then
+  if st[3] == '{HOLDER}' then return {'held', ''} end
+  return {'busy', ''}
+end
 redis.call('HSET', KEYS[1], 's', 'claim', 'o', ARGV[1], 'l', now + tonumber(ARGV[2]))
 return {'claimed', st[1]}
-"""
+""".replace("{HOLDER}", HOLDER)
 )
 
 # KEYS = the account's epoch; ARGV = known id, id for a new epoch, now. {id, age ms, lost}.
@@ -455,6 +474,7 @@ class RedisStore(RecordShortcuts):
         self._begin_final = self._redis.register_script(_BEGIN_FINAL)
         self._end_final = self._redis.register_script(_END_FINAL)
         self._abandon_final = self._redis.register_script(_ABANDON_FINAL)
+        self._announce = self._redis.register_script(_ANNOUNCE)
         self._due = self._redis.register_script(_DUE)
         self._hint = self._redis.register_script(_HINT)
         self._epoch = self._redis.register_script(_EPOCH)
@@ -521,6 +541,7 @@ class RedisStore(RecordShortcuts):
             _UNKNOWN,
             max(1, int(batch.track_ttl_s * 1000)),
             batch.first_poll_s,
+            batch.hold_s,
             *(r.to_json() for r in batch.done.values()),
         ]
         for t in batch.tracked:
@@ -578,6 +599,10 @@ class RedisStore(RecordShortcuts):
 
     async def abandon_final(self, account: str, message_id: str, owner: str) -> None:
         await self._abandon_final(keys=[corr_key(account, message_id)], args=[owner])
+
+    async def announce(self, account: str, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self._announce(keys=[corr_key(account, mid) for mid in message_ids])
 
     async def due_polls(self, account: str, limit: int, lease_s: float) -> list[Tracked]:
         ids = await self._due(keys=[dlr_key(account, "due")], args=[limit, lease_s, self._now()])

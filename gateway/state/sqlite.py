@@ -18,6 +18,7 @@ from typing import TypeVar
 from gateway.clock import SYSTEM, Clock
 from gateway.contract import REPLAYABLE
 from gateway.state.base import (
+    HOLDER,
     NOTHING,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
@@ -227,12 +228,23 @@ class SqliteStore(RecordShortcuts):
                     [(account, uid, batch.owner) for uid in batch.release],
                 )
             if batch.tracked:
-                until, first = now + batch.track_ttl_s, batch.first_poll_s
+                until, first, hold = now + batch.track_ttl_s, batch.first_poll_s, batch.hold_s
+                state, holder = ("claim", HOLDER) if hold > 0 else ("open", None)
                 rows = [
-                    (account, t.provider_message_id, t.to_json(), t.accepted_at + first, t.accepted_at, until)
+                    (
+                        account,
+                        t.provider_message_id,
+                        t.to_json(),
+                        state,
+                        holder,
+                        t.accepted_at + hold if hold > 0 else None,
+                        t.accepted_at + first,
+                        t.accepted_at,
+                        until,
+                    )
                     for t in batch.tracked
                 ]
-                db.executemany("INSERT OR IGNORE INTO dlr VALUES (?, ?, ?, 'open', NULL, NULL, ?, ?, 0, ?)", rows)
+                db.executemany("INSERT OR IGNORE INTO dlr VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)", rows)
 
         if batch:
             await self._run(op)
@@ -329,7 +341,7 @@ class SqliteStore(RecordShortcuts):
             if state == "final":
                 return FinalState.DONE, None
             if state == "claim" and holder != owner and lease_until > now:
-                return FinalState.BUSY, None
+                return (FinalState.HELD if holder == HOLDER else FinalState.BUSY), None
             db.execute(
                 "UPDATE dlr SET state='claim', owner=?, lease_until=? WHERE account=? AND mid=?",
                 (owner, now + lease_s, account, message_id),
@@ -337,6 +349,15 @@ class SqliteStore(RecordShortcuts):
             return FinalState.CLAIMED, Tracked.from_json(record)
 
         return await self._run(op)
+
+    async def announce(self, account: str, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self._run(
+                lambda db: db.executemany(
+                    "UPDATE dlr SET state='open' WHERE account=? AND mid=? AND state='claim' AND owner=?",
+                    [(account, mid, HOLDER) for mid in message_ids],
+                )
+            )
 
     async def end_final(self, account: str, message_id: str, owner: str) -> None:
         await self._run(

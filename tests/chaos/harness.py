@@ -276,6 +276,7 @@ class Ledger:
     reports_checked: bool = False
     reports_missing: int = 0
     reports_twice: int = 0
+    reports_early: int = 0  # a final event that arrived before the request's `accepted`
     own_duplicates: int = 0
     consumers_restored: bool = True
     recovered_s: float | None = None
@@ -285,7 +286,7 @@ class Ledger:
 
     @property
     def ok(self) -> bool:
-        reports = self.reports_missing == 0 and self.reports_twice == 0 and self.own_duplicates == 0
+        reports = not (self.reports_missing or self.reports_twice or self.reports_early or self.own_duplicates)
         failed = self.failed_allowed or self.failed == 0
         return self.lost == 0 and self.sent_twice == 0 and self.consumers_restored and reports and failed
 
@@ -294,7 +295,9 @@ class Ledger:
         if self.recovered_s is not None:
             rec += f", {self.recovered_s:.1f} s"
         events = (
-            f"{self.reports_missing} / {self.reports_twice} / {self.own_duplicates}" if self.reports_checked else "-"
+            f"{self.reports_missing} / {self.reports_twice} / {self.reports_early} / {self.own_duplicates}"
+            if self.reports_checked
+            else "-"
         )
         return (
             f"| {self.scenario} | {self.published} | {self.accepted} | {self.rejected} | {self.failed} | "
@@ -305,7 +308,7 @@ class Ledger:
 
 HEADER = (
     "| scenario | published | accepted | rejected | failed | invalid | dead-lettered | lost | sent twice | "
-    "events missing / twice / own duplicate | recovered by itself | run |\n"
+    "events missing / twice / early / own duplicate | recovered by itself | run |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -485,10 +488,14 @@ class World:
                     led.reports_missing += 1
                 elif finals > 1:
                     led.reports_twice += 1
+                order = [s for _t, s in seen.outcomes if s == "accepted" or s in FINAL]
+                if order and order[0] in FINAL:
+                    led.reports_early += 1
         if self.check_reports:
             led.notes.append(
                 f"delivery events: {led.reports_missing} accepted without one, {led.reports_twice} with more "
-                f"than one; {led.own_duplicates} own copies answered duplicate"
+                f"than one, {led.reports_early} before their accepted; {led.own_duplicates} own copies answered "
+                "duplicate"
             )
         led.seconds = time.monotonic() - self.started
         if provider_ledger.get("answers"):

@@ -46,6 +46,7 @@ async def test_chaos_scenario_loses_nothing_and_sends_nothing_twice(
     assert led.reports_missing == 0, led.notes  # with reports on: one delivery event per accepted SMS
     assert led.reports_twice == 0, led.notes
     assert led.own_duplicates == 0, led.notes
+    assert led.reports_early == 0, led.notes  # no final event before the request's `accepted`
     assert led.failed_allowed or led.failed == 0, led.notes
     assert led.extra["log_lines_not_json"] == 0, "a gateway wrote a line that is not JSON under GATEWAY_LOG_FORMAT=json"
     assert led.accepted + led.rejected + led.failed + led.invalid + led.other == led.published

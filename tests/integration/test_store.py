@@ -279,6 +279,24 @@ async def test_one_caller_publishes_a_final_event(store: Store, account: str, cl
     assert (await store.begin_final(account, "m1", "w1", 30))[0] is FinalState.DONE
 
 
+async def test_a_held_final_event_waits_for_its_announcement_or_its_time(
+    store: Store, account: str, clock: FakeClock
+) -> None:
+    now = clock.time()
+    batch = BatchRecord(tracked=[tracked("m1", now), tracked("m2", now)], first_poll_s=60, track_ttl_s=600, hold_s=30)
+    await store.record(account, batch)
+    assert await store.begin_final(account, "m1", "w1", 30) == (FinalState.HELD, None)
+    await store.announce(account, ["m1"])
+    assert await store.begin_final(account, "m1", "w1", 30) == (FinalState.CLAIMED, tracked("m1", now))
+    await store.announce(account, ["m1"])  # an announcement never takes a caller's claim
+    assert (await store.begin_final(account, "m1", "w2", 30))[0] is FinalState.BUSY
+    # Never announced (the store was away then): held until the hold's time is over.
+    clock.advance(29)
+    assert (await store.begin_final(account, "m2", "w1", 30))[0] is FinalState.HELD
+    clock.advance(2)
+    assert (await store.begin_final(account, "m2", "w1", 30))[0] is FinalState.CLAIMED
+
+
 async def test_a_claim_whose_lease_ran_out_can_be_taken(store: Store, account: str, clock: FakeClock) -> None:
     await store.track(account, [tracked("m1", clock.time())], first_poll_s=60, ttl_s=600)
     assert (await store.begin_final(account, "m1", "crashed", 5))[0] is FinalState.CLAIMED

@@ -21,7 +21,7 @@ from gateway.providers.mobizon.codes import STATUSES as MOBIZON
 from gateway.providers.serwersms.adapter import parse_statuses
 from gateway.providers.serwersms.codes import STATUSES as SERWERSMS
 from gateway.sandbox.dlr import sign as sandbox_sign
-from gateway.state.base import Tracked
+from gateway.state.base import BatchRecord, FinalState, Tracked
 from gateway.state.sqlite import SqliteStore
 
 D, U = Status.DELIVERED, Status.UNDELIVERED
@@ -187,11 +187,32 @@ async def test_reports_of_one_message_at_once_publish_one_event(
     await store.track("kz", [Tracked("m1", "u1", "+77010000001", {"order": 7}, "mobizon", time.time())], 60, 600)
     report = MOBIZON.report("m1", "DELIVRD")
     # A webhook, its duplicate and a poll, all in one process at once.
-    assert await asyncio.gather(*(desk.report("kz", report, "webhook") for _ in range(5))) == [True] * 5
+    states = await asyncio.gather(*(desk.report("kz", report, "webhook") for _ in range(5)))
+    assert states.count(FinalState.CLAIMED) == 1
+    assert set(states) <= {FinalState.CLAIMED, FinalState.BUSY, FinalState.DONE}
     (event,) = sink.events
     assert event["routing_key"] == "delivered.kz"
     assert (event["unique_id"], event["meta"], event["provider_status"]) == ("u1", {"order": 7}, "DELIVRD")
-    assert await desk.report("kz", MOBIZON.report("m1", "UNDELIV"), "poll")  # later reports publish nothing
+    later = await desk.report("kz", MOBIZON.report("m1", "UNDELIV"), "poll")
+    assert later is FinalState.DONE  # later reports publish nothing
+    assert len(sink.events) == 1
+
+
+async def test_a_final_report_is_held_until_the_accepted_outcome_is_announced(
+    desk_parts: tuple[Desk, SqliteStore, RecordingSink],
+) -> None:
+    """The `accepted` publish of a recorded message may be lost (its redelivered copy repeats it):
+    until the worker announces it, a final report publishes nothing, and a poll asks again soon."""
+    desk, store, sink = desk_parts
+    held = BatchRecord(tracked=[Tracked("m1", "u1", None, None, "mobizon", time.time())], hold_s=300, track_ttl_s=600)
+    await store.record("kz", held)
+    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "webhook") is FinalState.HELD
+    assert sink.events == []
+    await store.announce("kz", ["m1", "never-recorded"])
+    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.CLAIMED
+    assert [e["routing_key"] for e in sink.events] == ["delivered.kz"]
+    await store.announce("kz", ["m1"])  # a late announcement (the redelivered copy's) reopens nothing
+    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.DONE
     assert len(sink.events) == 1
 
 
@@ -258,12 +279,12 @@ async def test_a_final_mark_that_fails_is_tried_again_and_the_event_is_not_publi
         await real_end(*args)
 
     store.end_final = flaky_end  # type: ignore[method-assign]
-    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll")
+    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.CLAIMED
     assert len(sink.events) == 1
     assert await desk.finish_marks(30) == 0  # the mark landed on a later try
     assert failures["left"] == 0
     # Every later report finds the message final: still one event.
-    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll")
+    assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.DONE
     assert len(sink.events) == 1
 
 

@@ -113,3 +113,29 @@ async def test_a_lost_connection_fails_the_batch_in_one_line_and_closes_every_de
     assert failed["settle_failed"]["error"] == "ConnectionError"
     assert failed["nack_failed"]["count"] == 100
     assert all(not d._open for d in deliveries)  # each left the in-flight gauge, as `requeued`
+
+
+class OnePublishLost(LostPublisher):
+    """Confirms every outcome but the one of `id-2`."""
+
+    async def outcome(self, **fields: Any) -> None:
+        if fields["unique_id"] == "id-2":
+            raise ConnectionError("confirm lost")
+
+
+async def test_only_confirmed_outcomes_are_announced_and_before_the_acks(monkeypatch: Any) -> None:
+    """The worker ends the final-event holds of what `on_confirmed` names: an `accepted` whose
+    publish failed must not be named (its redelivered copy publishes and names it)."""
+    monkeypatch.setattr(settle, "log", Lines())
+    acks = AckTracker()
+    deliveries = delivered(acks, OpenChannel(), 3)  # no ack can be written on this channel
+    settler = Settler(OnePublishLost(), "sandbox", acks)  # type: ignore[arg-type]
+    accepted = p.finish(p.Status.ACCEPTED, "sandbox", at=datetime.now(UTC), attempts=1, store=True)
+    seen: list[str | None] = []
+
+    acked = await settler.settle_all(
+        [(d, accepted) for d in deliveries], lambda done: seen.extend(d.unique_id for d, _ in done)
+    )
+
+    assert acked == 0  # the acks failed, after the announcement
+    assert seen == ["id-1", "id-3"]
