@@ -7,13 +7,16 @@ The port is open to whoever can reach it, so nothing a client does may hold the 
   closes a connection that has not sent a whole request head within `header_timeout_s` (slow or
   half-open clients) and one idle between requests for `idle_timeout_s`;
 - a webhook's body must arrive within `BODY_TIMEOUT_S`, and at most `webhook_concurrency`
-  webhooks are handled at once: more are answered 503 before their body is read (Mobizon retries);
+  webhooks are handled at once, at most `webhook_rate_per_s` a second: a webhook past the rate
+  waits up to `WEBHOOK_QUEUE_S` for its turn, and one that cannot have it by then, or finds every
+  slot taken, is answered 503 before its body is read (Mobizon retries);
 - a client that goes away mid-request is one log line, no traceback (aiohttp's own logger).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +37,9 @@ Webhook = Callable[[str, str, bytes | None, str], Awaitable[tuple[int, str]]]
 MAX_WEBHOOK_BYTES = 16 * 1024
 BODY_TIMEOUT_S = 5.0  # a webhook's body, once its head is in
 REAP_EVERY_S = 0.5  # how often connections past their deadline are closed
+# A webhook past the rate waits for its token up to this long (Mobizon waits 5 s for an answer);
+# beyond that it is answered 503 at once.
+WEBHOOK_QUEUE_S = 1.0
 
 
 class _Closed(asyncio.Protocol):
@@ -176,25 +182,40 @@ async def read_limited(request: web.Request, limit: int) -> bytes | None:
 
 
 class Bucket:
-    """A token bucket of this process: `rate` a second, as many at once."""
+    """A token bucket of this process: `rate` a second, as many at once, and tokens promised ahead
+    for at most `queue_s` seconds of its rate."""
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: float, queue_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._rate = rate
         self._tokens = rate
+        self._floor = 1.0 - rate * queue_s  # tokens may be promised down to this (a debt)
         self._clock = clock
         self._at = clock()
 
-    def take(self) -> bool:
+    def take(self) -> float | None:
+        """Seconds until the token taken now is the caller's (0: at once), or None when that would
+        be later than `queue_s`: nothing is taken."""
         now = self._clock()
         self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
         self._at = now
-        if self._tokens < 1:
-            return False
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        if self._tokens < self._floor:
+            return None
         self._tokens -= 1
-        return True
+        return -self._tokens / self._rate
 
 
 _BUSY_BODY = b'{"status": "busy"}'  # answered before the body is read: a flood past the bounds costs little
+_ANSWERS: dict[str, bytes] = {}  # a webhook answer's body by reason (a small, fixed set)
+
+
+def _answer_body(reason: str) -> bytes:
+    body = _ANSWERS.get(reason)
+    if body is None:
+        body = _ANSWERS[reason] = json.dumps({"status": reason}).encode()
+    return body
 
 
 def build_app(
@@ -219,12 +240,18 @@ def build_app(
         return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     webhooks_running = 0
-    bucket = Bucket(webhook_rate_per_s)
+    bucket = Bucket(webhook_rate_per_s, WEBHOOK_QUEUE_S)
 
     async def dlr(request: web.Request) -> web.Response:
         nonlocal webhooks_running
         assert webhook is not None
-        if webhooks_running >= webhook_concurrency or not bucket.take():
+        delay = bucket.take()
+        if delay:
+            # Past the rate: the request waits for its turn (a client that sends its next webhook
+            # once this one is answered is slowed to the rate rather than answered at once, again
+            # and again); its body stays unread meanwhile.
+            await asyncio.sleep(delay)
+        if delay is None or webhooks_running >= webhook_concurrency:
             m.DLR_REJECTED.labels("(any)", "busy").inc()
             return web.Response(body=_BUSY_BODY, status=503, content_type="application/json")
         webhooks_running += 1
@@ -244,7 +271,7 @@ def build_app(
             )
         finally:
             webhooks_running -= 1
-        return web.json_response({"status": reason}, status=status)
+        return web.Response(body=_answer_body(reason), status=status, content_type="application/json")
 
     middlewares = []
     if guard is not None:
