@@ -55,7 +55,7 @@ chaos: $(STAMP)
 ## contract/: the JSON Schemas and the AsyncAPI document, regenerated from the code (a test fails
 ## while the committed files differ).
 contract: $(STAMP)
-	$(BIN)/python -m gateway.schema contract
+	$(BIN)/python -m gateway.ops.schema contract
 
 lock: $(STAMP)
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \

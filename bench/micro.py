@@ -19,10 +19,10 @@ from typing import Any
 from pydantic import SecretStr
 
 from gateway import contract as c
-from gateway import pipeline as p
-from gateway import tracing
+from gateway.bus.settle import Delivery, Settler
 from gateway.config import Account
-from gateway.settle import Delivery, Settler
+from gateway.core import pipeline as p
+from gateway.obs import tracing
 from gateway.state.base import Tracked
 
 

@@ -33,7 +33,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from hdrh.histogram import HdrHistogram
 
 from gateway import contract as c
-from gateway import topology
+from gateway.bus import topology
 from testkit import AMQP_URL, REDIS_URL, Process, delete_account_queues, free_port, gateway_env, start_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,16 +31,19 @@ from aiohttp.web import AppRunner
 from yarl import URL
 
 from gateway import contract as c
-from gateway import numbers, topology, tracking, web
+from gateway import numbers
+from gateway.bus import topology
+from gateway.bus.consumer import AccountWorker, UnroutableWorker, close_within
+from gateway.bus.publisher import Publisher
 from gateway.config import Account, ConfigError, Settings, sandbox_account
-from gateway.consumer import AccountWorker, UnroutableWorker, close_within
-from gateway.diagnostics import dump_tasks
-from gateway.dlr import Desk, Poller
+from gateway.dlr import tracking
+from gateway.dlr.desk import Desk, Poller
+from gateway.obs.logs import get_logger
+from gateway.ops import web
+from gateway.ops.diagnostics import dump_tasks
 from gateway.providers import build_adapter
 from gateway.providers.base import ProviderAdapter
-from gateway.publisher import Publisher
 from gateway.state import Store
-from gateway.telemetry import get_logger
 
 log = get_logger("gateway.app")
 RECONNECT_INTERVAL_S = 2

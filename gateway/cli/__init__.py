@@ -17,7 +17,7 @@ import structlog
 from gateway.cli import accounts, dlq, send, topology
 from gateway.cli.common import USAGE, Fail
 from gateway.config import ConfigError, Settings, load_settings, unknown_variables
-from gateway.telemetry import (
+from gateway.obs.logs import (
     get_logger,
     register_secrets,
     setup_logging,
@@ -69,7 +69,7 @@ def run(sandbox: bool) -> None:
     """Consume sms.send and deliver through the providers (the service)."""
     from gateway.app import resolve_accounts
     from gateway.app import run as run_gateway
-    from gateway.tracing import setup_tracing
+    from gateway.obs.tracing import setup_tracing
 
     try:
         settings = _settings()

@@ -30,7 +30,7 @@ def accounts(sandbox: bool, as_json: bool) -> int:
         from aiormq.exceptions import ChannelNotFoundEntity
 
         from gateway import contract as c
-        from gateway.broker_api import ApiUnavailable, BrokerApi
+        from gateway.bus.broker_api import ApiUnavailable, BrokerApi
 
         store = open_store(s)
         rows = []

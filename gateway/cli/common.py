@@ -71,7 +71,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def management_url(s: Settings) -> str:
-    from gateway.broker_api import default_url
+    from gateway.bus.broker_api import default_url
 
     if s.management_url is not None:
         return s.management_url.get_secret_value()

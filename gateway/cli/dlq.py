@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from gateway import deadletters as dl
 from gateway.cli import common as x
+from gateway.ops import deadletters as dl
 
 _FILTERS = [
     click.option("--account", "-a", help="Only this account's letters."),

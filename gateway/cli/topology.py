@@ -6,7 +6,7 @@ import asyncio
 
 import click
 
-from gateway import topology as t
+from gateway.bus import topology as t
 from gateway.cli import common as x
 
 
@@ -66,7 +66,7 @@ def check(extra: tuple[str, ...], sandbox: bool, as_json: bool) -> int:
     API (GATEWAY_MANAGEMENT_URL); without it, missing entities and refused arguments are still
     found through AMQP, and bindings are reported as not checked.
     """
-    from gateway.broker_api import ApiUnavailable, BrokerApi
+    from gateway.bus.broker_api import ApiUnavailable, BrokerApi
 
     s = x.settings()
     plan = _plan(sandbox, extra)

@@ -28,7 +28,7 @@ from enum import Enum, StrEnum
 from typing import Any, Protocol, TypeVar
 
 from gateway.contract import OutcomeError, Status
-from gateway.telemetry import get_logger
+from gateway.obs.logs import get_logger
 
 log = get_logger("gateway.providers")
 T = TypeVar("T")

@@ -19,8 +19,8 @@ import httpx
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway import metrics as m
-from gateway import tracing
+from gateway.obs import metrics as m
+from gateway.obs import tracing
 from gateway.providers.base import Action, ItemResult
 
 

@@ -16,11 +16,11 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from gateway.obs.logs import get_logger
 from gateway.sandbox.dlr import DlrConfig
 from gateway.sandbox.mobizon import MobizonApi
 from gateway.sandbox.serwersms import SerwerSmsApi
 from gateway.sandbox.state import FaultRule, SandboxState
-from gateway.telemetry import get_logger
 
 log = get_logger("gateway.sandbox")
 STATE_KEY = web.AppKey("state", SandboxState)

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from gateway import metrics as m
 from gateway.contract import OutcomeError
-from gateway.telemetry import get_logger
+from gateway.obs import metrics as m
+from gateway.obs.logs import get_logger
 
 log = get_logger("gateway.state")
 # Built once: `json.dumps` with options builds a new encoder per call (per stored result and record).

@@ -16,7 +16,7 @@ import aio_pika
 import httpx
 
 from gateway import contract as c
-from gateway import topology
+from gateway.bus import topology
 from testkit.netcut import NetCut
 from testkit.redis_ha import RedisSentinels
 from tests.chaos.harness import RETRY_SCHEDULE_S, Ledger, RabbitNode, RedisServer, World, request_body

@@ -216,7 +216,7 @@ def test_monitoring_resources() -> None:
     dashboard = next(d for d in by_kind(docs, "ConfigMap") if "sms-gateway.json" in d.get("data", {}))
     panels = json.loads(dashboard["data"]["sms-gateway.json"])["panels"]
     exprs = " ".join(p["targets"][0]["expr"] for p in panels)
-    from gateway import metrics
+    from gateway.obs import metrics
 
     for metric in (
         "sms_outcomes_total",

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import aio_pika
 import pytest
 
-from gateway import deadletters
+from gateway.ops import deadletters
 from testkit import AMQP_URL, Process, delete_account_queues
 
 

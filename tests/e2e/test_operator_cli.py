@@ -244,7 +244,7 @@ async def test_topology_check_finds_wrong_arguments_and_missing_bindings(
 
 
 def _account_args(account: str) -> dict[str, Any]:
-    from gateway import topology
+    from gateway.bus import topology
 
     return topology.account_queue(account).arguments
 

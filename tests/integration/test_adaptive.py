@@ -10,9 +10,9 @@ from collections import Counter
 import aio_pika
 import pytest
 
-from gateway import consumer as gc
 from gateway import contract as c
-from gateway import metrics as m
+from gateway.bus import consumer as gc
+from gateway.obs import metrics as m
 from gateway.sandbox.state import FaultRule
 from testkit import AMQP_URL, Bus, close_broker_connections, consumers_on, eventually, new_account_name, request
 from tests.conftest import InProcess

@@ -14,8 +14,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import metrics as m
 from gateway.config import Account
+from gateway.obs import metrics as m
 from gateway.sandbox.dlr import DlrConfig, Webhook
 from gateway.sandbox.dlr import sign as sandbox_sign
 from testkit import REDIS_URL, Bus, free_port, new_account_name, request

@@ -76,7 +76,7 @@ async def test_code_30_storm_slows_the_account_and_everything_gets_through(world
     ledger = world.state.ledger()
     assert ledger["answers"].get("mobizon:30", 0) > 0
     assert set(ledger["by_recipient"].values()) == {1}
-    from gateway import metrics
+    from gateway.obs import metrics
 
     slowed = metrics.REGISTRY.get_sample_value("sms_rate_factor", {"account": name})
     assert slowed is not None

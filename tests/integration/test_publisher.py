@@ -9,8 +9,8 @@ import pytest
 from aiormq.exceptions import PublishError
 
 from gateway import contract as c
-from gateway import topology
-from gateway.publisher import Publisher, PublishTimeout
+from gateway.bus import topology
+from gateway.bus.publisher import Publisher, PublishTimeout
 from testkit import AMQP_URL, Bus, delete_account_queues, new_account_name, request
 
 pytestmark = pytest.mark.integration

@@ -156,7 +156,7 @@ async def test_unknown_account_worker_survives_hostile_bodies(world: InProcess) 
     assert {d.headers[c.H_REASON] for d in bus.dead} == {"unknown_account"}
     assert {d["unique_id"] for d in bus.outcome_docs()} == {*(f"deep{i}" for i in range(60)), "surrogate", "plain"}
     # Metrics name no producer-chosen routing key: one bounded label for every unknown account.
-    from gateway import metrics as m
+    from gateway.obs import metrics as m
 
     rendered = m.render().decode()
     assert ghost not in rendered
@@ -205,7 +205,7 @@ async def test_a_store_that_stays_away_after_the_send_makes_the_copies_reconcile
     assert Counter(d["status"] for d in docs if d["status"] not in ("delivered", "undelivered")) == {"accepted": 10}
     assert len({d["unique_id"] for d in docs if d["status"] in ("delivered", "undelivered")}) == 10
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
-    from gateway import metrics as m
+    from gateway.obs import metrics as m
 
     assert m.RETRIES.labels(name, "wait")._value.get() >= 10
 
@@ -257,7 +257,7 @@ async def test_a_copy_that_waits_past_the_lease_and_grace_fails_instead_of_loopi
 
 
 async def test_a_failed_claim_parks_the_batch_as_delayed_copies_not_requeues(world: InProcess) -> None:
-    from gateway import metrics as m
+    from gateway.obs import metrics as m
 
     name = new_account_name()
     flaky = FailingStore({"claim_and_acquire"}, times=1)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway import metrics as m
+from gateway.obs import metrics as m
 from gateway.sandbox.state import FaultRule
 from testkit import Bus, new_account_name, request
 from tests.conftest import InProcess

@@ -8,7 +8,7 @@ from typing import Any
 import aiormq
 import pytest
 
-from gateway.acks import AckTracker, StaleDelivery
+from gateway.bus.acks import AckTracker, StaleDelivery
 
 
 class FakeChannel:

@@ -3,7 +3,7 @@ congestion (once per cooldown); trimmed when batches queue behind each other; bo
 
 from __future__ import annotations
 
-from gateway.concurrency import COOLDOWN_S, WINDOW_S, AdaptiveLimit
+from gateway.core.concurrency import COOLDOWN_S, WINDOW_S, AdaptiveLimit
 from tests.fakes import FakeClock
 
 

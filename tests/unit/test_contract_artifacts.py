@@ -14,7 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
 from gateway import contract as c
-from gateway import schema
+from gateway.ops import schema
 from testkit import ROOT
 from testkit.bus import request
 from testkit.toolchains import npm_install, require

@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from gateway.diagnostics import await_chain, dump_tasks
+from gateway.ops.diagnostics import await_chain, dump_tasks
 
 
 async def hold(lock: asyncio.Lock, gate: asyncio.Event) -> None:

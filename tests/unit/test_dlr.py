@@ -15,7 +15,7 @@ import pytest
 
 from gateway.config import Account, Settings
 from gateway.contract import Status
-from gateway.dlr import Desk, poll_gap
+from gateway.dlr.desk import Desk, poll_gap
 from gateway.providers.mobizon import webhook
 from gateway.providers.mobizon.codes import STATUSES as MOBIZON
 from gateway.providers.serwersms.adapter import parse_statuses

@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from gateway import contract as c
-from gateway.telemetry import setup_logging
+from gateway.obs.logs import setup_logging
 
 GOOD = {"v": 1, "unique_id": "h1", "to": "+48500600700", "text": "hi"}
 
@@ -141,7 +141,7 @@ def test_negative_small_header_values_survive_a_copy() -> None:
     from pamqp import decode, frame
     from pamqp.header import ContentHeader
 
-    from gateway import publisher
+    from gateway.bus import publisher
 
     headers = publisher._clean_headers({"retries": -1, "low": -128, "nested": {"x": -5}, "big": 2**40})
     props = publisher.Basic.Properties(headers=headers)

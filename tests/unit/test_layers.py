@@ -1,6 +1,6 @@
-"""The import-linter contract that keeps the core free of I/O libraries holds on the tree, and
-breaks when a core module imports the broker, HTTP or Redis client (directly or through another
-gateway module)."""
+"""The import-linter contracts hold on the tree: the layers (each imports only those below it) and
+the core free of I/O libraries. Each breaks when a module imports up a layer, or a core module
+imports the broker, HTTP or Redis client (directly or through another gateway module)."""
 
 from __future__ import annotations
 
@@ -33,17 +33,17 @@ def tree(tmp_path: Path) -> Path:
 def test_the_tree_keeps_the_contract(tree: Path) -> None:
     done = lint_imports(tree)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "1 kept, 0 broken" in done.stdout
+    assert "2 kept, 0 broken" in done.stdout
 
 
 @pytest.mark.parametrize(
     ("module", "line"),
     [
-        ("pipeline.py", "import aio_pika"),
-        ("ratelimit.py", "import httpx"),
-        ("batching.py", "import redis.asyncio"),
+        ("core/pipeline.py", "import aio_pika"),
+        ("core/ratelimit.py", "import httpx"),
+        ("core/batching.py", "import redis.asyncio"),
         ("providers/mobizon/codes.py", "import httpx"),
-        ("retry.py", "from gateway import topology"),  # aio-pika, one step away
+        ("core/retry.py", "from gateway.state import redis"),  # the Redis client, one step away
     ],
 )
 def test_a_core_module_importing_io_breaks_it(tree: Path, module: str, line: str) -> None:
@@ -52,3 +52,25 @@ def test_a_core_module_importing_io_breaks_it(tree: Path, module: str, line: str
     done = lint_imports(tree)
     assert done.returncode != 0
     assert "BROKEN" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "layers"),
+    [
+        ("core/pipeline.py", "from gateway.bus import settle", "gateway.core is not allowed to import gateway.bus"),
+        ("state/base.py", "from gateway.core import retry", "gateway.state is not allowed to import gateway.core"),
+        (
+            "bus/publisher.py",
+            "from gateway.dlr import desk",
+            "gateway.bus is not allowed to import gateway.dlr",
+        ),  # one layer, two parts
+        ("obs/metrics.py", "from gateway import config", "gateway.obs is not allowed to import gateway.config"),
+    ],
+)
+def test_an_import_up_a_layer_or_across_one_breaks_the_layers(tree: Path, module: str, line: str, layers: str) -> None:
+    path = tree / "gateway" / module
+    path.write_text(path.read_text() + f"\n{line}  # noqa\n")
+    done = lint_imports(tree)
+    assert done.returncode != 0
+    assert "Layers: each imports only the layers below it" in done.stdout
+    assert layers in done.stdout

@@ -9,7 +9,7 @@ from typing import cast
 import pytest
 
 from gateway.config import Account
-from gateway.ratelimit import RateLimiter
+from gateway.core.ratelimit import RateLimiter
 from gateway.state import Store
 from gateway.state.sqlite import SqliteStore
 from tests.fakes import FailingStore, FakeClock

@@ -10,8 +10,8 @@ import sys
 import pytest
 import structlog
 
-from gateway import telemetry
-from gateway.telemetry import get_logger, redact_text, register_secrets, setup_logging, url_secrets
+from gateway.obs import logs as telemetry
+from gateway.obs.logs import get_logger, redact_text, register_secrets, setup_logging, url_secrets
 
 
 def test_a_urls_password_an_auth_command_and_registered_secrets_are_masked() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.batching import Batcher
-from gateway.retry import RetryPolicy, retry_delays_ms, wait_delay_ms
+from gateway.core.batching import Batcher
+from gateway.core.retry import RetryPolicy, retry_delays_ms, wait_delay_ms
 from tests.fakes import FakeClock
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway import pipeline as p
-from gateway import settle
-from gateway.acks import AckTracker
-from gateway.settle import Delivery, Settler
+from gateway.bus import settle
+from gateway.bus.acks import AckTracker
+from gateway.bus.settle import Delivery, Settler
+from gateway.core import pipeline as p
 
 
 class ClosedChannel:

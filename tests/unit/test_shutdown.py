@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from gateway.consumer import close_within
+from gateway.bus.consumer import close_within
 
 
 class NeverClosing:

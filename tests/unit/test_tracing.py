@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.tracing import extract, otlp_wanted
+from gateway.obs.tracing import extract, otlp_wanted
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.web import Bucket
+from gateway.ops.web import Bucket
 
 
 class Clock:

@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.config import Account
+from gateway.obs.logs import get_logger
 from gateway.providers.base import Action, CodeTable, ItemResult, Outbound
 from gateway.providers.http import decode_json, make_client, traced_post
 from gateway.providers.mobizon.codes import NAME, TABLE, is_redirect, number
-from gateway.telemetry import get_logger
 
 log = get_logger("gateway.providers.mobizon")
 

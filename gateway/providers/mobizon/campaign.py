@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx
 
+from gateway.obs.logs import get_logger
 from gateway.providers.base import Action, ItemResult, Outbound, Verdict
 from gateway.providers.http import transport_failure
 from gateway.providers.mobizon.api import MobizonApi, digits, ident, options, succeeded
 from gateway.providers.mobizon.codes import ADD_OVERALL, RECIPIENT_TABLE, SUCCESS, number
-from gateway.telemetry import get_logger
 
 log = get_logger("gateway.providers.mobizon")
 

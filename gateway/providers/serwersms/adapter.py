@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from gateway.config import Account
+from gateway.obs.logs import get_logger
 from gateway.providers.base import (
     Action,
     ItemResult,
@@ -32,7 +33,6 @@ from gateway.providers.base import (
 )
 from gateway.providers.http import decode_json, make_client, traced_post, transport_failure
 from gateway.providers.serwersms.codes import NAME, STATUSES, classify
-from gateway.telemetry import get_logger
 
 log = get_logger("gateway.providers.serwersms")
 

@@ -20,16 +20,16 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway import contract as c
-from gateway import metrics as m
-from gateway import tracing
-from gateway.acks import AckTracker
+from gateway.bus.acks import AckTracker
+from gateway.bus.publisher import Publisher
+from gateway.core.pipeline import Decision, Finish, Job, Retry
 from gateway.numbers import mask
-from gateway.pipeline import Decision, Finish, Job, Retry
+from gateway.obs import metrics as m
+from gateway.obs import tracing
+from gateway.obs.logs import get_logger
 from gateway.providers.base import UNKNOWN_TYPE
-from gateway.publisher import Publisher
-from gateway.telemetry import get_logger
 
-log = get_logger("gateway.settle")
+log = get_logger("gateway.bus.settle")
 UNKNOWN_CODE_LABEL = "unknown"  # the metric label of every provider code outside the code tables
 
 

@@ -18,9 +18,9 @@ from collections import Counter
 from types import CoroutineType, FrameType, GeneratorType
 from typing import Any
 
-from gateway.telemetry import get_logger
+from gateway.obs.logs import get_logger
 
-log = get_logger("gateway.diagnostics")
+log = get_logger("gateway.ops.diagnostics")
 
 MAX_DEPTH = 40  # links followed per task: enough for aio-pika under the gateway's own frames
 

@@ -29,22 +29,22 @@ from opentelemetry import trace
 from opentelemetry.trace import Link
 
 from gateway import contract as c
-from gateway import metrics as m
-from gateway import pipeline as p
-from gateway import tracing
-from gateway.acks import AckTracker
-from gateway.batching import Batcher
+from gateway.bus.acks import AckTracker
+from gateway.bus.publisher import Publisher
+from gateway.bus.settle import Delivery, Settler, requeue
 from gateway.clock import SYSTEM, Clock
-from gateway.concurrency import AdaptiveLimit
 from gateway.config import Account, Settings
+from gateway.core import pipeline as p
+from gateway.core.batching import Batcher
+from gateway.core.concurrency import AdaptiveLimit
+from gateway.obs import metrics as m
+from gateway.obs import tracing
+from gateway.obs.logs import get_logger
 from gateway.providers.base import ProviderAdapter
-from gateway.publisher import Publisher
-from gateway.settle import Delivery, Settler, requeue
 from gateway.state import Store
 from gateway.state.base import Pause, Tracked
-from gateway.telemetry import get_logger
 
-log = get_logger("gateway.consumer")
+log = get_logger("gateway.bus.consumer")
 MAX_ACCOUNT_LABEL = 64  # an unknown routing key, shortened, as it appears in outcome and dead-letter keys
 UNKNOWN_ACCOUNT_LABEL = "(unknown)"  # the metric label of every unknown account: producers cannot grow the set
 

@@ -31,11 +31,11 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from gateway import contract as c
 from gateway.config import Settings
+from gateway.obs.logs import get_logger
 from gateway.state import Store
 from gateway.state.base import BatchRecord, Tracked
-from gateway.telemetry import get_logger
 
-log = get_logger("gateway.tracking")
+log = get_logger("gateway.dlr.tracking")
 
 H_MARKER = "x-gateway-tracking-marker"  # the end of one rebuild's replay
 CHUNK = 500  # records written to the store at once

@@ -12,13 +12,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from gateway import metrics as m
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account
+from gateway.obs import metrics as m
+from gateway.obs.logs import get_logger
 from gateway.state import Grant, Store
-from gateway.telemetry import get_logger
 
-log = get_logger("gateway.ratelimit")
+log = get_logger("gateway.core.ratelimit")
 T = TypeVar("T")
 MAX_POLL_S = 0.05  # while tokens run short, look again at least this often (or every linger)
 

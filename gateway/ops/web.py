@@ -24,10 +24,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway import metrics as m
-from gateway.telemetry import get_logger
+from gateway.obs import metrics as m
+from gateway.obs.logs import get_logger
 
-log = get_logger("gateway.web")
+log = get_logger("gateway.ops.web")
 
 # What is wrong right now (empty: ready), and what an operator should see when ready.
 Readiness = Callable[[], Awaitable[list[str]]]

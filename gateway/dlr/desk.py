@@ -53,17 +53,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from gateway import contract as c
-from gateway import metrics as m
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, Settings
 from gateway.numbers import mask
+from gateway.obs import metrics as m
+from gateway.obs.logs import get_logger
 from gateway.providers.base import LookupFailed, ProviderAdapter, StatusReport
 from gateway.providers.mobizon import webhook as mobizon_webhook
 from gateway.state import Store
 from gateway.state.base import FinalState, Tracked, WebhookHint
-from gateway.telemetry import get_logger
 
-log = get_logger("gateway.dlr")
+log = get_logger("gateway.dlr.desk")
 
 # A claim on a final event outlives a publish and a store outage of most of a minute during its mark
 # (tried again meanwhile); another caller may publish the event again only after it, which is what a

@@ -1,6 +1,6 @@
 """Exchanges, queues and bindings of the bus, as data: declared at start-up (idempotently) and by
 `gateway topology declare`, verified by `gateway topology check`, and written into the AsyncAPI
-document (`gateway.schema`). One description, so the three never disagree.
+document (`gateway.ops.schema`). One description, so the three never disagree.
 
     sms.send (direct, alternate-exchange sms.send.unroutable)
       --<account>--> sms.send.<account>   quorum; broker backstop: after DELIVERY_LIMIT deliveries
@@ -31,10 +31,10 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
 from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from gateway import contract as c
-from gateway.retry import retry_delays_ms
+from gateway.core.retry import retry_delays_ms
 
 if TYPE_CHECKING:
-    from gateway.broker_api import BrokerApi
+    from gateway.bus.broker_api import BrokerApi
 
 DELIVERY_LIMIT = 20  # broker-side backstop; the gateway itself stops at settings.poison_deliveries
 TRACKING_MAX_AGE = "7D"  # the tracking stream's retention: longer than the default tracking window (4 days)

@@ -23,11 +23,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from gateway import contract as c
-from gateway import metrics as m
+from gateway.obs import metrics as m
+from gateway.obs.logs import get_logger
 from gateway.state.base import Tracked
-from gateway.telemetry import get_logger
 
-log = get_logger("gateway.publisher")
+log = get_logger("gateway.bus.publisher")
 _table_integer = pamqp.encode.table_integer
 
 

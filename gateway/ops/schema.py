@@ -4,7 +4,7 @@ whole bus. Generated from the gateway's own definitions (`contract`: names, enum
 `topology`: exchanges, queues, bindings and their arguments), committed under `contract/`, and
 compared with what is committed by a test, so they cannot drift apart.
 
-    python -m gateway.schema contract/      (make contract)
+    python -m gateway.ops.schema contract/      (make contract)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import contract as c
-from gateway import topology
+from gateway.bus import topology
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID = "https://sms-gateway.example/contract/v1/"

@@ -19,11 +19,14 @@ from datetime import datetime
 from typing import Any
 
 from gateway import contract as c
-from gateway import metrics as m
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, Settings
 from gateway.contract import DeadReason, InvalidRequest, OutcomeError, SendRequest, Status
+from gateway.core.ratelimit import RateLimiter
+from gateway.core.retry import RetryPolicy, wait_delay_ms
 from gateway.numbers import InvalidNumber, normalize
+from gateway.obs import metrics as m
+from gateway.obs.logs import get_logger
 from gateway.providers.base import (
     Action,
     ItemResult,
@@ -35,13 +38,10 @@ from gateway.providers.base import (
     provider_ref,
     send_split,
 )
-from gateway.ratelimit import RateLimiter
-from gateway.retry import RetryPolicy, wait_delay_ms
 from gateway.state import Claim, ClaimState, Grant, Store, StoredResult
 from gateway.state.base import BatchRecord, Tracked
-from gateway.telemetry import get_logger
 
-log = get_logger("gateway.pipeline")
+log = get_logger("gateway.core.pipeline")
 RECORD_RETRY_FIRST_S = 0.2  # a batch's record that failed is tried again after this, then doubling
 RECORD_RETRY_MAX_S = 2.0
 # An accepted message's final delivery event is held until its `accepted` outcome is confirmed out

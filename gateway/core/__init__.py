@@ -1,0 +1,2 @@
+"""The send path's policy, free of I/O: the pipeline of one account, batching, the in-flight limit,
+the shared rate limit and the retry schedule."""

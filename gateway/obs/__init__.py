@@ -1,0 +1,1 @@
+"""Observability every layer uses: structured logs, metrics and traces."""

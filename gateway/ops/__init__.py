@@ -1,0 +1,2 @@
+"""What operators and other tools reach: the HTTP port, diagnostics, the dead-letter tools and the
+contract artifacts."""
