@@ -30,6 +30,7 @@ from opentelemetry.trace import Link
 
 from gateway import contract as c
 from gateway.bus.acks import AckTracker
+from gateway.bus.headers import first_delivery, int_header, read_job
 from gateway.bus.publisher import Publisher
 from gateway.bus.settle import Delivery, Settler, requeue
 from gateway.clock import SYSTEM, Clock
@@ -37,6 +38,7 @@ from gateway.config import Account, Settings
 from gateway.core import pipeline as p
 from gateway.core.batching import Batcher
 from gateway.core.concurrency import AdaptiveLimit
+from gateway.core.flow import AccountFlow, PauseChange
 from gateway.obs import metrics as m
 from gateway.obs import tracing
 from gateway.obs.logs import get_logger
@@ -47,26 +49,6 @@ from gateway.state.base import Pause, Tracked
 log = get_logger("gateway.bus.consumer")
 MAX_ACCOUNT_LABEL = 64  # an unknown routing key, shortened, as it appears in outcome and dead-letter keys
 UNKNOWN_ACCOUNT_LABEL = "(unknown)"  # the metric label of every unknown account: producers cannot grow the set
-
-
-def _int_header(message: AbstractIncomingMessage, name: str) -> int:
-    value = (message.headers or {}).get(name, 0)
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
-    try:
-        return max(0, int(value)) if isinstance(value, int | str) else 0
-    except ValueError:
-        return 0
-
-
-def _float_header(message: AbstractIncomingMessage, name: str) -> float | None:
-    value = (message.headers or {}).get(name)
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
-    try:
-        return float(value) if isinstance(value, int | float | str) else None
-    except ValueError:
-        return None
 
 
 WATCH_INTERVAL_S = 1.0
@@ -298,9 +280,14 @@ class AccountWorker(Worker):
         self._store = store
         self._owner = owner
         self._max_batch = min(account.batch_size, adapter.max_batch)
-        self._limit = AdaptiveLimit(account.concurrency, account.max_concurrency, clock=clock)
+        self._flow = AccountFlow(
+            max_batch=self._max_batch,
+            limit=AdaptiveLimit(account.concurrency, account.max_concurrency, clock=clock),
+            account_pause_s=settings.account_pause_s,
+            clock=clock,
+        )
         self._limit_gauge = m.INFLIGHT_LIMIT.labels(account.name)
-        self._limit_gauge.set(self._limit.current)
+        self._limit_gauge.set(self._flow.limit.current)
         self._inflight_gauge = m.INFLIGHT.labels(account.name)
         self._batcher: Batcher[Delivery] = Batcher(
             max_size=self._max_batch,
@@ -308,38 +295,24 @@ class AccountWorker(Worker):
             quiet_s=account.quiet_ms / 1000,
             key=lambda d: adapter.batch_key(d.job.item) if d.job.item else None,
             on_flush=self._flush,
-            ready=lambda: self._batches < self._limit.current,
-            eager=self._lightly_loaded,
+            ready=self._flow.ready,
+            eager=lambda: self._flow.lightly_loaded(self._acks.open_count, self.prefetch),
             clock=clock,
         )
-        self._batches = 0  # batches handed over and not finished
         self._tasks: set[asyncio.Task[None]] = set()
-        self._paused_until = 0.0
-        self._backoff_s = 1.0
         self._queue_wait = m.QUEUE_WAIT.labels(account.name)  # looked up once, observed per message
         self._resizing: asyncio.Task[None] | None = None
 
-    def _prefetch_for(self, limit: int) -> int:
-        """Enough for every call in flight plus one batch forming. It follows the in-flight limit:
-        a prefetch sized for the cap would let a backlogged account fill the process (and the
-        connection) with work that its limit will not send soon, ahead of other accounts' requests."""
-        return min(65535, self._max_batch * (limit + 1))
-
     @property
     def prefetch(self) -> int:
-        return self._consumer.prefetch if self._consumer is not None else self._prefetch_for(self._limit.current)
-
-    def _lightly_loaded(self) -> bool:
-        """At most half of the send slots are taken, and the broker holds nothing more for us as
-        far as the consumer can tell (its prefetch window has room for another batch)."""
-        return self._batches * 2 <= self._limit.current and self._acks.open_count + self._max_batch <= self.prefetch
+        return self._consumer.prefetch if self._consumer is not None else self._flow.prefetch
 
     @property
     def paused(self) -> bool:
-        return self._paused_until > self._clock.monotonic()
+        return self._flow.paused
 
     async def start(self, channel: AbstractChannel) -> None:
-        prefetch = self._prefetch_for(self._limit.current)
+        prefetch = self._flow.prefetch
         m.PREFETCH.labels(self.account.name).set(prefetch)
         await self._consume(
             channel, c.account_queue(self.account.name), prefetch, lambda: not (self._stopping or self.paused)
@@ -353,16 +326,8 @@ class AccountWorker(Worker):
         if self._stopping or self.paused:
             await requeue(self._acks, [d])
             return
-        job = d.job
-        job.attempts = _int_header(message, c.H_ATTEMPTS)
-        job.waits = _int_header(message, c.H_WAITS)
-        job.waiting_since = _float_header(message, c.H_WAITING_SINCE)
-        job.sent_at = _float_header(message, c.H_SENT_AT)
-        job.redelivered = bool(message.redelivered)
-        headers = message.headers or {}
-        job.own = bool(headers.get(c.H_OWN))
-        job.replay = bool(headers.get(c.H_REPLAY))
-        if message.timestamp is not None and not (job.attempts or job.waits or job.redelivered):
+        job = read_job(message, d.job)
+        if message.timestamp is not None and first_delivery(job):
             self._queue_wait.observe(max(0.0, self._clock.time() - message.timestamp.timestamp()))
         try:
             decision = self._pipeline.admit(job, message.body, message.message_id)
@@ -375,7 +340,7 @@ class AccountWorker(Worker):
         await self._settler.settle(d, decision)
 
     async def _crashed(self, d: Delivery, exc: Exception) -> None:
-        count = _int_header(d.message, c.H_DELIVERY_COUNT)
+        count = int_header(d.message, c.H_DELIVERY_COUNT)
         log.error("handler_crashed", account=d.account, error=type(exc).__name__, deliveries=count + 1)
         if count + 1 < self._settings.poison_deliveries:
             await requeue(self._acks, [d])
@@ -385,16 +350,16 @@ class AccountWorker(Worker):
     # -- batches ------------------------------------------------------------------------------------
 
     def _flush(self, batch: list[Delivery]) -> None:
-        self._batches += 1
-        self._inflight_gauge.set(self._batches)
+        self._flow.batches += 1
+        self._inflight_gauge.set(self._flow.batches)
         task = asyncio.create_task(self._run_batch(batch))
         self._tasks.add(task)
         task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._batches -= 1
-        self._inflight_gauge.set(self._batches)
+        self._flow.batches -= 1
+        self._inflight_gauge.set(self._flow.batches)
         self._batcher.pump()  # due groups that waited for a slot, grown meanwhile
 
     async def _run_batch(self, batch: list[Delivery]) -> None:
@@ -455,21 +420,18 @@ class AccountWorker(Worker):
             log.warning("tracking_copy_failed", account=self.account.name, count=len(tracked), error=type(exc).__name__)
 
     async def _pause_after(self, result: p.BatchResult) -> None:
-        if result.store_failed:
-            await self._pause(self._backoff_s, "store_failed")
-            self._backoff_s = min(self._backoff_s * 2, 60.0)
-        else:
-            self._backoff_s = 1.0
-        if result.pause_account:
-            code = next(
-                (
-                    x.result.error.code
-                    for x in result.decisions
-                    if isinstance(x, p.Finish) and x.pause_account and x.result.error
-                ),
-                None,
-            )
-            await self._pause(self._settings.account_pause_s, "account_error", code)
+        code = next(
+            (
+                x.result.error.code
+                for x in result.decisions
+                if isinstance(x, p.Finish) and x.pause_account and x.result.error
+            ),
+            None,
+        )
+        for order in self._flow.after_batch(
+            store_failed=result.store_failed, pause_account=result.pause_account, code=code
+        ):
+            await self._pause(order.seconds, order.reason, order.code)
 
     def _adapt(self, result: p.BatchResult, took_s: float | None) -> None:
         """Grow the in-flight limit while work waits for a slot, trim it when batches queue, halve
@@ -477,12 +439,8 @@ class AccountWorker(Worker):
         a lone request's batch, or one answered from the store (redelivered duplicates after a
         reconnect take under a millisecond), is faster than a full send without anything queueing,
         and would make every full one look slow for the baseline's whole window."""
-        if result.congested:
-            changed = self._limit.congested()
-        else:
-            changed = self._limit.succeeded(waiting=self._batcher.waiting, duration_s=took_s)
-        if changed:
-            self._limit_gauge.set(self._limit.current)
+        if self._flow.adapt(congested=result.congested, waiting=self._batcher.waiting, took_s=took_s):
+            self._limit_gauge.set(self._flow.limit.current)
             self._follow_limit()
 
     def _follow_limit(self) -> None:
@@ -491,14 +449,8 @@ class AccountWorker(Worker):
         round trips) at every swing."""
         if self._consumer is None or (self._resizing is not None and not self._resizing.done()):
             return
-        if self._prefetch_target(self._consumer.prefetch) != self._consumer.prefetch:
+        if self._flow.prefetch_target(self._consumer.prefetch) != self._consumer.prefetch:
             self._resizing = asyncio.create_task(self._resize())
-
-    def _prefetch_target(self, have: int) -> int:
-        need = self._prefetch_for(self._limit.current)
-        if need > have or have >= need + 3 * self._max_batch:
-            return min(need + self._max_batch, self._prefetch_for(self._limit.cap))
-        return have
 
     async def _resize(self) -> None:
         consumer = self._consumer
@@ -506,7 +458,7 @@ class AccountWorker(Worker):
             return
         try:
             while not self._stopping:
-                want = self._prefetch_target(consumer.prefetch)
+                want = self._flow.prefetch_target(consumer.prefetch)
                 if want == consumer.prefetch:
                     return
                 await consumer.resize(want)
@@ -521,15 +473,13 @@ class AccountWorker(Worker):
     async def _pause(self, seconds: float, reason: str, code: str | None = None) -> None:
         if self._stopping:
             return
-        until = self._clock.monotonic() + seconds
-        if until <= self._paused_until:
+        change = self._flow.pause(seconds)
+        if change is PauseChange.NONE:
             return
-        first = not self.paused
-        self._paused_until = until
         noted = asyncio.create_task(self._note_pause(Pause(self._owner, reason, code, self._clock.time() + seconds)))
         self._tasks.add(noted)
         noted.add_done_callback(self._tasks.discard)
-        if not first:
+        if change is PauseChange.LONGER:
             return
         log.warning("account_paused", account=self.account.name, seconds=seconds, reason=reason, code=code)
         m.PAUSED.labels(self.account.name).set(1)
@@ -550,7 +500,7 @@ class AccountWorker(Worker):
 
     async def _resume_later(self) -> None:
         while self.paused:
-            await self._clock.sleep(max(0.05, self._paused_until - self._clock.monotonic()))
+            await self._clock.sleep(max(0.05, self._flow.paused_for_s))
         m.PAUSED.labels(self.account.name).set(0)
         if not self._stopping:
             log.info("account_resumed", account=self.account.name)
