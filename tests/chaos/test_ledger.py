@@ -42,10 +42,10 @@ def test_ledger_counts_lost_double_and_phantom_sends(tmp_path: Path) -> None:
     assert not led.ok
 
 
-def test_ledger_counts_missing_and_repeated_delivery_events_and_own_duplicates(tmp_path: Path) -> None:
+def test_ledger_counts_missing_repeated_and_early_delivery_events_and_own_duplicates(tmp_path: Path) -> None:
     world = World(tmp_path, None, None, ["acc"])  # type: ignore[arg-type]
     world.check_reports = True
-    world.keys = {"acc/one", "acc/none", "acc/two", "acc/dup"}
+    world.keys = {"acc/one", "acc/none", "acc/two", "acc/dup", "acc/early"}
     observer = Observer("amqp://unused/", ["acc"])
     observer.seen.update(
         {
@@ -53,13 +53,14 @@ def test_ledger_counts_missing_and_repeated_delivery_events_and_own_duplicates(t
             "acc/none": Seen(outcomes=[(1.0, "accepted")]),
             "acc/two": Seen(outcomes=[(1.0, "accepted"), (2.0, "delivered"), (3.0, "delivered")]),
             "acc/dup": Seen(outcomes=[(1.0, "accepted"), (1.5, "duplicate"), (2.0, "undelivered")]),
+            "acc/early": Seen(outcomes=[(1.0, "delivered"), (2.0, "accepted")]),
         }
     )
     world.observer = observer
-    world.sandbox = FakeSandbox({provider_ref("acc", k): 1 for k in ("one", "none", "two", "dup")})  # type: ignore[assignment]
+    world.sandbox = FakeSandbox({provider_ref("acc", k): 1 for k in ("one", "none", "two", "dup", "early")})  # type: ignore[assignment]
     led = world.ledger("fake")
-    assert (led.reports_missing, led.reports_twice, led.own_duplicates) == (1, 1, 1)
+    assert (led.reports_missing, led.reports_twice, led.reports_early, led.own_duplicates) == (1, 1, 1, 1)
     assert led.lost == 0
     assert led.sent_twice == 0
     assert not led.ok
-    assert "1 / 1 / 1" in led.row()
+    assert "1 / 1 / 1 / 1" in led.row()
