@@ -2,7 +2,8 @@
 
     pipeline (accepted, with a provider message id) --record--> Store: result + correlation + first
                                                                 poll time, in one atomic step
-    Mobizon webhook  POST /dlr/mobizon/<account> --> Desk.webhook: the message's poll is due now
+    webhook  POST /dlr/<provider>/<account> --> Desk.webhook (the provider's WebhookFormat reads it):
+                                                the message's poll is due now
     Poller (per account, every replica): due ids --statuses()--> Desk.report
                                                                  begin_final (one caller wins)
                                                                  -> publish on sms.outcomes
@@ -58,8 +59,8 @@ from gateway.config import Account, Settings
 from gateway.numbers import mask
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
-from gateway.providers.base import LookupFailed, ProviderAdapter, StatusReport
-from gateway.providers.mobizon import webhook as mobizon_webhook
+from gateway.providers import PROVIDERS
+from gateway.providers.base import BadWebhook, LookupFailed, ProviderAdapter, StatusReport, WebhookEvent
 from gateway.state import Store
 from gateway.state.base import FinalState, Tracked, WebhookHint
 
@@ -85,7 +86,7 @@ IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long
 # with each poll up to the max: a hold ends within moments of the outcome's confirm, or at its time.
 HELD_AGAIN_S = 2.0
 HELD_AGAIN_MAX_S = 60.0
-WEBHOOK_DEADLINE_S = 4.0  # Mobizon waits 5 s for the answer
+WEBHOOK_DEADLINE_S = 4.0  # a webhook's answer is due within 5 s (Mobizon's wait)
 # `eventCreateTs` is in an undocumented time zone and Mobizon retries for about an hour: an event
 # further than this from now (either way) is a replay, not a retry.
 WEBHOOK_FRESH_S = 26 * 3600.0
@@ -250,32 +251,34 @@ class Desk:
 
     async def webhook(self, provider: str, account_name: str, body: bytes | None, content_type: str) -> tuple[int, str]:
         """Handle one webhook request (`body` None: larger than the limit): (HTTP status, reason)."""
-        provider = provider if provider in ("mobizon", "serwersms") else "(unknown)"  # a bounded label
+        provider = provider if provider in PROVIDERS else "(unknown)"  # a bounded label
         account = self._accounts.get(account_name)
-        if provider != "mobizon" or account is None or account.provider != provider:
+        found = PROVIDERS.get(provider)
+        hooks = found.webhooks if found is not None else None
+        if hooks is None or account is None or account.provider != provider:
             return _rejected(provider, 404, "unknown_account")
         if body is None:
             return _rejected(provider, 400, "oversized")
         try:
-            event = mobizon_webhook.parse(body, content_type)
-        except mobizon_webhook.BadWebhook as exc:
+            event = hooks.parse(body, content_type)
+        except BadWebhook as exc:
             return _rejected(provider, 400, "malformed", exc)
         secret = account.webhook_secret
-        if secret is not None and not mobizon_webhook.verify(event, secret.get_secret_value()):
+        if secret is not None and not hooks.verify(event, secret.get_secret_value()):
             return _rejected(provider, 403, "bad_signature")
         if event.report is None:
             m.DLR_REPORTS.labels(account.name, "webhook", "other_event").inc()
             return 200, "ignored"
-        created = mobizon_webhook.created_at(event)
+        created = hooks.created_at(event)
         if created is not None and abs(self._clock.time() - created) > WEBHOOK_FRESH_S:
             return _rejected(provider, 403, "stale")
         try:
-            return await asyncio.wait_for(self._webhook_report(account.name, event), WEBHOOK_DEADLINE_S)
-        except Exception as exc:  # noqa: BLE001 - the store is away: Mobizon retries
+            return await asyncio.wait_for(self._webhook_report(provider, account.name, event), WEBHOOK_DEADLINE_S)
+        except Exception as exc:  # noqa: BLE001 - the store is away: the provider retries
             log.warning("dlr_webhook_unavailable", account=account.name, error=type(exc).__name__)
             return _rejected(provider, 503, "unavailable")
 
-    async def _webhook_report(self, account: str, event: mobizon_webhook.WebhookEvent) -> tuple[int, str]:
+    async def _webhook_report(self, provider: str, account: str, event: WebhookEvent) -> tuple[int, str]:
         assert event.report is not None
         message_id = event.report.provider_message_id
         hint = WebhookHint(_park(event.report), 2 * WEBHOOK_FRESH_S, PARK_TTL_S, PARK_MAX)
@@ -291,13 +294,13 @@ class Desk:
                 provider_message_id=message_id[:64],
                 bound_to=bound,
             )
-            return _rejected("mobizon", 409, "event_rewritten")
-        if action == "full":  # too many hints for unknown messages: Mobizon retries later
-            return _rejected("mobizon", 503, "parked_full")
+            return _rejected(provider, 409, "event_rewritten")
+        if action == "full":  # too many hints for unknown messages: the provider retries later
+            return _rejected(provider, 503, "parked_full")
         if action == "parked" and account in self._rebuilding:
             # The store lost its tracking and it is being rebuilt: the hint is parked all the same,
-            # and Mobizon is asked to come again rather than told the report was taken.
-            return _rejected("mobizon", 503, "rebuilding")
+            # and the provider is asked to come again rather than told the report was taken.
+            return _rejected(provider, 503, "rebuilding")
         result = "duplicate" if bound is not None else action
         m.DLR_REPORTS.labels(account, "webhook", result).inc()
         return 200, "duplicate" if bound is not None else "ok"

@@ -1,9 +1,9 @@
 """What every task of the running gateway is waiting on, logged on SIGUSR2.
 
 A gateway that looks healthy (consumers live, /readyz ready, the loop idle) yet settles nothing
-is waiting somewhere for something that will not come: stop 20's wedge was a publish and an ack
-blocked for good on a dead connection's write queue, and it took a hand-made dump of each task's
-await chain to see it. This is that dump, for operators: `kill -USR2 <pid>` (in a pod,
+is waiting somewhere for something that will not come (a publish and an ack blocked for good on a
+dead connection's write queue look exactly like that); each task's await chain shows where. This
+is that dump, for operators: `kill -USR2 <pid>` (in a pod,
 `kubectl exec <pod> -- kill -USR2 1`) logs one `task_dump` summary line, then one `task_waits`
 line per distinct await chain with how many tasks share it, most shared first.
 

@@ -25,10 +25,13 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum, StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gateway.contract import OutcomeError, Status
 from gateway.obs.logs import get_logger
+
+if TYPE_CHECKING:
+    from gateway.config import Account
 
 log = get_logger("gateway.providers")
 T = TypeVar("T")
@@ -101,7 +104,6 @@ class ItemResult:
     provider_message_id: str | None = None
     parts: int | None = None
     error: ProviderError | None = None
-    provider_status: str | None = None
 
     @classmethod
     def failure(cls, code: str, type_: str, message: str, action: Action) -> ItemResult:
@@ -245,6 +247,38 @@ class LookupFailed(Exception):
     """The provider could not say whether a message exists; nothing may be resent on this basis."""
 
 
+class BadWebhook(Exception):
+    """The body is not a webhook event the gateway can read."""
+
+
+class WebhookEvent(Protocol):
+    """One webhook as read by its provider's `WebhookFormat`: only `event_id` is trusted, and only
+    as far as the provider signs it; the report is a hint (a poll decides)."""
+
+    @property
+    def event_id(self) -> str: ...
+
+    @property
+    def report(self) -> StatusReport | None:  # None: an event that is not a delivery report
+        ...
+
+
+class WebhookFormat(Protocol):
+    """How a provider's delivery-report webhooks are read and checked."""
+
+    def parse(self, body: bytes, content_type: str) -> WebhookEvent:
+        """Read a body (raises BadWebhook)."""
+        ...
+
+    def verify(self, event: Any, secret: str) -> bool:
+        """The event's signature holds for the account's webhook secret."""
+        ...
+
+    def created_at(self, event: Any) -> float | None:
+        """When the provider created the event (epoch seconds), None when it cannot be read."""
+        ...
+
+
 class ProviderAdapter(Protocol):
     """One module per provider implements this; the pipeline knows nothing else about providers."""
 
@@ -271,3 +305,17 @@ class ProviderAdapter(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class AdapterFactory(Protocol):
+    def __call__(self, account: Account, *, proxy_from_env: bool = False) -> ProviderAdapter: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """What the gateway needs of one provider, declared by its package and listed in the registry
+    (providers/__init__.py): nothing outside the package names the provider otherwise."""
+
+    name: str  # the accounts' `provider` key
+    adapter: AdapterFactory
+    webhooks: WebhookFormat | None = None  # how its delivery-report webhooks are read; None: not taken

@@ -1,4 +1,4 @@
-"""Mobizon API v1 as the sandbox serves it (shared/providers/mobizon.md B1-B12).
+"""Mobizon API v1 as the sandbox serves it (docs/providers.md).
 
 `/service/{module}/{method}` (case-insensitive); `apiKey`, `output`, `api` in the query (the key is
 also accepted in the body); parameters as a form body in PHP bracket notation, as a query string,

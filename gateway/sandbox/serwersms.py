@@ -1,4 +1,4 @@
-"""SerwerSMS API v2 as the sandbox serves it (shared/providers/serwersms.md, A3-A13).
+"""SerwerSMS API v2 as the sandbox serves it (docs/providers.md).
 
 Accepted like the real API: POST JSON, POST form (`phone[]=`, `phone[0]=`, `phone=`), GET query;
 paths with or without `.json`; `Authorization: Bearer` or `username`/`password`. Answers are HTTP

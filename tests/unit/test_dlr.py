@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 from gateway.config import Account, Settings
 from gateway.contract import Status
 from gateway.dlr.desk import Desk, poll_gap
+from gateway.providers import PROVIDERS
+from gateway.providers.base import BadWebhook, Provider, StatusReport
 from gateway.providers.mobizon import webhook
 from gateway.providers.mobizon.codes import STATUSES as MOBIZON
 from gateway.providers.serwersms.adapter import parse_statuses
@@ -96,9 +99,20 @@ def event(**overrides: Any) -> dict[str, Any]:
     return doc
 
 
+# sha1("26|1|2026-01-15 11:42:28|s3cret") and sha1("26|2|...|s3cret"), by `printf '%s' ... | sha1sum`.
+SIGN_ATTEMPT_1 = "ce79f569aa854bf6f2b4b2895ae80a5d27a066a6"
+SIGN_ATTEMPT_2 = "73de2940b56b7e75b53371c271200a849e9a1d1d"
+
+
+def test_the_signature_matches_known_answers_and_the_sandbox_signs_the_same() -> None:
+    assert webhook.signature("26", "1", "2026-01-15 11:42:28", "s3cret") == SIGN_ATTEMPT_1
+    assert webhook.signature("26", "2", "2026-01-15 11:42:28", "s3cret") == SIGN_ATTEMPT_2
+    assert sandbox_sign(26, 1, "2026-01-15 11:42:28", "s3cret") == SIGN_ATTEMPT_1
+
+
 def test_the_documented_webhook_body_and_its_signature() -> None:
     doc = event()
-    doc["sign"] = sandbox_sign(26, 1, "2026-01-15 11:42:28", "s3cret")  # the sandbox signs as Mobizon does
+    doc["sign"] = SIGN_ATTEMPT_1.upper()  # compared without regard to case
     parsed = webhook.parse(json.dumps(doc).encode())
     assert webhook.created_at(parsed) == datetime(2026, 1, 15, 11, 42, 28, tzinfo=UTC).timestamp()
     assert parsed.report is not None
@@ -108,6 +122,7 @@ def test_the_documented_webhook_body_and_its_signature() -> None:
     # The signature covers the attempt: a retry is signed anew.
     retried = webhook.parse(json.dumps({**doc, "attempt": 2}).encode())
     assert not webhook.verify(retried, "s3cret")
+    assert webhook.verify(webhook.parse(json.dumps({**doc, "attempt": 2, "sign": SIGN_ATTEMPT_2}).encode()), "s3cret")
     unsigned = webhook.parse(json.dumps(event()).encode())
     assert not webhook.verify(unsigned, "s3cret")
 
@@ -214,6 +229,44 @@ async def test_a_final_report_is_held_until_the_accepted_outcome_is_announced(
     await store.announce("kz", ["m1"])  # a late announcement (the redelivered copy's) reopens nothing
     assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.DONE
     assert len(sink.events) == 1
+
+
+@dataclass(frozen=True)
+class AcmeEvent:
+    event_id: str
+    report: StatusReport | None
+
+
+class AcmeWebhooks:
+    """A third provider's webhook format: `<event id> <message id> <status>`, signed by a prefix."""
+
+    def parse(self, body: bytes, content_type: str) -> AcmeEvent:
+        parts = body.decode().split()
+        if len(parts) != 4:
+            raise BadWebhook("not four words")
+        return AcmeEvent(parts[1], StatusReport(parts[2], parts[3], D if parts[3] == "ok" else None))
+
+    def verify(self, event: Any, secret: str) -> bool:
+        return True
+
+    def created_at(self, event: Any) -> float | None:
+        return None
+
+
+async def test_a_provider_added_to_the_registry_gets_its_webhooks_read_by_its_own_format(
+    desk_parts: tuple[Desk, SqliteStore, RecordingSink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The desk names no provider: a new package's `Provider` in the registry is all it takes."""
+    _desk, store, sink = desk_parts
+    monkeypatch.setitem(PROVIDERS, "acme", Provider("acme", lambda *_a, **_k: None, AcmeWebhooks()))  # type: ignore[arg-type,return-value]
+    acme = Account.model_construct(name="ac", provider="acme", webhook_secret=None)
+    desk = Desk(store=store, sink=sink, accounts=[acme], settings=Settings(), owner="one-process")
+    await store.track("ac", [Tracked("m9", "u9", None, None, "acme", time.time())], 60, 600)
+    assert await desk.webhook("acme", "ac", b"sig e1 m9 ok", "text/plain") == (200, "ok")
+    assert [t.provider_message_id for t in await store.due_polls("ac", 10, 30)] == ["m9"]  # a hint, as always
+    assert (await desk.webhook("acme", "ac", b"garbage", "text/plain"))[0] == 400
+    assert (await desk.webhook("serwersms", "ac", b"sig e1 m9 ok", "text/plain"))[0] == 404  # not its provider
+    assert sink.events == []
 
 
 async def post(desk: Desk, doc: dict[str, Any]) -> tuple[int, str]:

@@ -1,6 +1,8 @@
 """Mobizon API v1: `codes` (the tables), `api` (one call), `campaign` (bulk), `lookup`
 (reconciling), `adapter` (the `ProviderAdapter`)."""
 
+from gateway.providers.base import Provider
+from gateway.providers.mobizon import webhook
 from gateway.providers.mobizon.adapter import MobizonAdapter
 from gateway.providers.mobizon.api import flatten, redirect_host
 from gateway.providers.mobizon.codes import CODES, NAME, RECIPIENT_CODES, RECIPIENT_TABLE, TABLE, classify
@@ -8,6 +10,7 @@ from gateway.providers.mobizon.codes import CODES, NAME, RECIPIENT_CODES, RECIPI
 __all__ = [
     "CODES",
     "NAME",
+    "PROVIDER",
     "RECIPIENT_CODES",
     "RECIPIENT_TABLE",
     "TABLE",
@@ -16,3 +19,5 @@ __all__ = [
     "flatten",
     "redirect_host",
 ]
+
+PROVIDER = Provider(NAME, MobizonAdapter, webhook)

@@ -1,10 +1,10 @@
-"""Mobizon API v1, the adapter (contract: shared/providers/mobizon.md).
+"""Mobizon API v1, the adapter (the API's facts: docs/providers.md).
 
 - Few messages: one `Message/SendSmsMessage` each, several in flight (the rate limit was taken by
   the caller for the whole batch).
 - Many messages with one text (or one template): the campaign flow (campaign.py).
 - Mobizon has no test mode: requests with `test: true` are validated and answered `accepted`
-  (provider_status `test`) without any API call.
+  (without a provider message id) without any API call.
 - Ambiguous sends are looked up by recipient and text (lookup.py).
 """
 
@@ -50,7 +50,7 @@ class MobizonAdapter:
         groups: dict[tuple[str, bool], list[int]] = defaultdict(list)
         for i, item in enumerate(batch):
             if item.test:  # Mobizon has no test mode: a dry run must never reach the API
-                results[i] = ItemResult(Verdict.ACCEPTED, provider_status="test")
+                results[i] = ItemResult(Verdict.ACCEPTED)
                 continue
             templated = item.template is not None and "{{" not in item.template and "}}" not in item.template
             groups[(item.template if templated and item.template else item.text, templated)].append(i)
@@ -88,7 +88,6 @@ class MobizonAdapter:
             results[i] = ItemResult(
                 Verdict.ACCEPTED,
                 provider_message_id=ident(doc["data"].get("messageId")),
-                provider_status=str(doc["data"].get("status")),
             )
         else:
             results[i] = self._api.failure(doc)

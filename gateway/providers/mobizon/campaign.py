@@ -64,7 +64,7 @@ async def send_campaign(
         _fill(results, list(added), failure)
         return
     for i, message_id in added.items():
-        results[i] = ItemResult(Verdict.ACCEPTED, provider_message_id=message_id, provider_status=str(doc["data"]))
+        results[i] = ItemResult(Verdict.ACCEPTED, provider_message_id=message_id)
     log.info("mobizon_campaign_sent", account=api.account, campaign=campaign, recipients=len(added))
 
 

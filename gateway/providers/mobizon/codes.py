@@ -1,4 +1,4 @@
-"""Mobizon API v1 codes (shared/providers/mobizon.md B11 and B6): what each answer means.
+"""Mobizon API v1 codes (docs/providers.md): what each answer means.
 Pure data and lookups: no I/O."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from gateway.providers.base import Action as A
 
 NAME = "mobizon"
 
-# Request-level codes (shared/providers/mobizon.md B11). The user's rule: 3, 10, 30 are retryable.
+# Request-level codes. 3, 10 and 30 are retryable (3 after reconciling: the send may have happened).
 CODES: dict[int, CodeRule] = {
     1: CodeRule("ValidationError", "validation error", A.PERMANENT),
     2: CodeRule("NotFound", "record not found", A.PERMANENT),

@@ -1,4 +1,4 @@
-"""Mobizon delivery-report webhooks (shared/providers/mobizon.md B9): the JSON body, and its `sign`.
+"""Mobizon delivery-report webhooks: the JSON body, and its `sign`.
 
     {"eventId", "eventType": "sms-delivery-report", "eventCreateTs", "webhookId", "attempt",
      "data": {"campaignId", "messageId", "segNum", "statusUpdateTs", "status", "to"}, "sign"}
@@ -21,15 +21,12 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from gateway.providers.base import StatusReport
+from gateway.providers.base import BadWebhook, StatusReport
 from gateway.providers.mobizon.codes import STATUSES
 
 MAX_BODY_BYTES = 16 * 1024
 DELIVERY_REPORT = "sms-delivery-report"
-
-
-class BadWebhook(Exception):
-    """The body is not a webhook event the gateway can read."""
+__all__ = ["BadWebhook", "WebhookEvent", "created_at", "parse", "signature", "verify"]
 
 
 @dataclass(frozen=True, slots=True)

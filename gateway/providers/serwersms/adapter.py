@@ -1,4 +1,4 @@
-"""SerwerSMS.pl HTTPS API v2, the adapter (contract: shared/providers/serwersms.md).
+"""SerwerSMS.pl HTTPS API v2, the adapter (the API's facts: docs/providers.md).
 
 - One text to many numbers: `messages/send_sms` with `phone` and `unique_id` arrays.
 - Different texts: `messages/send_personalized` with `messages: [{phone, text}]`.
@@ -82,13 +82,12 @@ def _item_result(item: dict[str, Any]) -> ItemResult:
             Verdict.ACCEPTED,
             provider_message_id=str(item["id"]) if item.get("id") is not None else None,
             parts=int(parts) if isinstance(parts, int | str) and str(parts).isdigit() else None,
-            provider_status=status,
         )
     if status == "unsent":
         result = classify(item.get("error_code", item.get("reason")), item.get("error_message"))
-        return ItemResult(result.verdict, error=result.error, provider_status=status)
+        return ItemResult(result.verdict, error=result.error)
     bad = ItemResult.failure("bad_item", "BadItem", f"unexpected item status {status[:40]!r}", Action.AMBIGUOUS)
-    return ItemResult(Verdict.AMBIGUOUS, error=bad.error, provider_status=status or None)
+    return ItemResult(Verdict.AMBIGUOUS, error=bad.error)
 
 
 def parse_send(batch: Sequence[Outbound], doc: Any) -> list[ItemResult]:

@@ -1,5 +1,5 @@
-"""SerwerSMS.pl error codes (shared/providers/serwersms.md): the table that decides what each
-answer means. Pure data and one lookup: no I/O."""
+"""SerwerSMS.pl error codes (docs/providers.md): the table that decides what each answer means.
+Pure data and one lookup: no I/O."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from gateway.providers.base import Action as A
 
 NAME = "serwersms"
 
-# The full table, 1000-4602. The user's rule: 3xxx and 4xxx are permanent. Refinements from the
-# contract: account-level codes pause the account; 3110 splits the request; 3111 (duplicate
-# unique_id under the account's duplicate control) means the provider already has the message.
+# The full table, 1000-4602. 3xxx and 4xxx are permanent, with three refinements: account-level
+# codes pause the account; 3110 splits the request; 3111 (a duplicate unique_id under the
+# account's duplicate control) means the provider already has the message.
 CODES: dict[int, CodeRule] = {
     1000: CodeRule("NoAction", "no action given", A.PERMANENT),
     1001: CodeRule("InvalidUser", "incorrect login, password or token", A.ACCOUNT),
@@ -55,8 +55,8 @@ CODES: dict[int, CodeRule] = {
     4000: CodeRule("FileTooLarge", "file too large", A.PERMANENT),
     4001: CodeRule("FileMissing", "file does not exist", A.PERMANENT),
     4002: CodeRule("InvalidFile", "invalid file", A.PERMANENT),
-    # HLR codes: the contract calls 4100/4105 transient for HLR lookups; the user's rule (4xxx is
-    # permanent) wins for sends, which never use HLR.
+    # HLR codes: 4100/4105 are transient for HLR lookups, which sends never use: as every 4xxx,
+    # permanent here.
     4100: CodeRule("HlrConnection", "HLR connection error", A.PERMANENT),
     4101: CodeRule("HlrInvalidNumber", "HLR: invalid number", A.PERMANENT),
     4102: CodeRule("HlrNoPermission", "no permission for HLR", A.PERMANENT),
