@@ -35,9 +35,10 @@ from gateway import numbers
 from gateway.bus import topology
 from gateway.bus.consumer import AccountWorker, UnroutableWorker, close_within
 from gateway.bus.publisher import Publisher
-from gateway.config import Account, ConfigError, Settings, sandbox_account
+from gateway.config import Account, Settings, sandbox_account
 from gateway.dlr import tracking
 from gateway.dlr.desk import Desk, Poller
+from gateway.errors import ConfigError, StoreRefused, StoreUnavailable, tls_failure
 from gateway.obs.logs import get_logger
 from gateway.ops import web
 from gateway.ops.diagnostics import dump_tasks
@@ -190,17 +191,18 @@ class Gateway:
 
     async def _open_state(self) -> Store:
         """The state store, once it answers; retried with backoff while it cannot be reached."""
-        store = self._open_store(self.settings)
+        where = "GATEWAY_REDIS_URL" if self.settings.redis_url is not None else "GATEWAY_STATE_PATH"
+        try:
+            store = self._open_store(self.settings)
+        except StoreRefused as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         for attempt in count(1):
             self._waiting_for = "state store"
             try:
                 await asyncio.wait_for(store.ping(), 10)
-            except Exception as exc:  # noqa: BLE001 - sorted below: refused (config) or unreachable (retry)
-                where = "GATEWAY_REDIS_URL" if self.settings.redis_url is not None else "GATEWAY_STATE_PATH"
-                if (tls := _tls_failure(exc)) is not None:
-                    raise ConfigError(f"{where}: TLS: {tls}") from None
-                if _refused(exc):
-                    raise ConfigError(f"{where}: the state store cannot be used: {exc}") from None
+            except StoreRefused as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            except (StoreUnavailable, TimeoutError) as exc:
                 await self._retry_later("state_store_unreachable", attempt, exc)
             else:
                 return store
@@ -227,7 +229,7 @@ class Gateway:
                 reason = next((str(a.reply_text) for a in exc.args if hasattr(a, "reply_text")), str(exc))
                 raise ConfigError(f"GATEWAY_AMQP_URL: the broker refused the connection: {reason}") from None
             except (OSError, TimeoutError, aiormq.exceptions.AMQPConnectionError) as exc:
-                if (tls := _tls_failure(exc)) is not None:
+                if (tls := tls_failure(exc)) is not None:
                     raise ConfigError(f"GATEWAY_AMQP_URL: TLS: {tls}") from None
                 await self._retry_later("broker_unreachable", attempt, exc)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -351,40 +353,3 @@ def raise_file_limit() -> None:
         except (ValueError, OSError) as exc:
             log.warning("file_limit_not_raised", soft=soft, hard=hard, error=str(exc))
     log.info("file_limit", files=file_limit())
-
-
-def _refused(exc: BaseException) -> bool:
-    """A state-store failure that retrying cannot mend: a refused password, an unusable file, an
-    option in the URL the client does not know (TypeError, ValueError)."""
-    import sqlite3
-
-    import redis.exceptions
-
-    if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
-        return True
-    if isinstance(exc, redis.exceptions.ResponseError) and "WRONGPASS" in str(exc):
-        return True
-    return isinstance(exc, sqlite3.Error | PermissionError | IsADirectoryError | TypeError | ValueError)
-
-
-def _tls_failure(exc: BaseException) -> str | None:
-    """Why a TLS handshake failed (a wrong CA bundle, a certificate that does not match), found in
-    the exception or what it wraps; None when it is no TLS failure. Retrying cannot mend these."""
-    import ssl
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLError):
-            return str(getattr(current, "verify_message", None) or current.reason or current)[:200]
-        text = str(current)
-        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-            return text[:200]
-        for arg in current.args:
-            if isinstance(arg, BaseException):
-                nested = _tls_failure(arg)
-                if nested is not None:
-                    return nested
-        current = current.__cause__ or current.__context__
-    return None

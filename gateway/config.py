@@ -25,16 +25,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from gateway.errors import ConfigError
+
 ProviderName = Literal["serwersms", "mobizon"]
 AccountName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
 SANDBOX_ACCOUNT = "demo"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ACCOUNT_FILE_KINDS = (".json", ".toml")
-
-
-class ConfigError(Exception):
-    """Configuration that cannot start the gateway; the message names the field."""
 
 
 def _resolve_secret(value: Any) -> Any:

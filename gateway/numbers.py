@@ -5,9 +5,7 @@ from __future__ import annotations
 import phonenumbers
 from phonenumbers.phonemetadata import PhoneMetadata
 
-
-class InvalidNumber(ValueError):
-    pass
+from gateway.errors import InvalidNumber
 
 
 def preload() -> None:

@@ -25,9 +25,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import AbstractChannel
 
-
-class StaleDelivery(Exception):
-    """The delivery's channel is closed or replaced; the broker requeues it on its own."""
+from gateway.errors import StaleDelivery
 
 
 class AckTracker:

@@ -11,9 +11,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-
-class ApiUnavailable(Exception):
-    """The management API did not answer (not enabled, unreachable, refused the credentials)."""
+from gateway.errors import ApiUnavailable
 
 
 def default_url(amqp_url: str) -> str:

@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from gateway import contract as c
+from gateway.errors import PublishTimeout
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.state.base import Tracked
@@ -44,10 +45,6 @@ pamqp.encode.table_integer = _table_integer_signed  # encode_table_value looks i
 
 _STRIP = c.BROKER_HEADERS
 PERSISTENT = 2
-
-
-class PublishTimeout(Exception):
-    """A publish was not confirmed in time; the channel it went to is being replaced."""
 
 
 class Publisher:

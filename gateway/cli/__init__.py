@@ -16,7 +16,8 @@ import structlog
 
 from gateway.cli import accounts, dlq, send, topology
 from gateway.cli.common import USAGE, Fail
-from gateway.config import ConfigError, Settings, load_settings, unknown_variables
+from gateway.config import Settings, load_settings, unknown_variables
+from gateway.errors import ConfigError
 from gateway.obs.logs import (
     get_logger,
     register_secrets,

@@ -30,9 +30,14 @@ def accounts(sandbox: bool, as_json: bool) -> int:
         from aiormq.exceptions import ChannelNotFoundEntity
 
         from gateway import contract as c
-        from gateway.bus.broker_api import ApiUnavailable, BrokerApi
+        from gateway.bus.broker_api import BrokerApi
+        from gateway.errors import ApiUnavailable, StoreRefused
 
-        store = open_store(s)
+        try:
+            store = open_store(s)
+        except StoreRefused as exc:
+            where = "GATEWAY_REDIS_URL" if s.redis_url is not None else "GATEWAY_STATE_PATH"
+            raise x.Fail(f"{where}: {exc}", x.USAGE) from None
         rows = []
         try:
             async with x.broker(s) as connection, BrokerApi(x.management_url(s)) as api:

@@ -13,7 +13,8 @@ from typing import Any, NoReturn
 
 import click
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError
 
 # Exit codes (README, "Operator CLI").
 OK = 0

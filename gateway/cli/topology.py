@@ -66,7 +66,8 @@ def check(extra: tuple[str, ...], sandbox: bool, as_json: bool) -> int:
     API (GATEWAY_MANAGEMENT_URL); without it, missing entities and refused arguments are still
     found through AMQP, and bindings are reported as not checked.
     """
-    from gateway.bus.broker_api import ApiUnavailable, BrokerApi
+    from gateway.bus.broker_api import BrokerApi
+    from gateway.errors import ApiUnavailable
 
     s = x.settings()
     plan = _plan(sandbox, extra)

@@ -24,13 +24,13 @@ from gateway.config import Account, Settings
 from gateway.contract import DeadReason, InvalidRequest, OutcomeError, SendRequest, Status
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.retry import RetryPolicy, wait_delay_ms
-from gateway.numbers import InvalidNumber, normalize
+from gateway.errors import InvalidNumber, LookupFailed
+from gateway.numbers import normalize
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.providers.base import (
     Action,
     ItemResult,
-    LookupFailed,
     Outbound,
     ProviderAdapter,
     ProviderError,

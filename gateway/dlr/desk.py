@@ -56,11 +56,12 @@ from typing import Any, Protocol
 from gateway import contract as c
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, Settings
+from gateway.errors import BadWebhook, LookupFailed
 from gateway.numbers import mask
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.providers import PROVIDERS
-from gateway.providers.base import BadWebhook, LookupFailed, ProviderAdapter, StatusReport, WebhookEvent
+from gateway.providers.base import ProviderAdapter, StatusReport, WebhookEvent
 from gateway.state import Store
 from gateway.state.base import FinalState, Tracked, WebhookHint
 

@@ -243,14 +243,6 @@ class StatusTable:
         return StatusReport(message_id, word, self.statuses.get(word), reason or None, at)
 
 
-class LookupFailed(Exception):
-    """The provider could not say whether a message exists; nothing may be resent on this basis."""
-
-
-class BadWebhook(Exception):
-    """The body is not a webhook event the gateway can read."""
-
-
 class WebhookEvent(Protocol):
     """One webhook as read by its provider's `WebhookFormat`: only `event_id` is trusted, and only
     as far as the provider signs it; the report is a hint (a poll decides)."""

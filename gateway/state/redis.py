@@ -27,9 +27,11 @@ from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from gateway.clock import Clock
 from gateway.contract import REPLAYABLE
+from gateway.errors import StoreRefused, StoreUnavailable, tls_failure
 from gateway.state.base import (
     HOLDER,
     NOTHING,
@@ -464,7 +466,11 @@ _UNKNOWN = json.dumps({"s": "unknown"})
 
 class RedisStore(RecordShortcuts):
     def __init__(self, url: str, clock: Clock | None = None, *, timeout_s: float = 5.0) -> None:
-        self._redis, self._sentinels = connect(url, timeout_s)
+        """Raises StoreRefused for a URL the client cannot use (scheme, values, no Sentinel service)."""
+        try:
+            self._redis, self._sentinels = connect(url, timeout_s)
+        except ValueError as exc:  # redis-py and `connect` read the URL here, before any I/O
+            raise StoreRefused(f"the URL cannot be used: {exc}") from None
         self._claim_take = self._redis.register_script(_CLAIM_TAKE)
         self._record = self._redis.register_script(_RECORD)
         self._note_pause = self._redis.register_script(_NOTE_PAUSE)
@@ -673,7 +679,21 @@ class RedisStore(RecordShortcuts):
         return float(rows[0][1]) if rows else None
 
     async def ping(self) -> None:
-        await self._redis.ping()
+        """Raises StoreRefused (login, permission, TLS, an unknown URL option) or StoreUnavailable."""
+        try:
+            await self._redis.ping()
+        except (
+            redis.exceptions.AuthenticationError,
+            redis.exceptions.AuthorizationError,
+            redis.exceptions.NoPermissionError,
+        ) as exc:
+            raise StoreRefused(f"the store refused the login: {exc}") from None
+        except TypeError as exc:  # redis-py passes the URL's options to each new connection's constructor
+            raise StoreRefused(f"an option of the URL is unknown to the client: {exc}") from None
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            if (tls := tls_failure(exc)) is not None:
+                raise StoreRefused(f"TLS: {tls}") from None
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         await self._redis.aclose()

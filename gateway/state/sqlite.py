@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from gateway.clock import SYSTEM, Clock
 from gateway.contract import REPLAYABLE
+from gateway.errors import StoreRefused
 from gateway.state.base import (
     HOLDER,
     NOTHING,
@@ -464,7 +465,11 @@ class SqliteStore(RecordShortcuts):
         return await self._run(op)
 
     async def ping(self) -> None:
-        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+        """Raises StoreRefused when the file cannot be opened, created or written."""
+        try:
+            await self._run(lambda db: db.execute("SELECT 1").fetchone())
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreRefused(f"the state file {self._path} cannot be used: {type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
         def shut() -> None:

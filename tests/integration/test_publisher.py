@@ -10,7 +10,8 @@ from aiormq.exceptions import PublishError
 
 from gateway import contract as c
 from gateway.bus import topology
-from gateway.bus.publisher import Publisher, PublishTimeout
+from gateway.bus.publisher import Publisher
+from gateway.errors import PublishTimeout
 from testkit import AMQP_URL, Bus, delete_account_queues, new_account_name, request
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,8 @@ from typing import Any
 import aiormq
 import pytest
 
-from gateway.bus.acks import AckTracker, StaleDelivery
+from gateway.bus.acks import AckTracker
+from gateway.errors import StaleDelivery
 
 
 class FakeChannel:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, Settings, load_settings, parse_accounts
+from gateway.config import Settings, load_settings, parse_accounts
+from gateway.errors import ConfigError
 
 BASE = {"name": "acme", "provider": "serwersms", "base_url": "https://api2.serwersms.pl", "token": "t0ken"}
 

@@ -17,8 +17,9 @@ import pytest
 from gateway.config import Account, Settings
 from gateway.contract import Status
 from gateway.dlr.desk import Desk, poll_gap
+from gateway.errors import BadWebhook
 from gateway.providers import PROVIDERS
-from gateway.providers.base import BadWebhook, Provider, StatusReport
+from gateway.providers.base import Provider, StatusReport
 from gateway.providers.mobizon import webhook
 from gateway.providers.mobizon.codes import STATUSES as MOBIZON
 from gateway.providers.serwersms.adapter import parse_statuses

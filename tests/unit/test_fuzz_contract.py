@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import contract as c
-from gateway.numbers import InvalidNumber, normalize
+from gateway.errors import InvalidNumber
+from gateway.numbers import normalize
 from tests.unit.test_hostile_input import assert_outcome_is_strict_json
 
 settings.register_profile("ci", derandomize=True, max_examples=300, deadline=None)

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.numbers import InvalidNumber, mask, normalize
+from gateway.errors import InvalidNumber
+from gateway.numbers import mask, normalize
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 
 from gateway.config import Account
-from gateway.providers.base import Action, ItemResult, LookupFailed, Outbound, StatusReport, Verdict, batch_key, fan_out
+from gateway.errors import LookupFailed
+from gateway.providers.base import Action, ItemResult, Outbound, StatusReport, Verdict, batch_key, fan_out
 from gateway.providers.http import transport_failure
 from gateway.providers.mobizon import lookup
 from gateway.providers.mobizon.api import MobizonApi, digits, ident, options, succeeded

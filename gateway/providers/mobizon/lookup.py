@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from gateway.providers.base import Action, ItemResult, LookupFailed, Outbound, Verdict
+from gateway.errors import LookupFailed
+from gateway.providers.base import Action, ItemResult, Outbound, Verdict
 from gateway.providers.mobizon.api import MobizonApi, digits, ident
 from gateway.providers.mobizon.codes import number
 

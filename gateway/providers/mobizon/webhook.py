@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from gateway.providers.base import BadWebhook, StatusReport
+from gateway.errors import BadWebhook
+from gateway.providers.base import StatusReport
 from gateway.providers.mobizon.codes import STATUSES
 
 MAX_BODY_BYTES = 16 * 1024

@@ -20,11 +20,11 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from gateway.config import Account
+from gateway.errors import LookupFailed
 from gateway.obs.logs import get_logger
 from gateway.providers.base import (
     Action,
     ItemResult,
-    LookupFailed,
     Outbound,
     StatusReport,
     Verdict,
