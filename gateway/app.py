@@ -33,8 +33,9 @@ from yarl import URL
 from gateway import contract as c
 from gateway import numbers
 from gateway.bus import topology
-from gateway.bus.consumer import AccountWorker, UnroutableWorker, close_within
+from gateway.bus.consumer import AccountWorker, UnroutableWorker
 from gateway.bus.publisher import Publisher
+from gateway.bus.queue import close_within
 from gateway.config import Account, Settings, sandbox_account
 from gateway.dlr import tracking
 from gateway.dlr.desk import Desk, Poller

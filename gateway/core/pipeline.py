@@ -15,31 +15,60 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any
 
 from gateway import contract as c
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, Settings
-from gateway.contract import DeadReason, InvalidRequest, OutcomeError, SendRequest, Status
+from gateway.contract import DeadReason, InvalidRequest, OutcomeError, Status
+from gateway.core.decisions import (
+    Decision,
+    Finish,
+    Job,
+    Retry,
+    Wait,
+    already_done,
+    decide,
+    expired,
+    finish,
+    invalid,
+    is_expired,
+    poison,
+    prepare,
+    unknown_account,
+)
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.retry import RetryPolicy, wait_delay_ms
-from gateway.errors import InvalidNumber, LookupFailed
-from gateway.numbers import normalize
+from gateway.errors import LookupFailed
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.providers.base import (
     Action,
     ItemResult,
-    Outbound,
     ProviderAdapter,
-    ProviderError,
-    Verdict,
-    provider_ref,
     send_split,
 )
 from gateway.state import Claim, ClaimState, Grant, Store, StoredResult
 from gateway.state.base import BatchRecord, Tracked
+
+# The decisions are re-exported: the bus settles what the pipeline decides, by these names.
+__all__ = [
+    "BatchResult",
+    "Decision",
+    "Finish",
+    "Job",
+    "Pipeline",
+    "Retry",
+    "Wait",
+    "already_done",
+    "decide",
+    "expired",
+    "finish",
+    "invalid",
+    "is_expired",
+    "poison",
+    "prepare",
+    "unknown_account",
+]
 
 log = get_logger("gateway.core.pipeline")
 RECORD_RETRY_FIRST_S = 0.2  # a batch's record that failed is tried again after this, then doubling
@@ -48,202 +77,6 @@ RECORD_RETRY_MAX_S = 2.0
 # (the worker announces it to the store), or this long after acceptance: by then a lost `accepted`
 # was published again by the request's redelivered copy, or the store was away when it was.
 ANNOUNCE_HOLD_S = 300.0
-
-
-@dataclass(eq=False, slots=True)
-class Job:
-    """One request as the pipeline knows it: what the copy says of earlier attempts (from the
-    consumer), then what admission read from the body."""
-
-    attempts: int = 0  # provider attempts made by earlier copies
-    waits: int = 0  # times earlier copies waited for another worker's claim (or for the store)
-    waiting_since: float | None = None  # when an earlier copy first found another worker's claim
-    sent_at: float | None = None  # an earlier ambiguous attempt's time, for the lookup window
-    redelivered: bool = False
-    own: bool = False  # a copy the gateway published itself for this request (x-gateway-own)
-    replay: bool = False  # a re-driven dead letter: an earlier rejected/failed/expired result is sent again
-    unique_id: str | None = None
-    to: str | None = None
-    meta: dict[str, Any] | None = None
-    request: SendRequest | None = None
-    item: Outbound | None = None
-    attempt_at: float | None = None  # when this copy's provider attempt started
-
-    @property
-    def ours(self) -> bool:
-        """Seen by this gateway before (a redelivery, a retry copy, a wait copy of either), not a
-        producer's second copy."""
-        return self.redelivered or self.own or self.attempts > 0
-
-    @property
-    def seen_before(self) -> bool:
-        """A copy whose id the gateway may have claimed and sent before without recording it: a
-        redelivery (a crash or a lost channel mid-batch) or a wait copy (another worker's claim).
-        Retry copies are not: an ambiguous one carries `sent_at` and is always reconciled, any other
-        one follows an attempt that surely did not reach the provider."""
-        return self.redelivered or self.waits > 0
-
-    @property
-    def phone(self) -> str | None:
-        return self.item.phone if self.item is not None else self.to
-
-
-# -- decisions ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """A terminal outcome. `store` says whether it becomes the dedupe record for the id."""
-
-    result: StoredResult
-    dead: DeadReason | None = None
-    store: bool = True
-    original: StoredResult | None = None  # set on `duplicate`: the first copy's result
-    pause_account: bool = False
-
-    @property
-    def status(self) -> Status:
-        return Status(self.result.status)
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """Send again after `delay_ms`; `ambiguous` means the next attempt reconciles first."""
-
-    delay_ms: int
-    attempts: int
-    error: ProviderError
-    ambiguous: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Another worker holds this id (or the store failed): look again after `delay_ms`, without
-    counting an attempt. `since` is when the copy first found another worker's claim (None: it has
-    not); `own` marks the copy the gateway's own; `unsent` False means an attempt of this copy may
-    have reached the provider (its result could not be stored), so the next copy reconciles."""
-
-    delay_ms: int
-    since: float | None = None
-    own: bool = False
-    unsent: bool = True
-
-
-Decision = Finish | Retry | Wait
-
-_DEAD_FOR = {
-    Status.REJECTED: DeadReason.REJECTED,
-    Status.EXPIRED: DeadReason.EXPIRED,
-    Status.INVALID: DeadReason.INVALID,
-}
-
-
-def finish(
-    status: Status,
-    provider: str | None,
-    *,
-    at: datetime,
-    attempts: int,
-    item: ItemResult | None = None,
-    error: OutcomeError | None = None,
-    dead: DeadReason | None = None,
-    store: bool = True,
-) -> Finish:
-    error = error if error is not None else (item.error if item is not None else None)
-    result = StoredResult(
-        status=str(status),
-        provider=provider,
-        provider_message_id=item.provider_message_id if item else None,
-        parts=item.parts if item else None,
-        error=error,
-        attempts=attempts,
-        at=c.rfc3339(at),
-    )
-    return Finish(
-        result,
-        dead=dead if dead is not None else _DEAD_FOR.get(status),
-        store=store,
-        pause_account=bool(item and item.error and item.error.action is Action.ACCOUNT),
-    )
-
-
-def invalid(problem: InvalidRequest, at: datetime) -> Finish:
-    error = OutcomeError(problem.code, "InvalidRequest", problem.message, retryable=False)
-    return finish(Status.INVALID, None, at=at, attempts=0, error=error, store=False)
-
-
-def expired(provider: str, attempts: int, at: datetime) -> Finish:
-    error = OutcomeError("expired", "Expired", "expires_at passed before the provider took it", False)
-    return finish(Status.EXPIRED, provider, at=at, attempts=attempts, error=error)
-
-
-def poison(attempts: int, crash: str, at: datetime) -> Finish:
-    """A message that crashed its handler too often: failed, dead-lettered, not stored."""
-    error = OutcomeError("poison", crash, "the handler crashed on this message", False)
-    return finish(Status.FAILED, None, at=at, attempts=attempts, error=error, dead=DeadReason.POISON, store=False)
-
-
-def unknown_account(routing_key: str, at: datetime) -> Finish:
-    error = OutcomeError("unknown_account", "UnknownAccount", f"no account named {routing_key[:200]!r}", False)
-    return finish(Status.INVALID, None, at=at, attempts=0, error=error, dead=DeadReason.UNKNOWN_ACCOUNT, store=False)
-
-
-def decide(item: ItemResult, attempts_made: int, policy: RetryPolicy, provider: str, at: datetime) -> Decision:
-    """What to do with one message after a provider attempt (`attempts_made` includes this one)."""
-    if item.verdict is Verdict.ACCEPTED:
-        return finish(Status.ACCEPTED, provider, at=at, attempts=attempts_made, item=item)
-    if item.verdict is Verdict.REJECTED:
-        return finish(Status.REJECTED, provider, at=at, attempts=attempts_made, item=item)
-    if item.error is None:  # an adapter that failed without saying why: retry it as ambiguous
-        item = replace(item, error=_UNEXPLAINED)
-    assert item.error is not None
-    if item.verdict is Verdict.UNDECIDED or policy.exhausted(attempts_made):
-        return finish(
-            Status.FAILED, provider, at=at, attempts=attempts_made, item=item, dead=DeadReason.RETRIES_EXHAUSTED
-        )
-    return Retry(
-        delay_ms=policy.delay_ms(attempts_made),
-        attempts=attempts_made,
-        error=item.error,
-        ambiguous=item.verdict is Verdict.AMBIGUOUS,
-    )
-
-
-_UNEXPLAINED = ProviderError("internal", "Unexplained", "no error given with the verdict", True, Action.AMBIGUOUS)
-
-
-def already_done(stored: StoredResult, *, ours: bool, at: datetime) -> Finish:
-    """A copy found a stored result. Our own redelivery gets the original outcome again (its first
-    publish may have been lost in a crash); any other copy gets `duplicate` carrying the original."""
-    if ours:
-        status = Status(stored.status)
-        dead = DeadReason.RETRIES_EXHAUSTED if status is Status.FAILED else _DEAD_FOR.get(status)
-        return Finish(stored, dead=dead, store=False)
-    dup = replace(stored, status=str(Status.DUPLICATE), attempts=0, at=c.rfc3339(at))
-    return Finish(dup, store=False, original=stored)
-
-
-def prepare(account: Account, request: SendRequest) -> Outbound | InvalidRequest:
-    try:
-        phone = normalize(request.to, account.default_country)
-    except InvalidNumber as exc:
-        return InvalidRequest("invalid_number", str(exc), request.unique_id, request.to, request.meta)
-    return Outbound(
-        unique_id=request.unique_id,
-        provider_ref=provider_ref(account.name, request.unique_id),
-        phone=phone,
-        text=request.text,
-        sender=request.sender or account.sender,
-        flash=request.flash,
-        test=request.test,
-        send_at=request.send_at,
-        template=request.template,
-        vars=tuple(sorted((k, str(v)) for k, v in request.vars.items())) if request.template else (),
-    )
-
-
-def is_expired(request: SendRequest, now: datetime) -> bool:
-    return request.expires_at is not None and request.expires_at <= now
 
 
 # -- the pipeline of one account ---------------------------------------------------------------

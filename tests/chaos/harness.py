@@ -31,7 +31,7 @@ import redis
 
 from gateway import contract as c
 from gateway.bus import topology
-from gateway.bus.consumer import QueueConsumer
+from gateway.bus.queue import QueueConsumer
 from gateway.providers.base import provider_ref
 from testkit import Process, Sandbox, account_doc, free_port, gateway_env, port_open, rabbitmqctl
 from testkit import start_sandbox as start_sandbox_process

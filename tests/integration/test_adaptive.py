@@ -11,7 +11,8 @@ import aio_pika
 import pytest
 
 from gateway import contract as c
-from gateway.bus import consumer as gc
+from gateway.bus import queue as gq
+from gateway.bus.queue import QueueConsumer
 from gateway.obs import metrics as m
 from gateway.sandbox.state import FaultRule
 from testkit import AMQP_URL, Bus, close_broker_connections, consumers_on, eventually, new_account_name, request
@@ -119,8 +120,8 @@ async def test_a_resize_cut_short_before_the_old_consumer_is_cancelled_leaves_on
 ) -> None:
     """The resize's time runs out between the new consume and the old one's cancel, on a channel
     that stays up: the watchdog cancels the replaced consumer, so its prefetch does not linger."""
-    monkeypatch.setattr(gc, "RESIZE_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(gc, "WATCH_INTERVAL_S", 0.2)
+    monkeypatch.setattr(gq, "RESIZE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(gq, "WATCH_INTERVAL_S", 0.2)
     connection = await aio_pika.connect_robust(AMQP_URL)
     try:
         channel = await connection.channel()
@@ -129,7 +130,7 @@ async def test_a_resize_cut_short_before_the_old_consumer_is_cancelled_leaves_on
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             await message.ack()
 
-        consumer = gc.QueueConsumer(channel, queue.name, on_message, 10)
+        consumer = QueueConsumer(channel, queue.name, on_message, 10)
         await consumer.start(wanted=lambda: True)
         assert consumer._queue is not None
         kind = type(consumer._queue)

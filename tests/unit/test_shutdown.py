@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from gateway.bus.consumer import close_within
+from gateway.bus.queue import close_within
 
 
 class NeverClosing:

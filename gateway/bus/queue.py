@@ -1,0 +1,181 @@
+"""One consumer on one queue, kept alive: consume, cancel, resize the prefetch, and a watchdog that
+consumes again after the channel or the connection was lost. Deliveries go to the worker's
+callback; acks and publishes are the worker's (settle.py, acks.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from gateway.obs import metrics as m
+from gateway.obs.logs import get_logger
+
+log = get_logger("gateway.bus.queue")
+
+WATCH_INTERVAL_S = 1.0
+RESIZE_TIMEOUT_S = 5.0
+CANCEL_TIMEOUT_S = 5.0  # a consumer cancel; see QueueConsumer.cancel
+
+
+class QueueConsumer:
+    """The AMQP side of a worker: one consumer on one queue, on the worker's own robust channel.
+
+    aio-pika restores after a reconnect only the queues it declared and the consumers it started
+    on them; the gateway takes its queues without declaring them again, so it keeps its consumer
+    alive itself. The consumer is live while its tag is registered on the channel's current
+    AMQP channel: a reconnect replaces that channel, a broker-side cancel (queue deleted, node
+    gone) drops the tag. A watchdog looks every `WATCH_INTERVAL_S` and consumes again whenever
+    the worker wants messages (`wanted`) and the consumer is not live.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queue: str,
+        callback: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        prefetch: int,
+    ) -> None:
+        self.queue_name = queue
+        self._channel = channel
+        self._callback = callback
+        self._prefetch = prefetch
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._underlay: aiormq.Channel | None = None
+        self._lock = asyncio.Lock()
+        self._wanted: Callable[[], bool] = lambda: True
+        self._watch: asyncio.Task[None] | None = None
+        self._closed = False
+        self._stale: set[str] = set()  # consumer tags a resize replaced and has not cancelled yet
+        self.restored = 0  # consumers started again after a loss (a metric and the tests read it)
+
+    async def start(self, wanted: Callable[[], bool]) -> None:
+        self._wanted = wanted
+        self._queue = await self._channel.get_queue(self.queue_name, ensure=False)
+        await self.ensure()
+        self._watch = asyncio.create_task(self._watchdog(), name=f"watch {self.queue_name}")
+
+    @property
+    def live(self) -> bool:
+        u = self._underlay
+        return self._tag is not None and u is not None and not u.is_closed and self._tag in u.consumers
+
+    async def ensure(self) -> None:
+        """Consume if the worker wants messages and no live consumer exists."""
+        async with self._lock:
+            if self._closed or not self._wanted() or self.live:
+                return
+            assert self._queue is not None
+            await self._channel.set_qos(prefetch_count=self._prefetch)  # it may have been resized
+            tag = await self._queue.consume(self._callback)
+            # Looked up after the consume: had a reconnect come in between, the tag would not be on
+            # this channel, the consumer would not count as live, and the next round consumes again.
+            underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+            lost = self._tag is not None  # a consumer we had and did not cancel (a failed try keeps it)
+            self._tag, self._underlay = tag, underlay
+            m.CONSUMER_LIVE.labels(self.queue_name).set(1)
+            if lost:
+                self.restored += 1
+                m.CONSUMER_RESTORED.labels(self.queue_name).inc()
+                log.warning("consumer_restored", queue=self.queue_name)
+
+    @property
+    def prefetch(self) -> int:
+        return self._prefetch
+
+    async def resize(self, prefetch: int) -> None:
+        """Change the prefetch of a running consumer. RabbitMQ applies a prefetch to a consumer when
+        it consumes (a later basic.qos does not reach it), so: consume again with the new prefetch,
+        then cancel the old consumer. The old one's unacked deliveries belong to the channel and are
+        acked as usual; what the broker sent it before the cancel still arrives (before CancelOk).
+
+        Bounded in time: a connection lost midway would otherwise hold the lock (the robust
+        channel waits for the reconnect) and keep the watchdog from consuming again."""
+        async with self._lock:
+            if prefetch == self._prefetch:
+                return
+            self._prefetch = prefetch
+            if self._closed or not self.live:
+                return  # the next ensure() consumes with it
+            assert self._queue is not None
+            old = self._tag
+            async with asyncio.timeout(RESIZE_TIMEOUT_S):
+                await self._channel.set_qos(prefetch_count=prefetch)
+                tag = await self._queue.consume(self._callback)
+                self._tag = tag
+                if old is not None:
+                    self._stale.add(old)  # cancelled below, or by the watchdog if time runs out first
+                self._underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+                await self._cancel_stale()
+
+    async def _cancel_stale(self) -> None:
+        """Cancel consumers a resize replaced. One the channel no longer has (a reconnect took it)
+        is forgotten; one whose cancel fails stays for the watchdog's next round."""
+        assert self._queue is not None
+        u = self._underlay
+        for tag in list(self._stale):
+            if u is None or u.is_closed or tag not in u.consumers:
+                self._stale.discard(tag)
+                continue
+            try:
+                async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                    await self._queue.cancel(tag)
+                self._stale.discard(tag)
+            except Exception:  # noqa: BLE001 - the channel is going: a reconnect takes it with it
+                log.warning("cancel_failed", queue=self.queue_name)
+
+    async def cancel(self) -> None:
+        async with self._lock:
+            tag, self._tag = self._tag, None
+            m.CONSUMER_LIVE.labels(self.queue_name).set(0)
+            if tag is None or self._queue is None:
+                return
+            try:
+                # Bounded: while the connection is down, aio-pika waits for it to come back first,
+                # which held a shutdown during a broker outage for as long as the outage.
+                async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                    await self._queue.cancel(tag)
+            except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
+                log.warning("cancel_failed", queue=self.queue_name)
+            await self._cancel_stale()
+
+    async def close(self) -> None:
+        """Cancel for good (shutdown): the watchdog stops too."""
+        self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.cancel()
+        m.CONSUMER_LIVE.labels(self.queue_name).set(0)
+
+    async def _watchdog(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self.ensure(), timeout=10)
+                if self._stale:
+                    async with self._lock:
+                        await asyncio.wait_for(self._cancel_stale(), timeout=10)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker is away: look again next round
+                log.info("consumer_not_restored_yet", queue=self.queue_name, error=type(exc).__name__)
+            m.CONSUMER_LIVE.labels(self.queue_name).set(1 if self.live else 0)
+
+
+class Closable(Protocol):
+    def close(self) -> Awaitable[Any]: ...
+
+
+async def close_within(closable: Closable, timeout_s: float, event: str) -> None:
+    """Close a channel or a connection, giving up after `timeout_s` (logged as `event`). One wedged
+    on a lost connection, or a connection to a broker that vanished (its close-ok never comes),
+    may never close: a consumer being replaced, or a shutdown, must not wait for it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await closable.close()
+    except Exception as exc:  # noqa: BLE001 - given up either way; the connection's loss takes it
+        log.warning(event, error=type(exc).__name__, timeout_s=timeout_s)
