@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -127,11 +128,17 @@ def consumers_on(queue: str, node: str | None = None, vhost: str = AMQP_VHOST) -
     return sum(1 for r in json.loads(out) if r["queue_name"] == queue)
 
 
-async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll `check()` until it is true; return the seconds it took."""
+async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> float:
+    """Poll `check()` (a function, or a coroutine function) until it is true; return the seconds
+    it took. Fails loudly, naming `what`, when it is not true within `timeout`."""
     started = time.monotonic()
-    while not check():
+    while not await _holds(check):
         if time.monotonic() - started > timeout:
             raise AssertionError(f"not {what} after {timeout}s")
         await asyncio.sleep(0.1)
     return time.monotonic() - started
+
+
+async def _holds(check: Callable[[], bool | Awaitable[bool]]) -> bool:
+    result = check()
+    return bool(await result) if inspect.isawaitable(result) else bool(result)

@@ -19,6 +19,7 @@ from gateway.state import Store
 from testkit import AMQP_URL, REDIS_URL, Process, Sandbox, delete_account_queues, free_port, port_open
 from testkit import start_sandbox as start_sandbox_process
 from testkit.redis_ha import RedisCluster, RedisSentinels
+from tests.fakes import FakeClock
 
 
 @pytest.fixture(scope="session")
@@ -141,3 +142,9 @@ def span_exporter() -> Any:
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return exporter
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock whose time moves only when the test says (tests/fakes.py)."""
+    return FakeClock()

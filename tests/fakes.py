@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from gateway.config import Settings
-from gateway.providers.base import ItemResult, Outbound, ProviderAdapter
+from gateway.providers.base import ItemResult, Outbound, ProviderAdapter, StatusReport
 from gateway.state import Store
 
 
@@ -77,6 +77,7 @@ class BuggyAdapter:
         self.raised = 0
         self.name = inner.name
         self.max_batch = inner.max_batch
+        self.max_status_ids = inner.max_status_ids
 
     def batch_key(self, item: Outbound) -> Hashable:
         if item.unique_id in self._crash_on:
@@ -92,6 +93,9 @@ class BuggyAdapter:
 
     async def lookup(self, batch: Sequence[Outbound]) -> list[ItemResult | None]:
         return await self._inner.lookup(batch)
+
+    async def statuses(self, message_ids: Sequence[str]) -> list[StatusReport]:
+        return await self._inner.statuses(message_ids)
 
     async def close(self) -> None:
         await self._inner.close()

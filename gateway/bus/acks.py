@@ -25,6 +25,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import AbstractChannel
 
+from gateway.clock import SYSTEM, Clock
 from gateway.errors import StaleDelivery
 
 
@@ -34,7 +35,14 @@ class AckTracker:
     is full and nothing drains it any more (seen in the chaos suite, with the tracker's lock held
     and every later ack of the new channel queued behind it). See `_bounded`."""
 
-    def __init__(self, *, timeout_s: float = 30.0, on_wedged: Callable[[AbstractChannel], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 30.0,
+        on_wedged: Callable[[AbstractChannel], None] | None = None,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self._clock = clock
         self._channel: AbstractChannel | None = None
         self._open: dict[int, None] = {}  # delivery tags not yet settled, oldest first
         self._lock = asyncio.Lock()
@@ -76,8 +84,7 @@ class AckTracker:
         deliveries forgotten, and the owner told (it closes the channel, the broker requeues)."""
         target = self._channel
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await op()
+            await self._within(op)
         except TimeoutError:
             if target is not None and target is self._channel:  # else the new channel has its own lock
                 self._lock = asyncio.Lock()
@@ -86,6 +93,27 @@ class AckTracker:
                 if self._on_wedged is not None:
                     self._on_wedged(target)
             raise StaleDelivery(f"no ack or nack went out within {self._timeout_s} s") from None
+
+    async def _within(self, op: Callable[[], Awaitable[None]]) -> None:
+        """`op`, cancelled after `timeout_s` on the tracker's clock (TimeoutError then)."""
+        task = asyncio.current_task()
+        assert task is not None
+        fired = False
+
+        def expire() -> None:
+            nonlocal fired
+            fired = True
+            task.cancel()
+
+        timer = self._clock.call_later(self._timeout_s, expire)
+        try:
+            await op()
+        except asyncio.CancelledError:
+            if fired and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            timer.cancel()
 
     async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         if not any(self._tag(m) is not None for m in messages):  # stale stays stale: no need to queue

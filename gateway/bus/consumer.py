@@ -55,8 +55,10 @@ UNKNOWN_ACCOUNT_LABEL = "(unknown)"  # the metric label of every unknown account
 class Worker:
     """One queue's consumer with its own acks and settler: what both workers share."""
 
-    def __init__(self, publisher: Publisher, provider: str | None, ack_timeout_s: float = 30.0) -> None:
-        self._acks = AckTracker(timeout_s=ack_timeout_s, on_wedged=self._channel_wedged)
+    def __init__(
+        self, publisher: Publisher, provider: str | None, ack_timeout_s: float = 30.0, clock: Clock = SYSTEM
+    ) -> None:
+        self._acks = AckTracker(timeout_s=ack_timeout_s, on_wedged=self._channel_wedged, clock=clock)
         self._publisher = publisher
         self._settler = Settler(publisher, provider, self._acks)
         self._consumer: QueueConsumer | None = None
@@ -106,7 +108,7 @@ class AccountWorker(Worker):
         owner: str,
         clock: Clock = SYSTEM,
     ) -> None:
-        super().__init__(publisher, adapter.name, settings.publish_timeout_s)
+        super().__init__(publisher, adapter.name, settings.publish_timeout_s, clock)
         self.account = account
         self._settings = settings
         self._clock = clock
@@ -364,7 +366,7 @@ class UnroutableWorker(Worker):
     shortened for the outcome's and the dead letter's routing keys."""
 
     def __init__(self, publisher: Publisher, settings: Settings, clock: Clock = SYSTEM) -> None:
-        super().__init__(publisher, None, settings.publish_timeout_s)
+        super().__init__(publisher, None, settings.publish_timeout_s, clock)
         self._settings = settings
         self._clock = clock
 

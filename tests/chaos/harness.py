@@ -146,7 +146,7 @@ class RedisServer:
 
     def pause(self, seconds: float) -> None:
         client = redis.Redis.from_url(self.url)
-        client.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
+        client.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")  # type: ignore[no-untyped-call]
         client.close()
 
     def stop(self) -> None:

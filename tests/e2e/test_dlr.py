@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from testkit import (
     Sandbox,
     account_doc,
     delete_account_queues,
+    eventually,
     new_account_name,
     request,
     start_gateway,
@@ -62,9 +62,8 @@ def final_events(bus: Bus) -> Counter[tuple[str, str]]:
 
 
 async def wait_finals(bus: Bus, n: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while len(final_events(bus)) < n and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    """Until at least `n` final events arrived; fails when they do not within `timeout`."""
+    await eventually(lambda: len(final_events(bus)) >= n, timeout, f"{n} final events")
 
 
 def lifecycle(**overrides: Any) -> dict[str, Any]:

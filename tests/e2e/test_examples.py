@@ -19,7 +19,9 @@ from testkit import ROOT, Sandbox, account_doc, delete_account_queues, new_accou
 from testkit import start_sandbox as start_sandbox_process
 from testkit.toolchains import npm_install, require
 
-pytestmark = pytest.mark.e2e
+# The first run on a machine installs Node.js, PHP, Go and the AMQP tools (apt, up to 15 min) and
+# npm packages: the test's bound is above the installs' own.
+pytestmark = [pytest.mark.e2e, pytest.mark.toolchains, pytest.mark.timeout(1800)]
 
 EXAMPLES = ROOT / "examples"
 OUTCOME = Draft202012Validator(json.loads((ROOT / "contract" / "outcome.schema.json").read_text()))

@@ -20,6 +20,7 @@ from testkit import (
     Process,
     Sandbox,
     account_doc,
+    eventually,
     new_account_name,
     request,
     start_gateway,
@@ -176,11 +177,9 @@ async def test_a_throttle_slows_the_account_on_every_replica(
         await bus.wait_for(outcomes=6)
         bus.outcomes.clear()
         await bus.publish_many([(name, request(f"th{i}", to=f"+4850081{i:04d}")) for i in range(600)])
-        while len(sent()) < 150:  # 2.5 s at the full rate
-            await asyncio.sleep(0.1)
+        await eventually(lambda: len(sent()) >= 150, 60, "150 sends (2.5 s at the full rate)")
         sandbox.fault(match=who, http_status=429, count=1)
-        while sandbox.faults():
-            await asyncio.sleep(0.02)
+        await eventually(lambda: not sandbox.faults(), 60, "the 429 answered")
         fired = time.time()
         await asyncio.sleep(0.3)
         factors = [rate_factor(port, name) for port in ports]

@@ -20,10 +20,11 @@ pytestmark = pytest.mark.e2e
 NO_TRACEBACK = "Traceback"
 
 
-def gateway(tmp: Path, *args: str, timeout: float = 60, **settings: object) -> subprocess.CompletedProcess[str]:
+def gateway(tmp: Path, *args: str, **settings: object) -> subprocess.CompletedProcess[str]:
+    """Run `python -m gateway <args>` with these GATEWAY_* settings, within 60 s."""
     env = gateway_env(state_path=str(tmp / "state.sqlite3"), http_port=0, sandbox_port=free_port(), **settings)
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True, timeout=60, check=False
     )
 
 

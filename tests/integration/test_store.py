@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.state import Claim, ClaimState, Grant, Store, StoredResult
+from gateway.state import Claim, ClaimState, Grant, StoredResult
 from gateway.state.base import (
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
@@ -35,34 +35,33 @@ pytestmark = pytest.mark.integration
 RESULT = StoredResult(status="accepted", provider="serwersms", provider_message_id="p1", parts=1, attempts=1)
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 URLS: dict[str, str] = {"redis": REDIS_URL}
 
 
-def open_store(kind: str, tmp_path: Path, clock: FakeClock) -> Store:
+# Both backends, with the one-part-at-a-time shortcuts of `RecordShortcuts` the tests use.
+Backend = SqliteStore | RedisStore
+
+
+def open_store(kind: str, tmp_path: Path, clock: FakeClock) -> Backend:
     return SqliteStore(tmp_path / "state.sqlite3", clock) if kind == "sqlite" else RedisStore(URLS[kind], clock)
 
 
 @pytest.fixture(params=["sqlite", "redis", "redis-cluster", "redis-sentinel"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, services: None, clock: FakeClock
-) -> AsyncIterator[Store]:
+) -> AsyncIterator[Backend]:
     if request.param == "redis-cluster":
         URLS["redis-cluster"] = request.getfixturevalue("redis_cluster").url
     if request.param == "redis-sentinel":
         URLS["redis-sentinel"] = request.getfixturevalue("redis_sentinels").url
     s = open_store(request.param, tmp_path, clock)
-    s.kind = request.param  # type: ignore[attr-defined]  # which deployment, for the helpers below
+    s.kind = request.param  # type: ignore[union-attr]  # which deployment, for the helpers below
     await s.ping()
     yield s
     await s.close()
 
 
-async def claim(store: Store, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
+async def claim(store: Backend, account: str, uids: list[str], owner: str, lease_s: float) -> dict[str, Claim]:
     """Claims alone: the bucket is never the limit here (tokens are tested on their own below)."""
     claims, _ = await store.claim_and_acquire(account, uids, owner, lease_s, rate=1e6, burst=10**6)
     return claims
@@ -73,7 +72,7 @@ def account() -> str:
     return f"acc{secrets.token_hex(4)}"
 
 
-async def test_first_claim_is_new_then_busy_then_done(store: Store, account: str) -> None:
+async def test_first_claim_is_new_then_busy_then_done(store: Backend, account: str) -> None:
     first = await claim(store, account, ["a", "b"], "w1", 30)
     assert {k: v.state for k, v in first.items()} == {"a": ClaimState.NEW, "b": ClaimState.NEW}
     again = await claim(store, account, ["a"], "w2", 30)
@@ -84,20 +83,20 @@ async def test_first_claim_is_new_then_busy_then_done(store: Store, account: str
     assert done["a"].result == RESULT
 
 
-async def test_concurrent_claims_give_exactly_one_new(store: Store, account: str) -> None:
+async def test_concurrent_claims_give_exactly_one_new(store: Backend, account: str) -> None:
     results = await asyncio.gather(*(claim(store, account, ["same"], f"w{i}", 30) for i in range(10)))
     states = sorted(str(r["same"].state) for r in results)
     assert states == ["busy"] * 9 + ["new"]
 
 
-async def test_accounts_are_separate(store: Store, account: str) -> None:
+async def test_accounts_are_separate(store: Backend, account: str) -> None:
     await claim(store, account, ["x"], "w1", 30)
     other = await claim(store, account + "b", ["x"], "w1", 30)
     assert other["x"].state is ClaimState.NEW
 
 
 async def test_expired_lease_and_unknown_records_must_be_reconciled(
-    store: Store, account: str, clock: FakeClock
+    store: Backend, account: str, clock: FakeClock
 ) -> None:
     await claim(store, account, ["crashed"], "dead-worker", 0.2)
     await claim(store, account, ["unsure"], "w1", 30)
@@ -111,7 +110,7 @@ async def test_expired_lease_and_unknown_records_must_be_reconciled(
     assert (await claim(store, account, ["unsure"], "w3", 30))["unsure"].state is ClaimState.BUSY
 
 
-async def test_release_only_drops_our_own_claim(store: Store, account: str) -> None:
+async def test_release_only_drops_our_own_claim(store: Backend, account: str) -> None:
     await claim(store, account, ["r"], "w1", 30)
     await store.release(account, ["r"], "someone-else")
     assert (await claim(store, account, ["r"], "w2", 30))["r"].state is ClaimState.BUSY
@@ -119,7 +118,7 @@ async def test_release_only_drops_our_own_claim(store: Store, account: str) -> N
     assert (await claim(store, account, ["r"], "w2", 30))["r"].state is ClaimState.NEW
 
 
-async def test_done_records_expire_after_the_window(store: Store, account: str, clock: FakeClock) -> None:
+async def test_done_records_expire_after_the_window(store: Backend, account: str, clock: FakeClock) -> None:
     await claim(store, account, ["old"], "w1", 30)
     await store.complete(account, {"old": RESULT}, 0.3)
     assert (await claim(store, account, ["old"], "w1", 30))["old"].state is ClaimState.DONE
@@ -128,7 +127,7 @@ async def test_done_records_expire_after_the_window(store: Store, account: str, 
     assert (await claim(store, account, ["old"], "w1", 30))["old"].state is ClaimState.NEW
 
 
-async def test_token_bucket_grants_burst_then_rate(store: Store, account: str, clock: FakeClock) -> None:
+async def test_token_bucket_grants_burst_then_rate(store: Backend, account: str, clock: FakeClock) -> None:
     first = await store.acquire(account, 30, rate=10, burst=20)
     assert (first.granted, round(first.wait_s, 3), first.factor) == (20, 0.1, 1.0)
     assert (await store.acquire(account, 30, rate=10, burst=20)).granted == 0
@@ -138,7 +137,7 @@ async def test_token_bucket_grants_burst_then_rate(store: Store, account: str, c
     assert (await store.acquire(account, 30, rate=10, burst=20)).granted == 20  # never more than the burst
 
 
-async def test_token_bucket_is_shared_by_concurrent_callers(store: Store, account: str, clock: FakeClock) -> None:
+async def test_token_bucket_is_shared_by_concurrent_callers(store: Backend, account: str, clock: FakeClock) -> None:
     total = 0
     for _ in range(50):  # one simulated second, 20 ms apart, four callers each time
         grants = await asyncio.gather(*(store.acquire(account, 3, rate=50, burst=10) for _ in range(4)))
@@ -149,9 +148,9 @@ async def test_token_bucket_is_shared_by_concurrent_callers(store: Store, accoun
 
 
 async def test_a_throttle_halves_the_rate_for_every_replica_and_recovers(
-    store: Store, account: str, clock: FakeClock, tmp_path: Path
+    store: Backend, account: str, clock: FakeClock, tmp_path: Path
 ) -> None:
-    replica = open_store(store.kind, tmp_path, clock)  # type: ignore[attr-defined]  # a second process, same store
+    replica = open_store(store.kind, tmp_path, clock)  # type: ignore[union-attr]  # a second process, same store
     try:
         await store.acquire(account, 100, rate=100, burst=10)
         assert await store.throttle(account) == 0.5
@@ -177,7 +176,7 @@ async def test_a_throttle_halves_the_rate_for_every_replica_and_recovers(
         await replica.close()
 
 
-async def test_claim_and_acquire_takes_tokens_for_new_claims_only(store: Store, account: str) -> None:
+async def test_claim_and_acquire_takes_tokens_for_new_claims_only(store: Backend, account: str) -> None:
     await store.complete(account, {"done": RESULT}, 60)
     await claim(store, account, ["busy"], "w2", 30)
     uids = ["done", "busy", "n1", "n2", "n3"]
@@ -200,7 +199,7 @@ async def test_claim_and_acquire_takes_tokens_for_new_claims_only(store: Store, 
     )
 
 
-async def forget(store: Store, account: str) -> None:
+async def forget(store: Backend, account: str) -> None:
     """What a Redis restarted without persistence (or a lost SQLite file) does to one account."""
     if isinstance(store, RedisStore):
         keys = [k async for k in store._redis.scan_iter(match=f"smsgw:{{{account}}}:*")]
@@ -216,7 +215,7 @@ async def forget(store: Store, account: str) -> None:
         await store._run(wipe)
 
 
-async def test_a_store_that_forgot_is_reconciled_not_trusted(store: Store, account: str) -> None:
+async def test_a_store_that_forgot_is_reconciled_not_trusted(store: Backend, account: str) -> None:
     first, _ = await store.claim_and_acquire(account, ["sent"], "w1", 30, 1e6, 10**6, recovery_s=600)
     assert first["sent"].state is ClaimState.NEW
     await forget(store, account)
@@ -230,12 +229,12 @@ async def test_a_store_that_forgot_is_reconciled_not_trusted(store: Store, accou
 
 
 async def test_a_process_that_joins_after_the_loss_learns_it_from_the_epoch(
-    store: Store, account: str, tmp_path: Path
+    store: Backend, account: str, tmp_path: Path
 ) -> None:
     await store.claim_and_acquire(account, ["a"], "w1", 30, 1e6, 10**6)
     await forget(store, account)
     await store.claim_and_acquire(account, ["b"], "w1", 30, 1e6, 10**6)  # marks the new epoch lost
-    other = open_store(store.kind, tmp_path, FakeClock())  # type: ignore[attr-defined]
+    other = open_store(store.kind, tmp_path, FakeClock())  # type: ignore[union-attr]
     try:
         claims, _ = await other.claim_and_acquire(account, ["c"], "w2", 30, 1e6, 10**6, recovery_s=600)
     finally:
@@ -243,7 +242,7 @@ async def test_a_process_that_joins_after_the_loss_learns_it_from_the_epoch(
     assert claims["c"].state is ClaimState.RECONCILE
 
 
-async def test_a_fresh_store_distrusts_only_copies_seen_before(store: Store, account: str) -> None:
+async def test_a_fresh_store_distrusts_only_copies_seen_before(store: Backend, account: str) -> None:
     # Nobody saw an earlier epoch (first start, or the store and every replica restarted together):
     # a producer's new id is NEW, a redelivered copy is reconciled.
     claims, grant = await store.claim_and_acquire(
@@ -263,7 +262,7 @@ def tracked(mid: str, at: float) -> Tracked:
     return Tracked(mid, f"u-{mid}", "+48500600700", {"k": "v"}, "serwersms", at)
 
 
-async def test_one_caller_publishes_a_final_event(store: Store, account: str, clock: FakeClock) -> None:
+async def test_one_caller_publishes_a_final_event(store: Backend, account: str, clock: FakeClock) -> None:
     now = clock.time()
     await store.track(account, [tracked("m1", now)], first_poll_s=60, ttl_s=600)
     assert await store.begin_final(account, "nope", "w1", 30) == (FinalState.UNKNOWN, None)
@@ -280,7 +279,7 @@ async def test_one_caller_publishes_a_final_event(store: Store, account: str, cl
 
 
 async def test_a_held_final_event_waits_for_its_announcement_or_its_time(
-    store: Store, account: str, clock: FakeClock
+    store: Backend, account: str, clock: FakeClock
 ) -> None:
     now = clock.time()
     batch = BatchRecord(tracked=[tracked("m1", now), tracked("m2", now)], first_poll_s=60, track_ttl_s=600, hold_s=30)
@@ -297,14 +296,14 @@ async def test_a_held_final_event_waits_for_its_announcement_or_its_time(
     assert (await store.begin_final(account, "m2", "w1", 30))[0] is FinalState.CLAIMED
 
 
-async def test_a_claim_whose_lease_ran_out_can_be_taken(store: Store, account: str, clock: FakeClock) -> None:
+async def test_a_claim_whose_lease_ran_out_can_be_taken(store: Backend, account: str, clock: FakeClock) -> None:
     await store.track(account, [tracked("m1", clock.time())], first_poll_s=60, ttl_s=600)
     assert (await store.begin_final(account, "m1", "crashed", 5))[0] is FinalState.CLAIMED
     clock.advance(6)
     assert (await store.begin_final(account, "m1", "w2", 5))[0] is FinalState.CLAIMED
 
 
-async def test_due_polls_are_leased_to_one_caller(store: Store, account: str, clock: FakeClock) -> None:
+async def test_due_polls_are_leased_to_one_caller(store: Backend, account: str, clock: FakeClock) -> None:
     now = clock.time()
     await store.track(account, [tracked(f"m{i}", now + i) for i in range(5)], first_poll_s=10, ttl_s=600)
     assert await store.due_polls(account, 10, lease_s=30) == []
@@ -328,7 +327,7 @@ def hint_of(report: str, park_ttl_s: float = 10, park_max: int = 100) -> Webhook
 
 
 async def test_a_webhook_hint_binds_its_event_and_makes_the_poll_due_or_parks(
-    store: Store, account: str, clock: FakeClock
+    store: Backend, account: str, clock: FakeClock
 ) -> None:
     now = clock.time()
     await store.track(account, [tracked("m1", now), tracked("m2", now)], first_poll_s=60, ttl_s=600)
@@ -345,7 +344,7 @@ async def test_a_webhook_hint_binds_its_event_and_makes_the_poll_due_or_parks(
 
 
 async def test_parked_hints_are_bounded_expire_and_are_matched_once_tracked(
-    store: Store, account: str, clock: FakeClock
+    store: Backend, account: str, clock: FakeClock
 ) -> None:
     assert await store.hint(account, "1", "early", hint_of("r1")) == (None, "parked")
     assert await store.hint(account, "2", "stale", hint_of("r2", park_ttl_s=1)) == (None, "parked")
@@ -360,7 +359,7 @@ async def test_parked_hints_are_bounded_expire_and_are_matched_once_tracked(
 
 
 async def test_a_batch_record_stores_results_and_their_tracking_together(
-    store: Store, account: str, clock: FakeClock
+    store: Backend, account: str, clock: FakeClock
 ) -> None:
     """One atomic step: results (which end the claims), unknown marks, releases (only our own
     claims) and tracking; writing the same record again changes nothing."""
@@ -391,7 +390,7 @@ async def test_a_batch_record_stores_results_and_their_tracking_together(
     assert [t.provider_message_id for t in await store.due_polls(account, 10, lease_s=30)] == ["p1"]
 
 
-async def test_a_replay_claims_a_rejected_failed_or_expired_result_again_once(store: Store, account: str) -> None:
+async def test_a_replay_claims_a_rejected_failed_or_expired_result_again_once(store: Backend, account: str) -> None:
     """`x-gateway-replay`: a re-driven dead letter is sent again when its result was rejected,
     failed or expired, but never when it was accepted; of two replayed copies only one gets it."""
     results = {s: StoredResult(status=s, provider="serwersms", attempts=1) for s in ("rejected", "failed", "expired")}
@@ -414,7 +413,7 @@ async def test_a_replay_claims_a_rejected_failed_or_expired_result_again_once(st
     assert {u: c.state for u, c in third.items()} == dict.fromkeys(uids, ClaimState.DONE)
 
 
-async def test_pauses_and_throttling_are_visible_to_operators(store: Store, account: str, clock: FakeClock) -> None:
+async def test_pauses_and_throttling_are_visible_to_operators(store: Backend, account: str, clock: FakeClock) -> None:
     assert await store.account_state(account) == AccountState((), 1.0)
     now = clock.time()
     await store.note_pause(account, Pause("gw-1", "account_error", "3000", now + 300))
@@ -431,7 +430,7 @@ async def test_pauses_and_throttling_are_visible_to_operators(store: Store, acco
 
 
 async def test_a_lost_epoch_is_reported_once_and_marked_final_messages_stay_final(
-    store: Store, account: str, clock: FakeClock
+    store: Backend, account: str, clock: FakeClock
 ) -> None:
     assert not await store.epoch_changed(account)  # the first look creates the epoch
     assert not await store.epoch_changed(account)

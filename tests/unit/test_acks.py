@@ -10,6 +10,7 @@ import pytest
 
 from gateway.bus.acks import AckTracker
 from gateway.errors import StaleDelivery
+from tests.fakes import FakeClock
 
 
 class FakeChannel:
@@ -123,11 +124,11 @@ async def test_an_ack_stuck_on_a_dead_channel_does_not_hold_the_new_channels_ack
     good while holding the tracker's lock, and every ack of the new channel queued behind it (for
     the whole timeout, before the new channel got a lock of its own)."""
     wedged: list[Any] = []
-    tracker = AckTracker(timeout_s=3600, on_wedged=wedged.append)
+    tracker = AckTracker(timeout_s=3600, on_wedged=wedged.append, clock=FakeClock())  # its time never moves
     old, new = DeadChannel(), FakeChannel()
     olds = deliver(tracker, old, range(1, 4))
     stuck = asyncio.create_task(tracker.ack(olds[:2]))
-    await asyncio.sleep(0.05)  # it holds the lock, writing on the dead channel
+    await turns()  # it holds the lock, writing on the dead channel
     fresh = deliver(tracker, new, range(1, 4))  # the reconnect: deliveries of the new channel
     await asyncio.wait_for(tracker.ack(fresh[:2]), 5)  # at once, not after the hour
     assert new.frames == [("ack", 2, True)]
@@ -155,29 +156,47 @@ class GatedChannel(FakeChannel):
         await super().basic_ack(tag, multiple, wait)
 
 
+async def turns(n: int = 5) -> None:
+    """Let every task that can run take `n` steps (no time passes)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 async def test_a_stuck_old_write_timing_out_leaves_the_new_channels_frame_order_alone() -> None:
-    tracker = AckTracker(timeout_s=0.5)
+    clock = FakeClock()
+    tracker = AckTracker(timeout_s=0.5, clock=clock)
     old, new = DeadChannel(), GatedChannel()
     stuck = asyncio.create_task(tracker.ack(deliver(tracker, old, range(1, 3))))
-    await asyncio.sleep(0.3)  # the first new ack below starts well into the old write's timeout
+    await turns()  # it holds the old channel's lock, writing on the dead channel
+    clock.advance(0.3)  # the first new ack below starts well into the old write's timeout
     fresh = deliver(tracker, new, range(1, 5))
     first = asyncio.create_task(tracker.ack(fresh[:2]))  # holds the new channel's lock, writing
-    await asyncio.sleep(0.05)
+    await turns()
+    clock.advance(0.3)  # the old write's time is up
     with pytest.raises(StaleDelivery):  # the old write gives up meanwhile
         await stuck
+    assert not first.done()  # the new channel's write is still under way, not timed out
     second = asyncio.create_task(tracker.ack(fresh[2:]))  # decided after the first
-    await asyncio.sleep(0.05)
+    await turns()
     new.gate.set()
     await asyncio.gather(first, second)
     assert new.frames == [("ack", 2, True), ("ack", 4, True)]
 
 
 async def test_a_current_channel_whose_acks_never_go_out_is_given_up_and_reported() -> None:
+    clock = FakeClock()
     wedged: list[Any] = []
-    tracker = AckTracker(timeout_s=0.1, on_wedged=wedged.append)
+    tracker = AckTracker(timeout_s=30, on_wedged=wedged.append, clock=clock)
     ch = DeadChannel()
     ms = deliver(tracker, ch, range(1, 4))
+    acking = asyncio.create_task(tracker.ack(ms))
+    await turns()
+    clock.advance(29.9)
+    await turns()
+    assert not acking.done()  # still within its bound
+    assert wedged == []
+    clock.advance(0.2)
     with pytest.raises(StaleDelivery):
-        await tracker.ack(ms)
+        await acking
     assert wedged == [ch]  # the owner closes it: the broker requeues what it holds
     assert tracker.open_count == 0

@@ -71,5 +71,5 @@ def test_secrets_are_masked_in_repr_and_redacted_dump() -> None:
     (acc,) = parse_accounts([BASE])
     assert "t0ken" not in repr(acc)
     assert "t0ken" not in json.dumps(acc.redacted())
-    settings = Settings(redis_url="redis://:hunter2@localhost:6379/0")
+    settings = Settings.model_validate({"redis_url": "redis://:hunter2@localhost:6379/0"})
     assert "hunter2" not in repr(settings)

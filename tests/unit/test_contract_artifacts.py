@@ -14,6 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
 from gateway import contract as c
+from gateway.bus import topology
 from gateway.ops import schema
 from testkit import ROOT
 from testkit.bus import request
@@ -92,6 +93,8 @@ def test_dead_letter_headers_name_every_reason() -> None:
     assert set(headers.schema["properties"][c.H_REASON]["enum"]) == {str(r) for r in c.DeadReason}
 
 
+@pytest.mark.toolchains
+@pytest.mark.timeout(1800)  # the first run installs Node.js (apt) and the parser (npm)
 def test_asyncapi_document_passes_the_asyncapi_parser() -> None:
     folder = ROOT / "tests" / "contract"
     npm_install(folder)
@@ -108,7 +111,7 @@ def test_asyncapi_document_passes_the_asyncapi_parser() -> None:
 def test_asyncapi_document_names_every_exchange_and_queue_with_its_arguments() -> None:
     doc = json.loads((CONTRACT / "asyncapi.json").read_text())
     addresses = {ch["address"] for ch in doc["channels"].values()}
-    plan = schema.topology.layout(["{account}"], [1, 5, 30, 120, 600, 1800])
+    plan = topology.layout(["{account}"], [1, 5, 30, 120, 600, 1800])
     assert {x.name for x in plan.exchanges} | {q.name for q in plan.queues} == addresses
     queue = doc["channels"]["queue_sms_send_account"]
     assert '"x-delivery-limit": 20' in queue["description"]

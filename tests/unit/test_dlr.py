@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from gateway.config import Account, Settings
 from gateway.contract import Status
@@ -65,11 +66,7 @@ def test_serwersms_reports_carry_the_reason_and_the_warsaw_time() -> None:
         ]
     }
     first, second = parse_statuses(doc)
-    assert (first.final, first.reason, first.at and first.at.utcoffset()) == (
-        U,
-        "message_expired",
-        first.at.utcoffset(),
-    )
+    assert (first.final, first.reason) == (U, "message_expired")
     assert first.at is not None
     assert first.at.isoformat() == "2026-01-15T12:00:00+01:00"
     assert second.at is not None
@@ -190,7 +187,7 @@ class RecordingSink:
 async def desk_parts(tmp_path: Path) -> AsyncIterator[tuple[Desk, SqliteStore, RecordingSink]]:
     store = SqliteStore(tmp_path / "state.sqlite3")
     sink = RecordingSink()
-    account = Account(name="kz", provider="mobizon", base_url="https://api.mobizon.kz", api_key="k")
+    account = Account(name="kz", provider="mobizon", base_url="https://api.mobizon.kz", api_key=SecretStr("k"))
     desk = Desk(store=store, sink=sink, accounts=[account], settings=Settings(), owner="one-process")
     yield desk, store, sink
     await store.close()
@@ -259,7 +256,7 @@ async def test_a_provider_added_to_the_registry_gets_its_webhooks_read_by_its_ow
 ) -> None:
     """The desk names no provider: a new package's `Provider` in the registry is all it takes."""
     _desk, store, sink = desk_parts
-    monkeypatch.setitem(PROVIDERS, "acme", Provider("acme", lambda *_a, **_k: None, AcmeWebhooks()))  # type: ignore[arg-type,return-value]
+    monkeypatch.setitem(PROVIDERS, "acme", Provider("acme", lambda *_a, **_k: None, AcmeWebhooks()))  # type: ignore[arg-type]
     acme = Account.model_construct(name="ac", provider="acme", webhook_secret=None)
     desk = Desk(store=store, sink=sink, accounts=[acme], settings=Settings(), owner="one-process")
     await store.track("ac", [Tracked("m9", "u9", None, None, "acme", time.time())], 60, 600)
@@ -332,7 +329,7 @@ async def test_a_final_mark_that_fails_is_tried_again_and_the_event_is_not_publi
             raise ConnectionError("store paused")
         await real_end(*args)
 
-    store.end_final = flaky_end  # type: ignore[method-assign]
+    store.end_final = flaky_end  # type: ignore[method-assign,assignment]
     assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.CLAIMED
     assert len(sink.events) == 1
     assert await desk.finish_marks(30) == 0  # the mark landed on a later try

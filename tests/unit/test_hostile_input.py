@@ -120,7 +120,7 @@ def test_library_log_lines_are_json_when_json_is_asked_for(monkeypatch: pytest.M
         setup_logging("json", "INFO")
         logging.getLogger("aiormq.connection").warning("connection lost to %s", "127.0.0.1")
         try:
-            {}["missing"]
+            _ = {"present": 1}["missing"]
         except KeyError:
             logging.getLogger("asyncio").exception("Task exception was never retrieved")
         logging.getLogger("aiormq.connection").info("below the library threshold")
@@ -139,12 +139,13 @@ def test_negative_small_header_values_survive_a_copy() -> None:
     # Found by the fuzz test: pamqp cannot write -128..-1 in a header table, so the dead letter or
     # retry copy of a message carrying such a header could never be published.
     from pamqp import decode, frame
+    from pamqp.commands import Basic
     from pamqp.header import ContentHeader
 
     from gateway.bus import publisher
 
     headers = publisher._clean_headers({"retries": -1, "low": -128, "nested": {"x": -5}, "big": 2**40})
-    props = publisher.Basic.Properties(headers=headers)
+    props = Basic.Properties(headers=headers)
     raw = frame.marshal(ContentHeader(body_size=0, properties=props), 1)
     _consumed, _channel, decoded = frame.unmarshal(raw)
     assert isinstance(decoded, ContentHeader)

@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from gateway.config import Account
 from gateway.providers.base import Outbound, Verdict
@@ -95,7 +96,7 @@ def test_code_13_host_from_a_string_or_an_object(data: Any, host: str | None) ->
 
 
 def account() -> Account:
-    return Account(name="kz", provider="mobizon", base_url="https://api.mobizon.kz", api_key="kz-secret-key")
+    return Account(name="kz", provider="mobizon", base_url="https://api.mobizon.kz", api_key=SecretStr("kz-secret-key"))
 
 
 def item(i: int, text: str = "same") -> Outbound:

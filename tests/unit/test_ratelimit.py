@@ -16,11 +16,6 @@ from tests.fakes import FailingStore, FakeClock
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[SqliteStore]:
     s = SqliteStore(tmp_path / "state.sqlite3", clock)
     yield s

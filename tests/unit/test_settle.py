@@ -9,6 +9,7 @@ from typing import Any
 from gateway.bus import settle
 from gateway.bus.acks import AckTracker
 from gateway.bus.settle import Delivery, Settler
+from gateway.contract import Status
 from gateway.core import pipeline as p
 
 
@@ -86,7 +87,7 @@ async def test_deliveries_of_a_lost_channel_publish_nothing_and_are_left_to_thei
     deliveries = delivered(acks, channel, 10)
     publisher = CountingPublisher()
     settler = Settler(publisher, "sandbox", acks)  # type: ignore[arg-type]
-    done = p.finish(p.Status.DUPLICATE, "sandbox", at=datetime.now(UTC), attempts=0, store=False)
+    done = p.finish(Status.DUPLICATE, "sandbox", at=datetime.now(UTC), attempts=0, store=False)
 
     assert await settler.settle_all([(d, done) for d in deliveries]) == 0
     assert publisher.calls == 0
@@ -130,7 +131,7 @@ async def test_only_confirmed_outcomes_are_announced_and_before_the_acks(monkeyp
     acks = AckTracker()
     deliveries = delivered(acks, OpenChannel(), 3)  # no ack can be written on this channel
     settler = Settler(OnePublishLost(), "sandbox", acks)  # type: ignore[arg-type]
-    accepted = p.finish(p.Status.ACCEPTED, "sandbox", at=datetime.now(UTC), attempts=1, store=True)
+    accepted = p.finish(Status.ACCEPTED, "sandbox", at=datetime.now(UTC), attempts=1, store=True)
     seen: list[str | None] = []
 
     acked = await settler.settle_all(
