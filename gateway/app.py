@@ -37,6 +37,9 @@ from gateway.bus.consumer import AccountWorker, UnroutableWorker
 from gateway.bus.publisher import Publisher
 from gateway.bus.queue import close_within
 from gateway.config import Account, Settings, sandbox_account
+from gateway.core.concurrency import AdaptiveLimit
+from gateway.core.flow import AccountFlow
+from gateway.core.pipeline import Pipeline
 from gateway.dlr import tracking
 from gateway.dlr.desk import Desk, Poller
 from gateway.errors import ConfigError, StoreRefused, StoreUnavailable, tls_failure
@@ -142,12 +145,21 @@ class Gateway:
         for account in self.accounts:
             adapter = self._build_adapter(account)
             self._adapters.append(adapter)
+            max_batch = min(account.batch_size, adapter.max_batch)
             worker = AccountWorker(
                 account=account,
                 adapter=adapter,
+                pipeline=Pipeline(
+                    account=account, adapter=adapter, store=self._store, options=s.send, owner=self._owner
+                ),
+                flow=AccountFlow(
+                    max_batch=max_batch,
+                    limit=AdaptiveLimit(account.concurrency, account.max_concurrency),
+                    account_pause_s=s.account_pause_s,
+                ),
                 store=self._store,
                 publisher=publisher,
-                settings=s,
+                options=s.worker,
                 owner=self._owner,
             )
             channel = await self._connection.channel()
@@ -155,7 +167,7 @@ class Gateway:
             await worker.start(channel)
             self._workers.append(worker)
 
-        self._unroutable = UnroutableWorker(publisher, s)
+        self._unroutable = UnroutableWorker(publisher, s.worker)
         channel = await self._connection.channel()
         self._channels.append(channel)
         await self._unroutable.start(channel)
@@ -165,13 +177,12 @@ class Gateway:
                 store=store,
                 sink=publisher,
                 accounts=self.accounts,
-                settings=s,
                 owner=self._owner,
-                rebuild=lambda account: tracking.rebuild(connection, store, account, s),
+                rebuild=lambda account: tracking.rebuild(connection, store, account, s.dlr),
             )
             self._tasks.append(asyncio.create_task(desk.run(), name="dlr desk"))
             for account, adapter in zip(self.accounts, self._adapters, strict=True):
-                poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, settings=s)
+                poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, dlr=s.dlr)
                 self._tasks.append(asyncio.create_task(poller.run(), name=f"dlr poller {account.name}"))
             self._desk = desk
         self._waiting_for = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -129,6 +130,48 @@ class Account(BaseModel):
         return doc
 
 
+@dataclass(frozen=True, slots=True)
+class DlrOptions:
+    """Delivery reports (`GATEWAY_DLR_*`): what the desk, the pollers, the tracking rebuild and the
+    pipeline's tracking use."""
+
+    enabled: bool = True
+    poll_after_s: float = 300.0
+    poll_max_gap_s: float = 3600.0
+    window_s: float = 4 * 86400.0
+
+    @property
+    def track_ttl_s(self) -> float:
+        """How long an accepted message's correlation is kept: the window, plus a day for its last poll."""
+        return self.window_s + 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    """What the pipeline of one account uses."""
+
+    claim_lease_s: float
+    wait_grace_s: float
+    store_recovery_s: float
+    retry_schedule_s: tuple[float, ...]
+    max_attempts: int
+    max_body_bytes: int
+    max_text_chars: int
+    dlr: DlrOptions
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """What a queue's worker uses."""
+
+    account_pause_s: float
+    poison_deliveries: int
+    publish_timeout_s: float
+    max_body_bytes: int
+    max_text_chars: int
+    dlr_enabled: bool
+
+
 class Settings(BaseSettings):
     """Process-wide settings, from `GATEWAY_*` variables (or files in `secrets_dir`)."""
 
@@ -240,6 +283,34 @@ class Settings(BaseSettings):
     def dlr_track_ttl_s(self) -> float:
         """How long an accepted message's correlation is kept: the window, plus a day for its last poll."""
         return self.dlr_window_s + 86400.0
+
+    @property
+    def dlr(self) -> DlrOptions:
+        return DlrOptions(self.dlr_enabled, self.dlr_poll_after_s, self.dlr_poll_max_gap_s, self.dlr_window_s)
+
+    @property
+    def send(self) -> SendOptions:
+        return SendOptions(
+            claim_lease_s=self.claim_lease_s,
+            wait_grace_s=self.wait_grace_s,
+            store_recovery_s=self.store_recovery_s,
+            retry_schedule_s=tuple(self.retry_schedule_s),
+            max_attempts=self.max_attempts,
+            max_body_bytes=self.max_body_bytes,
+            max_text_chars=self.max_text_chars,
+            dlr=self.dlr,
+        )
+
+    @property
+    def worker(self) -> WorkerOptions:
+        return WorkerOptions(
+            account_pause_s=self.account_pause_s,
+            poison_deliveries=self.poison_deliveries,
+            publish_timeout_s=self.publish_timeout_s,
+            max_body_bytes=self.max_body_bytes,
+            max_text_chars=self.max_text_chars,
+            dlr_enabled=self.dlr_enabled,
+        )
 
     @field_validator("retry_schedule_s", mode="before")
     @classmethod

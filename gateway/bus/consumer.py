@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -35,17 +36,24 @@ from gateway.bus.publisher import Publisher
 from gateway.bus.queue import QueueConsumer, close_within
 from gateway.bus.settle import Delivery, Settler, requeue
 from gateway.clock import SYSTEM, Clock
-from gateway.config import Account, Settings
+from gateway.config import Account, WorkerOptions
 from gateway.core import pipeline as p
 from gateway.core.batching import Batcher
-from gateway.core.concurrency import AdaptiveLimit
 from gateway.core.flow import AccountFlow, PauseChange
 from gateway.obs import metrics as m
 from gateway.obs import tracing
 from gateway.obs.logs import get_logger
 from gateway.providers.base import ProviderAdapter
-from gateway.state import Store
+from gateway.state import PauseStore
 from gateway.state.base import Pause, Tracked
+
+
+class WorkerStore(PauseStore, Protocol):
+    """What an account's worker asks of the store itself: recording its pauses, and ending the
+    final-event holds of the messages whose `accepted` is out."""
+
+    async def announce(self, account: str, message_ids: Sequence[str]) -> None: ...
+
 
 log = get_logger("gateway.bus.consumer")
 MAX_ACCOUNT_LABEL = 64  # an unknown routing key, shortened, as it appears in outcome and dead-letter keys
@@ -97,33 +105,32 @@ class Worker:
 
 
 class AccountWorker(Worker):
+    """One account's queue: deliveries become jobs, jobs batches (the batcher), batches decisions
+    (the pipeline), decisions publishes and acks (the settler); `flow` says when to pause and how
+    much to take. The pipeline and the flow come built from the composition root (app.py)."""
+
     def __init__(
         self,
         *,
         account: Account,
         adapter: ProviderAdapter,
-        store: Store,
+        pipeline: p.Pipeline,
+        flow: AccountFlow,
+        store: WorkerStore,
         publisher: Publisher,
-        settings: Settings,
+        options: WorkerOptions,
         owner: str,
         clock: Clock = SYSTEM,
     ) -> None:
-        super().__init__(publisher, adapter.name, settings.publish_timeout_s, clock)
+        super().__init__(publisher, adapter.name, options.publish_timeout_s, clock)
         self.account = account
-        self._settings = settings
+        self._settings = options
         self._clock = clock
-        self._pipeline = p.Pipeline(
-            account=account, adapter=adapter, store=store, settings=settings, owner=owner, clock=clock
-        )
+        self._pipeline = pipeline
         self._store = store
         self._owner = owner
-        self._max_batch = min(account.batch_size, adapter.max_batch)
-        self._flow = AccountFlow(
-            max_batch=self._max_batch,
-            limit=AdaptiveLimit(account.concurrency, account.max_concurrency, clock=clock),
-            account_pause_s=settings.account_pause_s,
-            clock=clock,
-        )
+        self._flow = flow
+        self._max_batch = flow.max_batch
         self._limit_gauge = m.INFLIGHT_LIMIT.labels(account.name)
         self._limit_gauge.set(self._flow.limit.current)
         self._inflight_gauge = m.INFLIGHT.labels(account.name)
@@ -365,9 +372,9 @@ class UnroutableWorker(Worker):
     outcome needs a readable `unique_id`), and a routing key too long to be part of another one is
     shortened for the outcome's and the dead letter's routing keys."""
 
-    def __init__(self, publisher: Publisher, settings: Settings, clock: Clock = SYSTEM) -> None:
-        super().__init__(publisher, None, settings.publish_timeout_s, clock)
-        self._settings = settings
+    def __init__(self, publisher: Publisher, options: WorkerOptions, clock: Clock = SYSTEM) -> None:
+        super().__init__(publisher, None, options.publish_timeout_s, clock)
+        self._settings = options
         self._clock = clock
 
     async def start(self, channel: AbstractChannel) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from gateway import contract as c
 from gateway.clock import SYSTEM, Clock
-from gateway.config import Account, Settings
+from gateway.config import Account, SendOptions
 from gateway.contract import DeadReason, InvalidRequest, OutcomeError, Status
 from gateway.core.decisions import (
     Decision,
@@ -47,7 +47,7 @@ from gateway.providers.base import (
     ProviderAdapter,
     send_split,
 )
-from gateway.state import Claim, ClaimState, Grant, Store, StoredResult
+from gateway.state import Claim, ClaimState, Grant, SendStore, StoredResult
 from gateway.state.base import BatchRecord, Tracked
 
 # The decisions are re-exported: the bus settles what the pipeline decides, by these names.
@@ -105,21 +105,21 @@ class Pipeline:
         *,
         account: Account,
         adapter: ProviderAdapter,
-        store: Store,
-        settings: Settings,
+        store: SendStore,
+        options: SendOptions,
         owner: str,
         clock: Clock = SYSTEM,
     ) -> None:
         self.account = account
         self._adapter = adapter
         self._store = store
-        self._settings = settings
+        self._options = options
         self._owner = owner
         self._clock = clock
-        self._policy = RetryPolicy(settings.retry_schedule_s, settings.max_attempts)
+        self._policy = RetryPolicy(options.retry_schedule_s, options.max_attempts)
         # A live claim lasts at most a lease; past it the claim is reconciled, not waited for. The
         # grace covers the store's own recovery (a failover) and a claim renewed meanwhile.
-        self._patience_s = settings.claim_lease_s + settings.wait_grace_s
+        self._patience_s = options.claim_lease_s + options.wait_grace_s
         self._limiter = RateLimiter(store, account, clock)
 
     @property
@@ -134,8 +134,8 @@ class Pipeline:
         req = c.decode_request(
             body,
             message_id=message_id,
-            max_bytes=self._settings.max_body_bytes,
-            max_text_chars=self._settings.max_text_chars,
+            max_bytes=self._options.max_body_bytes,
+            max_text_chars=self._options.max_text_chars,
         )
         if isinstance(req, InvalidRequest):
             job.unique_id, job.to, job.meta = req.unique_id, req.to, req.meta
@@ -169,7 +169,7 @@ class Pipeline:
             account=self.account.name,
             unique_id=job.unique_id,
             owner=busy.owner,
-            claim_age_s=round(max(0.0, self._settings.claim_lease_s - lease_left), 1),
+            claim_age_s=round(max(0.0, self._options.claim_lease_s - lease_left), 1),
             lease_left_s=round(lease_left, 1),
             waited_s=round(now - since, 1),
             waits=job.waits,
@@ -233,11 +233,11 @@ class Pipeline:
             self.account.name,
             list(first_of),
             self._owner,
-            self._settings.claim_lease_s,
+            self._options.claim_lease_s,
             rate,
             burst,
             suspect={uid for uid, i in first_of.items() if jobs[i].seen_before},
-            recovery_s=self._settings.store_recovery_s,
+            recovery_s=self._options.store_recovery_s,
             replay={uid for uid, i in first_of.items() if jobs[i].replay},
         )
         now = self._clock.now()
@@ -333,7 +333,7 @@ class Pipeline:
         unknown: list[str] = []
         release: list[str] = []
         tracked: list[Tracked] = []
-        track = self._settings.dlr_enabled
+        track = self._options.dlr.enabled
         now = self._clock.time()
         for i, decision in decisions.items():
             job = jobs[i]
@@ -346,7 +346,7 @@ class Pipeline:
                     tracked.append(Tracked(r.provider_message_id, uid, job.phone, job.meta, self.provider, now))
             elif isinstance(decision, Retry):
                 (unknown if decision.ambiguous else release).append(uid)
-        s = self._settings
+        s = self._options
         return BatchRecord(
             done=done,
             unknown=unknown,
@@ -354,8 +354,8 @@ class Pipeline:
             owner=self._owner,
             ttl_s=self.account.dedupe_window_s,
             tracked=tracked,
-            first_poll_s=s.dlr_poll_after_s,
-            track_ttl_s=s.dlr_track_ttl_s,
+            first_poll_s=s.dlr.poll_after_s,
+            track_ttl_s=s.dlr.track_ttl_s,
             hold_s=ANNOUNCE_HOLD_S,
         )
 
@@ -364,7 +364,7 @@ class Pipeline:
         away (a pause, a failover) for up to half a claim lease. False when it never answered."""
         if not batch:
             return True
-        deadline = self._clock.monotonic() + self._settings.claim_lease_s / 2
+        deadline = self._clock.monotonic() + self._options.claim_lease_s / 2
         delay = RECORD_RETRY_FIRST_S
         while True:
             try:

@@ -16,7 +16,7 @@ from gateway.clock import SYSTEM, Clock
 from gateway.config import Account
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
-from gateway.state import Grant, Store
+from gateway.state import Grant, RateStore
 
 log = get_logger("gateway.core.ratelimit")
 T = TypeVar("T")
@@ -24,7 +24,7 @@ MAX_POLL_S = 0.05  # while tokens run short, look again at least this often (or 
 
 
 class RateLimiter:
-    def __init__(self, store: Store, account: Account, clock: Clock = SYSTEM) -> None:
+    def __init__(self, store: RateStore, account: Account, clock: Clock = SYSTEM) -> None:
         self._store = store
         self._account = account
         self._clock = clock

@@ -55,14 +55,14 @@ from typing import Any, Protocol
 
 from gateway import contract as c
 from gateway.clock import SYSTEM, Clock
-from gateway.config import Account, Settings
+from gateway.config import Account, DlrOptions
 from gateway.errors import BadWebhook, LookupFailed
 from gateway.numbers import mask
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.providers import PROVIDERS
 from gateway.providers.base import ProviderAdapter, StatusReport, WebhookEvent
-from gateway.state import Store
+from gateway.state import RateStore, ReportStore
 from gateway.state.base import FinalState, Tracked, WebhookHint
 
 log = get_logger("gateway.dlr.desk")
@@ -113,9 +113,13 @@ def held_gap(polls: int) -> float:
     return float(min(HELD_AGAIN_S * 2 ** min(polls, 8), HELD_AGAIN_MAX_S))
 
 
-def poll_gap(settings: Settings, polls: int) -> float:
+def poll_gap(dlr: DlrOptions, polls: int) -> float:
     """The wait after the `polls`-th poll of a message: doubling from `dlr_poll_after_s`."""
-    return float(min(settings.dlr_poll_after_s * 2 ** min(polls, 30), settings.dlr_poll_max_gap_s))
+    return float(min(dlr.poll_after_s * 2 ** min(polls, 30), dlr.poll_max_gap_s))
+
+
+class PollerStore(ReportStore, RateStore, Protocol):
+    """A poller's store: the due messages, and one token of the account's rate per poll."""
 
 
 class Desk:
@@ -124,10 +128,9 @@ class Desk:
     def __init__(
         self,
         *,
-        store: Store,
+        store: ReportStore,
         sink: EventSink,
         accounts: Sequence[Account],
-        settings: Settings,
         owner: str,
         clock: Clock = SYSTEM,
         rebuild: Callable[[str], Awaitable[object]] | None = None,
@@ -137,7 +140,6 @@ class Desk:
         self._store = store
         self._sink = sink
         self._accounts = {a.name: a for a in accounts}
-        self._settings = settings
         self._owner = owner
         self._clock = clock
         self._marks: set[asyncio.Task[None]] = set()  # final marks tried again in the background
@@ -370,15 +372,15 @@ class Poller:
         desk: Desk,
         account: Account,
         adapter: ProviderAdapter,
-        store: Store,
-        settings: Settings,
+        store: PollerStore,
+        dlr: DlrOptions,
         clock: Clock = SYSTEM,
     ) -> None:
         self._desk = desk
         self._account = account
         self._adapter = adapter
         self._store = store
-        self._settings = settings
+        self._dlr = dlr
         self._clock = clock
         self._lease_s = max(30.0, 3 * account.http_timeout_s)
 
@@ -390,7 +392,7 @@ class Poller:
         if not due:
             return 0
         now = self._clock.time()
-        window = self._settings.dlr_window_s
+        window = self._dlr.window_s
         later: dict[str, float] = {}
         ended = [t for t in due if t.accepted_at + window <= now]
         for t in ended:
@@ -416,7 +418,7 @@ class Poller:
                 if await self._desk.report(name, report, "poll") is FinalState.HELD:
                     later[t.provider_message_id] = now + held_gap(t.polls)
             else:
-                gap = poll_gap(self._settings, t.polls + 1)
+                gap = poll_gap(self._dlr, t.polls + 1)
                 later[t.provider_message_id] = min(now + gap, t.accepted_at + window)
         await self._store.poll_later(name, later)
         return len(due)

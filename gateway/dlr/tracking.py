@@ -25,14 +25,15 @@ import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from gateway import contract as c
-from gateway.config import Settings
+from gateway.config import DlrOptions
 from gateway.obs.logs import get_logger
-from gateway.state import Store
+from gateway.state import ClaimStore, ReportStore
 from gateway.state.base import BatchRecord, Tracked
 
 log = get_logger("gateway.dlr.tracking")
@@ -42,7 +43,13 @@ CHUNK = 500  # records written to the store at once
 REPLAY_MARGIN_S = 600.0
 
 
-async def rebuild(connection: AbstractConnection, store: Store, account: str, settings: Settings) -> tuple[int, int]:
+class TrackingStore(ClaimStore, ReportStore, Protocol):
+    """A rebuild writes tracking back (`record`) and marks what had its final event."""
+
+
+async def rebuild(
+    connection: AbstractConnection, store: TrackingStore, account: str, dlr: DlrOptions
+) -> tuple[int, int]:
     """Replay the tracking stream for `account` into the store; returns (tracked, final) counts."""
     started = time.monotonic()
     channel = await connection.channel(publisher_confirms=True)
@@ -55,7 +62,7 @@ async def rebuild(connection: AbstractConnection, store: Store, account: str, se
         )
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         queue = await channel.get_queue(c.TRACKING_STREAM, ensure=False)
-        oldest = time.time() - settings.dlr_window_s
+        oldest = time.time() - dlr.window_s
         # From the oldest acceptance still tracked (a little before, for clocks that disagree).
         since = datetime.fromtimestamp(oldest - REPLAY_MARGIN_S, UTC)
         tag = await queue.consume(inbox.put, arguments={"x-stream-offset": since})
@@ -69,12 +76,12 @@ async def rebuild(connection: AbstractConnection, store: Store, account: str, se
                     account,
                     BatchRecord(
                         tracked=list(tracked),
-                        first_poll_s=settings.dlr_poll_after_s,
-                        track_ttl_s=settings.dlr_track_ttl_s,
+                        first_poll_s=dlr.poll_after_s,
+                        track_ttl_s=dlr.track_ttl_s,
                     ),
                 )
             if finals:
-                await store.mark_final(account, list(finals), settings.dlr_track_ttl_s)
+                await store.mark_final(account, list(finals), dlr.track_ttl_s)
             counts[0] += len(tracked)
             counts[1] += len(finals)
             tracked.clear()

@@ -281,7 +281,9 @@ class AccountState:
     throttle_factor: float
 
 
-class Store(Protocol):
+class ClaimStore(Protocol):
+    """Who sends each id, and what became of it: the send path's claims and records."""
+
     async def claim_and_acquire(
         self,
         account: str,
@@ -309,6 +311,10 @@ class Store(Protocol):
         is set again, a release deletes only our claims, a tracked message is left as it is)."""
         ...
 
+
+class RateStore(Protocol):
+    """Each account's token bucket and throttle factor, shared by every replica."""
+
     async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
         """Token bucket shared by every process using this store, at the configured `rate` and
         `burst` scaled by the key's current throttle factor."""
@@ -319,6 +325,10 @@ class Store(Protocol):
         many replicas report it) and empty the bucket down to the new burst. Returns the factor."""
         ...
 
+
+class PauseStore(Protocol):
+    """Account pauses, recorded for operators."""
+
     async def note_pause(self, account: str, pause: Pause) -> None:
         """Record a replica's pause until `pause.until` (for operators; consumption is not shared)."""
         ...
@@ -327,7 +337,9 @@ class Store(Protocol):
         """The pauses still running and the account's throttle factor (1.0: not throttled)."""
         ...
 
-    # -- delivery reports ---------------------------------------------------------------------------
+
+class ReportStore(Protocol):
+    """Delivery reports: correlations, final-event claims and holds, polls, webhook hints, epochs."""
 
     async def epoch_changed(self, account: str, *, look: bool = True) -> bool:
         """True once after this process saw the account's epoch change (the store lost its data
@@ -386,6 +398,14 @@ class Store(Protocol):
     async def oldest_open(self, account: str) -> float | None:
         """Acceptance time (epoch s) of the oldest tracked message without a final event."""
         ...
+
+
+class SendStore(ClaimStore, RateStore, Protocol):
+    """What the pipeline of one account needs: claims and tokens."""
+
+
+class Store(ClaimStore, RateStore, PauseStore, ReportStore, Protocol):
+    """Everything, as both backends implement it (Redis and SQLite); components take the part they use."""
 
     async def ping(self) -> None: ...
 

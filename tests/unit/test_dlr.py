@@ -168,7 +168,7 @@ def test_malformed_bodies_are_refused(body: bytes) -> None:
 
 
 def test_polls_back_off_to_the_longest_gap() -> None:
-    s = Settings(dlr_poll_after_s=300, dlr_poll_max_gap_s=3600)
+    s = Settings(dlr_poll_after_s=300, dlr_poll_max_gap_s=3600).dlr
     assert [poll_gap(s, n) for n in (1, 2, 3, 4, 5, 40)] == [600, 1200, 2400, 3600, 3600, 3600]
 
 
@@ -188,7 +188,7 @@ async def desk_parts(tmp_path: Path) -> AsyncIterator[tuple[Desk, SqliteStore, R
     store = SqliteStore(tmp_path / "state.sqlite3")
     sink = RecordingSink()
     account = Account(name="kz", provider="mobizon", base_url="https://api.mobizon.kz", api_key=SecretStr("k"))
-    desk = Desk(store=store, sink=sink, accounts=[account], settings=Settings(), owner="one-process")
+    desk = Desk(store=store, sink=sink, accounts=[account], owner="one-process")
     yield desk, store, sink
     await store.close()
 
@@ -258,7 +258,7 @@ async def test_a_provider_added_to_the_registry_gets_its_webhooks_read_by_its_ow
     _desk, store, sink = desk_parts
     monkeypatch.setitem(PROVIDERS, "acme", Provider("acme", lambda *_a, **_k: None, AcmeWebhooks()))  # type: ignore[arg-type]
     acme = Account.model_construct(name="ac", provider="acme", webhook_secret=None)
-    desk = Desk(store=store, sink=sink, accounts=[acme], settings=Settings(), owner="one-process")
+    desk = Desk(store=store, sink=sink, accounts=[acme], owner="one-process")
     await store.track("ac", [Tracked("m9", "u9", None, None, "acme", time.time())], 60, 600)
     assert await desk.webhook("acme", "ac", b"sig e1 m9 ok", "text/plain") == (200, "ok")
     assert [t.provider_message_id for t in await store.due_polls("ac", 10, 30)] == ["m9"]  # a hint, as always
