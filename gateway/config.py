@@ -217,11 +217,11 @@ class Settings(BaseSettings):
         description="a copy waits for another worker's claim on its id for the claim lease plus this long (the "
         "store's recovery window: a failover, a slow provider call) before it fails as `waits_exhausted`",
     )
-    store_recovery_s: float = Field(
-        default=3600.0,
+    store_recovery_s: float | None = Field(
+        default=None,
         ge=0,
         description="after the state store comes back empty, new claims are reconciled with the provider for this "
-        "long (cover the longest retry delay plus the claim lease)",
+        "long; unset: twice the longest retry delay plus the claim lease",
     )
     poison_deliveries: int = Field(
         default=5, ge=2, description="deliveries that crashed the handler before a `poison` dead letter"
@@ -285,6 +285,15 @@ class Settings(BaseSettings):
         return self.dlr_window_s + 86400.0
 
     @property
+    def recovery_s(self) -> float:
+        """`store_recovery_s`, or what it must cover, twice over: a copy parked for the longest retry
+        delay, plus the claim lease its attempt held (twice: such a copy may be parked once more by
+        a wait before it is consumed)."""
+        if self.store_recovery_s is not None:
+            return self.store_recovery_s
+        return 2 * (max(self.retry_schedule_s, default=0.0) + self.claim_lease_s)
+
+    @property
     def dlr(self) -> DlrOptions:
         return DlrOptions(self.dlr_enabled, self.dlr_poll_after_s, self.dlr_poll_max_gap_s, self.dlr_window_s)
 
@@ -293,7 +302,7 @@ class Settings(BaseSettings):
         return SendOptions(
             claim_lease_s=self.claim_lease_s,
             wait_grace_s=self.wait_grace_s,
-            store_recovery_s=self.store_recovery_s,
+            store_recovery_s=self.recovery_s,
             retry_schedule_s=tuple(self.retry_schedule_s),
             max_attempts=self.max_attempts,
             max_body_bytes=self.max_body_bytes,

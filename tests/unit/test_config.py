@@ -73,3 +73,10 @@ def test_secrets_are_masked_in_repr_and_redacted_dump() -> None:
     assert "t0ken" not in json.dumps(acc.redacted())
     settings = Settings.model_validate({"redis_url": "redis://:hunter2@localhost:6379/0"})
     assert "hunter2" not in repr(settings)
+
+
+def test_the_store_recovery_window_follows_the_retry_schedule_unless_set() -> None:
+    assert Settings().recovery_s == 2 * (1800 + 60)  # the longest default delay and the default lease
+    assert Settings(retry_schedule_s=[1, 5], claim_lease_s=10).recovery_s == 30
+    assert Settings(store_recovery_s=0).recovery_s == 0  # set: taken as it is
+    assert Settings(retry_schedule_s=[1, 5]).send.store_recovery_s == 130  # what the pipeline gets
