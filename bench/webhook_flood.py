@@ -147,6 +147,23 @@ async def drain(account: str, n: int, flood_at: tuple[int, str] | None, webhooks
     return n / seconds, answers
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def flood_alone(port: int, path: str, webhooks: int, pid: int) -> str:
+    """The flood with nothing else going on: the gateway's CPU per webhook, and the flood's rate."""
+    before, started = cpu_s(pid), time.monotonic()
+    flooding = run_flood(port, path, webhooks)
+    flooding.popen.wait(300)
+    took, used = time.monotonic() - started, cpu_s(pid) - before
+    answers = flooding.log().strip().splitlines()[-1]
+    flooding.close()
+    return f"{used / webhooks * 1e6:,.0f} us of gateway CPU per webhook ({used / took:.0%} of a core); {answers}"
+
+
 async def main_async(rounds: int, n: int, webhooks: int) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="webhook-flood-"))
     sandbox_proc, sandbox = start_sandbox(tmp)
@@ -167,6 +184,7 @@ async def main_async(rounds: int, n: int, webhooks: int) -> int:
     flooded: list[float] = []
     try:
         await drain(send, min(n, 1000), None, 0)  # warm-up: connections, pools, the first batches
+        print(f"flood alone: {await flood_alone(port, path, webhooks, gateway.popen.pid)}", flush=True)
         for r in range(rounds):
             rate, _ = await drain(send, n, None, 0)
             quiet.append(rate)

@@ -255,10 +255,11 @@ class Settings(BaseSettings):
         default=64, ge=1, description="webhooks handled at once; more are answered 503 before their body is read"
     )
     webhook_rate_per_s: float = Field(
-        default=500.0,
+        default=200.0,
         gt=0,
-        description="webhooks taken a second by this replica (Mobizon sends one per SMS); more are answered 503 "
-        "before their body is read, and Mobizon retries them",
+        description="webhooks taken a second by this replica (Mobizon sends one per SMS, and sends campaigns at "
+        "100 a second at most); more wait up to a second, then are answered 503 before their body is read, and "
+        "Mobizon retries them",
     )
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")

@@ -276,7 +276,8 @@ class Desk:
         if created is not None and abs(self._clock.time() - created) > WEBHOOK_FRESH_S:
             return _rejected(provider, 403, "stale")
         try:
-            return await asyncio.wait_for(self._webhook_report(provider, account.name, event), WEBHOOK_DEADLINE_S)
+            async with asyncio.timeout(WEBHOOK_DEADLINE_S):  # no task of its own, as wait_for would make
+                return await self._webhook_report(provider, account.name, event)
         except Exception as exc:  # noqa: BLE001 - the store is away: the provider retries
             log.warning("dlr_webhook_unavailable", account=account.name, error=type(exc).__name__)
             return _rejected(provider, 503, "unavailable")

@@ -225,7 +225,7 @@ def build_app(
     *,
     guard: ConnectionGuard | None = None,
     webhook_concurrency: int = 64,
-    webhook_rate_per_s: float = 500.0,
+    webhook_rate_per_s: float = 200.0,
 ) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
