@@ -298,9 +298,7 @@ class Gateway:
         clean = all(results)
         if self._desk is not None:
             await self._desk.finish_marks(5.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         for channel in self._channels:
             if not channel.is_closed:
                 await close_within(channel, 5, "channel_not_closed")
@@ -365,3 +363,19 @@ def raise_file_limit() -> None:
         except (ValueError, OSError) as exc:
             log.warning("file_limit_not_raised", soft=soft, hard=hard, error=str(exc))
     log.info("file_limit", files=file_limit())
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]], timeout_s: float = 10.0) -> None:
+    """Cancel the tasks and wait for them, cancelling again each second those still running: a
+    cancel that a library swallowed must not hold the shutdown. Past `timeout_s` the rest are left
+    (logged)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            log.warning("tasks_not_stopped", tasks=sorted(t.get_name() for t in pending))
+            return
+        _done, pending = await asyncio.wait(pending, timeout=min(1.0, left))

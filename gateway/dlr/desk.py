@@ -361,6 +361,7 @@ class Desk:
                 raise
             except Exception as exc:  # noqa: BLE001 - the store or broker is away: the next round retries
                 log.warning("dlr_sweep_failed", error=type(exc).__name__)
+            raise_if_cancelled()
             await self._clock.sleep(SWEEP_S)
 
 
@@ -442,8 +443,19 @@ class Poller:
             except Exception as exc:  # noqa: BLE001 - the leases run out and the next round takes them again
                 log.warning("dlr_poll_round_failed", account=self._account.name, error=type(exc).__name__)
                 polled = 0
+            raise_if_cancelled()
             if polled < self._adapter.max_status_ids:
                 await self._clock.sleep(IDLE_POLL_S)
+
+
+def raise_if_cancelled() -> None:
+    """End a loop whose task was asked to stop even though no CancelledError reached it: a library
+    can swallow the one a cancel throws (anyio, under httpx's connect, does when its own Happy
+    Eyeballs cancellation lands in the same loop turn), and the loop would then run on for good,
+    holding the shutdown that waits for it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 REJECT_LOG_EVERY_S = 1.0  # a refused webhook is one line per reason per second at most, with a count
