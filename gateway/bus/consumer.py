@@ -56,6 +56,9 @@ class WorkerStore(PauseStore, Protocol):
 
 
 log = get_logger("gateway.bus.consumer")
+ANNOUNCE_RETRY_FIRST_S = 0.5  # an announcement the store failed is tried again after this, doubling up to the max
+ANNOUNCE_RETRY_MAX_S = 5.0
+ANNOUNCE_GRACE_S = 2.0  # at shutdown, announcements still being tried get this long
 MAX_ACCOUNT_LABEL = 64  # an unknown routing key, shortened, as it appears in outcome and dead-letter keys
 UNKNOWN_ACCOUNT_LABEL = "(unknown)"  # the metric label of every unknown account: producers cannot grow the set
 
@@ -145,6 +148,7 @@ class AccountWorker(Worker):
             clock=clock,
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self._announcing: set[asyncio.Task[None]] = set()  # holds being ended (dlr.py), tried again meanwhile
         self._queue_wait = m.QUEUE_WAIT.labels(account.name)  # looked up once, observed per message
         self._resizing: asyncio.Task[None] | None = None
 
@@ -246,14 +250,24 @@ class AccountWorker(Worker):
         ]
         if ids and self._settings.dlr_enabled:
             task = asyncio.create_task(self._announce_ids(ids))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
 
     async def _announce_ids(self, ids: list[str]) -> None:
-        try:
-            await self._store.announce(self.account.name, ids)
-        except Exception as exc:  # noqa: BLE001 - the store is away: the holds run out on their own
-            log.warning("announce_failed", account=self.account.name, count=len(ids), error=type(exc).__name__)
+        """Tried again while the store is away (as a final mark is): a hold left to run out delays
+        the messages' delivery events by minutes. Past the hold's own time, trying is moot."""
+        delay, deadline = ANNOUNCE_RETRY_FIRST_S, self._clock.monotonic() + p.ANNOUNCE_HOLD_S
+        while True:
+            try:
+                await self._store.announce(self.account.name, ids)
+            except Exception as exc:  # noqa: BLE001 - the store is away: try again, or let the holds run out
+                if self._clock.monotonic() + delay > deadline:
+                    log.warning("announce_failed", account=self.account.name, count=len(ids), error=type(exc).__name__)
+                    return
+                await self._clock.sleep(delay)
+                delay = min(delay * 2, ANNOUNCE_RETRY_MAX_S)
+            else:
+                return
 
     async def _tracking_copy(self, tracked: Sequence[Tracked]) -> None:
         """The batch's tracked messages into the tracking stream, off the send path (tracking.py):
@@ -357,11 +371,16 @@ class AccountWorker(Worker):
         await self._stop_consuming()
         self._batcher.flush_all()
         pending = [t for t in self._tasks if not t.done()]
-        if not pending:
-            return True
-        _done, late = await asyncio.wait(pending, timeout=timeout_s)
-        for task in late:
-            task.cancel()
+        late: set[asyncio.Task[None]] = set()
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=timeout_s)
+            for task in late:
+                task.cancel()
+        # Announcements still being tried wait for the store no longer: their holds run out.
+        if self._announcing:
+            _done, still = await asyncio.wait(set(self._announcing), timeout=ANNOUNCE_GRACE_S)
+            for task in still:
+                task.cancel()
         return not late
 
 

@@ -128,6 +128,21 @@ async def test_a_captured_webhook_rewritten_to_another_message_publishes_nothing
     ) >= 20
 
 
+async def test_an_announcement_the_store_failed_is_tried_again_and_the_event_follows(world: InProcess) -> None:
+    """The store fails the worker's first announcements (a pause right after the batch's record):
+    the hold is ended on a later try, and the delivery event comes within seconds, after
+    `accepted`, not when the hold runs out minutes later."""
+    name = new_account_name()
+    flaky = FailingStore({"announce"}, times=2)
+    world.state.lifecycle.config = DlrConfig(delay_s=0.2)
+    await world.gateway([world.account(name)], stores=flaky.around, dlr_poll_after_s=0.3, dlr_poll_max_gap_s=0.6)
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("an-1"))
+        await wait_finals(bus, 1, timeout=30)
+    assert flaky.failed == 2
+    assert [d["status"] for d in bus.outcome_docs()] == ["accepted", "delivered"]
+
+
 async def test_serwersms_is_polled_until_final(world: InProcess) -> None:
     name = new_account_name()
     world.state.lifecycle.config = DlrConfig(delay_s=0.2, jitter_s=1.0, mix={"delivered": 0.7, "undelivered": 0.3})
