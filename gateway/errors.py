@@ -77,17 +77,13 @@ class InvalidNumber(GatewayError, ValueError):
 
 def tls_failure(exc: BaseException) -> str | None:
     """Why a TLS handshake failed (a wrong CA bundle, a certificate that does not match), found in
-    the exception or in what it wraps or carries; None when it is no TLS failure. A client library
-    that passes the SSL error on only as text is read by OpenSSL's own words for a failed check."""
+    the exception or in what it wraps or carries; None when it is no TLS failure."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, ssl.SSLError):
             return str(getattr(current, "verify_message", None) or current.reason or current)[:200]
-        text = str(current)
-        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-            return text[:200]
         for arg in current.args:
             if isinstance(arg, BaseException):
                 nested = tls_failure(arg)

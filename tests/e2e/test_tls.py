@@ -161,4 +161,6 @@ def test_a_wrong_ca_bundle_ends_start_up_with_one_line(tmp_path: Path, tls: Tls,
     assert line["event"] == "configuration_error", line
     last = line["error"]
     assert last.startswith(f"GATEWAY_{which.upper()}: TLS: "), last
-    assert "certificate verify failed" in last.lower() or "unknown ca" in last.lower(), last
+    # OpenSSL's reason for the failed check: its verify message, or the alert the server sent
+    reasons = ("self-signed certificate", "unable to get local issuer", "certificate verify failed", "unknown ca")
+    assert any(reason in last.lower() for reason in reasons), last
