@@ -30,8 +30,8 @@ ENV PATH=/opt/gateway/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     GATEWAY_STATE_PATH=/var/lib/gateway/state.sqlite3 \
-    GATEWAY_HTTP_HOST=0.0.0.0 \
-    GATEWAY_HTTP_PORT=8080 \
+    GATEWAY_HTTP__HOST=0.0.0.0 \
+    GATEWAY_HTTP__PORT=8080 \
     GATEWAY_LOG_FORMAT=json
 VOLUME ["/var/lib/gateway"]
 USER ${UID}:${UID}

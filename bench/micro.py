@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from gateway import contract as c
 from gateway.bus.settle import Delivery, Settler
 from gateway.config import Account
-from gateway.core import pipeline as p
+from gateway.core import decisions as dec
 from gateway.obs import tracing
 from gateway.state.base import Tracked
 
@@ -42,7 +42,7 @@ def main(n: int) -> None:
     ]
     requests = [c.decode_request(b, message_id=None, max_bytes=65536) for b in bodies]
     reqs = [r for r in requests if isinstance(r, c.SendRequest)]
-    items = [p.prepare(account, r) for r in reqs]
+    items = [dec.prepare(account, r) for r in reqs]
     now = datetime.now(UTC)
     message: Any = _Message()
     count = Settler._count
@@ -53,7 +53,7 @@ def main(n: int) -> None:
 
     def prepare() -> None:
         for r in reqs:
-            p.prepare(account, r)
+            dec.prepare(account, r)
 
     def delivery() -> None:
         for _ in reqs:
@@ -61,19 +61,19 @@ def main(n: int) -> None:
 
     def outcome() -> None:
         for r in reqs:
-            f = p.finish(c.Status.ACCEPTED, "serwersms", at=now, attempts=1)
+            f = dec.finish(c.Status.ACCEPTED, "serwersms", at=now, attempts=1)
             c.outcome_body(unique_id=r.unique_id, account="bench", to=r.to, status=f.status, provider="serwersms",
                            provider_message_id="8931c3c014", parts=1, attempts=1)  # fmt: skip
 
     def records() -> None:
-        result = p.finish(c.Status.ACCEPTED, "serwersms", at=now, attempts=1).result
+        result = dec.finish(c.Status.ACCEPTED, "serwersms", at=now, attempts=1).result
         for r in reqs:
             result.to_json()
             Tracked("8931c3c014", r.unique_id, r.to, None, "serwersms", 1.0).to_json()
 
     def counted() -> None:
         d = Delivery(message, "bench", label="bench")
-        decision = p.finish(c.Status.ACCEPTED, "serwersms", at=now, attempts=1)
+        decision = dec.finish(c.Status.ACCEPTED, "serwersms", at=now, attempts=1)
         for _ in reqs:
             count(d, decision)
 

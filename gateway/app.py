@@ -116,21 +116,21 @@ class Gateway:
             from gateway.sandbox.app import start_sandbox
 
             self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
-        if s.http_port:
+        if s.http.port:
             guard = web.ConnectionGuard(
-                max_connections=min(s.http_max_connections, max(8, file_limit() // 4)),
-                header_timeout_s=s.http_header_timeout_s,
-                idle_timeout_s=s.http_idle_timeout_s,
+                max_connections=min(s.http.max_connections, max(8, file_limit() // 4)),
+                header_timeout_s=s.http.header_timeout_s,
+                idle_timeout_s=s.http.idle_timeout_s,
             )
             app = web.build_app(
                 self.problems,
                 lambda: {"paused": self.paused_accounts()},
                 self._webhook,
                 guard=guard,
-                webhook_concurrency=s.webhook_concurrency,
-                webhook_rate_per_s=s.webhook_rate_per_s,
+                webhook_concurrency=s.webhook.concurrency,
+                webhook_rate_per_s=s.webhook.rate_per_s,
             )
-            self._runners.append(await web.serve(app, s.http_host, s.http_port, guard))
+            self._runners.append(await web.serve(app, s.http.host, s.http.port, guard))
         self._store = await self._open_state()
         self._connection = await self._connect()
         self._waiting_for = "topology"
@@ -171,7 +171,7 @@ class Gateway:
         channel = await self._connection.channel()
         self._channels.append(channel)
         await self._unroutable.start(channel)
-        if s.dlr_enabled:
+        if s.dlr.enabled:
             connection, store = self._connection, self._store
             desk = Desk(
                 store=store,
@@ -253,7 +253,7 @@ class Gateway:
 
     async def _webhook(self, provider: str, account: str, body: bytes | None, content_type: str) -> tuple[int, str]:
         if self._desk is None:
-            return 503, "starting" if self.settings.dlr_enabled else "delivery reports are off"
+            return 503, "starting" if self.settings.dlr.enabled else "delivery reports are off"
         return await self._desk.webhook(provider, account, body, content_type)
 
     @property

@@ -24,7 +24,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from gateway.errors import ConfigError
 
@@ -130,20 +137,123 @@ class Account(BaseModel):
         return doc
 
 
-@dataclass(frozen=True, slots=True)
-class DlrOptions:
-    """Delivery reports (`GATEWAY_DLR_*`): what the desk, the pollers, the tracking rebuild and the
+class DlrOptions(BaseModel):
+    """Delivery reports (`GATEWAY_DLR__*`): what the desk, the pollers, the tracking rebuild and the
     pipeline's tracking use."""
 
-    enabled: bool = True
-    poll_after_s: float = 300.0
-    poll_max_gap_s: float = 3600.0
-    window_s: float = 4 * 86400.0
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(
+        default=True, description="track accepted messages for delivery reports (correlation, webhooks, polling)"
+    )
+    poll_after_s: float = Field(
+        default=300.0, gt=0, description="first status poll this long after acceptance; the gap then doubles"
+    )
+    poll_max_gap_s: float = Field(default=3600.0, gt=0, description="the longest gap between two polls")
+    window_s: float = Field(
+        default=4 * 86400.0,
+        gt=0,
+        description="how long an accepted message is tracked; without a final status by then it ends undelivered",
+    )
 
     @property
     def track_ttl_s(self) -> float:
         """How long an accepted message's correlation is kept: the window, plus a day for its last poll."""
         return self.window_s + 86400.0
+
+
+class HttpOptions(BaseModel):
+    """The web port (`GATEWAY_HTTP__*`): probes, metrics and provider webhooks."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="bind address of /healthz, /readyz, /metrics and webhooks")
+    port: int = Field(default=8080, ge=0, le=65535, description="0 disables the HTTP endpoints")
+    max_connections: int = Field(
+        default=512,
+        ge=8,
+        description="open connections the HTTP port holds at most (and at most a quarter of the process's file "
+        "limit); more are closed at once",
+    )
+    header_timeout_s: float = Field(
+        default=5.0, gt=0, description="a connection that has not sent a whole request head by then is closed"
+    )
+    idle_timeout_s: float = Field(
+        default=15.0, gt=0, description="a keep-alive connection idle this long between requests is closed"
+    )
+
+
+class WebhookOptions(BaseModel):
+    """Provider webhooks on the web port (`GATEWAY_WEBHOOK__*`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    concurrency: int = Field(
+        default=64, ge=1, description="webhooks handled at once; more are answered 503 before their body is read"
+    )
+    rate_per_s: float = Field(
+        default=200.0,
+        gt=0,
+        description="webhooks taken a second by this replica (Mobizon sends one per SMS, and sends campaigns at "
+        "100 a second at most); more wait up to a second, then are answered 503 before their body is read, and "
+        "Mobizon retries them",
+    )
+
+
+GROUPS: dict[str, type[BaseModel]] = {"dlr": DlrOptions, "http": HttpOptions, "webhook": WebhookOptions}
+"""Settings read as `GATEWAY_<GROUP>__<NAME>`."""
+
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    f"{group}_{name}": (group, name) for group, model in GROUPS.items() for name in model.model_fields
+}
+"""The flat spelling of each grouped setting (`dlr_window_s`), still read from `GATEWAY_DLR_WINDOW_S`
+with a warning."""
+
+RETIRED: dict[str, str] = {
+    "GATEWAY_MAX_BODY_BYTES": "a request's largest size is part of the contract, the same on every deployment",
+    "GATEWAY_MAX_TEXT_CHARS": "a text's longest length is part of the contract, the same on every deployment",
+}
+"""Variables that once were settings and are read no more, with why."""
+
+
+def env_name(key: str) -> str:
+    """The variable that sets `key`: `amqp_url`, a grouped one as `dlr.window_s`, or its flat
+    spelling `dlr_window_s`."""
+    if key in FLAT_NAMES:
+        key = ".".join(FLAT_NAMES[key])
+    group, dot, name = key.partition(".")
+    if dot:
+        return f"GATEWAY_{group.upper()}__{name.upper()}"
+    return f"GATEWAY_{key.upper()}"
+
+
+def nest(settings: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for `Settings`, with flat names of grouped settings (`dlr_window_s=...`)
+    folded into their group."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in FLAT_NAMES:
+            group, name = FLAT_NAMES[key]
+            out.setdefault(group, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+class _FlatVariables(PydanticBaseSettingsSource):
+    """Grouped settings given by their flat variable (`GATEWAY_DLR_WINDOW_S`); the grouped
+    variable (`GATEWAY_DLR__WINDOW_S`) wins when both are set."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for variable, value in os.environ.items():
+            hit = FLAT_NAMES.get(variable.upper().removeprefix("GATEWAY_").lower())
+            if hit is not None and variable.upper().startswith("GATEWAY_"):
+                out.setdefault(hit[0], {})[hit[1]] = value
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +265,6 @@ class SendOptions:
     store_recovery_s: float
     retry_schedule_s: tuple[float, ...]
     max_attempts: int
-    max_body_bytes: int
-    max_text_chars: int
     dlr: DlrOptions
 
 
@@ -167,15 +275,27 @@ class WorkerOptions:
     account_pause_s: float
     poison_deliveries: int
     publish_timeout_s: float
-    max_body_bytes: int
-    max_text_chars: int
     dlr_enabled: bool
 
 
 class Settings(BaseSettings):
-    """Process-wide settings, from `GATEWAY_*` variables (or files in `secrets_dir`)."""
+    """Process-wide settings, from `GATEWAY_*` variables (or files in `secrets_dir`); grouped ones
+    as `GATEWAY_<GROUP>__<NAME>` (`GATEWAY_DLR__WINDOW_S`)."""
 
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", secrets_dir=None)
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="ignore", secrets_dir=None
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FlatVariables(settings_cls), dotenv_settings, file_secret_settings
 
     amqp_url: SecretStr = Field(default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ URL")
     amqp_heartbeat_s: int = Field(
@@ -207,10 +327,6 @@ class Settings(BaseSettings):
         description="delay before retry 1, 2, ...; the last repeats (a JSON list, or comma-separated: 1,5,30)",
     )
     max_attempts: int = Field(default=7, ge=1, description="provider attempts before `failed`")
-    max_body_bytes: int = Field(default=65536, ge=1024, description="larger requests are invalid")
-    max_text_chars: int = Field(
-        default=1530, ge=1, description="longest text after templating (1,530 = 10 GSM-7 parts); longer is invalid"
-    )
     wait_grace_s: float = Field(
         default=60.0,
         ge=0,
@@ -237,53 +353,15 @@ class Settings(BaseSettings):
         description="one confirmed publish (outcome, dead letter, retry copy), ack or nack; past it the "
         "request is requeued and the publishing channel replaced (or the consumer's channel closed)",
     )
-    http_host: str = Field(default="127.0.0.1", description="bind address of /healthz, /readyz, /metrics")
-    http_port: int = Field(default=8080, ge=0, le=65535, description="0 disables the HTTP endpoints")
-    http_max_connections: int = Field(
-        default=512,
-        ge=8,
-        description="open connections the HTTP port holds at most (and at most a quarter of the process's file "
-        "limit); more are closed at once",
-    )
-    http_header_timeout_s: float = Field(
-        default=5.0, gt=0, description="a connection that has not sent a whole request head by then is closed"
-    )
-    http_idle_timeout_s: float = Field(
-        default=15.0, gt=0, description="a keep-alive connection idle this long between requests is closed"
-    )
-    webhook_concurrency: int = Field(
-        default=64, ge=1, description="webhooks handled at once; more are answered 503 before their body is read"
-    )
-    webhook_rate_per_s: float = Field(
-        default=200.0,
-        gt=0,
-        description="webhooks taken a second by this replica (Mobizon sends one per SMS, and sends campaigns at "
-        "100 a second at most); more wait up to a second, then are answered 503 before their body is read, and "
-        "Mobizon retries them",
-    )
+    http: HttpOptions = HttpOptions()
+    webhook: WebhookOptions = WebhookOptions()
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     sandbox_port: int = Field(default=8580, ge=1, le=65535, description="port of `run --sandbox`")
     provider_proxy_from_env: bool = Field(
         default=False, description="reach the providers through HTTPS_PROXY / HTTP_PROXY, honouring NO_PROXY"
     )
-    dlr_enabled: bool = Field(
-        default=True, description="track accepted messages for delivery reports (correlation, webhooks, polling)"
-    )
-    dlr_poll_after_s: float = Field(
-        default=300.0, gt=0, description="first status poll this long after acceptance; the gap then doubles"
-    )
-    dlr_poll_max_gap_s: float = Field(default=3600.0, gt=0, description="the longest gap between two polls")
-    dlr_window_s: float = Field(
-        default=4 * 86400.0,
-        gt=0,
-        description="how long an accepted message is tracked; without a final status by then it ends undelivered",
-    )
-
-    @property
-    def dlr_track_ttl_s(self) -> float:
-        """How long an accepted message's correlation is kept: the window, plus a day for its last poll."""
-        return self.dlr_window_s + 86400.0
+    dlr: DlrOptions = DlrOptions()
 
     @property
     def recovery_s(self) -> float:
@@ -295,10 +373,6 @@ class Settings(BaseSettings):
         return 2 * (max(self.retry_schedule_s, default=0.0) + self.claim_lease_s)
 
     @property
-    def dlr(self) -> DlrOptions:
-        return DlrOptions(self.dlr_enabled, self.dlr_poll_after_s, self.dlr_poll_max_gap_s, self.dlr_window_s)
-
-    @property
     def send(self) -> SendOptions:
         return SendOptions(
             claim_lease_s=self.claim_lease_s,
@@ -306,8 +380,6 @@ class Settings(BaseSettings):
             store_recovery_s=self.recovery_s,
             retry_schedule_s=tuple(self.retry_schedule_s),
             max_attempts=self.max_attempts,
-            max_body_bytes=self.max_body_bytes,
-            max_text_chars=self.max_text_chars,
             dlr=self.dlr,
         )
 
@@ -317,9 +389,7 @@ class Settings(BaseSettings):
             account_pause_s=self.account_pause_s,
             poison_deliveries=self.poison_deliveries,
             publish_timeout_s=self.publish_timeout_s,
-            max_body_bytes=self.max_body_bytes,
-            max_text_chars=self.max_text_chars,
-            dlr_enabled=self.dlr_enabled,
+            dlr_enabled=self.dlr.enabled,
         )
 
     @field_validator("retry_schedule_s", mode="before")
@@ -424,16 +494,46 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"GATEWAY_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{env_name(_setting_of(err['loc']))}: {err['msg']}" for err in exc.errors())
         raise ConfigError(problems) from None
     except SettingsError as exc:  # a value pydantic-settings could not decode (JSON for a list field)
         raise ConfigError(str(exc).split(" [")[0]) from None
 
 
+def _setting_of(loc: tuple[int | str, ...]) -> str:
+    head = str(loc[0]) if loc else "settings"
+    return f"{head}.{loc[1]}" if head in GROUPS and len(loc) > 1 else head
+
+
+def _known_variables() -> set[str]:
+    known = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields if name not in GROUPS}
+    known |= {env_name(f"{group}.{name}") for group, model in GROUPS.items() for name in model.model_fields}
+    return known
+
+
 def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
-    """`GATEWAY_*` variables that name no setting (a misspelling is otherwise silently ignored)."""
-    known = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields}
+    """`GATEWAY_*` variables that name no setting (a misspelling is otherwise silently ignored);
+    flat spellings of grouped settings and retired settings are reported by `renamed_variables`."""
+    known = _known_variables()
     env = os.environ if environ is None else environ
-    return sorted(k for k in env if k.upper().startswith("GATEWAY_") and k.upper() not in known)
+    flat = {f"GATEWAY_{name.upper()}" for name in FLAT_NAMES}
+    return sorted(
+        k
+        for k in env
+        if k.upper().startswith("GATEWAY_") and k.upper() not in known | flat and k.upper() not in RETIRED
+    )
+
+
+def renamed_variables(environ: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(variable, what to do instead) for each flat spelling of a grouped setting and each retired
+    setting in the environment."""
+    env = os.environ if environ is None else environ
+    found: list[tuple[str, str]] = []
+    for variable in sorted(env):
+        upper = variable.upper()
+        flat = upper.removeprefix("GATEWAY_").lower()
+        if upper.startswith("GATEWAY_") and flat in FLAT_NAMES:
+            found.append((variable, f"read, but its name is now {env_name(flat)}"))
+        elif upper in RETIRED:
+            found.append((variable, f"ignored: {RETIRED[upper]}"))
+    return found

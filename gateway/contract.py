@@ -99,7 +99,8 @@ UNIQUE_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_META_BYTES = 4096
 MAX_DEPTH = 32  # nesting of arrays and objects in a request
 MAX_INT_DIGITS = 20  # an integer anywhere in a request (a 64-bit value has at most 20 digits)
-MAX_TEXT_CHARS = 1530  # default limit of the rendered text: 10 parts of GSM-7 (153 each), 23 of UCS-2 (67 each)
+MAX_BODY_BYTES = 65536  # a request body, bytes
+MAX_TEXT_CHARS = 1530  # the rendered text: 10 parts of GSM-7 (153 each), 23 of UCS-2 (67 each)
 _PLACEHOLDER_FIELDS = string.Formatter()
 
 
@@ -281,7 +282,7 @@ def _has_lone_surrogate(doc: Any) -> bool:
 
 
 def decode_request(
-    body: bytes, *, message_id: str | None, max_bytes: int, max_text_chars: int = MAX_TEXT_CHARS
+    body: bytes, *, message_id: str | None, max_bytes: int = MAX_BODY_BYTES, max_text_chars: int = MAX_TEXT_CHARS
 ) -> SendRequest | InvalidRequest:
     """Parse and validate one send request (contract v1). Never raises: whatever the bytes, the
     answer is a request or the reason it is not one."""

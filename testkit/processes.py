@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from gateway.config import env_name
 from gateway.providers.base import provider_ref
 from testkit.services import free_port
 
@@ -61,7 +62,7 @@ def gateway_env(**settings: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update({"GATEWAY_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"})
     for key, value in settings.items():
-        env[f"GATEWAY_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        env[env_name(key)] = value if isinstance(value, str) else json.dumps(value)
     return env
 
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from gateway.app import Gateway, open_store
-from gateway.config import Account, Settings, parse_accounts
+from gateway.config import Account, Settings, nest, parse_accounts
 from gateway.providers.base import ProviderAdapter
 from gateway.sandbox.app import start_sandbox
 from gateway.sandbox.state import SandboxState
@@ -96,7 +96,7 @@ class InProcess:
         settings.setdefault("http_port", 0)
         settings.setdefault("retry_schedule_s", [0.2, 0.4])
         settings.setdefault("drain_timeout_s", 5)
-        gw = Gateway(Settings(**settings), accounts, adapters=adapters, stores=stores)
+        gw = Gateway(Settings(**nest(settings)), accounts, adapters=adapters, stores=stores)
         await gw.start()
         self.gateways.append(gw)
         return gw

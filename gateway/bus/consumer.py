@@ -37,6 +37,7 @@ from gateway.bus.queue import QueueConsumer, close_within
 from gateway.bus.settle import Delivery, Settler, requeue
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, WorkerOptions
+from gateway.core import decisions as dec
 from gateway.core import pipeline as p
 from gateway.core.batching import Batcher
 from gateway.core.flow import AccountFlow, PauseChange
@@ -133,12 +134,11 @@ class AccountWorker(Worker):
         self._store = store
         self._owner = owner
         self._flow = flow
-        self._max_batch = flow.max_batch
         self._limit_gauge = m.INFLIGHT_LIMIT.labels(account.name)
         self._limit_gauge.set(self._flow.limit.current)
         self._inflight_gauge = m.INFLIGHT.labels(account.name)
         self._batcher: Batcher[Delivery] = Batcher(
-            max_size=self._max_batch,
+            max_size=flow.max_batch,
             linger_s=account.linger_ms / 1000,
             quiet_s=account.quiet_ms / 1000,
             key=lambda d: adapter.batch_key(d.job.item) if d.job.item else None,
@@ -194,7 +194,7 @@ class AccountWorker(Worker):
         if count + 1 < self._settings.poison_deliveries:
             await requeue(self._acks, [d])
             return
-        await self._settler.settle(d, p.poison(d.job.attempts, type(exc).__name__, self._clock.now()))
+        await self._settler.settle(d, dec.poison(d.job.attempts, type(exc).__name__, self._clock.now()))
 
     # -- batches ------------------------------------------------------------------------------------
 
@@ -238,15 +238,15 @@ class AccountWorker(Worker):
             task = asyncio.create_task(self._tracking_copy(result.tracked))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self._adapt(result, took if result.sent * 2 >= self._max_batch else None)
+        self._adapt(result, took if result.sent * 2 >= self._flow.max_batch else None)
 
-    def _announce(self, confirmed: Sequence[tuple[Delivery, p.Decision]]) -> None:
+    def _announce(self, confirmed: Sequence[tuple[Delivery, dec.Decision]]) -> None:
         """End the final-event holds of the messages whose `accepted` the broker just confirmed
         (dlr.py), off the send path: a failed announcement is one line, and the hold runs out."""
         ids = [
             x.result.provider_message_id
             for _, x in confirmed
-            if isinstance(x, p.Finish) and x.status == c.Status.ACCEPTED and x.result.provider_message_id
+            if isinstance(x, dec.Finish) and x.status == c.Status.ACCEPTED and x.result.provider_message_id
         ]
         if ids and self._settings.dlr_enabled:
             task = asyncio.create_task(self._announce_ids(ids))
@@ -283,7 +283,7 @@ class AccountWorker(Worker):
             (
                 x.result.error.code
                 for x in result.decisions
-                if isinstance(x, p.Finish) and x.pause_account and x.result.error
+                if isinstance(x, dec.Finish) and x.pause_account and x.result.error
             ),
             None,
         )
@@ -404,16 +404,11 @@ class UnroutableWorker(Worker):
         routing_key = message.routing_key or "unknown"
         d = Delivery.begin(message, routing_key[:MAX_ACCOUNT_LABEL], label=UNKNOWN_ACCOUNT_LABEL)
         try:
-            req = c.decode_request(
-                message.body,
-                message_id=message.message_id,
-                max_bytes=self._settings.max_body_bytes,
-                max_text_chars=self._settings.max_text_chars,
-            )
+            req = c.decode_request(message.body, message_id=message.message_id)
             d.job.unique_id, d.job.to, d.job.meta = req.unique_id, req.to, req.meta
         except Exception as exc:
             log.exception("decode_crashed", queue=c.UNROUTABLE_QUEUE, error=type(exc).__name__)
-        await self._settler.settle(d, p.unknown_account(routing_key, self._clock.now()))
+        await self._settler.settle(d, dec.unknown_account(routing_key, self._clock.now()))
 
     async def stop(self) -> None:
         await self._stop_consuming()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from aio_pika.abc import AbstractIncomingMessage
 
 from gateway import contract as c
-from gateway.core.pipeline import Job
+from gateway.core.decisions import Job
 
 
 def int_header(message: AbstractIncomingMessage, name: str) -> int:

@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from gateway import contract as c
 from gateway.bus.acks import AckTracker
 from gateway.bus.publisher import Publisher
-from gateway.core.pipeline import Decision, Finish, Job, Retry
+from gateway.core.decisions import Decision, Finish, Job, Retry
 from gateway.numbers import mask
 from gateway.obs import metrics as m
 from gateway.obs import tracing

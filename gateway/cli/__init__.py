@@ -16,7 +16,7 @@ import structlog
 
 from gateway.cli import accounts, dlq, send, topology
 from gateway.cli.common import USAGE, Fail
-from gateway.config import Settings, load_settings, unknown_variables
+from gateway.config import Settings, load_settings, renamed_variables, unknown_variables
 from gateway.errors import ConfigError
 from gateway.obs.logs import (
     get_logger,
@@ -38,6 +38,8 @@ def _settings() -> Settings:
     setup_logging(settings.log_format, settings.log_level)
     for name in unknown_variables():
         get_logger("gateway").warning("unknown_setting", variable=name, hint="no such setting; misspelled?")
+    for name, hint in renamed_variables():
+        get_logger("gateway").warning("renamed_setting", variable=name, hint=hint)
     return settings
 
 

@@ -32,9 +32,7 @@ from gateway.core.decisions import (
     finish,
     invalid,
     is_expired,
-    poison,
     prepare,
-    unknown_account,
 )
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.retry import RetryPolicy, wait_delay_ms
@@ -51,24 +49,6 @@ from gateway.state import Claim, ClaimState, Grant, SendStore, StoredResult
 from gateway.state.base import BatchRecord, Tracked
 
 # The decisions are re-exported: the bus settles what the pipeline decides, by these names.
-__all__ = [
-    "BatchResult",
-    "Decision",
-    "Finish",
-    "Job",
-    "Pipeline",
-    "Retry",
-    "Wait",
-    "already_done",
-    "decide",
-    "expired",
-    "finish",
-    "invalid",
-    "is_expired",
-    "poison",
-    "prepare",
-    "unknown_account",
-]
 
 log = get_logger("gateway.core.pipeline")
 RECORD_RETRY_FIRST_S = 0.2  # a batch's record that failed is tried again after this, then doubling
@@ -131,12 +111,7 @@ class Pipeline:
     def admit(self, job: Job, body: bytes, message_id: str | None) -> Decision | None:
         """Decode and prepare one request; a decision when it ends here, None when it joins a batch."""
         now = self._clock.now()
-        req = c.decode_request(
-            body,
-            message_id=message_id,
-            max_bytes=self._options.max_body_bytes,
-            max_text_chars=self._options.max_text_chars,
-        )
+        req = c.decode_request(body, message_id=message_id)
         if isinstance(req, InvalidRequest):
             job.unique_id, job.to, job.meta = req.unique_id, req.to, req.meta
             return invalid(req, now)

@@ -60,7 +60,7 @@ def send_request() -> dict[str, Any]:
                 "minLength": 1,
                 "description": (
                     "Message text. Literal unless vars is given; with vars, {name} is a placeholder and {{ }} "
-                    f"are literal braces. At most {c.MAX_TEXT_CHARS} characters after templating by default."
+                    f"are literal braces. At most {c.MAX_TEXT_CHARS} characters after templating."
                 ),
             },
             "vars": {

@@ -26,7 +26,7 @@ def test_fresh_clone_make_run_answers_the_readme_request(tmp_path: Path, service
 
     http_port, sandbox_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "VIRTUAL_ENV"))}
-    env.update(GATEWAY_HTTP_PORT=str(http_port), GATEWAY_SANDBOX_PORT=str(sandbox_port), PYTHON=sys.executable)
+    env.update(GATEWAY_HTTP__PORT=str(http_port), GATEWAY_SANDBOX_PORT=str(sandbox_port), PYTHON=sys.executable)
     log = (tmp_path / "make-run.log").open("wb")
     run = subprocess.Popen(
         ["make", "run"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

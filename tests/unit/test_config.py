@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Settings, load_settings, parse_accounts
+from gateway.config import (
+    Settings,
+    env_name,
+    load_settings,
+    nest,
+    parse_accounts,
+    renamed_variables,
+    unknown_variables,
+)
 from gateway.errors import ConfigError
 
 BASE = {"name": "acme", "provider": "serwersms", "base_url": "https://api2.serwersms.pl", "token": "t0ken"}
@@ -80,3 +88,57 @@ def test_the_store_recovery_window_follows_the_retry_schedule_unless_set() -> No
     assert Settings(retry_schedule_s=[1, 5], claim_lease_s=10).recovery_s == 30
     assert Settings(store_recovery_s=0).recovery_s == 0  # set: taken as it is
     assert Settings(retry_schedule_s=[1, 5]).send.store_recovery_s == 130  # what the pipeline gets
+
+
+def test_grouped_settings_read_from_double_underscore_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_DLR__WINDOW_S", "7200")
+    monkeypatch.setenv("GATEWAY_HTTP__PORT", "9100")
+    monkeypatch.setenv("GATEWAY_WEBHOOK__RATE_PER_S", "50")
+    settings = load_settings()
+    assert (settings.dlr.window_s, settings.http.port, settings.webhook.rate_per_s) == (7200, 9100, 50)
+    assert settings.dlr.poll_after_s == 300  # the rest of the group keeps its defaults
+    assert unknown_variables() == []
+    assert renamed_variables() == []
+
+
+def test_a_flat_name_is_still_read_and_named_for_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_DLR_POLL_AFTER_S", "30")
+    monkeypatch.setenv("GATEWAY_HTTP_PORT", "9101")
+    monkeypatch.setenv("GATEWAY_HTTP__PORT", "9102")  # both set: the grouped name wins
+    settings = load_settings()
+    assert settings.dlr.poll_after_s == 30
+    assert settings.http.port == 9102
+    assert unknown_variables() == []
+    assert dict(renamed_variables()) == {
+        "GATEWAY_DLR_POLL_AFTER_S": "read, but its name is now GATEWAY_DLR__POLL_AFTER_S",
+        "GATEWAY_HTTP_PORT": "read, but its name is now GATEWAY_HTTP__PORT",
+    }
+
+
+def test_a_retired_setting_is_named_with_why_and_a_misspelling_as_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_MAX_TEXT_CHARS", "5000")
+    monkeypatch.setenv("GATEWAY_DLR__WINDOWS", "1")
+    assert unknown_variables() == ["GATEWAY_DLR__WINDOWS"]
+    ((name, hint),) = renamed_variables()
+    assert name == "GATEWAY_MAX_TEXT_CHARS"
+    assert "contract" in hint
+
+
+def test_a_bad_grouped_value_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_DLR__WINDOW_S", "soon")
+    with pytest.raises(ConfigError, match=r"^GATEWAY_DLR__WINDOW_S: "):
+        load_settings()
+    monkeypatch.delenv("GATEWAY_DLR__WINDOW_S")
+    monkeypatch.setenv("GATEWAY_RETRY_SCHEDULE_S", "[1, -5]")
+    with pytest.raises(ConfigError, match=r"^GATEWAY_RETRY_SCHEDULE_S: "):
+        load_settings()
+
+
+def test_flat_keyword_names_fold_into_their_group() -> None:
+    assert nest({"dlr_window_s": 5, "http_port": 0, "max_attempts": 2}) == {
+        "dlr": {"window_s": 5},
+        "http": {"port": 0},
+        "max_attempts": 2,
+    }
+    assert env_name("dlr_window_s") == env_name("dlr.window_s") == "GATEWAY_DLR__WINDOW_S"
+    assert env_name("amqp_url") == "GATEWAY_AMQP_URL"

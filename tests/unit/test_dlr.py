@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from gateway.config import Account, Settings
+from gateway.config import Account, DlrOptions
 from gateway.contract import Status
 from gateway.dlr.desk import Desk, poll_gap
 from gateway.errors import BadWebhook
@@ -168,7 +168,7 @@ def test_malformed_bodies_are_refused(body: bytes) -> None:
 
 
 def test_polls_back_off_to_the_longest_gap() -> None:
-    s = Settings(dlr_poll_after_s=300, dlr_poll_max_gap_s=3600).dlr
+    s = DlrOptions(poll_after_s=300, poll_max_gap_s=3600)
     assert [poll_gap(s, n) for n in (1, 2, 3, 4, 5, 40)] == [600, 1200, 2400, 3600, 3600, 3600]
 
 

@@ -170,7 +170,7 @@ async def test_test_requests_never_reach_mobizon() -> None:
 
 @pytest.mark.parametrize(("matches", "verdict"), [(0, None), (1, Verdict.ACCEPTED), (2, Verdict.UNDECIDED)])
 async def test_lookup_decides_only_on_exactly_one_match(matches: int, verdict: Verdict | None) -> None:
-    from gateway.core.pipeline import Finish, decide
+    from gateway.core.decisions import Finish, decide
     from gateway.core.retry import RetryPolicy
 
     def handler(request: httpx.Request) -> httpx.Response:

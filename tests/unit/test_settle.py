@@ -10,7 +10,7 @@ from gateway.bus import settle
 from gateway.bus.acks import AckTracker
 from gateway.bus.settle import Delivery, Settler
 from gateway.contract import Status
-from gateway.core import pipeline as p
+from gateway.core import decisions as dec
 
 
 class ClosedChannel:
@@ -87,7 +87,7 @@ async def test_deliveries_of_a_lost_channel_publish_nothing_and_are_left_to_thei
     deliveries = delivered(acks, channel, 10)
     publisher = CountingPublisher()
     settler = Settler(publisher, "sandbox", acks)  # type: ignore[arg-type]
-    done = p.finish(Status.DUPLICATE, "sandbox", at=datetime.now(UTC), attempts=0, store=False)
+    done = dec.finish(Status.DUPLICATE, "sandbox", at=datetime.now(UTC), attempts=0, store=False)
 
     assert await settler.settle_all([(d, done) for d in deliveries]) == 0
     assert publisher.calls == 0
@@ -102,7 +102,7 @@ async def test_a_lost_connection_fails_the_batch_in_one_line_and_closes_every_de
     channel = OpenChannel()
     acks = AckTracker()
     deliveries = delivered(acks, channel, 100)
-    decision = p.poison(0, "Boom", datetime.now(UTC))
+    decision = dec.poison(0, "Boom", datetime.now(UTC))
     settler = Settler(LostPublisher(), "sandbox", acks)  # type: ignore[arg-type]
 
     acked = await settler.settle_all([(d, decision) for d in deliveries])
@@ -131,7 +131,7 @@ async def test_only_confirmed_outcomes_are_announced_and_before_the_acks(monkeyp
     acks = AckTracker()
     deliveries = delivered(acks, OpenChannel(), 3)  # no ack can be written on this channel
     settler = Settler(OnePublishLost(), "sandbox", acks)  # type: ignore[arg-type]
-    accepted = p.finish(Status.ACCEPTED, "sandbox", at=datetime.now(UTC), attempts=1, store=True)
+    accepted = dec.finish(Status.ACCEPTED, "sandbox", at=datetime.now(UTC), attempts=1, store=True)
     seen: list[str | None] = []
 
     acked = await settler.settle_all(
