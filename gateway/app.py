@@ -23,9 +23,6 @@ from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
-import aio_pika
-import aiormq
-import pamqp.exceptions
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp.web import AppRunner
 from yarl import URL
@@ -33,6 +30,7 @@ from yarl import URL
 from gateway import contract as c
 from gateway import numbers
 from gateway.bus import topology
+from gateway.bus.connect import connect_robust
 from gateway.bus.consumer import AccountWorker, UnroutableWorker
 from gateway.bus.publisher import Publisher
 from gateway.bus.queue import close_within
@@ -42,7 +40,7 @@ from gateway.core.flow import AccountFlow
 from gateway.core.pipeline import Pipeline
 from gateway.dlr import tracking
 from gateway.dlr.desk import Desk, Poller
-from gateway.errors import ConfigError, StoreRefused, StoreUnavailable, tls_failure
+from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError, PortInUse, StoreRefused, StoreUnavailable
 from gateway.obs.logs import get_logger
 from gateway.ops import web
 from gateway.ops.diagnostics import dump_tasks
@@ -115,7 +113,10 @@ class Gateway:
         if self._sandbox:
             from gateway.sandbox.app import start_sandbox
 
-            self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
+            try:
+                self._runners.append(await start_sandbox("127.0.0.1", s.sandbox_port))
+            except PortInUse as exc:
+                raise ConfigError(f"GATEWAY_SANDBOX_PORT: {exc} (choose another port)") from None
         if s.http.port:
             guard = web.ConnectionGuard(
                 max_connections=min(s.http.max_connections, max(8, file_limit() // 4)),
@@ -130,7 +131,12 @@ class Gateway:
                 webhook_concurrency=s.webhook.concurrency,
                 webhook_rate_per_s=s.webhook.rate_per_s,
             )
-            self._runners.append(await web.serve(app, s.http.host, s.http.port, guard))
+            try:
+                self._runners.append(await web.serve(app, s.http.host, s.http.port, guard))
+            except PortInUse as exc:
+                raise ConfigError(
+                    f"GATEWAY_HTTP__PORT: {exc} (choose another port, or 0 to turn the HTTP endpoints off)"
+                ) from None
         self._store = await self._open_state()
         self._connection = await self._connect()
         self._waiting_for = "topology"
@@ -232,17 +238,10 @@ class Gateway:
         for attempt in count(1):
             self._waiting_for = "broker"
             try:
-                return await aio_pika.connect_robust(url, timeout=10)
-            except aiormq.exceptions.ProbableAuthenticationError:
-                raise ConfigError(
-                    f"GATEWAY_AMQP_URL: the broker refused the login of user {url.user!r} (wrong user or password)"
-                ) from None
-            except pamqp.exceptions.AMQPInternalError as exc:  # the broker closed the handshake: vhost
-                reason = next((str(a.reply_text) for a in exc.args if hasattr(a, "reply_text")), str(exc))
-                raise ConfigError(f"GATEWAY_AMQP_URL: the broker refused the connection: {reason}") from None
-            except (OSError, TimeoutError, aiormq.exceptions.AMQPConnectionError) as exc:
-                if (tls := tls_failure(exc)) is not None:
-                    raise ConfigError(f"GATEWAY_AMQP_URL: TLS: {tls}") from None
+                return await connect_robust(url, timeout_s=10)
+            except BrokerRefused as exc:
+                raise ConfigError(f"GATEWAY_AMQP_URL: {exc}") from None
+            except BrokerUnavailable as exc:
                 await self._retry_later("broker_unreachable", attempt, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 

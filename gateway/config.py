@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import phonenumbers
 from pydantic import (
@@ -41,6 +42,16 @@ AccountName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 SANDBOX_ACCOUNT = "demo"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ACCOUNT_FILE_KINDS = (".json", ".toml")
+AMQP_SCHEMES = ("amqp", "amqps")
+REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
 
 
 def _resolve_secret(value: Any) -> Any:
@@ -392,6 +403,29 @@ class Settings(BaseSettings):
             dlr_enabled=self.dlr.enabled,
         )
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        _check_url(value.get_secret_value(), AMQP_SCHEMES, "amqp://user:password@host:5672/vhost")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        url = _check_url(value.get_secret_value(), REDIS_SCHEMES, "redis://[:password@]host:6379/0")
+        if url.scheme.endswith("+sentinel") and not url.path.strip("/"):
+            raise ValueError("a Sentinel URL names the service after the hosts: redis+sentinel://host:26379/<service>")
+        return value
+
+    @field_validator("management_url")
+    @classmethod
+    def _management_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_url(value.get_secret_value(), ("http", "https"), "http://user:password@host:15672")
+        return value
+
     @field_validator("retry_schedule_s", mode="before")
     @classmethod
     def _schedule_text(cls, value: Any) -> Any:
@@ -432,6 +466,24 @@ class Settings(BaseSettings):
                 raise ConfigError(f"GATEWAY_ACCOUNTS is not JSON: {exc}") from None
             raw.extend(_account_list(doc, "GATEWAY_ACCOUNTS"))
         return parse_accounts(raw)
+
+
+def _check_url(text: str, schemes: tuple[str, ...], example: str) -> SplitResult:
+    """The URL's parts, or a ValueError that says what is wrong in words that never repeat the URL
+    (it may hold a password)."""
+    url = urlsplit(text.strip())
+    if "://" not in text:
+        raise ValueError(f"not a URL: expected the form {example}")
+    if url.scheme not in schemes:
+        raise ValueError(f"the scheme must be one of {', '.join(s + '://' for s in schemes)}, not {url.scheme!r}")
+    if url.scheme != "unix" and not url.netloc.rpartition("@")[2]:
+        raise ValueError(f"the URL names no host: expected the form {example}")
+    try:
+        url.port  # noqa: B018 - parsing the port raises for one that is not a number
+    except ValueError:
+        if "," not in url.netloc:  # a Sentinel URL lists several host:port pairs
+            raise ValueError(f"the port is not a number 0-65535: expected the form {example}") from None
+    return url
 
 
 def _read_accounts_file(path: Path) -> list[Any]:
@@ -494,7 +546,9 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{env_name(_setting_of(err['loc']))}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(
+            f"{env_name(_setting_of(err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in exc.errors()
+        )
         raise ConfigError(problems) from None
     except SettingsError as exc:  # a value pydantic-settings could not decode (JSON for a list field)
         raise ConfigError(str(exc).split(" [")[0]) from None

@@ -9,7 +9,10 @@ configuration error.
     │   ├── StoreUnavailable   the state store cannot be reached now: retried
     │   └── StoreRefused       it answers, and refuses (login, permission, file, URL option, TLS):
     │                          retrying cannot mend it
+    ├── PortInUse              a port the gateway should listen on is taken
     ├── BrokerError
+    │   ├── BrokerUnavailable  the broker cannot be reached now: retried
+    │   ├── BrokerRefused      it answers, and refuses (login, vhost, TLS): retrying cannot mend it
     │   ├── PublishTimeout     no confirm in time: the publish may or may not have happened
     │   ├── StaleDelivery      the delivery's channel is gone: the broker delivers it again
     │   └── ApiUnavailable     the management API cannot be asked (operator tools only)
@@ -47,8 +50,25 @@ class StoreRefused(StoreError):
     option the client does not know, a TLS handshake that fails): retrying cannot mend it."""
 
 
+class PortInUse(GatewayError):
+    """Another process listens on the address the gateway should listen on."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"{host}:{port} is already in use by another process")
+        self.host, self.port = host, port
+
+
 class BrokerError(GatewayError):
-    """The broker failed a publish, an ack or a management call."""
+    """The broker failed a connection, a publish, an ack or a management call."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker cannot be reached now (refused, reset, timed out): try again."""
+
+
+class BrokerRefused(BrokerError):
+    """The broker answers and refuses the connection (a wrong login, a vhost that does not exist or
+    is not permitted, a TLS handshake that fails): retrying cannot mend it."""
 
 
 class PublishTimeout(BrokerError):

@@ -17,7 +17,7 @@ import structlog
 from gateway.cli import accounts, dlq, send, topology
 from gateway.cli.common import USAGE, Fail
 from gateway.config import Settings, load_settings, renamed_variables, unknown_variables
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, PortInUse
 from gateway.obs.logs import (
     get_logger,
     register_secrets,
@@ -105,7 +105,11 @@ def sandbox_cmd(host: str, port: int | None) -> None:
     from gateway.sandbox.app import serve
 
     settings = _settings()
-    asyncio.run(serve(host, port if port is not None else settings.sandbox_port))
+    try:
+        asyncio.run(serve(host, port if port is not None else settings.sandbox_port))
+    except PortInUse as exc:
+        where = "--port" if port is not None else "GATEWAY_SANDBOX_PORT"
+        raise Fail(f"configuration error: {where}: {exc} (choose another port)", USAGE) from None
 
 
 @cli.command()
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = cli.main(args=argv, prog_name="gateway", standalone_mode=False)
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return USAGE
     except Fail as exc:
         exc.show()

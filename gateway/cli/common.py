@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from gateway.config import Settings, load_settings
-from gateway.errors import ConfigError
+from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError
 
 # Exit codes (README, "Operator CLI").
 OK = 0
@@ -45,15 +45,18 @@ def settings() -> Settings:
 @asynccontextmanager
 async def broker(s: Settings, timeout_s: float = 10.0) -> AsyncIterator[Any]:
     """One plain (not robust) connection: a command that loses the broker fails instead of waiting."""
-    import aio_pika
     from aiormq.exceptions import AMQPError, ChannelAccessRefused, ChannelNotFoundEntity, ChannelPreconditionFailed
+
+    from gateway.bus.connect import connect
 
     for name in ("aiormq", "aio_pika"):  # their own error logs would repeat the one line below
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        connection = await aio_pika.connect(s.amqp_url.get_secret_value(), timeout=timeout_s)
-    except Exception as exc:  # noqa: BLE001 - any failure to connect is one line and exit 4
-        raise Fail(f"cannot reach RabbitMQ: {_reason(exc)}", UNREACHABLE) from None
+        connection = await connect(s.amqp_url.get_secret_value(), timeout_s=timeout_s)
+    except BrokerRefused as exc:  # the same line and exit code as `gateway run` gives
+        raise Fail(f"configuration error: GATEWAY_AMQP_URL: {exc}", USAGE) from None
+    except BrokerUnavailable as exc:
+        raise Fail(f"cannot reach RabbitMQ: {exc}", UNREACHABLE) from None
     async with connection:
         try:
             yield connection
@@ -113,6 +116,17 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     if not console.is_terminal:  # piped (grep, a log): one line per row, never folded
         console = Console(width=1000, soft_wrap=True)
     console.print(t)
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Go on when `--yes` was given or the operator answers yes on a terminal. Without a terminal
+    to ask, exit 2 (a usage error: a job must say `--yes`); answered no, exit 1, nothing changed."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        die(f"{question[:-1].lower()} needs --yes: there is no terminal to ask", USAGE)
+    if not click.confirm(question, default=False, err=True):
+        die("not confirmed: nothing was changed", FAILED)
 
 
 def die(message: str, code: int = FAILED) -> NoReturn:

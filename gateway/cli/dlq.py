@@ -146,8 +146,7 @@ def replay(
             f"{matched} dead letter(s) would be replayed" if dry_run else "no dead letter matches"
         )
         return x.OK
-    if not yes:
-        click.confirm(f"Replay {matched} dead letter(s) into sms.send?", abort=True, err=True)
+    x.confirm(f"Replay {matched} dead letter(s) into sms.send?", yes)
 
     async def go() -> dl.Summary:
         from rich.console import Console
@@ -182,7 +181,7 @@ def replay(
 @dlq.command()
 @_filters
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Purge at most this many.")
-@click.option("--yes", "-y", is_flag=True, required=True, help="Required: purging cannot be undone.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed without a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def purge(
     account: str | None,
@@ -196,9 +195,20 @@ def purge(
 ) -> int:
     """Remove the selected dead letters for good (no filter: all of them)."""
     keep = _keep(account, reason, code, since, ids)
+    s = x.settings()
+
+    async def count() -> int:
+        async with x.broker(s) as connection:
+            return len(await dl.listing(connection, keep, limit))
+
+    matched = asyncio.run(count())
+    if matched == 0:
+        x.emit_json({"matched": 0, "purged": 0}) if as_json else click.echo("no dead letter matches")
+        return x.OK
+    x.confirm(f"Purge {matched} dead letter(s) for good?", yes)
 
     async def go() -> dl.Summary:
-        async with x.broker(x.settings()) as connection:
+        async with x.broker(s) as connection:
             return await dl.purge(connection, keep, limit=limit)
 
     result = asyncio.run(go())

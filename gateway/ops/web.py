@@ -16,6 +16,7 @@ The port is open to whoever can reach it, so nothing a client does may hold the 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.errors import PortInUse
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 
@@ -340,7 +342,13 @@ async def serve(app: web.Application, host: str, port: int, guard: ConnectionGua
     await runner.setup()
     assert runner.server is not None
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(guard.factory(runner.server), host, port, reuse_address=True)
+    try:
+        server = await loop.create_server(guard.factory(runner.server), host, port, reuse_address=True)
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port) from None
+        raise
     return HttpPort(runner, server, asyncio.create_task(guard.run(), name="http guard"))
 
 

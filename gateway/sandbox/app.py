@@ -10,12 +10,14 @@ Control API (JSON):
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from gateway.errors import PortInUse
 from gateway.obs.logs import get_logger
 from gateway.sandbox.dlr import DlrConfig
 from gateway.sandbox.mobizon import MobizonApi
@@ -115,7 +117,13 @@ def build_app(state: SandboxState | None = None) -> web.Application:
 async def start_sandbox(host: str, port: int, state: SandboxState | None = None) -> web.AppRunner:
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port) from None
+        raise
     log.info("sandbox_listening", url=f"http://{host}:{port}")
     return runner
 

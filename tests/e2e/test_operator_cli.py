@@ -193,7 +193,11 @@ async def test_purge_removes_only_the_selection(ring: Callable[..., Ring]) -> No
     assert Counter(r["code"] for r in rows) == {"invalid_number": 1, "bad_json": 2, "bad_field": 1}
     bodies = [cli_json("dlq", "show", r["id"], env=env)["body"] for r in rows if r["code"] == "bad_json"]
     assert sorted(b[:3] for b in bodies) == ["[[[", "{no"]  # shown as text: neither parses
-    assert cli("dlq", "purge", "--account", name, env=env).returncode == 2  # --yes is required
+    for command in ("purge", "replay"):  # no terminal to ask: --yes is required, and nothing changes
+        refused = cli("dlq", command, "--account", name, env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().endswith("needs --yes: there is no terminal to ask"), refused.stderr
+    assert len(letters_of(name, env)) == 4
     purged = cli_json("dlq", "purge", "--account", name, "--code", "bad_json", "--yes", env=env)
     assert purged["purged"] == 2
     assert sorted(r["code"] for r in letters_of(name, env)) == ["bad_field", "invalid_number"]

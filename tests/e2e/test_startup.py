@@ -5,6 +5,7 @@ and exit code 2; an unreachable broker or Redis is retried (one log line per try
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,12 @@ NO_TRACEBACK = "Traceback"
 
 def gateway(tmp: Path, *args: str, **settings: object) -> subprocess.CompletedProcess[str]:
     """Run `python -m gateway <args>` with these GATEWAY_* settings, within 60 s."""
-    env = gateway_env(state_path=str(tmp / "state.sqlite3"), http_port=0, sandbox_port=free_port(), **settings)
+    defaults: dict[str, object] = {
+        "state_path": str(tmp / "state.sqlite3"),
+        "http_port": 0,
+        "sandbox_port": free_port(),
+    }
+    env = gateway_env(**{**defaults, **settings})
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True, timeout=60, check=False
     )
@@ -40,6 +46,11 @@ def gateway(tmp: Path, *args: str, **settings: object) -> subprocess.CompletedPr
         ({"redis_url": "redis://:not-the-password@127.0.0.1:6379/0"}, "GATEWAY_REDIS_URL"),
         ({"redis_url": "redis://127.0.0.1:6379/0?no_such_option=1"}, "GATEWAY_REDIS_URL"),
         ({"accounts_file": "ACCOUNTS_YAML"}, "GATEWAY_ACCOUNTS_FILE"),
+        ({"http_port": "BUSY"}, "GATEWAY_HTTP__PORT"),
+        ({"sandbox_port": "BUSY"}, "GATEWAY_SANDBOX_PORT"),
+        ({"amqp_url": "amqp//guest:not-the-password@127.0.0.1:5672/"}, "GATEWAY_AMQP_URL"),
+        ({"redis_url": "redis//:not-the-password@127.0.0.1:6379"}, "GATEWAY_REDIS_URL"),
+        ({"redis_url": "redis+sentinel://:not-the-password@127.0.0.1:26379"}, "GATEWAY_REDIS_URL"),
     ],
     ids=[
         "log-level",
@@ -51,6 +62,11 @@ def gateway(tmp: Path, *args: str, **settings: object) -> subprocess.CompletedPr
         "redis-auth",
         "redis-option",
         "yaml",
+        "web-port-in-use",
+        "sandbox-port-in-use",
+        "amqp-url-shape",
+        "redis-url-shape",
+        "sentinel-without-service",
     ],
 )
 def test_a_configuration_mistake_is_one_line_and_exit_2(
@@ -60,14 +76,48 @@ def test_a_configuration_mistake_is_one_line_and_exit_2(
         path = tmp_path / "accounts.yaml"
         path.write_text("accounts:\n  - name: otp\n    provider: serwersms\n")
         settings = {"accounts_file": str(path)}
-    done = gateway(tmp_path, "run", "--sandbox", log_format="json", **settings)
+    with socket.socket() as taken:  # a port another process listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        settings = {k: busy if v == "BUSY" else v for k, v in settings.items()}
+        done = gateway(tmp_path, "run", "--sandbox", log_format="json", **settings)
     assert done.returncode == 2, done.stderr[-2000:]
     assert NO_TRACEBACK not in done.stdout + done.stderr
     lines = [json.loads(line) for line in done.stderr.strip().splitlines()]  # JSON asked for: every line
     last = lines[-1]
     assert last["event"] == "configuration_error"
     assert last["error"].startswith(variable)
-    assert "not-the-password" not in done.stderr
+    assert "not-the-password" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "settings", "variable"),
+    [
+        (["dlq", "list"], {"amqp_url": AMQP_URL.replace("guest:guest", "guest:not-the-password")}, "GATEWAY_AMQP_URL"),
+        (["dlq", "list"], {"amqp_url": AMQP_URL + "no-such-vhost"}, "GATEWAY_AMQP_URL"),
+        (["config"], {"amqp_url": "amqp//guest:not-the-password@127.0.0.1:5672/"}, "GATEWAY_AMQP_URL"),
+        (["config"], {"redis_url": "redis//:not-the-password@127.0.0.1:6379"}, "GATEWAY_REDIS_URL"),
+        (["config"], {"redis_url": "redis+sentinel://:not-the-password@127.0.0.1:26379"}, "GATEWAY_REDIS_URL"),
+        (["sandbox"], {"sandbox_port": "BUSY"}, "GATEWAY_SANDBOX_PORT"),
+    ],
+    ids=["password", "vhost", "amqp-url-shape", "redis-url-shape", "sentinel-without-service", "sandbox-port"],
+)
+def test_the_cli_reads_a_configuration_mistake_as_run_does(
+    tmp_path: Path, services: None, command: list[str], settings: dict[str, str], variable: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        settings = {k: busy if v == "BUSY" else v for k, v in settings.items()}
+        args = [*command, "--sandbox"] if command == ["config"] else command
+        done = gateway(tmp_path, *args, **settings)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert NO_TRACEBACK not in done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"gateway: configuration error: {variable}: "), line
+    assert "not-the-password" not in done.stdout + done.stderr
 
 
 def test_a_comma_separated_retry_schedule_is_read(tmp_path: Path) -> None:
