@@ -37,6 +37,6 @@ VOLUME ["/var/lib/gateway"]
 USER ${UID}:${UID}
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"]
+  CMD ["python", "-c", "import os,sys,urllib.request; e=os.environ; port=e.get('GATEWAY_HTTP__PORT') or e.get('GATEWAY_HTTP_PORT') or '8080'; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["gateway"]
 CMD ["run"]

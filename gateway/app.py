@@ -100,6 +100,7 @@ class Gateway:
         self._workers: list[AccountWorker] = []
         self._unroutable: UnroutableWorker | None = None
         self._runners: list[AppRunner | web.HttpPort] = []
+        self._http_url: str | None = None  # where the web port listens, once it does
         self._channels: list[AbstractChannel] = []
         self._tasks: list[asyncio.Task[None]] = []  # delivery reports: the desk and one poller per account
         self._desk: Desk | None = None
@@ -132,11 +133,14 @@ class Gateway:
                 webhook_rate_per_s=s.webhook.rate_per_s,
             )
             try:
-                self._runners.append(await web.serve(app, s.http.host, s.http.port, guard))
+                port = await web.serve(app, s.http.host, s.http.port, guard)
             except PortInUse as exc:
                 raise ConfigError(
                     f"GATEWAY_HTTP__PORT: {exc} (choose another port, or 0 to turn the HTTP endpoints off)"
                 ) from None
+            self._runners.append(port)
+            self._http_url = port.url
+            log.info("http_listening", url=port.url, probes=["/healthz", "/readyz", "/metrics"])
         self._store = await self._open_state()
         self._connection = await self._connect()
         self._waiting_for = "topology"
@@ -197,6 +201,7 @@ class Gateway:
             accounts=[a.name for a in self.accounts],
             owner=self._owner,
             store=type(self._store).__name__,
+            http=self._http_url,
         )
 
     async def _publisher_channel(self) -> AbstractChannel:

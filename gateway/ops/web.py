@@ -331,6 +331,12 @@ class HttpPort:
         self._server = server
         self._reaper = reaper
 
+    @property
+    def url(self) -> str:
+        """Where it listens, with the port the system chose when 0 was asked for."""
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
     async def cleanup(self) -> None:
         self._reaper.cancel()
         self._server.close()

@@ -69,7 +69,22 @@ def build_app(state: SandboxState | None = None) -> web.Application:
         state.faults.clear()
         return web.json_response({"cleared": True})
 
+    def current() -> web.Response:
+        return web.json_response(
+            {
+                "duplicate_control": state.duplicate_control,
+                "mobizon_home": state.mobizon_home,
+                "mobizon_rate_per_s": state.mobizon_rate_per_s,
+                "mobizon_recipient_codes": state.mobizon_recipient_codes,
+                "dlr": state.lifecycle.config.model_dump(),
+            }
+        )
+
+    async def show_config(_request: web.Request) -> web.Response:
+        return current()
+
     async def configure(request: web.Request) -> web.Response:
+        """Merges into the configuration: only the keys given change (a webhook by its API key)."""
         cfg = await _json_model(request, SandboxConfig)
         if cfg.duplicate_control is not None:
             state.duplicate_control = cfg.duplicate_control
@@ -80,15 +95,12 @@ def build_app(state: SandboxState | None = None) -> web.Application:
         if cfg.mobizon_rate_per_s is not None:
             state.mobizon_rate_per_s = cfg.mobizon_rate_per_s or None
         if cfg.dlr is not None:
-            state.lifecycle.config = cfg.dlr
-        return web.json_response(
-            {
-                "duplicate_control": state.duplicate_control,
-                "mobizon_home": state.mobizon_home,
-                "mobizon_rate_per_s": state.mobizon_rate_per_s,
-                "dlr": state.lifecycle.config.model_dump(),
-            }
-        )
+            was = state.lifecycle.config
+            given = {name: getattr(cfg.dlr, name) for name in cfg.dlr.model_fields_set}
+            if "webhooks" in given:
+                given["webhooks"] = {**was.webhooks, **given["webhooks"]}
+            state.lifecycle.config = was.model_copy(update=given)
+        return current()
 
     async def reset(_request: web.Request) -> web.Response:
         state.reset()
@@ -102,6 +114,7 @@ def build_app(state: SandboxState | None = None) -> web.Application:
             web.get("/_sandbox/polls", polls),
             web.post("/_sandbox/faults", add_fault),
             web.delete("/_sandbox/faults", clear_faults),
+            web.get("/_sandbox/config", show_config),
             web.post("/_sandbox/config", configure),
             web.post("/_sandbox/reset", reset),
         ]

@@ -136,3 +136,22 @@ async def test_fault_rules_fire_count_times_for_the_matching_identity(
     assert codes == [3106, None, 3106, None]
     bad = await client.post("/_sandbox/faults", json={"rate": 7})
     assert bad.status_code == 400
+
+
+async def test_config_merges_the_keys_given_and_answers_get(api: tuple[httpx.AsyncClient, SandboxState]) -> None:
+    client, _state = api
+    defaults = (await client.get("/_sandbox/config")).json()
+    assert defaults["dlr"]["delay_s"] == 1.0
+    assert defaults["dlr"]["webhooks"] == {}
+    hook_a = {"url": "http://127.0.0.1:9/a", "secret": "s-a"}
+    hook_b = {"url": "http://127.0.0.1:9/b", "secret": "s-b"}
+    r = await client.post("/_sandbox/config", json={"dlr": {"delay_s": 0.2, "webhooks": {"key-a": hook_a}}})
+    assert r.status_code == 200
+    # A second call changes what it names and keeps the rest: the first call's webhook stays.
+    await client.post("/_sandbox/config", json={"dlr": {"mix": {"undelivered": 1.0}, "webhooks": {"key-b": hook_b}}})
+    await client.post("/_sandbox/config", json={"duplicate_control": True})
+    now = (await client.get("/_sandbox/config")).json()
+    assert now["dlr"]["delay_s"] == 0.2
+    assert now["dlr"]["mix"] == {"undelivered": 1.0}
+    assert sorted(now["dlr"]["webhooks"]) == ["key-a", "key-b"]
+    assert now["duplicate_control"] is True
