@@ -41,6 +41,7 @@ from gateway.core.pipeline import Pipeline
 from gateway.dlr import tracking
 from gateway.dlr.desk import Desk, Poller
 from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError, PortInUse, StoreRefused, StoreUnavailable
+from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.ops import web
 from gateway.ops.diagnostics import dump_tasks
@@ -153,6 +154,11 @@ class Gateway:
         )
 
         for account in self.accounts:
+            m.prime_account(
+                account.name,
+                [str(r) for r in c.DeadReason],
+                [str(c.Status.DELIVERED), str(c.Status.UNDELIVERED)],
+            )
             adapter = self._build_adapter(account)
             self._adapters.append(adapter)
             max_batch = min(account.batch_size, adapter.max_batch)

@@ -112,6 +112,20 @@ DLR_POLL_LAG = Gauge(
 DLR_POLLS = Counter("sms_dlr_polls", "Status polls made, one per provider call", ["account"], registry=REGISTRY)
 
 
+def prime_account(account: str, dead_reasons: list[str], final_statuses: list[str]) -> None:
+    """Zero samples for an account's series that alerts and panels read, so a quiet account shows 0
+    instead of no data until its first event."""
+    PAUSED.labels(account).set(0)
+    IN_FLIGHT.labels(account).set(0)
+    RATE_LIMIT_WAIT.labels(account).inc(0)
+    for kind in ("retry", "wait"):
+        RETRIES.labels(account, kind).inc(0)
+    for reason in dead_reasons:
+        DEAD_LETTERS.labels(account, reason).inc(0)
+    for status in final_statuses:
+        DLR_EVENTS.labels(account, status).inc(0)
+
+
 def render() -> bytes:
     return generate_latest(REGISTRY)
 

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.config import Settings, parse_accounts, renamed_variables, unknown_variables
+from gateway.config import GROUPS, Settings, env_name, parse_accounts, renamed_variables, unknown_variables
 from testkit import ROOT
 
 pytestmark = pytest.mark.chart
@@ -323,3 +323,47 @@ def test_the_image_is_labelled_with_the_package_version() -> None:
     assert re.search(r"^ARG VERSION=(.+)$", dockerfile, re.MULTILINE)[1] == version  # type: ignore[index]
     assert 'org.opencontainers.image.version="${VERSION}"' in dockerfile
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+# Set by the chart itself (Secrets, mounts, the HTTP port value) or meaningless in a pod.
+CHART_OWNED = {
+    "GATEWAY_AMQP_URL",
+    "GATEWAY_REDIS_URL",
+    "GATEWAY_MANAGEMENT_URL",
+    "GATEWAY_ACCOUNTS",
+    "GATEWAY_ACCOUNTS_FILE",
+    "GATEWAY_STATE_PATH",
+    "GATEWAY_HTTP__HOST",
+    "GATEWAY_HTTP__PORT",
+    "GATEWAY_SANDBOX_PORT",
+    "GATEWAY_STORE_RECOVERY_S",  # unset by default: derived from the retry schedule
+}
+
+
+def test_the_chart_config_covers_every_setting_with_the_gateway_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = effective_env(render({}))
+    every = {env_name(name) for name in Settings.model_fields if name not in GROUPS}
+    every |= {env_name(f"{group}.{name}") for group, model in GROUPS.items() for name in model.model_fields}
+    assert every - CHART_OWNED - set(env) == set()  # a setting the chart's config cannot set
+    for key in list(os.environ):
+        if key.startswith("GATEWAY_"):
+            monkeypatch.delenv(key)
+    defaults = Settings().model_dump(mode="json")
+    for key, value in env.items():
+        if key.startswith("GATEWAY_") and key not in CHART_OWNED:
+            monkeypatch.setenv(key, value)
+    charted = Settings().model_dump(mode="json")
+    differ = {k for k in defaults if defaults[k] != charted[k]}
+    assert differ == {"log_format"}, differ  # only JSON logs, chosen for the cluster
+    recovery = render({"config": {"storeRecoverySeconds": 900}})
+    assert effective_env(recovery)["GATEWAY_STORE_RECOVERY_S"] == "900"
+
+
+def test_the_network_policy_lets_out_an_account_base_url_port() -> None:
+    account = {"name": "own", "provider": "serwersms", "base_url": "https://sms.example.com:8443", "token": "file:/x"}
+    docs = render({"networkPolicy": {"enabled": True}, "accounts": [account]})
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"] if p["protocol"] == "TCP"]
+    assert 8443 in ports
+    assert 6380 in ports  # Redis over TLS, as in docs/kubernetes.md
+    assert len(ports) == len(set(ports))

@@ -80,3 +80,18 @@ async def test_the_time_a_request_waited_in_its_queue_is_measured_from_its_times
         await bus.wait_for(outcomes=2)
     assert sample("sms_queue_wait_seconds_count", {"account": name}) == 1
     assert 42 <= sample("sms_queue_wait_seconds_sum", {"account": name}) < 60
+
+
+async def test_a_quiet_account_shows_zeros_where_alerts_and_panels_read(world: InProcess) -> None:
+    name = new_account_name()
+    await world.gateway([world.account(name)])
+    for metric, labels in [
+        ("sms_account_paused", {"account": name}),
+        ("sms_in_flight", {"account": name}),
+        ("sms_rate_limit_wait_seconds_total", {"account": name}),
+        ("sms_retries_total", {"account": name, "kind": "retry"}),
+        ("sms_retries_total", {"account": name, "kind": "wait"}),
+        ("sms_dead_letters_total", {"account": name, "reason": "rejected"}),
+        ("sms_dlr_events_total", {"account": name, "status": "undelivered"}),
+    ]:
+        assert m.REGISTRY.get_sample_value(metric, labels) == 0.0, metric  # a sample, not None
