@@ -1,6 +1,13 @@
 // Publish one SMS request to the gateway and wait for its outcome (amqp091-go).
 //
-//	go get github.com/rabbitmq/amqp091-go   (or Debian: golang-github-rabbitmq-amqp091-go-dev)
+// On Debian or Ubuntu, offline, with the distribution's copy of the client:
+//
+//	apt install golang-go golang-github-rabbitmq-amqp091-go-dev
+//	AMQP_URL=amqp://guest:guest@127.0.0.1:5672/ SMS_ACCOUNT=demo SMS_TO=+48500600700 GO111MODULE=off GOPATH=/usr/share/gocode go run send_sms.go
+//
+// Anywhere else, with the module from the Go proxy:
+//
+//	go mod init send_sms && go get github.com/rabbitmq/amqp091-go
 //	AMQP_URL=amqp://guest:guest@127.0.0.1:5672/ SMS_ACCOUNT=demo SMS_TO=+48500600700 go run send_sms.go
 //
 // The outcome comes back on a reply queue of our own (reply_to), matched by our correlation_id.

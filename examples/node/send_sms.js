@@ -1,6 +1,6 @@
 // Publish one SMS request to the gateway and wait for its outcome (amqplib).
 //
-//   npm install amqplib
+//   npm ci     (amqplib, at the version package-lock.json pins; or: npm install amqplib)
 //   AMQP_URL=amqp://guest:guest@127.0.0.1:5672/ SMS_ACCOUNT=demo SMS_TO=+48500600700 node send_sms.js
 //
 // The outcome comes back through RabbitMQ's direct reply-to (no queue to declare), matched on

@@ -1,7 +1,7 @@
 <?php
 // Publish one SMS request to the gateway and wait for its outcome (php-amqplib).
 //
-//   composer require php-amqplib/php-amqplib     (or Debian: apt install php-cli php-amqplib)
+//   apt install php-cli php-amqplib     (Debian or Ubuntu; elsewhere: composer require php-amqplib/php-amqplib)
 //   AMQP_URL=amqp://guest:guest@127.0.0.1:5672/ SMS_ACCOUNT=demo SMS_TO=+48500600700 php send_sms.php
 //
 // The outcome is read from a queue of our own bound to sms.outcomes for the account

@@ -1,5 +1,6 @@
 """Publish one SMS request to the gateway and wait for its outcome (aio-pika).
 
+    python -m pip install aio-pika
     AMQP_URL=amqp://guest:guest@127.0.0.1:5672/ SMS_ACCOUNT=demo SMS_TO=+48500600700 python send_sms.py
 
 The outcome comes back on a reply queue of our own (reply_to), matched by our correlation_id;

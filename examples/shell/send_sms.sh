@@ -1,6 +1,7 @@
 #!/bin/sh
 # Publish one SMS request to the gateway and wait for its outcome (Debian's amqp-tools).
 #
+#   apt install amqp-tools
 #   AMQP_URL=amqp://guest:guest@127.0.0.1:5672 SMS_ACCOUNT=demo SMS_TO=+48500600700 ./send_sms.sh
 #
 # The outcome comes back on a queue of our own named in reply_to. amqp-publish cannot set
