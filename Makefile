@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run sandbox test lint typecheck unit integration bench chaos lock contract clean
+.PHONY: install run sandbox test lint typecheck unit integration bench chaos lock contract docs clean
 
 # Dependencies come from the hashed lock file (make lock writes it from pyproject.toml); the project
 # itself is installed on top, without resolving anything again.
@@ -56,6 +56,10 @@ chaos: $(STAMP)
 ## while the committed files differ).
 contract: $(STAMP)
 	$(BIN)/python -m gateway.ops.schema contract
+
+## The configuration reference (docs/configuration.md) from the settings' descriptions.
+docs: $(STAMP)
+	$(BIN)/python -m gateway.ops.settings_doc docs/configuration.md
 
 lock: $(STAMP)
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \

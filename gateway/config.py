@@ -74,11 +74,11 @@ class Account(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: AccountName
-    provider: ProviderName
+    name: AccountName = Field(description="routing key and queue suffix: `[a-z0-9][a-z0-9_-]*`, at most 63")
+    provider: ProviderName = Field(description="`serwersms` or `mobizon`")
     base_url: str = Field(description="provider API root, e.g. https://api2.serwersms.pl")
     username: str | None = Field(default=None, description="SerwerSMS API user (with password)")
-    password: SecretStr | None = None
+    password: SecretStr | None = Field(default=None, description="SerwerSMS API password (with username)")
     token: SecretStr | None = Field(default=None, description="SerwerSMS API token (Bearer)")
     api_key: SecretStr | None = Field(default=None, description="Mobizon apiKey")
     webhook_secret: SecretStr | None = Field(
@@ -323,7 +323,7 @@ class Settings(BaseSettings):
         default=5.0,
         gt=0,
         description="one Redis command or connect; past it the call fails and the batch waits as delayed "
-        "copies. Without it, a Redis host that vanished (no reset, no answer) held every store call for good",
+        "copies, so a Redis host that vanished without a reset cannot hold the store's calls",
     )
     state_path: Path = Field(default=Path("gateway-state.sqlite3"), description="SQLite state file")
     management_url: SecretStr | None = Field(
@@ -366,7 +366,9 @@ class Settings(BaseSettings):
     )
     http: HttpOptions = HttpOptions()
     webhook: WebhookOptions = WebhookOptions()
-    log_format: Literal["json", "console", "auto"] = "auto"
+    log_format: Literal["json", "console", "auto"] = Field(
+        default="auto", description="`json`, `console`, or `auto` (console on a terminal, JSON otherwise)"
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     sandbox_port: int = Field(default=8580, ge=1, le=65535, description="port of `run --sandbox`")
     provider_proxy_from_env: bool = Field(

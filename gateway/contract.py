@@ -1,4 +1,4 @@
-"""The bus contract, version 1 (README: "The bus contract"; contract/ holds its schemas).
+"""The bus contract, version 1 (docs/contract.md; contract/ holds its schemas).
 
 Everything a producer or consumer in another language sees is named here: exchange and queue
 names, header names, the send-request schema and the outcome body. Nothing in this module does

@@ -16,7 +16,7 @@ import click
 from gateway.config import Settings, load_settings
 from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError
 
-# Exit codes (README, "Operator CLI").
+# Exit codes (docs/operations.md, "Operator CLI").
 OK = 0
 FAILED = 1  # the answer is "no": drift found, the outcome was not accepted, a letter not found
 USAGE = 2  # bad arguments or configuration (click's own usage errors exit 2 as well)

@@ -26,7 +26,7 @@ _SANDBOX = click.option("--sandbox", is_flag=True, help="With the sandbox's demo
 
 @click.group()
 def topology() -> None:
-    """The exchanges, queues and bindings of the bus (README, "Topology")."""
+    """The exchanges, queues and bindings of the bus (docs/contract.md)."""
 
 
 @topology.command()

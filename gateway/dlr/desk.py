@@ -202,7 +202,7 @@ class Desk:
 
     async def finish_marks(self, timeout_s: float) -> int:
         """At shutdown: stop any rebuild (the next process's loss check does not see it: see the
-        README), and wait up to `timeout_s` for final marks still being tried; returns how many were
+        docs/delivery-reports.md), and wait up to `timeout_s` for final marks still being tried; returns how many were
         left (their events may be published again after the lease)."""
         for task in self._rebuilding.values():
             task.cancel()

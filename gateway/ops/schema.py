@@ -36,7 +36,7 @@ def send_request() -> dict[str, Any]:
         "description": (
             "One SMS to one recipient, published to exchange sms.send with routing key = account name. "
             "UTF-8 JSON, content_type application/json. Fields not named here are ignored within v1 "
-            "(README, 'Contract evolution')."
+            "(docs/contract.md, 'Contract evolution')."
         ),
         "type": "object",
         "required": ["to", "text"],
@@ -358,7 +358,7 @@ def _queue_messages(name: str) -> dict[str, Any]:
     return {"messages": {ref: {"$ref": f"#/components/messages/{ref}"}}}
 
 
-# Example messages: in the AsyncAPI document, the README and the tests; each validates.
+# Example messages: in the AsyncAPI document, docs/contract.md and the tests; each validates.
 EXAMPLES: dict[str, list[dict[str, Any]]] = {
     "send-request": [
         {"unique_id": "order-1812-otp", "to": "+48500600700", "text": "Your code is {code}", "vars": {"code": "4711"}},

@@ -367,3 +367,34 @@ def test_the_network_policy_lets_out_an_account_base_url_port() -> None:
     assert 8443 in ports
     assert 6380 in ports  # Redis over TLS, as in docs/kubernetes.md
     assert len(ports) == len(set(ports))
+
+
+def test_the_kubernetes_steps_in_the_docs_render_and_fit_together() -> None:
+    """docs/kubernetes.md, read as a user follows it: its values file renders into valid
+    manifests, the Secrets it creates are the ones the pods read, each credential an account
+    references is a key of the credentials Secret, and the deployment it names exists."""
+    import re
+
+    page = (ROOT / "docs" / "kubernetes.md").read_text()
+    values = yaml.safe_load(re.search(r"`values-prod.yaml`:\n\n\s*```yaml\n(.*?)```", page, re.S).group(1))  # type: ignore[union-attr]
+    docs = render(values)
+    for doc in docs:
+        if doc["kind"] not in CRDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    created = dict(re.findall(r"create secret generic (\S+) \\\n((?:.*\\\n)*.*)", page))
+    (deploy,) = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    read = {e["valueFrom"]["secretKeyRef"]["name"] for e in pod["containers"][0]["env"] if "valueFrom" in e}
+    read |= {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert read <= set(created), read - set(created)
+    keys = set(re.findall(r"--from-literal=([\w-]+)=", created["sms-gateway-credentials"]))
+    referenced = {
+        str(value).removeprefix("file:/etc/gateway/secrets/")
+        for account in values["accounts"]
+        for value in account.values()
+        if str(value).startswith("file:/etc/gateway/secrets/")
+    }
+    assert referenced == keys
+    (install,) = re.findall(r"helm install (\S+) ", page)
+    assert f"deploy/{deploy['metadata']['name']}" in page
+    assert install == "sms"

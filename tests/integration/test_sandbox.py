@@ -155,3 +155,20 @@ async def test_config_merges_the_keys_given_and_answers_get(api: tuple[httpx.Asy
     assert now["dlr"]["mix"] == {"undelivered": 1.0}
     assert sorted(now["dlr"]["webhooks"]) == ["key-a", "key-b"]
     assert now["duplicate_control"] is True
+
+
+async def test_the_documented_defaults_are_the_sandbox_defaults(api: tuple[httpx.AsyncClient, SandboxState]) -> None:
+    import json
+    import re
+
+    from testkit import ROOT
+
+    client, _state = api
+    doc = (ROOT / "docs" / "sandbox.md").read_text()
+    rows = dict(re.findall(r"^\| `([\w.]+)` \| (.*?) \|", doc, re.M))
+    config = (await client.get("/_sandbox/config")).json()
+    flat = {**{k: v for k, v in config.items() if k != "dlr"}, **{f"dlr.{k}": v for k, v in config["dlr"].items()}}
+    assert set(rows) == set(flat)
+    for key, value in flat.items():
+        written = rows[key].strip("`")
+        assert value in (None, 0) if written == "unset" else json.loads(written) == value, key

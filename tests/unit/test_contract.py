@@ -51,7 +51,7 @@ def test_with_vars_braces_are_placeholders() -> None:
 
 
 def test_unknown_fields_are_ignored_within_v1() -> None:
-    """Contract evolution (README): v1 only grows by optional fields, so a gateway ignores fields it
+    """Contract evolution (docs/contract.md): v1 only grows by optional fields, so a gateway ignores fields it
     does not know, whether newer or a producer's own."""
     req = decode({"v": 1, "unique_id": "a", "to": "1", "text": "x", "priority": "high", "x-app": {"k": [1]}})
     assert isinstance(req, c.SendRequest)
