@@ -42,7 +42,7 @@ def normalize(raw: str, default_region: str) -> str:
 
 
 def mask(number: str | None) -> str | None:
-    """Keep the country code and the last three digits: `+48500600700` -> `+485******700`."""
+    """Keep the country code and the last three digits: `+48500600700` -> `+485*****700`."""
     if not number:
         return number
     digits = number.lstrip("+")

@@ -14,7 +14,7 @@ from typing import Any
 import click
 import structlog
 
-from gateway.cli import accounts, dlq, send, topology
+from gateway.cli import accounts, dlq, send, topology, trace
 from gateway.cli.common import USAGE, Fail
 from gateway.config import Settings, load_settings, renamed_variables, unknown_variables
 from gateway.errors import ConfigError, PortInUse
@@ -143,6 +143,7 @@ cli.add_command(send.send)
 cli.add_command(dlq.dlq)
 cli.add_command(topology.topology)
 cli.add_command(accounts.accounts)
+cli.add_command(trace.trace)
 
 
 def main(argv: list[str] | None = None) -> int:

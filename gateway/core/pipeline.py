@@ -46,7 +46,7 @@ from gateway.providers.base import (
     send_split,
 )
 from gateway.state import Claim, ClaimState, Grant, SendStore, StoredResult
-from gateway.state.base import BatchRecord, Tracked
+from gateway.state.base import BatchRecord, RetryNote, Tracked
 
 # The decisions are re-exported: the bus settles what the pipeline decides, by these names.
 
@@ -308,6 +308,8 @@ class Pipeline:
         unknown: list[str] = []
         release: list[str] = []
         tracked: list[Tracked] = []
+        retries: dict[str, RetryNote] = {}
+        numbers: dict[str, str] = {}
         track = self._options.dlr.enabled
         now = self._clock.time()
         for i, decision in decisions.items():
@@ -316,11 +318,15 @@ class Pipeline:
             assert uid is not None
             if isinstance(decision, Finish) and decision.store:
                 r = done[uid] = decision.result
+                if job.phone:
+                    numbers[uid] = job.phone
                 is_test = job.item is not None and job.item.test
                 if track and r.status == Status.ACCEPTED and r.provider_message_id and not is_test:
                     tracked.append(Tracked(r.provider_message_id, uid, job.phone, job.meta, self.provider, now))
             elif isinstance(decision, Retry):
                 (unknown if decision.ambiguous else release).append(uid)
+                err = decision.error
+                retries[uid] = RetryNote(decision.attempts, err.code, err.message, now, now + decision.delay_ms / 1000)
         s = self._options
         return BatchRecord(
             done=done,
@@ -332,6 +338,8 @@ class Pipeline:
             first_poll_s=s.dlr.poll_after_s,
             track_ttl_s=s.dlr.track_ttl_s,
             hold_s=ANNOUNCE_HOLD_S,
+            retries=retries,
+            numbers=numbers,
         )
 
     async def _record(self, batch: BatchRecord) -> bool:

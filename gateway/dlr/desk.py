@@ -176,24 +176,25 @@ class Desk:
             await asyncio.shield(self._store.abandon_final(account, message_id, holder))
             raise
         m.DLR_REPORTS.labels(account, source, "published").inc()
+        final = (str(report.final), c.rfc3339(report.at or self._clock.now()))
         try:
-            await self._store.end_final(account, message_id, holder)
+            await self._store.end_final(account, message_id, holder, *final)
         except BaseException as exc:
             # Published: the mark must land, or the lease ends and the event goes out again.
             log.warning("dlr_mark_failed", account=account, provider_message_id=message_id, error=type(exc).__name__)
-            task = asyncio.create_task(self._mark_until_stored(account, message_id, holder))
+            task = asyncio.create_task(self._mark_until_stored(account, message_id, holder, final))
             self._marks.add(task)
             task.add_done_callback(self._marks.discard)
             if not isinstance(exc, Exception):
                 raise
         return FinalState.CLAIMED
 
-    async def _mark_until_stored(self, account: str, message_id: str, holder: str) -> None:
+    async def _mark_until_stored(self, account: str, message_id: str, holder: str, final: tuple[str, str]) -> None:
         delay = MARK_RETRY_FIRST_S
         while True:
             await self._clock.sleep(delay)
             try:
-                await self._store.end_final(account, message_id, holder)
+                await self._store.end_final(account, message_id, holder, *final)
             except Exception:  # noqa: BLE001 - the store is still away
                 delay = min(delay * 2, MARK_RETRY_MAX_S)
             else:

@@ -162,10 +162,13 @@ class Filter:
     code: str | None = None
     since: datetime | None = None
     ids: frozenset[str] = frozenset()
+    unique_id: str | None = None
     before: datetime | None = None  # a replay's own start: what it sends back to sms.dead is not taken again
 
     def __call__(self, letter: DeadLetter) -> bool:
         if self.ids and letter.id not in self.ids:
+            return False
+        if self.unique_id is not None and letter.unique_id != self.unique_id:
             return False
         if self.account is not None and letter.account != self.account:
             return False

@@ -171,6 +171,47 @@ class Tracked:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryNote:
+    """A request's last failed attempt and when its copy comes back (`gateway trace`)."""
+
+    attempts: int
+    code: str
+    message: str
+    at: float  # epoch seconds
+    retry_at: float
+
+    def to_json(self) -> str:
+        doc = {"n": self.attempts, "c": self.code, "m": self.message, "a": self.at, "r": self.retry_at}
+        return _COMPACT.encode(doc)
+
+    @classmethod
+    def from_json(cls, text: str) -> RetryNote:
+        d = json.loads(text)
+        return cls(int(d["n"]), str(d["c"]), str(d["m"]), float(d["a"]), float(d["r"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An accepted message's delivery tracking as the store holds it (`gateway trace`)."""
+
+    tracked: Tracked
+    state: str  # open (polls running) | held (its `accepted` not known out yet) | claim | final
+    polls: int
+    next_poll_at: float | None
+    final_status: str | None = None  # once final: delivered | undelivered
+    final_at: str | None = None  # the provider's status time, RFC 3339
+
+
+@dataclass(frozen=True, slots=True)
+class Trail:
+    """What the store knows of one request: its claim or result, its last retry, and its delivery."""
+
+    claim: Claim | None  # None: no claim and no result (never seen, waiting for a retry, or forgotten)
+    retry: RetryNote | None
+    delivery: Delivery | None
+
+
+@dataclass(frozen=True, slots=True)
 class BatchRecord:
     """What one batch's decisions mean to the store, written in one atomic step (`Store.record`):
     an accepted message's result and its delivery tracking are stored together or not at all."""
@@ -186,9 +227,13 @@ class BatchRecord:
     # > 0: each tracked message's final event is held (FinalState.HELD) until `announce` says its
     # `accepted` outcome is out, or this long after acceptance, whichever comes first.
     hold_s: float = 0.0
+    # For `gateway trace`, kept for the dedupe window: each retried request's last attempt (a
+    # `RetryNote`), and the recipient of each stored result (E.164), found again by number.
+    retries: Mapping[str, RetryNote] = field(default_factory=dict)
+    numbers: Mapping[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.done or self.unknown or self.release or self.tracked)
+        return bool(self.done or self.unknown or self.release or self.tracked or self.retries)
 
 
 class RecordShortcuts:
@@ -364,8 +409,9 @@ class ReportStore(Protocol):
         their final events may go out (ids without a hold, or unknown, are left as they are)."""
         ...
 
-    async def end_final(self, account: str, message_id: str, owner: str) -> None:
-        """The final event is published: the message is done, never polled or published again."""
+    async def end_final(self, account: str, message_id: str, owner: str, status: str = "", status_at: str = "") -> None:
+        """The final event is published: the message is done, never polled or published again.
+        Its status and the provider's time of it are kept with the correlation (`gateway trace`)."""
         ...
 
     async def abandon_final(self, account: str, message_id: str, owner: str) -> None:
@@ -400,11 +446,22 @@ class ReportStore(Protocol):
         ...
 
 
+class TraceStore(Protocol):
+    """Reads for `gateway trace`: nothing here is on the send path."""
+
+    async def trail(self, account: str, unique_id: str) -> Trail:
+        """The request's claim or result, its last retry note, and, when it was accepted, its
+        delivery tracking."""
+
+    async def by_number(self, account: str, number: str, limit: int = 50) -> list[str]:
+        """The unique_ids with a stored result to this E.164 number, newest first."""
+
+
 class SendStore(ClaimStore, RateStore, Protocol):
     """What the pipeline of one account needs: claims and tokens."""
 
 
-class Store(ClaimStore, RateStore, PauseStore, ReportStore, Protocol):
+class Store(ClaimStore, RateStore, PauseStore, ReportStore, TraceStore, Protocol):
     """Everything, as both backends implement it (Redis and SQLite); components take the part they use."""
 
     async def ping(self) -> None: ...

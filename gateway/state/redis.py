@@ -42,14 +42,17 @@ from gateway.state.base import (
     BatchRecord,
     Claim,
     ClaimState,
+    Delivery,
     Epoch,
     EpochMemory,
     FinalState,
     Grant,
     Pause,
     RecordShortcuts,
+    RetryNote,
     StoredResult,
     Tracked,
+    Trail,
     WebhookHint,
     distrust_new,
 )
@@ -69,6 +72,14 @@ def epoch_key(account: str) -> str:
 
 def corr_key(account: str, message_id: str) -> str:
     return f"{PREFIX}:{{{account}}}:c:{message_id}"
+
+
+def trail_key(account: str, uid: str) -> str:
+    return f"{PREFIX}:{{{account}}}:t:{uid}"
+
+
+def number_key(account: str, number: str) -> str:
+    return f"{PREFIX}:{{{account}}}:n:{number}"
 
 
 def dlr_key(account: str, name: str) -> str:
@@ -201,16 +212,18 @@ return {out, grant, tostring(wait), tostring(f), ep}
 
 # A batch's record (state.base.BatchRecord) in one step. (A script rather than a transaction: the
 # same on a single Redis, behind Sentinel and in a Cluster, where every key of one account shares a
-# slot.) KEYS = due, open, then nd result keys, nu unknown keys, nr release keys, and one correlation
-# key per tracked message. ARGV = nd, nu, nr, dedupe ttl ms, owner, the unknown record, track ttl
-# ms, first poll after s, hold s, then nd result JSONs, then (record, message id, accepted at) per
-# tracked message.
+# slot.) KEYS = due, open, then nd result keys, nu unknown keys, nr release keys, nt correlation
+# keys (one per tracked message), nn retry-note keys and nb number-index keys. ARGV = nd, nu, nr,
+# dedupe ttl ms, owner, the unknown record, track ttl ms, first poll after s, hold s, nt, nn, nb,
+# now (s), then nd result JSONs, (record, message id, accepted at) per tracked message, nn note
+# JSONs and nb unique_ids.
 _RECORD = """
 local nd, nu, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, owner = tonumber(ARGV[4]), ARGV[5]
+local nt, nn, nb = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local ttl, owner, now = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[13])
 local k = 2
 for i = 1, nd do
-  redis.call('SET', KEYS[k + i], cjson.encode({s = 'done', r = ARGV[9 + i]}), 'PX', ttl)
+  redis.call('SET', KEYS[k + i], cjson.encode({s = 'done', r = ARGV[13 + i]}), 'PX', ttl)
 end
 k = k + nd
 for i = 1, nu do redis.call('SET', KEYS[k + i], ARGV[6], 'PX', ttl) end
@@ -224,8 +237,8 @@ for i = 1, nr do
 end
 k = k + nr
 local track_ttl, first, hold = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local a = 9 + nd
-for i = k + 1, #KEYS do
+local a = 13 + nd
+for i = k + 1, k + nt do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local at = tonumber(ARGV[a + 3])
     if hold > 0 then
@@ -239,6 +252,13 @@ for i = k + 1, #KEYS do
     redis.call('ZADD', KEYS[2], at, ARGV[a + 2])
   end
   a = a + 3
+end
+k = k + nt
+for i = 1, nn do redis.call('SET', KEYS[k + i], ARGV[a + i], 'PX', ttl) end
+k, a = k + nn, a + nn
+for i = 1, nb do
+  redis.call('ZADD', KEYS[k + i], now, ARGV[a + i])
+  redis.call('PEXPIRE', KEYS[k + i], ttl)
 end
 return 1
 """.replace("{HOLDER}", HOLDER)
@@ -343,9 +363,12 @@ end
 return #KEYS - 2
 """
 
-# KEYS = correlation, due, open; ARGV = message id, owner.
+# KEYS = correlation, due, open; ARGV = message id, owner, final status, its time ('' if unknown).
 _END_FINAL = """
-if redis.call('HGET', KEYS[1], 'o') == ARGV[2] then redis.call('HSET', KEYS[1], 's', 'final') end
+if redis.call('HGET', KEYS[1], 'o') == ARGV[2] then
+  redis.call('HSET', KEYS[1], 's', 'final')
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[3], 'fa', ARGV[4]) end
+end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
@@ -548,11 +571,19 @@ class RedisStore(RecordShortcuts):
             max(1, int(batch.track_ttl_s * 1000)),
             batch.first_poll_s,
             batch.hold_s,
+            len(batch.tracked),
+            len(batch.retries),
+            len(batch.numbers),
+            self._clock.time() if self._clock is not None else time.time(),
             *(r.to_json() for r in batch.done.values()),
         ]
         for t in batch.tracked:
             keys.append(corr_key(account, t.provider_message_id))
             args += [t.to_json(), t.provider_message_id, t.accepted_at]
+        keys += [trail_key(account, uid) for uid in batch.retries]
+        args += [note.to_json() for note in batch.retries.values()]
+        keys += [number_key(account, number) for number in batch.numbers.values()]
+        args += list(batch.numbers)
         await self._record(keys=keys, args=args)
 
     async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
@@ -599,9 +630,40 @@ class RedisStore(RecordShortcuts):
         st = FinalState(state)
         return st, Tracked.from_json(record) if st is FinalState.CLAIMED else None
 
-    async def end_final(self, account: str, message_id: str, owner: str) -> None:
+    async def end_final(self, account: str, message_id: str, owner: str, status: str = "", status_at: str = "") -> None:
         keys = [corr_key(account, message_id), dlr_key(account, "due"), dlr_key(account, "open")]
-        await self._end_final(keys=keys, args=[message_id, owner])
+        await self._end_final(keys=keys, args=[message_id, owner, status, status_at])
+
+    async def trail(self, account: str, unique_id: str) -> Trail:
+        now = self._clock.time() if self._clock is not None else time.time()
+        raw, note = await self._redis.mget(dedupe_key(account, unique_id), trail_key(account, unique_id))
+        claim: Claim | None = None
+        if raw is not None:
+            rec = json.loads(raw)
+            if rec.get("s") == "done":
+                claim = Claim(ClaimState.DONE, StoredResult.from_json(rec["r"]))
+            elif rec.get("s") == "inflight" and float(rec.get("l", 0)) / 1000 > now:
+                claim = Claim(ClaimState.BUSY, owner=rec.get("o"), lease_left_s=float(rec["l"]) / 1000 - now)
+            else:  # an unknown mark, or a claim whose lease ran out: the next copy reconciles
+                claim = Claim(ClaimState.RECONCILE, owner=rec.get("o"))
+        retry = RetryNote.from_json(note) if note is not None else None
+        delivery = None
+        mid = claim.result.provider_message_id if claim is not None and claim.result is not None else None
+        if mid:
+            corr: dict[str, str] = await cast(Awaitable[dict[str, str]], self._redis.hgetall(corr_key(account, mid)))
+            if corr.get("r"):
+                due = await self._redis.zscore(dlr_key(account, "due"), mid)
+                state = corr.get("s", "open")
+                if state == "claim" and corr.get("o") == HOLDER:
+                    state = "held"
+                polls = int(corr.get("n", 0))
+                tracked = Tracked.from_json(corr["r"], polls)
+                delivery = Delivery(tracked, state, polls, due, corr.get("f"), corr.get("fa"))
+        return Trail(claim, retry, delivery)
+
+    async def by_number(self, account: str, number: str, limit: int = 50) -> list[str]:
+        key = number_key(account, number)
+        return list(await self._redis.zrevrange(key, 0, limit - 1))
 
     async def abandon_final(self, account: str, message_id: str, owner: str) -> None:
         await self._abandon_final(keys=[corr_key(account, message_id)], args=[owner])

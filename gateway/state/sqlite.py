@@ -28,14 +28,17 @@ from gateway.state.base import (
     BatchRecord,
     Claim,
     ClaimState,
+    Delivery,
     Epoch,
     EpochMemory,
     FinalState,
     Grant,
     Pause,
     RecordShortcuts,
+    RetryNote,
     StoredResult,
     Tracked,
+    Trail,
     WebhookHint,
     distrust_new,
 )
@@ -80,6 +83,20 @@ CREATE TABLE IF NOT EXISTS dlr_early (
 CREATE TABLE IF NOT EXISTS dlr_bound (
     account TEXT NOT NULL, event TEXT NOT NULL, mid TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (account, event)
+) WITHOUT ROWID;
+-- For `gateway trace`: a retried request's last attempt, a final delivery status, and the
+-- requests with a stored result by recipient.
+CREATE TABLE IF NOT EXISTS trail (
+    account TEXT NOT NULL, uid TEXT NOT NULL, note TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (account, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dlr_final (
+    account TEXT NOT NULL, mid TEXT NOT NULL, status TEXT NOT NULL, at TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (account, mid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bynumber (
+    account TEXT NOT NULL, num TEXT NOT NULL, uid TEXT NOT NULL, at REAL NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (account, num, uid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pause (
     account TEXT NOT NULL, owner TEXT NOT NULL, record TEXT NOT NULL, until REAL NOT NULL, PRIMARY KEY (account, owner)
@@ -133,6 +150,9 @@ class SqliteStore(RecordShortcuts):
             db.execute("DELETE FROM dlr WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM dlr_bound WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM dlr_early WHERE until < ?", (now,))
+            db.execute("DELETE FROM trail WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM dlr_final WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM bynumber WHERE expires_at < ?", (now,))
 
     async def claim_and_acquire(
         self,
@@ -246,6 +266,16 @@ class SqliteStore(RecordShortcuts):
                     for t in batch.tracked
                 ]
                 db.executemany("INSERT OR IGNORE INTO dlr VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)", rows)
+            if batch.retries:
+                db.executemany(
+                    "INSERT OR REPLACE INTO trail VALUES (?, ?, ?, ?)",
+                    [(account, uid, note.to_json(), expires) for uid, note in batch.retries.items()],
+                )
+            if batch.numbers:
+                db.executemany(
+                    "INSERT OR REPLACE INTO bynumber VALUES (?, ?, ?, ?, ?)",
+                    [(account, num, uid, now, expires) for uid, num in batch.numbers.items()],
+                )
 
         if batch:
             await self._run(op)
@@ -360,13 +390,67 @@ class SqliteStore(RecordShortcuts):
                 )
             )
 
-    async def end_final(self, account: str, message_id: str, owner: str) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "UPDATE dlr SET state='final', due_at=NULL WHERE account=? AND mid=? AND owner=?",
+    async def end_final(self, account: str, message_id: str, owner: str, status: str = "", status_at: str = "") -> None:
+        def op(db: sqlite3.Connection) -> None:
+            ended = db.execute(
+                "UPDATE dlr SET state='final', due_at=NULL WHERE account=? AND mid=? AND owner=? RETURNING expires_at",
                 (account, message_id, owner),
-            )
-        )
+            ).fetchone()
+            if ended is not None and status:
+                db.execute(
+                    "INSERT OR REPLACE INTO dlr_final VALUES (?, ?, ?, ?, ?)",
+                    (account, message_id, status, status_at, ended[0]),
+                )
+
+        await self._run(op)
+
+    async def trail(self, account: str, unique_id: str) -> Trail:
+        def op(db: sqlite3.Connection) -> Trail:
+            now = self._clock.time()
+            claim: Claim | None = None
+            row = db.execute(
+                "SELECT state, owner, lease_until, result FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
+                (account, unique_id, now),
+            ).fetchone()
+            if row is not None:
+                state, owner, lease_until, result = row
+                if state == "done":
+                    claim = Claim(ClaimState.DONE, StoredResult.from_json(result))
+                elif state == "inflight" and lease_until > now:
+                    claim = Claim(ClaimState.BUSY, owner=owner, lease_left_s=lease_until - now)
+                else:  # an unknown mark, or a claim whose lease ran out: the next copy reconciles
+                    claim = Claim(ClaimState.RECONCILE, owner=owner)
+            note = db.execute(
+                "SELECT note FROM trail WHERE account=? AND uid=? AND expires_at>=?", (account, unique_id, now)
+            ).fetchone()
+            retry = RetryNote.from_json(note[0]) if note is not None else None
+            delivery = None
+            mid = claim.result.provider_message_id if claim is not None and claim.result is not None else None
+            if mid:
+                found = db.execute(
+                    "SELECT d.record, d.state, d.owner, d.polls, d.due_at, f.status, f.at FROM dlr d "
+                    "LEFT JOIN dlr_final f ON f.account=d.account AND f.mid=d.mid "
+                    "WHERE d.account=? AND d.mid=? AND d.expires_at>=?",
+                    (account, mid, now),
+                ).fetchone()
+                if found is not None:
+                    record, state, holder, polls, due_at, status, status_at = found
+                    if state == "claim" and holder == HOLDER:
+                        state = "held"
+                    delivery = Delivery(Tracked.from_json(record, polls), state, polls, due_at, status, status_at)
+            return Trail(claim, retry, delivery)
+
+        return await self._run(op)
+
+    async def by_number(self, account: str, number: str, limit: int = 50) -> list[str]:
+        def op(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT uid FROM bynumber WHERE account=? AND num=? AND expires_at>=? ORDER BY at DESC LIMIT ?",
+                (account, number, self._clock.time(), limit),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._run(op)
 
     async def abandon_final(self, account: str, message_id: str, owner: str) -> None:
         await self._run(

@@ -22,6 +22,7 @@ from gateway.state.base import (
     BatchRecord,
     FinalState,
     Pause,
+    RetryNote,
     Tracked,
     WebhookHint,
 )
@@ -33,6 +34,7 @@ from tests.fakes import FakeClock
 pytestmark = pytest.mark.integration
 
 RESULT = StoredResult(status="accepted", provider="serwersms", provider_message_id="p1", parts=1, attempts=1)
+RESULT_P9 = StoredResult(status="accepted", provider="serwersms", provider_message_id="p9", parts=1, attempts=1)
 
 
 URLS: dict[str, str] = {"redis": REDIS_URL}
@@ -444,3 +446,71 @@ async def test_a_lost_epoch_is_reported_once_and_marked_final_messages_stay_fina
     assert (await store.begin_final(account, "ended", "w1", 30))[0] is FinalState.DONE
     assert (await store.begin_final(account, "orphan", "w1", 30))[0] is FinalState.DONE
     assert [t.provider_message_id for t in await store.due_polls(account, 10, lease_s=30)] == ["open"]
+
+
+async def test_the_trail_of_a_request_follows_it_from_claim_to_retry_to_result_to_delivery(
+    store: Backend, account: str, clock: FakeClock
+) -> None:
+    empty = await store.trail(account, "u1")
+    assert (empty.claim, empty.retry, empty.delivery) == (None, None, None)
+    await claim(store, account, ["u1"], "w1", 30)
+    busy = (await store.trail(account, "u1")).claim
+    assert busy is not None
+    assert (busy.state, busy.owner) == (ClaimState.BUSY, "w1")
+    # A failed attempt: the claim is released and the retry noted.
+    note = RetryNote(1, "500", "provider error", clock.time(), clock.time() + 5)
+    await store.record(account, BatchRecord(release=["u1"], owner="w1", ttl_s=600, retries={"u1": note}))
+    waiting = await store.trail(account, "u1")
+    assert waiting.claim is None
+    assert waiting.retry == note
+    # The next attempt is accepted and tracked; its number is indexed.
+    await claim(store, account, ["u1"], "w2", 30)
+    tracked = Tracked("p1", "u1", "+48500600700", None, "serwersms", clock.time())
+    batch = BatchRecord(
+        done={"u1": RESULT},
+        ttl_s=600,
+        tracked=[tracked],
+        first_poll_s=60,
+        track_ttl_s=600,
+        numbers={"u1": "+48500600700"},
+    )
+    await store.record(account, batch)
+    done = await store.trail(account, "u1")
+    assert done.claim is not None
+    assert done.claim.result == RESULT
+    assert done.delivery is not None
+    assert (done.delivery.state, done.delivery.polls, done.delivery.final_status) == ("open", 0, None)
+    assert done.delivery.next_poll_at == pytest.approx(clock.time() + 60)
+    assert await store.by_number(account, "+48500600700") == ["u1"]
+    assert await store.by_number(account, "+48500600701") == []
+    # Its delivery report: the final event published, its status kept.
+    state, _ = await store.begin_final(account, "p1", "desk", 60)
+    assert state is FinalState.CLAIMED
+    await store.end_final(account, "p1", "desk", "delivered", "2026-12-06T10:00:00Z")
+    final = (await store.trail(account, "u1")).delivery
+    assert final is not None
+    assert (final.state, final.final_status, final.final_at) == ("final", "delivered", "2026-12-06T10:00:00Z")
+
+
+async def test_a_held_delivery_and_an_unknown_mark_read_as_such(store: Backend, account: str, clock: FakeClock) -> None:
+    await claim(store, account, ["h", "x"], "w1", 30)
+    tracked = Tracked("p9", "h", None, None, "serwersms", clock.time())
+    await store.record(
+        account,
+        BatchRecord(done={"h": RESULT_P9}, unknown=["x"], ttl_s=600, tracked=[tracked], track_ttl_s=600, hold_s=300),
+    )
+    held = (await store.trail(account, "h")).delivery
+    assert held is not None
+    assert held.state == "held"
+    unknown = (await store.trail(account, "x")).claim
+    assert unknown is not None
+    assert unknown.state is ClaimState.RECONCILE
+
+
+async def test_numbers_list_newest_first(store: Backend, account: str, clock: FakeClock) -> None:
+    for i in range(3):
+        await claim(store, account, [f"n{i}"], "w1", 30)
+        await store.record(account, BatchRecord(done={f"n{i}": RESULT}, ttl_s=600, numbers={f"n{i}": "+48500600700"}))
+        clock.advance(1)
+    assert await store.by_number(account, "+48500600700") == ["n2", "n1", "n0"]
+    assert await store.by_number(account, "+48500600700", limit=2) == ["n2", "n1"]
