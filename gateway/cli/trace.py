@@ -67,7 +67,7 @@ def trace(
                     e164 = normalize(number, a.default_country)
                 except InvalidNumber as exc:
                     raise x.Fail(f"--to: {exc}", x.USAGE) from None
-                uids = await _store_call(store.by_number(a.name, e164))
+                uids = await _store_call(store.by_number(a.name, e164, window_s=a.dedupe_window_s))
                 wanted += [(a, uid) for uid in uids]
             trails = [(a, uid, await _store_call(store.trail(a.name, uid))) for a, uid in wanted]
         finally:

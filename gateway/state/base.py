@@ -453,8 +453,9 @@ class TraceStore(Protocol):
         """The request's claim or result, its last retry note, and, when it was accepted, its
         delivery tracking."""
 
-    async def by_number(self, account: str, number: str, limit: int = 50) -> list[str]:
-        """The unique_ids with a stored result to this E.164 number, newest first."""
+    async def by_number(self, account: str, number: str, limit: int = 50, window_s: float = 86400.0) -> list[str]:
+        """The unique_ids with a stored result to this E.164 number within the last `window_s`
+        (the account's dedupe window), newest first."""
 
 
 class SendStore(ClaimStore, RateStore, Protocol):

@@ -78,8 +78,9 @@ def trail_key(account: str, uid: str) -> str:
     return f"{PREFIX}:{{{account}}}:t:{uid}"
 
 
-def number_key(account: str, number: str) -> str:
-    return f"{PREFIX}:{{{account}}}:n:{number}"
+def number_key(account: str, hour: int) -> str:
+    """The hour's index of stored results by recipient (hour = epoch seconds // 3600)."""
+    return f"{PREFIX}:{{{account}}}:n:{hour}"
 
 
 def dlr_key(account: str, name: str) -> str:
@@ -213,10 +214,10 @@ return {out, grant, tostring(wait), tostring(f), ep}
 # A batch's record (state.base.BatchRecord) in one step. (A script rather than a transaction: the
 # same on a single Redis, behind Sentinel and in a Cluster, where every key of one account shares a
 # slot.) KEYS = due, open, then nd result keys, nu unknown keys, nr release keys, nt correlation
-# keys (one per tracked message), nn retry-note keys and nb number-index keys. ARGV = nd, nu, nr,
-# dedupe ttl ms, owner, the unknown record, track ttl ms, first poll after s, hold s, nt, nn, nb,
-# now (s), then nd result JSONs, (record, message id, accepted at) per tracked message, nn note
-# JSONs and nb unique_ids.
+# keys (one per tracked message), nn retry-note keys and, when nb > 0, the hour's number index.
+# ARGV = nd, nu, nr, dedupe ttl ms, owner, the unknown record, track ttl ms, first poll after s,
+# hold s, nt, nn, nb, now (s), then nd result JSONs, (record, message id, accepted at) per tracked
+# message, nn note JSONs and nb index members (`number|at|unique_id`).
 _RECORD = """
 local nd, nu, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local nt, nn, nb = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
@@ -256,9 +257,17 @@ end
 k = k + nt
 for i = 1, nn do redis.call('SET', KEYS[k + i], ARGV[a + i], 'PX', ttl) end
 k, a = k + nn, a + nn
-for i = 1, nb do
-  redis.call('ZADD', KEYS[k + i], now, ARGV[a + i])
-  redis.call('PEXPIRE', KEYS[k + i], ttl)
+if nb > 0 then
+  -- one sorted set an hour, every member at score 0 so that a number's members are one lex range
+  for first = 1, nb, 1000 do
+    local args = {}
+    for i = first, math.min(nb, first + 999) do
+      args[#args + 1] = 0
+      args[#args + 1] = ARGV[a + i]
+    end
+    redis.call('ZADD', KEYS[k + 1], unpack(args))
+  end
+  if redis.call('PTTL', KEYS[k + 1]) < ttl + 3600000 then redis.call('PEXPIRE', KEYS[k + 1], ttl + 3600000) end
 end
 return 1
 """.replace("{HOLDER}", HOLDER)
@@ -559,6 +568,7 @@ class RedisStore(RecordShortcuts):
     async def record(self, account: str, batch: BatchRecord) -> None:
         if not batch:
             return
+        now = self._clock.time() if self._clock is not None else time.time()
         keys = [dlr_key(account, "due"), dlr_key(account, "open")]
         keys += [dedupe_key(account, u) for u in (*batch.done, *batch.unknown, *batch.release)]
         args: list[Any] = [
@@ -574,7 +584,7 @@ class RedisStore(RecordShortcuts):
             len(batch.tracked),
             len(batch.retries),
             len(batch.numbers),
-            self._clock.time() if self._clock is not None else time.time(),
+            now,
             *(r.to_json() for r in batch.done.values()),
         ]
         for t in batch.tracked:
@@ -582,8 +592,9 @@ class RedisStore(RecordShortcuts):
             args += [t.to_json(), t.provider_message_id, t.accepted_at]
         keys += [trail_key(account, uid) for uid in batch.retries]
         args += [note.to_json() for note in batch.retries.values()]
-        keys += [number_key(account, number) for number in batch.numbers.values()]
-        args += list(batch.numbers)
+        if batch.numbers:
+            keys.append(number_key(account, int(now // 3600)))
+            args += [f"{number}|{now:.3f}|{uid}" for uid, number in batch.numbers.items()]
         await self._record(keys=keys, args=args)
 
     async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
@@ -661,9 +672,18 @@ class RedisStore(RecordShortcuts):
                 delivery = Delivery(tracked, state, polls, due, corr.get("f"), corr.get("fa"))
         return Trail(claim, retry, delivery)
 
-    async def by_number(self, account: str, number: str, limit: int = 50) -> list[str]:
-        key = number_key(account, number)
-        return list(await self._redis.zrevrange(key, 0, limit - 1))
+    async def by_number(self, account: str, number: str, limit: int = 50, window_s: float = 86400.0) -> list[str]:
+        now = self._clock.time() if self._clock is not None else time.time()
+        found: list[tuple[float, str]] = []
+        for hour in range(int(now // 3600), int((now - window_s) // 3600) - 1, -1):
+            members = await self._redis.zrangebylex(number_key(account, hour), f"[{number}|", f"[{number}|~")
+            for member in members:
+                _, at, uid = member.split("|", 2)
+                if float(at) >= now - window_s:
+                    found.append((float(at), uid))
+            if len(found) >= limit:
+                break
+        return [uid for _, uid in sorted(found, reverse=True)[:limit]]
 
     async def abandon_final(self, account: str, message_id: str, owner: str) -> None:
         await self._abandon_final(keys=[corr_key(account, message_id)], args=[owner])

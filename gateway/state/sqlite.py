@@ -94,10 +94,11 @@ CREATE TABLE IF NOT EXISTS dlr_final (
     account TEXT NOT NULL, mid TEXT NOT NULL, status TEXT NOT NULL, at TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (account, mid)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bynumber (
-    account TEXT NOT NULL, num TEXT NOT NULL, uid TEXT NOT NULL, at REAL NOT NULL, expires_at REAL NOT NULL,
-    PRIMARY KEY (account, num, uid)
-) WITHOUT ROWID;
+-- Appended in time order and read by a scan (an operator's question, not the send path's), so
+-- a batch's rows cost no index upkeep; expired rows are a prefix of the rowid order.
+CREATE TABLE IF NOT EXISTS numbers (
+    account TEXT NOT NULL, num TEXT NOT NULL, uid TEXT NOT NULL, at REAL NOT NULL, expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pause (
     account TEXT NOT NULL, owner TEXT NOT NULL, record TEXT NOT NULL, until REAL NOT NULL, PRIMARY KEY (account, owner)
 ) WITHOUT ROWID;
@@ -152,7 +153,11 @@ class SqliteStore(RecordShortcuts):
             db.execute("DELETE FROM dlr_early WHERE until < ?", (now,))
             db.execute("DELETE FROM trail WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM dlr_final WHERE expires_at < ?", (now,))
-            db.execute("DELETE FROM bynumber WHERE expires_at < ?", (now,))
+            db.execute(
+                "DELETE FROM numbers WHERE rowid < "
+                "(SELECT coalesce(min(rowid), 1 << 62) FROM (SELECT rowid FROM numbers WHERE expires_at >= ? LIMIT 1))",
+                (now,),
+            )
 
     async def claim_and_acquire(
         self,
@@ -273,7 +278,7 @@ class SqliteStore(RecordShortcuts):
                 )
             if batch.numbers:
                 db.executemany(
-                    "INSERT OR REPLACE INTO bynumber VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO numbers VALUES (?, ?, ?, ?, ?)",
                     [(account, num, uid, now, expires) for uid, num in batch.numbers.items()],
                 )
 
@@ -442,13 +447,15 @@ class SqliteStore(RecordShortcuts):
 
         return await self._run(op)
 
-    async def by_number(self, account: str, number: str, limit: int = 50) -> list[str]:
+    async def by_number(self, account: str, number: str, limit: int = 50, window_s: float = 86400.0) -> list[str]:
         def op(db: sqlite3.Connection) -> list[str]:
+            now = self._clock.time()
             rows = db.execute(
-                "SELECT uid FROM bynumber WHERE account=? AND num=? AND expires_at>=? ORDER BY at DESC LIMIT ?",
-                (account, number, self._clock.time(), limit),
+                "SELECT uid FROM numbers WHERE account=? AND num=? AND expires_at>=? AND at>=? "
+                "ORDER BY rowid DESC LIMIT ?",
+                (account, number, now, now - window_s, limit),
             ).fetchall()
-            return [r[0] for r in rows]
+            return list(dict.fromkeys(r[0] for r in rows))
 
         return await self._run(op)
 
