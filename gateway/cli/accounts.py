@@ -21,7 +21,7 @@ def accounts(sandbox: bool, as_json: bool) -> int:
     Depth and consumers come from RabbitMQ, in-flight counts from its management API (when it
     answers), pauses and throttling from the state store the gateways share.
     """
-    from gateway.app import open_store, resolve_accounts
+    from gateway.app import resolve_accounts
 
     s = x.settings()
     configured = resolve_accounts(s, sandbox=sandbox)
@@ -31,13 +31,9 @@ def accounts(sandbox: bool, as_json: bool) -> int:
 
         from gateway import contract as c
         from gateway.bus.broker_api import BrokerApi
-        from gateway.errors import ApiUnavailable, StoreRefused
+        from gateway.errors import ApiUnavailable
 
-        try:
-            store = open_store(s)
-        except StoreRefused as exc:
-            where = "GATEWAY_REDIS_URL" if s.redis_url is not None else "GATEWAY_STATE_PATH"
-            raise x.Fail(f"{where}: {exc}", x.USAGE) from None
+        store = x.state_store(s)
         rows = []
         try:
             async with x.broker(s) as connection, BrokerApi(x.management_url(s)) as api:

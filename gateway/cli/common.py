@@ -15,6 +15,7 @@ import click
 
 from gateway.config import Settings, load_settings
 from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError
+from gateway.state import Store
 
 # Exit codes (docs/operations.md, "Operator CLI").
 OK = 0
@@ -72,6 +73,18 @@ async def broker(s: Settings, timeout_s: float = 10.0) -> AsyncIterator[Any]:
 def _reason(exc: BaseException) -> str:
     text = str(exc).split("\n")[0][:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def state_store(s: Settings) -> Store:
+    """The state store the gateways share; a URL or file it refuses is a configuration error."""
+    from gateway.app import open_store
+    from gateway.errors import StoreRefused
+
+    try:
+        return open_store(s)
+    except StoreRefused as exc:
+        where = "GATEWAY_REDIS_URL" if s.redis_url is not None else "GATEWAY_STATE_PATH"
+        raise Fail(f"configuration error: {where}: {exc}", USAGE) from None
 
 
 def management_url(s: Settings) -> str:

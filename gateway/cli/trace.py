@@ -34,8 +34,8 @@ def trace(
       gateway trace order-1812-otp
       gateway trace --to +48500600700 --account otp
     """
-    from gateway.app import open_store, resolve_accounts
-    from gateway.errors import InvalidNumber, StoreRefused
+    from gateway.app import resolve_accounts
+    from gateway.errors import InvalidNumber
     from gateway.numbers import normalize
 
     if (unique_id is None) == (number is None):
@@ -50,11 +50,7 @@ def trace(
     async def go() -> list[dict[str, Any]]:
         from gateway.ops import deadletters as dl
 
-        try:
-            store = open_store(s)
-        except StoreRefused as exc:
-            where = "GATEWAY_REDIS_URL" if s.redis_url is not None else "GATEWAY_STATE_PATH"
-            raise x.Fail(f"configuration error: {where}: {exc}", x.USAGE) from None
+        store = x.state_store(s)
         found: list[dict[str, Any]] = []
         try:
             wanted: list[tuple[Account, str]] = []
