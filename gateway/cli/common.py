@@ -58,6 +58,8 @@ async def broker(s: Settings, timeout_s: float = 10.0) -> AsyncIterator[Any]:
         raise Fail(f"configuration error: GATEWAY_AMQP_URL: {exc}", USAGE) from None
     except BrokerUnavailable as exc:
         raise Fail(f"cannot reach RabbitMQ: {exc}", UNREACHABLE) from None
+    except Exception as exc:  # noqa: BLE001 - a failure the bus layer does not sort: still one line
+        raise Fail(f"cannot reach RabbitMQ: {_reason(exc)}", UNREACHABLE) from None
     async with connection:
         try:
             yield connection
