@@ -186,6 +186,10 @@ async def depth(channel: AbstractChannel) -> int:
     return int(queue.declaration_result.message_count or 0)
 
 
+BROWSE_EMPTY_LOOKS = 2
+BROWSE_EMPTY_WAIT_S = 0.1
+
+
 async def browse(channel: AbstractChannel) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
     """Every letter the queue holds now, unacked: what the caller does not ack goes back to the
     queue when the channel closes.
@@ -195,10 +199,18 @@ async def browse(channel: AbstractChannel) -> AsyncIterator[tuple[AbstractIncomi
     killed) come back to the queue a moment after that reader is gone, behind the count."""
     queue = await channel.declare_queue(c.DEAD_QUEUE, passive=True)
     ready = int(queue.declaration_result.message_count or 0)
+    empty = 0
     for _ in range(2 * ready + 100):
         message = await queue.get(no_ack=False, fail=False)
         if message is None:
-            return
+            # A reader that just closed its channel (the previous command) has its letters put back
+            # a moment after its close: look again twice before calling the queue read.
+            if empty == BROWSE_EMPTY_LOOKS:
+                return
+            empty += 1
+            await asyncio.sleep(BROWSE_EMPTY_WAIT_S)
+            continue
+        empty = 0
         yield message, read(message)
 
 
