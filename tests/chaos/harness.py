@@ -335,7 +335,10 @@ class World:
         self.settings: dict[str, Any] = {
             "retry_schedule_s": RETRY_SCHEDULE_S,
             "max_attempts": 8,
-            "claim_lease_s": 5,
+            # A lost answer is looked up once the lease has run out; the sandbox must have handled
+            # a dead replica's request by then. 15 s holds with the machine's cores held by other
+            # work (5 s did not: the starved sandbox handled such a request late, a double send).
+            "claim_lease_s": 15,
             "drain_timeout_s": 10,
             "log_level": "INFO",
         }
