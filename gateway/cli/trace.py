@@ -68,11 +68,14 @@ def trace(
             trails = [(a, uid, await _store_call(store.trail(a.name, uid))) for a, uid in wanted]
         finally:
             await store.close()
-        ids = {uid for _, uid in wanted}
-        async with x.broker(s) as connection:
-            letters = [
-                letter for letter in await dl.listing(connection, dl.Filter(account=account)) if letter.unique_id in ids
-            ]
+        # The dead-letter queue is read whole (a queue has no index): only when a letter can exist,
+        # that is for a request not known to have been accepted and not in flight now.
+        ids = {uid for _, uid, trail in trails if _may_have_letters(trail)}
+        letters: list[Any] = []
+        if ids:
+            async with x.broker(s) as connection:
+                keep = dl.Filter(account=account)
+                letters = [letter for letter in await dl.listing(connection, keep) if letter.unique_id in ids]
         for a, uid, trail in trails:
             mine = [letter for letter in letters if letter.unique_id == uid and letter.account == a.name]
             doc = _describe(a.name, uid, trail, mine, show_number)
@@ -101,6 +104,15 @@ async def _store_call(call: Any) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - one line, exit 4
         raise x.Fail(f"cannot read the state store: {type(exc).__name__}: {exc}"[:300], x.UNREACHABLE) from None
+
+
+def _may_have_letters(trail: Trail) -> bool:
+    claim = trail.claim
+    if claim is None:
+        return True
+    if claim.state is ClaimState.BUSY:
+        return False
+    return claim.result is None or claim.result.status != "accepted"
 
 
 def _iso(ts: float | None) -> str | None:

@@ -16,6 +16,11 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import httpx
+
+# httpcore imports sniffio on a client's first request. Imported with this module instead, so that
+# a first provider call made while the process is out of file descriptors (a flood on the web port)
+# does not fail on opening the module's file.
+import sniffio  # noqa: F401
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, StatusCode
 

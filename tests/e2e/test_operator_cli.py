@@ -352,6 +352,7 @@ async def trace_until(uid: str, env: dict[str, str], where: str, key: str) -> di
 RETRY_S = 777  # a delay no other test uses: its retry queue is this test's alone
 
 
+@pytest.mark.timeout(600)  # a dozen CLI runs and three gateways' worth of waits, on a loaded machine
 async def test_trace_says_where_a_request_is_and_how_it_ended(
     tmp_path: Path, sandbox_process: tuple[Process, Sandbox], accounts_cleanup: list[str], procs: list[Process]
 ) -> None:

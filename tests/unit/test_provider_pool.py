@@ -79,3 +79,15 @@ async def test_the_pool_follows_max_concurrency_not_the_starting_concurrency(
     adapter = build_adapter(Account.model_validate({**doc, "concurrency": 1, "max_concurrency": 12}))
     await adapter.close()
     assert sized == [12]
+
+
+def test_what_a_first_request_imports_is_imported_before_it() -> None:
+    """httpcore imports sniffio lazily on a client's first request; a first provider call made while
+    the web port holds every file descriptor failed opening the module's file (EMFILE). Loading the
+    HTTP module must have imported it already."""
+    import subprocess
+    import sys
+
+    code = "import sys, gateway.providers.http; print('sniffio' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "True"
