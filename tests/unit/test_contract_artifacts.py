@@ -1,7 +1,7 @@
 """contract/: the JSON Schemas and the AsyncAPI document are what the code generates (drift
-test), the schemas are valid 2020-12 schemas that accept every example message (docs/contract.md, the
-tests' own request helper) and refuse what the gateway refuses, and the AsyncAPI document passes
-the AsyncAPI Initiative's own parser."""
+test), the schemas are valid 2020-12 schemas that accept every example message (the README,
+docs/contract.md, the tests' own request helper) and refuse what the gateway refuses, and the
+AsyncAPI document passes the AsyncAPI Initiative's own parser."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def test_committed_artifacts_are_what_the_code_generates() -> None:
 
 
 def readme_examples() -> list[dict[str, Any]]:
-    text = (ROOT / "docs" / "contract.md").read_text()
+    """Every JSON example a producer may copy: the README's and the contract page's."""
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "contract.md").read_text()
     docs = []
     for block in re.findall(r"```json\n(.*?)```", text, flags=re.S):
         for line in block.strip().splitlines():
