@@ -335,9 +335,9 @@ class World:
         self.settings: dict[str, Any] = {
             "retry_schedule_s": RETRY_SCHEDULE_S,
             "max_attempts": 8,
-            # A lost answer is looked up once the lease has run out; the sandbox must have handled
-            # a dead replica's request by then. 15 s holds with the machine's cores held by other
-            # work (5 s did not: the starved sandbox handled such a request late, a double send).
+            # A lost answer is looked up once the lease has run out, so the sandbox must have
+            # handled a dead replica's request by then (docs/guarantees.md, "Where the guarantees
+            # end"), also on a machine whose cores are held by other work.
             "claim_lease_s": 15,
             "drain_timeout_s": 10,
             "log_level": "INFO",
