@@ -15,11 +15,12 @@ import time
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+# A client's first request makes httpcore import sniffio, anyio's core and anyio's asyncio backend
+# (anyio loads them lazily). They are imported with this module instead, so that a first provider
+# call made while the process is out of file descriptors (a flood on the web port) does not fail
+# on opening a module's file. tests/unit/test_provider_pool.py checks that nothing is left over.
+import anyio._backends._asyncio  # noqa: F401
 import httpx
-
-# httpcore imports sniffio on a client's first request. Imported with this module instead, so that
-# a first provider call made while the process is out of file descriptors (a flood on the web port)
-# does not fail on opening the module's file.
 import sniffio  # noqa: F401
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, StatusCode
