@@ -100,8 +100,6 @@ def trace(
 async def _store_call(call: Any) -> Any:
     try:
         return await asyncio.wait_for(call, 10)
-    except x.Fail:
-        raise
     except Exception as exc:  # noqa: BLE001 - one line, exit 4
         raise x.Fail(f"cannot read the state store: {type(exc).__name__}: {exc}"[:300], x.UNREACHABLE) from None
 
