@@ -158,30 +158,41 @@ class Gateway:
                 account.name,
                 [str(r) for r in c.DeadReason],
                 [str(c.Status.DELIVERED), str(c.Status.UNDELIVERED)],
+                [str(lane) for lane in c.LANES],
             )
             adapter = self._build_adapter(account)
             self._adapters.append(adapter)
             max_batch = min(account.batch_size, adapter.max_batch)
-            worker = AccountWorker(
-                account=account,
-                adapter=adapter,
-                pipeline=Pipeline(
-                    account=account, adapter=adapter, store=self._store, options=s.send, owner=self._owner
-                ),
-                flow=AccountFlow(
-                    max_batch=max_batch,
-                    limit=AdaptiveLimit(account.concurrency, account.max_concurrency),
-                    account_pause_s=s.account_pause_s,
-                ),
-                store=self._store,
-                publisher=publisher,
-                options=s.worker,
-                owner=self._owner,
-            )
-            channel = await self._connection.channel()
-            self._channels.append(channel)
-            await worker.start(channel)
-            self._workers.append(worker)
+            lanes: list[AccountWorker] = []
+            for lane in c.LANES:  # urgent first: its consumer is ready before the others take work
+                worker = AccountWorker(
+                    account=account,
+                    adapter=adapter,
+                    pipeline=Pipeline(
+                        account=account,
+                        adapter=adapter,
+                        store=self._store,
+                        options=s.send,
+                        owner=self._owner,
+                        lane=lane,
+                    ),
+                    flow=AccountFlow(
+                        max_batch=max_batch,
+                        limit=AdaptiveLimit(account.concurrency, account.max_concurrency),
+                        account_pause_s=s.account_pause_s,
+                    ),
+                    store=self._store,
+                    publisher=publisher,
+                    options=s.worker,
+                    owner=self._owner,
+                )
+                lanes.append(worker)
+            for worker in lanes:
+                worker.siblings = [w for w in lanes if w is not worker]
+                channel = await self._connection.channel()
+                self._channels.append(channel)
+                await worker.start(channel)
+                self._workers.append(worker)
 
         self._unroutable = UnroutableWorker(publisher, s.worker)
         channel = await self._connection.channel()
@@ -270,6 +281,10 @@ class Gateway:
     def workers(self) -> list[AccountWorker]:
         return list(self._workers)
 
+    def worker(self, account: str, lane: c.Lane = c.Lane.NORMAL) -> AccountWorker:
+        """The worker of one account's lane."""
+        return next(w for w in self._workers if w.account.name == account and w.lane is lane)
+
     async def problems(self) -> list[str]:
         """Why the gateway cannot do its job right now (empty: ready)."""
         problems = []
@@ -290,13 +305,14 @@ class Gateway:
     def queues_without_consumer(self) -> list[str]:
         """Queues that should be consumed and are not: every account that is not paused, and the
         unknown-account queue. After a broker reconnect they stay here until consumers are back."""
-        missing = [c.account_queue(w.account.name) for w in self._workers if not w.paused and not w.consuming]
+        missing = [w.queue_name for w in self._workers if not w.paused and not w.consuming]
         if self._unroutable is not None and not self._unroutable.consuming:
             missing.append(c.UNROUTABLE_QUEUE)
         return missing
 
     def paused_accounts(self) -> list[str]:
-        return [w.account.name for w in self._workers if w.paused]
+        """Accounts with a paused lane (an account's own pause pauses all its lanes)."""
+        return list(dict.fromkeys(w.account.name for w in self._workers if w.paused))
 
     async def stop(self) -> bool:
         """Drain: stop consuming, finish batches in flight, close. True if nothing was cut short."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit
@@ -69,6 +71,46 @@ def _resolve_secret(value: Any) -> Any:
     return value
 
 
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+@dataclass(frozen=True, slots=True)
+class QuietHours:
+    """A daily window in the recipient's local time, `start` to `end` minutes past midnight; it
+    wraps midnight when `start > end` (21:00-08:00)."""
+
+    start: int
+    end: int
+
+    @classmethod
+    def parse(cls, text: str) -> QuietHours:
+        found = _WINDOW.match(text.strip())
+        if found is None:
+            raise ValueError(f"{text!r} is not a window such as 21:00-08:00")
+        h1, m1, h2, m2 = (int(g) for g in found.groups())
+        start, end = h1 * 60 + m1, h2 * 60 + m2
+        if start == end:
+            raise ValueError(f"{text!r} is empty: start and end are the same")
+        return cls(start, end)
+
+    def __str__(self) -> str:
+        return f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d}"
+
+    def seconds_left(self, local: datetime) -> float:
+        """Seconds until the window ends at the wall-clock time `local`; 0 when outside it."""
+        minute = local.hour * 60 + local.minute
+        inside = self.start <= minute < self.end if self.start < self.end else minute >= self.start or minute < self.end
+        if not inside:
+            return 0.0
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = midnight + timedelta(minutes=self.end)
+        if end <= local:
+            end += timedelta(days=1)
+        # The end is a wall-clock time in the zone; the difference is taken in UTC, so a DST change
+        # inside the window counts (same-zone subtraction would compare wall clocks).
+        return max(0.0, (end.astimezone(UTC) - local.astimezone(UTC)).total_seconds())
+
+
 class Account(BaseModel):
     """One provider login: its provider, credentials, default sender and limits."""
 
@@ -109,6 +151,21 @@ class Account(BaseModel):
     )
     dedupe_window_s: int = Field(default=86400, ge=60, description="how long a unique_id is remembered")
     http_timeout_s: float = Field(default=10.0, gt=0, le=300, description="one provider call, end to end")
+    urgent_validity_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="an urgent request without expires_at ends `expired` this long after it was published",
+    )
+    quiet_hours: str | None = Field(
+        default=None,
+        description="bulk requests wait while the recipient's local time is in this window, e.g. 21:00-08:00 (off)",
+    )
+    lane_min_share: float = Field(
+        default=0.1,
+        ge=0,
+        le=0.5,
+        description="while a higher lane waits for the rate, each lower lane still gets this share of it (at most 0.5)",
+    )
 
     @field_validator("password", "token", "api_key", "webhook_secret", mode="before")
     @classmethod
@@ -121,6 +178,17 @@ class Account(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet_hours(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return str(QuietHours.parse(value))
+
+    @property
+    def quiet_window(self) -> QuietHours | None:
+        return QuietHours.parse(self.quiet_hours) if self.quiet_hours else None
 
     @field_validator("default_country")
     @classmethod

@@ -33,8 +33,34 @@ TRACKING_STREAM = "sms.tracking"
 RETRY_EXCHANGE = "sms.retry"
 
 
-def account_queue(account: str) -> str:
-    return f"{SEND_EXCHANGE}.{account}"
+class Lane(StrEnum):
+    """A send class. The producer chooses it with the routing key alone (`lane_key`); each lane is
+    its own queue, and the account's rate serves urgent before normal before bulk."""
+
+    URGENT = "urgent"
+    NORMAL = "normal"
+    BULK = "bulk"
+
+
+LANES = (Lane.URGENT, Lane.NORMAL, Lane.BULK)  # in priority order: a lane's rank is its index
+
+
+def lane_key(account: str, lane: Lane = Lane.NORMAL) -> str:
+    """The routing key of an account's lane: `<account>.urgent`, `<account>`, `<account>.bulk`."""
+    return account if lane is Lane.NORMAL else f"{account}.{lane}"
+
+
+def split_key(routing_key: str) -> tuple[str, Lane]:
+    """The account and lane a routing key names (account names hold no dot)."""
+    account, _, suffix = routing_key.partition(".")
+    for lane in (Lane.URGENT, Lane.BULK):
+        if suffix == lane:
+            return account, lane
+    return routing_key, Lane.NORMAL
+
+
+def account_queue(account: str, lane: Lane = Lane.NORMAL) -> str:
+    return f"{SEND_EXCHANGE}.{lane_key(account, lane)}"
 
 
 def retry_queue(delay_ms: int) -> str:
@@ -60,6 +86,10 @@ H_REASON = "x-gateway-reason"
 H_ERROR_CODE = "x-gateway-error-code"
 H_ERROR_MESSAGE = "x-gateway-error-message"
 H_ACCOUNT = "x-gateway-account"
+H_LANE = "x-gateway-lane"  # on a dead letter: the lane it was consumed from, where a replay sends it back
+# Epoch seconds after which an urgent request without `expires_at` ends `expired` (its validity
+# counted from its AMQP timestamp, or its first consumption): retry and wait copies carry it.
+H_VALID_UNTIL = "x-gateway-valid-until"
 H_DEAD_AT = "x-gateway-dead-at"  # RFC 3339 time the gateway dead-lettered the message
 H_DELIVERY_COUNT = "x-delivery-count"  # set by RabbitMQ quorum queues on redelivery
 # Set by whoever re-drives a dead letter (`gateway dlq replay`, or any tool): a request whose earlier
@@ -424,9 +454,11 @@ def outcome_body(
     original: dict[str, Any] | None = None,
     status_at: datetime | None = None,
     reason: str | None = None,
+    lane: str | None = None,
 ) -> bytes:
     """The outcome document. `original` (only on `duplicate`) is the first copy's stored result;
-    `status_at` and `reason` only on delivery events (`delivered`, `undelivered`)."""
+    `status_at` and `reason` only on delivery events (`delivered`, `undelivered`); `lane` on the
+    outcome of a request consumed from an account's lane."""
     doc = {
         "v": CONTRACT_VERSION,
         "unique_id": unique_id,
@@ -442,6 +474,8 @@ def outcome_body(
         "meta": meta,
         "at": rfc3339(at or datetime.now(UTC)),
     }
+    if lane is not None:
+        doc["lane"] = lane
     if original is not None:
         doc["original"] = original
     if status_at is not None:

@@ -2,8 +2,9 @@
 consumer is queue.py; the job comes from the delivery's headers (headers.py); the account's flow
 control is core/flow.py; admission and batches are core/pipeline.py; acks and publishes settle.py.
 
-    sms.send.<account> --> AccountWorker: Delivery -> pipeline.admit -> Batcher -> pipeline.run
-                                          -> Settler (outcome / retry copy / dead letter, then ack)
+    sms.send.<account>[.urgent|.bulk] --> AccountWorker (one per account and lane):
+                  Delivery -> pipeline.admit -> Batcher -> pipeline.run
+                  -> Settler (outcome / retry copy / deferred copy / dead letter, then ack)
     sms.send.unroutable --> UnroutableWorker: `invalid` outcome + dead letter, whatever the body
 
 Batches are handed over only while the account has a free send slot (the adaptive limit of
@@ -14,8 +15,11 @@ what it can send soon, not work that would sit ahead of other accounts' requests
 Failure handling:
 - A crash while admitting one message (its own fault) requeues it, and after
   `poison_deliveries` deliveries dead-letters it as `poison`.
-- A store failure in a batch backs the account off (its messages wait in the broker as delayed
-  copies); an account-level provider error pauses the account for `account_pause_s`.
+- A store failure in a batch backs the lane off (its messages wait in the broker as delayed
+  copies); an account-level provider error pauses the account, every lane, for `account_pause_s`.
+
+Each lane has its own prefetch, in-flight limit and batches (a full bulk backlog never holds the
+slots an urgent request needs); the priority between lanes is the store's (ratelimit.py).
 """
 
 from __future__ import annotations
@@ -109,9 +113,10 @@ class Worker:
 
 
 class AccountWorker(Worker):
-    """One account's queue: deliveries become jobs, jobs batches (the batcher), batches decisions
+    """One lane of one account: deliveries become jobs, jobs batches (the batcher), batches decisions
     (the pipeline), decisions publishes and acks (the settler); `flow` says when to pause and how
-    much to take. The pipeline and the flow come built from the composition root (app.py)."""
+    much to take. The pipeline and the flow come built from the composition root (app.py), which
+    also names the account's other lanes (`siblings`): a pause for the account pauses them all."""
 
     def __init__(
         self,
@@ -128,15 +133,18 @@ class AccountWorker(Worker):
     ) -> None:
         super().__init__(publisher, adapter.name, options.publish_timeout_s, clock)
         self.account = account
+        self.lane = pipeline.lane
+        self.siblings: list[AccountWorker] = []  # the account's other lanes
         self._settings = options
         self._clock = clock
         self._pipeline = pipeline
         self._store = store
         self._owner = owner
         self._flow = flow
-        self._limit_gauge = m.INFLIGHT_LIMIT.labels(account.name)
+        self._limit_gauge = m.INFLIGHT_LIMIT.labels(account.name, self.lane)
         self._limit_gauge.set(self._flow.limit.current)
-        self._inflight_gauge = m.INFLIGHT.labels(account.name)
+        self._inflight_gauge = m.INFLIGHT.labels(account.name, self.lane)
+        self._prefetch_gauge = m.PREFETCH.labels(account.name, self.lane)
         self._batcher: Batcher[Delivery] = Batcher(
             max_size=flow.max_batch,
             linger_s=account.linger_ms / 1000,
@@ -149,7 +157,7 @@ class AccountWorker(Worker):
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._announcing: set[asyncio.Task[None]] = set()  # holds being ended (dlr.py), tried again meanwhile
-        self._queue_wait = m.QUEUE_WAIT.labels(account.name)  # looked up once, observed per message
+        self._queue_wait = m.QUEUE_WAIT.labels(account.name, self.lane)  # looked up once, observed per message
         self._resizing: asyncio.Task[None] | None = None
 
     @property
@@ -160,18 +168,20 @@ class AccountWorker(Worker):
     def paused(self) -> bool:
         return self._flow.paused
 
+    @property
+    def queue_name(self) -> str:
+        return c.account_queue(self.account.name, self.lane)
+
     async def start(self, channel: AbstractChannel) -> None:
         prefetch = self._flow.prefetch
-        m.PREFETCH.labels(self.account.name).set(prefetch)
-        await self._consume(
-            channel, c.account_queue(self.account.name), prefetch, lambda: not (self._stopping or self.paused)
-        )
+        self._prefetch_gauge.set(prefetch)
+        await self._consume(channel, self.queue_name, prefetch, lambda: not (self._stopping or self.paused))
 
     # -- admission: one message at a time ---------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._acks.delivered(message)  # before any await: tags are registered in delivery order
-        d = Delivery.begin(message, self.account.name)
+        d = Delivery.begin(message, self.account.name, lane=self.lane)
         if self._stopping or self.paused:
             await requeue(self._acks, [d])
             return
@@ -225,7 +235,11 @@ class AccountWorker(Worker):
         # One span per batch: the first message's trace is its parent, the others are links.
         parent = trace.set_span_in_context(batch[0].span) if batch[0].span is not None else None
         links = [Link(d.span.get_span_context()) for d in batch[1:] if d.span is not None]
-        attributes: dict[str, str | int] = {"sms.account": self.account.name, "sms.batch_size": len(batch)}
+        attributes: dict[str, str | int] = {
+            "sms.account": self.account.name,
+            "sms.lane": str(self.lane),
+            "sms.batch_size": len(batch),
+        }
         with tracing.tracer().start_as_current_span("sms.batch", context=parent, links=links, attributes=attributes):
             started = self._clock.monotonic()
             result = await self._pipeline.run([d.job for d in batch])
@@ -325,13 +339,17 @@ class AccountWorker(Worker):
             log.info("prefetch_not_resized", account=self.account.name, error=type(exc).__name__)
         finally:
             # A failed resize keeps the new prefetch (the next consume uses it): the gauge shows it too.
-            m.PREFETCH.labels(self.account.name).set(consumer.prefetch)
+            self._prefetch_gauge.set(consumer.prefetch)
 
     # -- pause, resume, stop ------------------------------------------------------------------------
 
-    async def _pause(self, seconds: float, reason: str, code: str | None = None) -> None:
+    async def _pause(self, seconds: float, reason: str, code: str | None = None, *, spread: bool = True) -> None:
+        """Pause this lane; a pause for the account itself (`account_error`) pauses its other lanes too."""
         if self._stopping:
             return
+        if spread and reason == "account_error":
+            for sibling in self.siblings:
+                await sibling._pause(seconds, reason, code, spread=False)
         change = self._flow.pause(seconds)
         if change is PauseChange.NONE:
             return
@@ -340,8 +358,10 @@ class AccountWorker(Worker):
         noted.add_done_callback(self._tasks.discard)
         if change is PauseChange.LONGER:
             return
-        log.warning("account_paused", account=self.account.name, seconds=seconds, reason=reason, code=code)
-        m.PAUSED.labels(self.account.name).set(1)
+        log.warning(
+            "account_paused", account=self.account.name, lane=self.lane, seconds=seconds, reason=reason, code=code
+        )
+        m.PAUSED.labels(self.account.name, self.lane).set(1)
         if self._consumer is not None:
             await self._consumer.cancel()
         await requeue(self._acks, self._batcher.take_all())
@@ -360,9 +380,9 @@ class AccountWorker(Worker):
     async def _resume_later(self) -> None:
         while self.paused:
             await self._clock.sleep(max(0.05, self._flow.paused_for_s))
-        m.PAUSED.labels(self.account.name).set(0)
+        m.PAUSED.labels(self.account.name, self.lane).set(0)
         if not self._stopping:
-            log.info("account_resumed", account=self.account.name)
+            log.info("account_resumed", account=self.account.name, lane=self.lane)
             if self._consumer is not None:
                 await self._consumer.ensure()
 

@@ -36,6 +36,8 @@ def read_job(message: AbstractIncomingMessage, job: Job) -> Job:
     job.waits = int_header(message, c.H_WAITS)
     job.waiting_since = float_header(message, c.H_WAITING_SINCE)
     job.sent_at = float_header(message, c.H_SENT_AT)
+    job.valid_until = float_header(message, c.H_VALID_UNTIL)
+    job.published_at = message.timestamp.timestamp() if message.timestamp is not None else None
     job.redelivered = bool(message.redelivered)
     headers = message.headers or {}
     job.own = bool(headers.get(c.H_OWN))

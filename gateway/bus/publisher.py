@@ -154,6 +154,7 @@ class Publisher:
         error_code: str,
         error_message: str,
         attempts: int,
+        lane: c.Lane | None = None,
     ) -> None:
         headers = _clean_headers(original.headers)
         headers.update(
@@ -166,6 +167,8 @@ class Publisher:
                 c.H_DEAD_AT: c.rfc3339(datetime.now(UTC)),
             }
         )
+        if lane is not None:
+            headers[c.H_LANE] = str(lane)
         await self._publish(
             c.DEAD_EXCHANGE, f"{reason}.{account}", original.body, _copy(original, headers), mandatory=True
         )
@@ -174,15 +177,17 @@ class Publisher:
         self,
         original: AbstractIncomingMessage,
         *,
-        account: str,
+        routing_key: str,
         delay_ms: int,
         attempts: int,
         waits: int,
         sent_at: float | None = None,
         waiting_since: float | None = None,
         own: bool = True,
+        valid_until: float | None = None,
     ) -> None:
-        """Park a byte-identical copy in the TTL queue for `delay_ms`; it comes back to sms.send.
+        """Park a byte-identical copy in the TTL queue for `delay_ms`; it comes back to sms.send with
+        `routing_key` (its account's lane). `valid_until`: an urgent request's deadline.
         `own` marks it the gateway's own copy (`x-gateway-own`): false only for a wait copy of a
         producer's second copy. `waiting_since` starts or continues a wait for another worker's
         claim; a copy without it carries no earlier wait's start."""
@@ -196,7 +201,9 @@ class Publisher:
             headers[c.H_SENT_AT] = str(round(sent_at, 3))
         if waiting_since is not None:
             headers[c.H_WAITING_SINCE] = str(round(waiting_since, 3))
-        await self._publish(c.RETRY_EXCHANGE, account, original.body, _copy(original, headers), mandatory=True)
+        if valid_until is not None:
+            headers[c.H_VALID_UNTIL] = str(round(valid_until, 3))
+        await self._publish(c.RETRY_EXCHANGE, routing_key, original.body, _copy(original, headers), mandatory=True)
 
 
 def _clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from gateway import contract as c
 from gateway.bus.acks import AckTracker
 from gateway.bus.publisher import Publisher
-from gateway.core.decisions import Decision, Finish, Job, Retry
+from gateway.core.decisions import Decision, Defer, Finish, Job, Retry, Wait
 from gateway.numbers import mask
 from gateway.obs import metrics as m
 from gateway.obs import tracing
@@ -53,6 +53,7 @@ class Delivery:
 
     message: AbstractIncomingMessage
     account: str
+    lane: c.Lane | None = None  # the lane it was consumed from (None: the unknown-account queue)
     job: Job = field(default_factory=Job)
     started: float = field(default_factory=time.monotonic)
     span: trace.Span | None = None
@@ -60,18 +61,26 @@ class Delivery:
     _open: bool = False
 
     @classmethod
-    def begin(cls, message: AbstractIncomingMessage, account: str, label: str | None = None) -> Delivery:
+    def begin(
+        cls, message: AbstractIncomingMessage, account: str, label: str | None = None, lane: c.Lane | None = None
+    ) -> Delivery:
         """Start tracking a consumed message: its span (continuing the publisher's trace) and the
         in-flight gauge. `close` ends both, exactly once."""
+        queue = c.account_queue(account, lane) if lane is not None else c.UNROUTABLE_QUEUE
         span = tracing.tracer().start_span(
             "sms.send process",
             context=tracing.extract(message.headers),
             kind=SpanKind.CONSUMER,
-            attributes={"messaging.system": "rabbitmq", "messaging.destination.name": c.account_queue(account)},
+            attributes={"messaging.system": "rabbitmq", "messaging.destination.name": queue},
         )
         label = account if label is None else label
         _child(m.IN_FLIGHT, label).inc()
-        return cls(message, account, span=span, _open=True, label=label)
+        return cls(message, account, lane, span=span, _open=True, label=label)
+
+    @property
+    def routing_key(self) -> str:
+        """Where a copy of it goes back to: its account's lane."""
+        return c.lane_key(self.account, self.lane or c.Lane.NORMAL)
 
     @property
     def unique_id(self) -> str | None:
@@ -175,22 +184,36 @@ class Settler:
         elif isinstance(decision, Retry):
             await self._publisher.retry(
                 d.message,
-                account=d.account,
+                routing_key=d.routing_key,
                 delay_ms=decision.delay_ms,
                 attempts=decision.attempts,
                 waits=0,
                 sent_at=(d.job.attempt_at or d.job.sent_at) if decision.ambiguous else None,
+                valid_until=d.job.valid_until,
             )
-        else:
+        elif isinstance(decision, Wait):
             await self._publisher.retry(
                 d.message,
-                account=d.account,
+                routing_key=d.routing_key,
                 delay_ms=decision.delay_ms,
                 attempts=d.job.attempts,
                 waits=d.job.waits + 1,
                 sent_at=None if decision.unsent else (d.job.attempt_at or d.job.sent_at),
                 waiting_since=decision.since,
                 own=decision.own,
+                valid_until=d.job.valid_until,
+            )
+        else:  # Defer: the same copy again later, as it came (nothing was claimed or sent)
+            await self._publisher.retry(
+                d.message,
+                routing_key=d.routing_key,
+                delay_ms=decision.delay_ms,
+                attempts=d.job.attempts,
+                waits=d.job.waits,
+                sent_at=d.job.sent_at,
+                waiting_since=d.job.waiting_since,
+                own=d.job.ours,
+                valid_until=d.job.valid_until,
             )
 
     @staticmethod
@@ -200,10 +223,12 @@ class Settler:
             # A code no table knows is in the outcome and the log as sent; as a label it is one value.
             code = "" if error is None else (UNKNOWN_CODE_LABEL if error.type == UNKNOWN_TYPE else error.code)
             _child(m.OUTCOMES, d.label, decision.result.status, code).inc()
+            if d.lane is not None:
+                _child(m.LANE_OUTCOMES, d.label, d.lane, decision.result.status).inc()
             if decision.dead is not None:
                 m.DEAD_LETTERS.labels(d.label, str(decision.dead)).inc()
         else:
-            m.RETRIES.labels(d.label, "retry" if isinstance(decision, Retry) else "wait").inc()
+            m.RETRIES.labels(d.label, _result_name(decision)).inc()
 
     async def _finish(self, d: Delivery, f: Finish) -> None:
         r, job = f.result, d.job
@@ -219,6 +244,7 @@ class Settler:
             "error": r.error,
             "meta": job.meta,
             "original": f.original.as_dict() if f.original is not None else None,
+            "lane": str(d.lane) if d.lane is not None else None,
         }
         try:
             body = c.outcome_body(**fields)
@@ -248,6 +274,7 @@ class Settler:
                     d.message,
                     reason=f.dead,
                     account=d.account,
+                    lane=d.lane,
                     error_code=r.error.code if r.error is not None else str(f.dead),
                     error_message=r.error.message if r.error is not None else "",
                     attempts=r.attempts,
@@ -285,13 +312,24 @@ class Settler:
                 delay_ms=decision.delay_ms,
                 ambiguous=decision.ambiguous,
             )
-        else:
+        elif isinstance(decision, Wait):
             log.info("sms_wait", account=d.account, unique_id=d.unique_id, to=to, waits=d.job.waits + 1)
+        else:
+            log.info(
+                "sms_deferred",
+                account=d.account,
+                unique_id=d.unique_id,
+                to=to,
+                reason=decision.reason,
+                delay_ms=decision.delay_ms,
+            )
 
 
 def _result_name(decision: Decision) -> str:
     if isinstance(decision, Finish):
         return str(decision.status)
+    if isinstance(decision, Defer):
+        return "defer"
     return "retry" if isinstance(decision, Retry) else "wait"
 
 

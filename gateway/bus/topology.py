@@ -2,14 +2,16 @@
 `gateway topology declare`, verified by `gateway topology check`, and written into the AsyncAPI
 document (`gateway.ops.schema`). One description, so the three never disagree.
 
-    sms.send (direct, alternate-exchange sms.send.unroutable)
-      --<account>--> sms.send.<account>   quorum; broker backstop: after DELIVERY_LIMIT deliveries
-                                          it dead-letters to sms.dead as poison.<account>
+    sms.send (direct, alternate-exchange sms.send.unroutable), one queue per account and lane:
+      --<account>.urgent--> sms.send.<account>.urgent
+      --<account>-------->  sms.send.<account>          quorum; broker backstop: after DELIVERY_LIMIT
+      --<account>.bulk--->  sms.send.<account>.bulk     deliveries it dead-letters to sms.dead as
+                                                        poison.<account>
     sms.send.unroutable (fanout) -> sms.send.unroutable   the gateway dead-letters these as
                                                           unknown_account.<routing key>
     sms.retry (headers; gateway-retry-delay=<ms>) -> sms.retry.<ms>ms
                                           quorum, x-message-ttl=<ms>, dead-letters back into
-                                          sms.send keeping the account routing key
+                                          sms.send keeping the account's lane routing key
     sms.outcomes (topic, <status>.<account>)
     sms.dead (topic, <reason>.<account>) -> sms.dead (bound to #)
     sms.outcomes --delivered.*, undelivered.*--> sms.tracking   stream, 7 days, with one copy of each
@@ -78,7 +80,8 @@ EXCHANGES = (
     Exchange(
         c.SEND_EXCHANGE,
         "direct",
-        "Send requests; routing key = account name. Unroutable requests go to the alternate exchange.",
+        "Send requests; routing key = the account's lane: <account>.urgent, <account> (normal) or "
+        "<account>.bulk. Unroutable requests go to the alternate exchange.",
         {"alternate-exchange": c.UNROUTABLE_EXCHANGE},
     ),
     Exchange(c.UNROUTABLE_EXCHANGE, "fanout", "Requests for accounts no gateway serves (sms.send's alternate)."),
@@ -88,10 +91,17 @@ EXCHANGES = (
 )
 
 
-def account_queue(account: str) -> Queue:
+_LANE_TEXT = {
+    c.Lane.URGENT: "Urgent send requests (one-time codes) of account {a}: served first within its rate",
+    c.Lane.NORMAL: "Send requests of account {a}",
+    c.Lane.BULK: "Bulk send requests (campaigns) of account {a}: served after the other lanes, quiet hours",
+}
+
+
+def account_queue(account: str, lane: c.Lane = c.Lane.NORMAL) -> Queue:
     return Queue(
-        c.account_queue(account),
-        f"Send requests of account {account}, consumed by the gateway.",
+        c.account_queue(account, lane),
+        _LANE_TEXT[lane].format(a=account) + ", consumed by the gateway.",
         {
             **_QUORUM,
             **_SAFE_DLX,
@@ -99,7 +109,7 @@ def account_queue(account: str) -> Queue:
             "x-dead-letter-exchange": c.DEAD_EXCHANGE,
             "x-dead-letter-routing-key": f"{c.DeadReason.POISON}.{account}",
         },
-        (Binding(c.SEND_EXCHANGE, account),),
+        (Binding(c.SEND_EXCHANGE, c.lane_key(account, lane)),),
     )
 
 
@@ -134,7 +144,7 @@ def layout(accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> Layout
             {"x-queue-type": "stream", "x-max-age": TRACKING_MAX_AGE, "x-max-length-bytes": TRACKING_MAX_BYTES},
             tuple(Binding(c.OUTCOMES_EXCHANGE, f"{status}.*") for status in ("delivered", "undelivered")),
         ),
-        *(account_queue(a) for a in accounts),
+        *(account_queue(a, lane) for a in accounts for lane in c.LANES),
         *(retry_queue(d) for d in retry_delays_ms(retry_schedule_s)),
     ]
     return Layout(EXCHANGES, tuple(queues))

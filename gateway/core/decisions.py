@@ -38,6 +38,8 @@ class Job:
     request: SendRequest | None = None
     item: Outbound | None = None
     attempt_at: float | None = None  # when this copy's provider attempt started
+    published_at: float | None = None  # the producer's AMQP timestamp (epoch seconds), when it set one
+    valid_until: float | None = None  # an urgent request's deadline, set at its first admission (lanes.py)
 
     @property
     def ours(self) -> bool:
@@ -99,7 +101,17 @@ class Wait:
     unsent: bool = True
 
 
-Decision = Finish | Retry | Wait
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Not yet, by the lane's policy (a bulk request inside its recipient's quiet hours): the copy
+    waits `delay_ms` in the broker and is admitted again. Nothing was claimed or sent, and neither an
+    attempt nor a wait is counted."""
+
+    delay_ms: int
+    reason: str
+
+
+Decision = Finish | Retry | Wait | Defer
 
 _DEAD_FOR = {
     Status.REJECTED: DeadReason.REJECTED,
@@ -142,8 +154,10 @@ def invalid(problem: InvalidRequest, at: datetime) -> Finish:
     return finish(Status.INVALID, None, at=at, attempts=0, error=error, store=False)
 
 
-def expired(provider: str, attempts: int, at: datetime) -> Finish:
-    error = OutcomeError("expired", "Expired", "expires_at passed before the provider took it", False)
+def expired(provider: str, attempts: int, at: datetime, *, validity: bool = False) -> Finish:
+    """`validity`: the deadline was the urgent lane's validity, not the request's own `expires_at`."""
+    what = "the urgent lane's validity" if validity else "expires_at"
+    error = OutcomeError("expired", "Expired", f"{what} passed before the provider took it", False)
     return finish(Status.EXPIRED, provider, at=at, attempts=attempts, error=error)
 
 

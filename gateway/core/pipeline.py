@@ -1,6 +1,7 @@
 """The batch orchestration, as values: what happens to each request, decided without any AMQP.
 
-    admit    bytes -> SendRequest -> Outbound        (or a decision at once: invalid, expired)
+    admit    bytes -> SendRequest -> Outbound        (or a decision at once: invalid, expired, or
+                                                      the lane's policy deferring it: lanes.py)
     run      claim + rate-limit tokens (one store round trip)
              -> reconcile the ids an earlier attempt may have sent (adapter lookup)
              -> send as tokens allow (ratelimit), splitting what the provider says is too large
@@ -15,13 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from gateway import contract as c
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, SendOptions
-from gateway.contract import DeadReason, InvalidRequest, OutcomeError, Status
+from gateway.contract import DeadReason, InvalidRequest, Lane, OutcomeError, Status
+from gateway.core import lanes
 from gateway.core.decisions import (
     Decision,
+    Defer,
     Finish,
     Job,
     Retry,
@@ -35,7 +39,7 @@ from gateway.core.decisions import (
     prepare,
 )
 from gateway.core.ratelimit import RateLimiter
-from gateway.core.retry import RetryPolicy, wait_delay_ms
+from gateway.core.retry import RetryPolicy, retry_delays_ms, wait_delay_ms
 from gateway.errors import LookupFailed
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
@@ -78,7 +82,7 @@ class BatchResult:
 
 
 class Pipeline:
-    """Admission and batches of one account."""
+    """Admission and batches of one lane of one account."""
 
     def __init__(
         self,
@@ -88,9 +92,14 @@ class Pipeline:
         store: SendStore,
         options: SendOptions,
         owner: str,
+        lane: Lane = Lane.NORMAL,
         clock: Clock = SYSTEM,
     ) -> None:
         self.account = account
+        self.lane = lane
+        self._rank = lanes.rank(lane)
+        self._quiet = account.quiet_window if lane is Lane.BULK else None
+        self._defer_delays_ms = retry_delays_ms(options.retry_schedule_s)
         self._adapter = adapter
         self._store = store
         self._options = options
@@ -100,7 +109,7 @@ class Pipeline:
         # A live claim lasts at most a lease; past it the claim is reconciled, not waited for. The
         # grace covers the store's own recovery (a failover) and a claim renewed meanwhile.
         self._patience_s = options.claim_lease_s + options.wait_grace_s
-        self._limiter = RateLimiter(store, account, clock)
+        self._limiter = RateLimiter(store, account, clock, rank=self._rank)
 
     @property
     def provider(self) -> str:
@@ -115,13 +124,23 @@ class Pipeline:
         if isinstance(req, InvalidRequest):
             job.unique_id, job.to, job.meta = req.unique_id, req.to, req.meta
             return invalid(req, now)
+        if self.lane is Lane.URGENT and req.expires_at is None:
+            if job.valid_until is None:
+                job.valid_until = lanes.urgent_deadline(
+                    job.published_at, now.timestamp(), self.account.urgent_validity_s
+                )
+            req = replace(req, expires_at=datetime.fromtimestamp(job.valid_until, UTC))
         job.unique_id, job.to, job.meta, job.request = req.unique_id, req.to, req.meta, req
         if is_expired(req, now):
-            return expired(self._adapter.name, job.attempts, now)
+            return expired(self._adapter.name, job.attempts, now, validity=job.valid_until is not None)
         item = prepare(self.account, req)
         if isinstance(item, InvalidRequest):
             return invalid(item, now)
         job.item = item
+        if self._quiet is not None:
+            wait_s = lanes.quiet_wait_s(self._quiet, item.phone, self.account.default_country, now)
+            if wait_s > 0:
+                return Defer(lanes.defer_step_ms(wait_s, self._defer_delays_ms), "quiet_hours")
         return None
 
     def wait(self, job: Job, busy: Claim | None = None) -> Decision:
@@ -211,6 +230,8 @@ class Pipeline:
             self._options.claim_lease_s,
             rate,
             burst,
+            rank=self._rank,
+            min_share=self.account.lane_min_share,
             suspect={uid for uid, i in first_of.items() if jobs[i].seen_before},
             recovery_s=self._options.store_recovery_s,
             replay={uid for uid, i in first_of.items() if jobs[i].replay},
@@ -237,7 +258,9 @@ class Pipeline:
         for i in list(send):
             req = jobs[i].request
             if req is not None and is_expired(req, now):
-                decisions[i] = expired(self._adapter.name, jobs[i].attempts, now)
+                decisions[i] = expired(
+                    self._adapter.name, jobs[i].attempts, now, validity=jobs[i].valid_until is not None
+                )
                 send.remove(i)
         taken = grant if grant.granted or grant.wait_s else None
         store_failed = await self._send(jobs, send, decisions, taken)

@@ -17,6 +17,7 @@ from gateway.config import Account
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.state import Grant, RateStore
+from gateway.state.base import NORMAL_RANK
 
 log = get_logger("gateway.core.ratelimit")
 T = TypeVar("T")
@@ -24,10 +25,11 @@ MAX_POLL_S = 0.05  # while tokens run short, look again at least this often (or 
 
 
 class RateLimiter:
-    def __init__(self, store: RateStore, account: Account, clock: Clock = SYSTEM) -> None:
+    def __init__(self, store: RateStore, account: Account, clock: Clock = SYSTEM, *, rank: int = NORMAL_RANK) -> None:
         self._store = store
         self._account = account
         self._clock = clock
+        self._rank = rank  # the lane's: the store serves lower ranks first (state.base: LANE_DEMAND_MARGIN_S)
         self.factor = 1.0  # the account's slow-down as the last grant reported it
 
     @property
@@ -49,7 +51,9 @@ class RateLimiter:
             while pending:
                 if grant is None:
                     try:
-                        grant = await self._store.acquire(name, len(pending), *self.limits)
+                        grant = await self._store.acquire(
+                            name, len(pending), *self.limits, rank=self._rank, min_share=self._account.lane_min_share
+                        )
                     except Exception:  # the store is away; what is sent stays sent
                         log.exception("acquire_failed", account=name, waiting=len(pending))
                         return pending

@@ -1,4 +1,4 @@
-"""Prometheus metrics, served on `/metrics`. Labels are bounded: account, status, code, reason.
+"""Prometheus metrics, served on `/metrics`. Labels are bounded: account, lane, status, code, reason.
 
 Provider codes are a closed table per provider plus a few transport codes, so `code` stays small.
 """
@@ -51,22 +51,36 @@ RATE_FACTOR = Gauge(
 QUEUE_WAIT = Histogram(
     "sms_queue_wait_seconds",
     "Time a request waited in its queue: from the producer's AMQP timestamp to its first consumption",
-    ["account"],
+    ["account", "lane"],
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge("sms_in_flight", "Messages consumed and not yet settled", ["account"], registry=REGISTRY)
 INFLIGHT_LIMIT = Gauge(
-    "sms_inflight_limit", "provider calls the account may have in flight now (adaptive)", ["account"], registry=REGISTRY
+    "sms_inflight_limit",
+    "provider calls the account's lane may have in flight now (adaptive)",
+    ["account", "lane"],
+    registry=REGISTRY,
 )
-INFLIGHT = Gauge("sms_inflight_batches", "provider calls in flight", ["account"], registry=REGISTRY)
+INFLIGHT = Gauge("sms_inflight_batches", "provider calls in flight", ["account", "lane"], registry=REGISTRY)
 PREFETCH = Gauge(
     "sms_consumer_prefetch",
     "requests the broker may deliver ahead (follows the in-flight limit)",
-    ["account"],
+    ["account", "lane"],
     registry=REGISTRY,
 )
-PAUSED = Gauge("sms_account_paused", "1 while the account's consumption is paused", ["account"], registry=REGISTRY)
+PAUSED = Gauge(
+    "sms_account_paused",
+    "1 while the consumption of the account's lane is paused",
+    ["account", "lane"],
+    registry=REGISTRY,
+)
+LANE_OUTCOMES = Counter(
+    "sms_lane_outcomes",
+    "Terminal outcomes published, by account, lane and status (the send classes' throughput)",
+    ["account", "lane", "status"],
+    registry=REGISTRY,
+)
 CONSUMER_RESTORED = Counter(
     "sms_consumer_restored",
     "Consumers started again after the broker connection or the consumer was lost",
@@ -112,13 +126,15 @@ DLR_POLL_LAG = Gauge(
 DLR_POLLS = Counter("sms_dlr_polls", "Status polls made, one per provider call", ["account"], registry=REGISTRY)
 
 
-def prime_account(account: str, dead_reasons: list[str], final_statuses: list[str]) -> None:
+def prime_account(account: str, dead_reasons: list[str], final_statuses: list[str], lanes: list[str]) -> None:
     """Zero samples for an account's series that alerts and panels read, so a quiet account shows 0
     instead of no data until its first event."""
-    PAUSED.labels(account).set(0)
+    for lane in lanes:
+        PAUSED.labels(account, lane).set(0)
+        LANE_OUTCOMES.labels(account, lane, "accepted").inc(0)
     IN_FLIGHT.labels(account).set(0)
     RATE_LIMIT_WAIT.labels(account).inc(0)
-    for kind in ("retry", "wait"):
+    for kind in ("retry", "wait", "defer"):
         RETRIES.labels(account, kind).inc(0)
     for reason in dead_reasons:
         DEAD_LETTERS.labels(account, reason).inc(0)

@@ -50,6 +50,7 @@ class DeadLetter:
     headers: dict[str, Any]
     properties: dict[str, Any]
     body: bytes
+    lane: c.Lane = c.Lane.NORMAL  # the lane it was consumed from: a replay sends it back there
 
     def row(self) -> dict[str, Any]:
         """The listing's view: the number masked, no text."""
@@ -84,6 +85,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _lane(headers: dict[str, Any]) -> c.Lane:
+    """The gateway's lane header, or the queue the broker's delivery limit moved it from."""
+    named = str(headers.get(c.H_LANE) or "")
+    if named in set(c.Lane):
+        return c.Lane(named)
+    queue = str(headers.get("x-first-death-queue") or "")
+    prefix = c.SEND_EXCHANGE + "."
+    return c.split_key(queue[len(prefix) :])[1] if queue.startswith(prefix) else c.Lane.NORMAL
+
+
 def read(message: AbstractIncomingMessage) -> DeadLetter:
     headers: dict[str, Any] = _jsonable(dict(message.headers or {}))
     key = message.routing_key or ""
@@ -111,6 +122,7 @@ def read(message: AbstractIncomingMessage) -> DeadLetter:
         unique_id=uid if isinstance(uid, str) else None,
         to=to if isinstance(to, str) else None,
         headers=headers,
+        lane=_lane(headers),
         properties=_jsonable(
             {
                 k: v
@@ -263,7 +275,9 @@ async def replay(
         send = await out.get_exchange(c.SEND_EXCHANGE, ensure=True)
 
         async def flush(batch: list[tuple[AbstractIncomingMessage, DeadLetter]]) -> None:
-            await asyncio.gather(*(send.publish(_copy(m, replay_id), routing_key=d.account) for m, d in batch))
+            await asyncio.gather(
+                *(send.publish(_copy(m, replay_id), routing_key=c.lane_key(d.account, d.lane)) for m, d in batch)
+            )
             for m, _d in batch:
                 await m.ack()
             summary.done += len(batch)

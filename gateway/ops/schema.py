@@ -34,7 +34,9 @@ def send_request() -> dict[str, Any]:
     return {
         "title": "SendRequest",
         "description": (
-            "One SMS to one recipient, published to exchange sms.send with routing key = account name. "
+            "One SMS to one recipient, published to exchange sms.send with routing key = the account's lane: "
+            "<account>.urgent (one-time codes: served first, valid 10 minutes by default), <account> "
+            "(normal) or <account>.bulk (campaigns: served last, quiet hours). "
             "UTF-8 JSON, content_type application/json. Fields not named here are ignored within v1 "
             "(docs/contract.md, 'Contract evolution')."
         ),
@@ -153,6 +155,12 @@ def outcome() -> dict[str, Any]:
             },
             "status_at": {**_TIMESTAMP, "description": "Only on delivered / undelivered: when it happened."},
             "reason": {**_NULLABLE_STRING, "description": "Only on delivered / undelivered: the provider's reason."},
+            "lane": {
+                "type": "string",
+                "enum": [str(lane) for lane in c.LANES],
+                "description": "On the terminal outcome of a request of a configured account: the lane it was "
+                "consumed from (the routing key's suffix: urgent, none = normal, bulk).",
+            },
         },
         "additionalProperties": True,
     }
@@ -175,6 +183,11 @@ def dead_letter_headers() -> dict[str, Any]:
             c.H_ATTEMPTS: {"type": "integer", "minimum": 0},
             c.H_ACCOUNT: {"type": "string"},
             c.H_DEAD_AT: _TIMESTAMP,
+            c.H_LANE: {
+                "type": "string",
+                "enum": [str(lane) for lane in c.LANES],
+                "description": "the lane it was consumed from: a replay publishes it back with that lane's routing key",
+            },
         },
         "additionalProperties": True,
     }
@@ -274,7 +287,8 @@ def asyncapi() -> dict[str, Any]:
             "title": "sms-gateway bus",
             "version": f"{c.CONTRACT_VERSION}.0.0",
             "description": (
-                "Outbound SMS over RabbitMQ. Producers publish SendRequest to sms.send (routing key = account) "
+                "Outbound SMS over RabbitMQ. Producers publish SendRequest to sms.send (routing key = the "
+                "account's lane: <account>.urgent, <account> or <account>.bulk) "
                 "and read Outcome events from sms.outcomes (<status>.<account>) or their reply_to queue; dead "
                 "letters land in sms.dead (<reason>.<account>). Within v1 changes are additive only."
             ),
@@ -288,7 +302,7 @@ def asyncapi() -> dict[str, Any]:
             "publishSendRequest": {
                 "action": "send",
                 "channel": {"$ref": "#/channels/sms_send"},
-                "summary": "Publish one send request; routing key = account name.",
+                "summary": "Publish one send request; routing key = <account>.urgent, <account> or <account>.bulk.",
                 "messages": [{"$ref": "#/channels/sms_send/messages/SendRequest"}],
                 "bindings": {"amqp": {"deliveryMode": 2, "mandatory": False, "bindingVersion": amqp}},
             },
@@ -388,6 +402,7 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
             "provider_status": None,
             "meta": None,
             "at": "2026-11-29T06:37:49.459Z",
+            "lane": "urgent",
         },
     ],
 }

@@ -287,6 +287,15 @@ THROTTLE_MIN_FACTOR = 0.05  # never below 5 % of the configured rate
 THROTTLE_COOLDOWN_S = 1.0  # throttle answers within this long after a cut are one event (one halving)
 THROTTLE_RECOVERY_PER_S = 0.1  # the factor climbs back linearly: from 0.5 to 1.0 in 5 s
 
+# Lanes share the account's bucket by rank (0 urgent, 1 normal, 2 bulk). A lane that asked for more
+# tokens than it got marks its demand in the bucket until its next look is due plus this margin.
+# While a higher lane's mark is live, a lower lane's grant is also bounded by its own share bucket
+# (rate x factor x min_share, burst likewise, at least 1): the higher lanes get the rest, and no
+# replica's lower lane can take the tokens another replica's higher lane waits for.
+LANE_DEMAND_MARGIN_S = 0.25
+NORMAL_RANK = 1
+LOWEST_RANK = 2
+
 
 @dataclass(frozen=True, slots=True)
 class Grant:
@@ -341,9 +350,12 @@ class ClaimStore(Protocol):
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
         replay: Collection[str] = (),
+        rank: int = NORMAL_RANK,
+        min_share: float = 0.0,
     ) -> tuple[dict[str, Claim], Grant]:
         """Claim every id of a batch at once (see the module docstring), then take tokens from the
-        account's bucket (as `acquire`) for the NEW claims, in one atomic step and one round trip.
+        account's bucket (as `acquire`, for the lane of `rank`) for the NEW claims, in one atomic
+        step and one round trip.
         A `replay` id whose stored result is in `contract.REPLAYABLE` is claimed again (RECONCILE)
         in the same step, so of two replayed copies only one is sent.
         NEW answers are then checked against the account's epoch (`distrust_new`); ids turned into
@@ -360,9 +372,12 @@ class ClaimStore(Protocol):
 class RateStore(Protocol):
     """Each account's token bucket and throttle factor, shared by every replica."""
 
-    async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
+    async def acquire(
+        self, key: str, want: int, rate: float, burst: int, rank: int = NORMAL_RANK, min_share: float = 0.0
+    ) -> Grant:
         """Token bucket shared by every process using this store, at the configured `rate` and
-        `burst` scaled by the key's current throttle factor."""
+        `burst` scaled by the key's current throttle factor, for the lane of `rank`: while a lane
+        of a lower rank waits, this one gets at most its `min_share` (LANE_DEMAND_MARGIN_S)."""
         ...
 
     async def throttle(self, key: str) -> float:

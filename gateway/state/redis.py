@@ -34,6 +34,9 @@ from gateway.contract import REPLAYABLE
 from gateway.errors import StoreRefused, StoreUnavailable, tls_failure
 from gateway.state.base import (
     HOLDER,
+    LANE_DEMAND_MARGIN_S,
+    LOWEST_RANK,
+    NORMAL_RANK,
     NOTHING,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
@@ -148,24 +151,54 @@ local function factor(f, fc, now)
 end
 """
 
-# take(bucket, rate per s, burst, wanted, now): token bucket at rate x factor, burst x factor;
-# returns granted, seconds until 1 more, and the factor.
+# take(bucket, rate per s, burst, wanted, now, rank, min share): token bucket at rate x factor, burst
+# x factor, for the lane of `rank` (state.base: LANE_DEMAND_MARGIN_S). Lane fields of the bucket
+# hash: d0, d1 = demand marks of the urgent and normal lanes (until, seconds); k1, t1 and k2, t2 =
+# the share buckets of the normal and bulk lanes (tokens, seconds of the last update).
+# Returns granted, seconds until 1 more, and the factor.
 _TAKE_FN = f"""
-local function take(bucket, rate, burst, want, now)
-  local st = redis.call('HMGET', bucket, 'tk', 'ts', 'f', 'fc')
+local function take(bucket, rate, burst, want, now, rank, share)
+  local st = redis.call('HMGET', bucket, 'tk', 'ts', 'f', 'fc', 'd0', 'd1', 'k1', 't1', 'k2', 't2')
   local f = factor(st[3], st[4], now)
   local r = rate * f
   local b = math.max(1, math.floor(burst * f + 0.5))
   local tokens = tonumber(st[1]) or b
   local ts = tonumber(st[2]) or now
   tokens = math.min(b, tokens + math.max(0, now - ts) * r)
-  local grant = math.min(want, math.floor(tokens + r * 1e-6))
-  tokens = tokens - grant
+  local above = false
+  for h = 0, rank - 1 do
+    local d = tonumber(st[5 + h])
+    if d and d > now then above = true end
+  end
+  local grant, wait = 0, 0
+  if above then
+    -- the share is carved out of the rate: granted even when the higher lane emptied the bucket,
+    -- which then runs below zero and pays it back from the refill
+    local sr = r * share
+    local sb = math.max(1, math.floor(burst * f * share + 0.5))
+    local sk = tonumber(st[5 + rank * 2]) or sb
+    local stt = tonumber(st[6 + rank * 2]) or now
+    sk = math.min(sb, sk + math.max(0, now - stt) * sr)
+    if sr > 0 then grant = math.min(want, math.floor(sk + sr * 1e-6)) end
+    sk = sk - grant
+    if sr <= 0 then wait = {LANE_DEMAND_MARGIN_S} elseif sk < 1 then wait = (1 - sk) / sr end
+    redis.call('HSET', bucket, 'k' .. rank, tostring(sk), 't' .. rank, tostring(now))
+    tokens = tokens - grant
+  else
+    grant = math.min(want, math.floor(tokens + r * 1e-6))
+    tokens = tokens - grant
+    if tokens < 1 then wait = (1 - tokens) / r end
+  end
   redis.call('HSET', bucket, 'tk', tostring(tokens), 'ts', tostring(now))
   if st[3] and f >= 1 then redis.call('HDEL', bucket, 'f', 'fc') end
   redis.call('PEXPIRE', bucket, math.ceil(math.max(burst / rate, {_HOLD_S}) * 1000) + 1000)
-  local wait = 0
-  if tokens < 1 then wait = (1 - tokens) / r end
+  if rank < {LOWEST_RANK} then
+    if grant < want then
+      redis.call('HSET', bucket, 'd' .. rank, tostring(now + wait + {LANE_DEMAND_MARGIN_S}))
+    elseif st[5 + rank] then
+      redis.call('HDEL', bucket, 'd' .. rank)
+    end
+  end
   return grant, wait, f
 end
 """
@@ -193,8 +226,8 @@ end
 """
 
 # KEYS = dedupe keys, then the account's bucket and epoch (same hash tag); ARGV = owner, lease ms,
-# window ms, rate per s, burst, known epoch id, new epoch id, now, replay flags. Claims, then takes a
-# token for each new claim: {claims, granted, wait, factor, epoch}.
+# window ms, rate per s, burst, known epoch id, new epoch id, now, replay flags, lane rank, min share.
+# Claims, then takes a token for each new claim: {claims, granted, wait, factor, epoch}.
 _CLAIM_TAKE = (
     _NOW_FN
     + _CLAIM_FN
@@ -206,7 +239,8 @@ local now = clock(ARGV[8])
 local ep = epoch(KEYS[#KEYS], ARGV[6], ARGV[7], now)
 local out, fresh = claim(#KEYS - 2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now, ARGV[9])
 if fresh == 0 then return {out, 0, '0', '1', ep} end
-local grant, wait, f = take(KEYS[#KEYS - 1], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh, now)
+local grant, wait, f = take(
+  KEYS[#KEYS - 1], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh, now, tonumber(ARGV[10]), tonumber(ARGV[11]))
 return {out, grant, tostring(wait), tostring(f), ep}
 """
 )
@@ -294,13 +328,16 @@ return #KEYS - 1
 """
 
 
-# KEYS[1] = bucket; ARGV = rate per s, burst, wanted, now. Returns {granted, wait (string), factor}.
+# KEYS[1] = bucket; ARGV = rate per s, burst, wanted, now, lane rank, min share.
+# Returns {granted, wait (string), factor}.
 _ACQUIRE = (
     _NOW_FN
     + _FACTOR_FN
     + _TAKE_FN
     + """
-local grant, wait, f = take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), clock(ARGV[4]))
+local grant, wait, f = take(
+  KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), clock(ARGV[4]), tonumber(ARGV[5]),
+  tonumber(ARGV[6]))
 return {grant, tostring(wait), tostring(f)}
 """
 )
@@ -540,6 +577,8 @@ class RedisStore(RecordShortcuts):
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
         replay: Collection[str] = (),
+        rank: int = NORMAL_RANK,
+        min_share: float = 0.0,
     ) -> tuple[dict[str, Claim], Grant]:
         if not uids:
             return {}, NOTHING
@@ -558,6 +597,8 @@ class RedisStore(RecordShortcuts):
                 secrets.token_hex(8),
                 self._now(),
                 "".join("1" if u in replay else "0" for u in uids) if replay else "",
+                rank,
+                min_share,
             ],
         )
         epoch = Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost)))
@@ -597,8 +638,12 @@ class RedisStore(RecordShortcuts):
             args += [f"{number}|{now:.3f}|{uid}" for uid, number in batch.numbers.items()]
         await self._record(keys=keys, args=args)
 
-    async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
-        granted, wait, factor = await self._acquire(keys=[bucket_key(key)], args=[rate, burst, want, self._now()])
+    async def acquire(
+        self, key: str, want: int, rate: float, burst: int, rank: int = NORMAL_RANK, min_share: float = 0.0
+    ) -> Grant:
+        granted, wait, factor = await self._acquire(
+            keys=[bucket_key(key)], args=[rate, burst, want, self._now(), rank, min_share]
+        )
         return Grant(int(granted), float(wait), float(factor))
 
     async def throttle(self, key: str) -> float:

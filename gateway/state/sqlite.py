@@ -20,6 +20,9 @@ from gateway.contract import REPLAYABLE
 from gateway.errors import StoreRefused
 from gateway.state.base import (
     HOLDER,
+    LANE_DEMAND_MARGIN_S,
+    LOWEST_RANK,
+    NORMAL_RANK,
     NOTHING,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
@@ -59,6 +62,11 @@ CREATE TABLE IF NOT EXISTS dedupe (
 CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at);
 CREATE TABLE IF NOT EXISTS bucket (key TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL);
 -- A throttled key: the factor set by the last cut and that cut's time (state.base: THROTTLE_*).
+-- a lane of an account's bucket (rank 0 urgent, 1 normal, 2 bulk): its demand mark and share bucket
+CREATE TABLE IF NOT EXISTS lane (
+    key TEXT NOT NULL, rank INTEGER NOT NULL, demand_until REAL NOT NULL, share REAL, share_ts REAL,
+    PRIMARY KEY (key, rank)
+);
 CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, factor REAL NOT NULL, cut_at REAL NOT NULL);
 -- Accepted messages waiting for their delivery report (state: open | claim | final).
 CREATE TABLE IF NOT EXISTS dlr (
@@ -171,6 +179,8 @@ class SqliteStore(RecordShortcuts):
         suspect: Collection[str] = (),
         recovery_s: float = 0.0,
         replay: Collection[str] = (),
+        rank: int = NORMAL_RANK,
+        min_share: float = 0.0,
     ) -> tuple[dict[str, Claim], Grant]:
         known = self._epochs.known(account)
 
@@ -178,7 +188,8 @@ class SqliteStore(RecordShortcuts):
             epoch = self._epoch(db, account, known)
             claims = self._claim(db, account, uids, owner, lease_s, replay)
             fresh = sum(1 for c in claims.values() if c.state is ClaimState.NEW)
-            return claims, self._take(db, account, fresh, rate, burst) if fresh else Grant(0, 0.0), epoch
+            grant = self._take(db, account, fresh, rate, burst, rank, min_share) if fresh else Grant(0, 0.0)
+            return claims, grant, epoch
 
         if not uids:
             return {}, NOTHING
@@ -285,8 +296,10 @@ class SqliteStore(RecordShortcuts):
         if batch:
             await self._run(op)
 
-    async def acquire(self, key: str, want: int, rate: float, burst: int) -> Grant:
-        return await self._run(lambda db: self._take(db, key, want, rate, burst))
+    async def acquire(
+        self, key: str, want: int, rate: float, burst: int, rank: int = NORMAL_RANK, min_share: float = 0.0
+    ) -> Grant:
+        return await self._run(lambda db: self._take(db, key, want, rate, burst, rank, min_share))
 
     def _factor(self, db: sqlite3.Connection, key: str, now: float) -> tuple[float, float | None]:
         """(the key's throttle factor now, the time of its last cut or None)."""
@@ -295,20 +308,64 @@ class SqliteStore(RecordShortcuts):
             return 1.0, None
         return min(1.0, row[0] + max(0.0, now - row[1]) * THROTTLE_RECOVERY_PER_S), row[1]
 
-    def _take(self, db: sqlite3.Connection, key: str, want: int, rate: float, burst: int) -> Grant:
+    def _take(
+        self,
+        db: sqlite3.Connection,
+        key: str,
+        want: int,
+        rate: float,
+        burst: int,
+        rank: int = NORMAL_RANK,
+        min_share: float = 0.0,
+    ) -> Grant:
         now = self._clock.time()
         factor, cut_at = self._factor(db, key, now)
         if cut_at is not None and factor >= 1.0:
             db.execute("DELETE FROM throttle WHERE key=?", (key,))
-        rate, cap = rate * factor, float(max(1, int(burst * factor + 0.5)))
+        rate, burst_f = rate * factor, burst * factor
+        cap = float(max(1, int(burst_f + 0.5)))
         row = db.execute("SELECT tokens, ts FROM bucket WHERE key=?", (key,)).fetchone()
         tokens, ts = (cap, now) if row is None else (row[0], row[1])
         tokens = min(cap, tokens + max(0.0, now - ts) * rate)
-        # A token due within a microsecond counts: epoch seconds near 1.8e9 carry ~2e-7 s of float error.
-        grant = min(want, int(tokens + rate * 1e-6))
-        tokens -= grant
+        above = (
+            rank > 0
+            and db.execute(
+                "SELECT 1 FROM lane WHERE key=? AND rank<? AND demand_until>? LIMIT 1", (key, rank, now)
+            ).fetchone()
+        )
+        if above:
+            # A higher lane waits: this one gets its share (state.base: LANE_DEMAND_MARGIN_S), carved
+            # out of the rate: granted even when the higher lane emptied the bucket, which then runs
+            # below zero and pays it back from the refill.
+            share_rate, share_cap = rate * min_share, float(max(1, int(burst_f * min_share + 0.5)))
+            mine = db.execute("SELECT share, share_ts FROM lane WHERE key=? AND rank=?", (key, rank)).fetchone()
+            share, share_ts = (share_cap, now) if mine is None or mine[0] is None else (mine[0], mine[1])
+            share = min(share_cap, share + max(0.0, now - share_ts) * share_rate)
+            grant = min(want, int(share + share_rate * 1e-6)) if share_rate > 0 else 0
+            share -= grant
+            wait = LANE_DEMAND_MARGIN_S if share_rate <= 0 else (1 - share) / share_rate if share < 1 else 0.0
+            db.execute(
+                "INSERT INTO lane VALUES (?, ?, 0, ?, ?) ON CONFLICT (key, rank) DO UPDATE SET share=?, share_ts=?",
+                (key, rank, share, now, share, now),
+            )
+            tokens -= grant
+        else:
+            # A token due within a microsecond counts: epoch seconds near 1.8e9 carry ~2e-7 s of float error.
+            grant = min(want, int(tokens + rate * 1e-6))
+            tokens -= grant
+            wait = (1 - tokens) / rate if tokens < 1 else 0.0
         db.execute("INSERT OR REPLACE INTO bucket VALUES (?, ?, ?)", (key, tokens, now))
-        return Grant(grant, (1 - tokens) / rate if tokens < 1 else 0.0, factor)
+        if rank < LOWEST_RANK:
+            if grant < want:
+                until = now + wait + LANE_DEMAND_MARGIN_S
+                db.execute(
+                    "INSERT INTO lane VALUES (?, ?, ?, NULL, NULL) "
+                    "ON CONFLICT (key, rank) DO UPDATE SET demand_until=?",
+                    (key, rank, until, until),
+                )
+            else:
+                db.execute("UPDATE lane SET demand_until=0 WHERE key=? AND rank=? AND demand_until>0", (key, rank))
+        return Grant(grant, wait, factor)
 
     async def throttle(self, key: str) -> float:
         def op(db: sqlite3.Connection) -> float:

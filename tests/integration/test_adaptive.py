@@ -34,7 +34,7 @@ async def test_a_slow_provider_gets_more_calls_in_flight_and_a_failing_one_fewer
     world.state.faults.add(FaultRule(match=f"token:tok-{name}", latency_ms=300))
     account = world.account(name, concurrency=2, max_concurrency=12, batch_size=20, rate_per_s=100_000, burst=100_000)
     gw = await world.gateway([account])
-    worker = gw.workers[0]
+    worker = gw.worker(name)
     assert limit_of(name) == 2
     assert prefetch_of(name) == 20 * (2 + 1)
     n = 1200
@@ -112,7 +112,7 @@ async def test_prefetch_resizes_racing_a_lost_connection_leave_one_consumer_and_
     assert gw.queues_without_consumer() == []
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
     # The gauge shows the prefetch the consumer runs with, also after a resize the cut failed.
-    await eventually(lambda: gw.workers[0].prefetch == prefetch_of(name), 10, "the prefetch gauge caught up")
+    await eventually(lambda: gw.worker(name).prefetch == prefetch_of(name), 10, "the prefetch gauge caught up")
 
 
 async def test_a_resize_cut_short_before_the_old_consumer_is_cancelled_leaves_one_consumer(
@@ -163,7 +163,7 @@ async def test_a_consumer_channel_given_up_as_wedged_is_closed_and_consumed_agai
     and the watchdog consumes again; requests still go through, each sent once."""
     name = new_account_name()
     gw = await world.gateway([world.account(name)])
-    worker = gw.workers[0]
+    worker = gw.worker(name)
     assert worker._consumer is not None
     underlay = await worker._consumer._channel.get_underlay_channel()
     async with Bus.open([name]) as bus:

@@ -178,6 +178,57 @@ async def test_a_throttle_halves_the_rate_for_every_replica_and_recovers(
         await replica.close()
 
 
+URGENT, NORMAL, BULK = 0, 1, 2  # lane ranks
+
+
+async def test_a_waiting_urgent_lane_leaves_a_lower_lane_only_its_share_on_every_replica(
+    store: Backend, account: str, clock: FakeClock, tmp_path: Path
+) -> None:
+    replica = open_store(store.kind, tmp_path, clock)  # type: ignore[union-attr]  # the bulk lane's replica
+    try:
+        assert (await replica.acquire(account, 100, rate=100, burst=10, rank=BULK, min_share=0.1)).granted == 10
+        urgent = await store.acquire(account, 5, rate=100, burst=10, rank=URGENT)
+        assert urgent.granted == 0  # the bulk lane emptied the bucket: the urgent lane marks its demand
+        clock.advance(0.1)  # 10 tokens refilled
+        # The bulk lane on the other replica gets its share (burst 10 x 0.1 = 1 token), not the refill.
+        bulk = await replica.acquire(account, 100, rate=100, burst=10, rank=BULK, min_share=0.1)
+        assert bulk.granted == 1
+        assert bulk.wait_s == pytest.approx(0.1)  # its share refills at 100/s x 0.1
+        assert (await store.acquire(account, 5, rate=100, burst=10, rank=URGENT)).granted == 5
+        # Served, the urgent lane's mark is gone: the bulk lane takes what is left.
+        assert (await replica.acquire(account, 100, rate=100, burst=10, rank=BULK, min_share=0.1)).granted == 4
+    finally:
+        await replica.close()
+
+
+async def test_an_urgent_flood_leaves_the_lower_lanes_their_minimum_share(
+    store: Backend, account: str, clock: FakeClock
+) -> None:
+    sent = {URGENT: 0, BULK: 0}
+    for _ in range(200):  # two simulated seconds, both lanes always wanting more
+        for rank in (URGENT, BULK):
+            sent[rank] += (await store.acquire(account, 50, rate=100, burst=10, rank=rank, min_share=0.1)).granted
+        clock.advance(0.01)
+    assert sent[URGENT] + sent[BULK] <= 10 + 200  # never above the rate, whatever the lanes
+    assert 20 - 2 <= sent[BULK] <= 20 + 2  # 10 % of 100/s over two seconds
+    assert sent[URGENT] >= 170
+
+
+async def test_strict_priority_with_no_minimum_share_and_a_mark_that_runs_out(
+    store: Backend, account: str, clock: FakeClock
+) -> None:
+    await store.acquire(account, 10, rate=100, burst=10, rank=BULK)
+    assert (await store.acquire(account, 1, rate=100, burst=10, rank=NORMAL)).granted == 0  # marks demand
+    clock.advance(0.05)
+    assert (await store.acquire(account, 50, rate=100, burst=10, rank=BULK, min_share=0.0)).granted == 0
+    # The urgent lane is not below the normal one: it takes freely.
+    assert (await store.acquire(account, 2, rate=100, burst=10, rank=URGENT)).granted == 2
+    # The normal lane's process went away without looking again: its mark runs out after its
+    # expected next look (0.01 s) plus the margin, and the bulk lane takes the whole bucket again.
+    clock.advance(0.3)
+    assert (await store.acquire(account, 50, rate=100, burst=10, rank=BULK, min_share=0.0)).granted == 10
+
+
 async def test_claim_and_acquire_takes_tokens_for_new_claims_only(store: Backend, account: str) -> None:
     await store.complete(account, {"done": RESULT}, 60)
     await claim(store, account, ["busy"], "w2", 30)

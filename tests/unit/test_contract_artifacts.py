@@ -105,7 +105,7 @@ def test_asyncapi_document_passes_the_asyncapi_parser() -> None:
         cwd=folder, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "parsed: 17 channels, 3 operations" in done.stdout
+    assert "parsed: 21 channels, 3 operations" in done.stdout
     assert "error" not in done.stdout
 
 

@@ -17,8 +17,9 @@ def test_retry_schedule_repeats_its_last_delay_and_runs_out() -> None:
 
 
 def test_every_delay_of_the_schedule_and_of_the_waits_has_one_retry_queue() -> None:
-    # The wait schedule (1, 2, 5, 10 s) is declared whatever the retry schedule.
-    assert retry_delays_ms([1, 5, 5, 0.0001, 30]) == [1, 1000, 2000, 5000, 10000, 30000]
+    # The wait schedule (1, 2, 5, 10 s) and the quiet-hours hops (60 s, 10 min, 1 h) are declared
+    # whatever the retry schedule.
+    assert retry_delays_ms([1, 5, 5, 0.0001, 30]) == [1, 1000, 2000, 5000, 10000, 30000, 60000, 600000, 3600000]
 
 
 def test_a_wait_grows_along_its_own_schedule_and_stays_at_its_last_step() -> None:
