@@ -93,7 +93,8 @@ async def delete_account_queues(accounts: set[str] | list[str]) -> None:
     async with connection:
         channel = await connection.channel()
         for name in accounts:
-            await channel.queue_delete(c.account_queue(name))
+            for lane in c.LANES:
+                await channel.queue_delete(c.account_queue(name, lane))
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:

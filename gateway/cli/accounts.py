@@ -15,8 +15,9 @@ from gateway.cli import common as x
 @click.option("--sandbox", is_flag=True, help="With the sandbox's demo account when none is configured.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per account, in an array.")
 def accounts(sandbox: bool, as_json: bool) -> int:
-    """Per account: queue depth, unacknowledged (in flight in a gateway), consumers, rate and
-    burst (and the provider's throttle factor), and whether it is paused, why and until when.
+    """Per account: queue depth, unacknowledged (in flight in a gateway) and consumers, in total
+    and per lane (urgent / normal / bulk); rate and burst (and the provider's throttle factor);
+    and whether it is paused, why and until when.
 
     Depth and consumers come from RabbitMQ, in-flight counts from its management API (when it
     answers), pauses and throttling from the state store the gateways share.
@@ -27,11 +28,8 @@ def accounts(sandbox: bool, as_json: bool) -> int:
     configured = resolve_accounts(s, sandbox=sandbox)
 
     async def go() -> list[dict[str, Any]]:
-        from aiormq.exceptions import ChannelNotFoundEntity
-
         from gateway import contract as c
         from gateway.bus.broker_api import BrokerApi
-        from gateway.errors import ApiUnavailable
 
         store = x.state_store(s)
         rows = []
@@ -39,20 +37,16 @@ def accounts(sandbox: bool, as_json: bool) -> int:
             async with x.broker(s) as connection, BrokerApi(x.management_url(s)) as api:
                 for account in configured:
                     row: dict[str, Any] = {"account": account.name, "provider": account.provider}
-                    try:
-                        async with connection.channel() as channel:
-                            q = await channel.declare_queue(c.account_queue(account.name), passive=True)
-                            row["ready"] = q.declaration_result.message_count
-                            row["consumers"] = q.declaration_result.consumer_count
-                    except ChannelNotFoundEntity:
-                        row["ready"] = row["consumers"] = None
-                        row["problem"] = "queue missing"
-                    try:
-                        info = await api.queue(c.account_queue(account.name))
-                        row["in_flight"] = info.unacked if info is not None else None
-                        row["publish_rate"] = info.publish_rate if info is not None else None
-                    except ApiUnavailable:
-                        row["in_flight"] = row["publish_rate"] = None
+                    lanes: dict[str, dict[str, Any]] = {}
+                    for lane in c.LANES:
+                        lanes[lane] = await _lane(connection, api, c.account_queue(account.name, lane))
+                    for key in ("ready", "consumers", "in_flight", "publish_rate"):
+                        values = [v[key] for v in lanes.values()]
+                        row[key] = None if None in values else round(sum(values), 2)
+                    missing = [v["queue"] for v in lanes.values() if v.get("problem")]
+                    if missing:
+                        row["problem"] = "queue missing: " + ", ".join(missing)
+                    row["lanes"] = lanes
                     row["rate_per_s"], row["burst"] = account.rate_per_s, account.burst
                     try:
                         state = await asyncio.wait_for(store.account_state(account.name), 5)
@@ -83,11 +77,46 @@ def accounts(sandbox: bool, as_json: bool) -> int:
         limit = f"{r['rate_per_s']:g}/s burst {r['burst']}"
         if r["throttle_factor"] < 1:
             limit += f" (throttled x{r['throttle_factor']})"
+        lanes = r["lanes"].values()
         table.append(
-            (r["account"], r["provider"], _n(r["ready"]), _n(r["in_flight"]), _n(r["consumers"]), limit, paused)
+            (
+                r["account"],
+                r["provider"],
+                "/".join(_n(v["ready"]) for v in lanes),
+                "/".join(_n(v["in_flight"]) for v in lanes),
+                "/".join(_n(v["consumers"]) for v in lanes),
+                limit,
+                paused,
+            )
         )
-    x.table(None, ["account", "provider", "queued", "in flight", "consumers", "rate", "paused"], table)
+    head = ["account", "provider", "queued u/n/b", "in flight u/n/b", "consumers u/n/b", "rate", "paused"]
+    x.table(None, head, table)
     return x.OK
+
+
+async def _lane(connection: Any, api: Any, queue: str) -> dict[str, Any]:
+    """One lane's queue: depth and consumers from AMQP, in-flight count and publish rate from the
+    management API (None where it does not answer)."""
+    from aiormq.exceptions import ChannelNotFoundEntity
+
+    from gateway.errors import ApiUnavailable
+
+    out: dict[str, Any] = {"queue": queue}
+    try:
+        async with connection.channel() as channel:
+            q = await channel.declare_queue(queue, passive=True)
+            out["ready"] = q.declaration_result.message_count
+            out["consumers"] = q.declaration_result.consumer_count
+    except ChannelNotFoundEntity:
+        out["ready"] = out["consumers"] = None
+        out["problem"] = "queue missing"
+    try:
+        info = await api.queue(queue)
+        out["in_flight"] = info.unacked if info is not None else None
+        out["publish_rate"] = info.publish_rate if info is not None else None
+    except ApiUnavailable:
+        out["in_flight"] = out["publish_rate"] = None
+    return out
 
 
 def _n(value: Any) -> str:

@@ -52,7 +52,7 @@ QUEUE_WAIT = Histogram(
     "sms_queue_wait_seconds",
     "Time a request waited in its queue: from the producer's AMQP timestamp to its first consumption",
     ["account", "lane"],
-    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
+    buckets=(0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 3600, 7200),
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge("sms_in_flight", "Messages consumed and not yet settled", ["account"], registry=REGISTRY)

@@ -155,7 +155,7 @@ async def _broker_fault(
 
 def _consumers_back(node: RabbitNode, accounts: list[str], timeout: float = 30) -> bool:
     """The broker's own view: a consumer on each account queue and on the unroutable queue."""
-    want = {c.account_queue(a) for a in accounts} | {c.UNROUTABLE_QUEUE}
+    want = {c.account_queue(a, lane) for a in accounts for lane in c.LANES} | {c.UNROUTABLE_QUEUE}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = json.loads(node.ctl("list_consumers", "-q", "queue_name", "--formatter", "json"))

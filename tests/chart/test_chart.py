@@ -173,7 +173,7 @@ def test_credentials_never_rendered_unless_asked() -> None:
     assert secret["stringData"] == {"otp-token": "dev-only"}
 
 
-def test_keda_scales_on_every_account_queue() -> None:
+def test_keda_scales_on_every_lane_of_every_account() -> None:
     values = {"accounts": [{"name": n, "provider": "serwersms", "base_url": "https://x.test"} for n in ("otp", "bulk")]}
     docs = render(values)
     (scaled,) = by_kind(docs, "ScaledObject")
@@ -181,7 +181,15 @@ def test_keda_scales_on_every_account_queue() -> None:
     (deploy,) = by_kind(docs, "Deployment")
     assert scaled["spec"]["scaleTargetRef"]["name"] == deploy["metadata"]["name"]
     triggers = scaled["spec"]["triggers"]
-    assert [t["metadata"]["queueName"] for t in triggers] == ["sms.send.otp", "sms.send.bulk"]
+    assert [t["metadata"]["queueName"] for t in triggers] == [
+        "sms.send.otp.urgent",
+        "sms.send.otp",
+        "sms.send.otp.bulk",
+        "sms.send.bulk.urgent",
+        "sms.send.bulk",
+        "sms.send.bulk.bulk",
+    ]
+    assert len({t["name"] for t in triggers}) == 6  # KEDA wants each trigger's name unique
     assert all(t["type"] == "rabbitmq" and t["metadata"]["mode"] == "QueueLength" for t in triggers)
     assert all(t["metadata"]["hostFromEnv"] == "GATEWAY_AMQP_URL" for t in triggers)
     assert "replicas" not in deploy["spec"]
@@ -208,11 +216,19 @@ def test_monitoring_resources() -> None:
         "SmsGatewayNoConsumers",
         "SmsGatewayBacklog",
         "SmsGatewayRequestsWaiting",
+        "SmsGatewayUrgentRequestsWaiting",
     }
     assert "sms_account_paused" in alerts["SmsGatewayAccountPaused"]
     assert "sms_consumer_live" in alerts["SmsGatewayNoConsumers"]
     assert "rabbitmq_queue_messages_ready" in alerts["SmsGatewayBacklog"]
     assert "sms_queue_wait_seconds_bucket" in alerts["SmsGatewayRequestsWaiting"]
+    # Per lane: an urgent request waiting 30 s pages; a bulk one has two hours.
+    urgent = next(r for r in rule["spec"]["groups"][0]["rules"] if r["alert"] == "SmsGatewayUrgentRequestsWaiting")
+    assert 'lane="urgent"' in urgent["expr"]
+    assert "> 30" in urgent["expr"]
+    assert urgent["labels"]["severity"] == "critical"
+    assert 'lane="bulk"' in alerts["SmsGatewayRequestsWaiting"]
+    assert "> 7200" in alerts["SmsGatewayRequestsWaiting"]
     dashboard = next(d for d in by_kind(docs, "ConfigMap") if "sms-gateway.json" in d.get("data", {}))
     panels = json.loads(dashboard["data"]["sms-gateway.json"])["panels"]
     exprs = " ".join(p["targets"][0]["expr"] for p in panels)

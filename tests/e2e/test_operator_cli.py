@@ -21,6 +21,7 @@ import aio_pika
 import pytest
 
 from gateway import contract as c
+from gateway.contract import Lane
 from testkit import AMQP_URL, Bus, Process, Sandbox, account_doc, new_account_name, port_open, request, start_gateway
 from testkit.processes import gateway_env
 
@@ -228,10 +229,13 @@ async def test_topology_check_finds_wrong_arguments_and_missing_bindings(
     report = cli("topology", "check", "--account", fine, "--account", wrong, "--account", unbound, "--json", env=env)
     assert report.returncode == 1, report.stdout + report.stderr
     found = {(d["kind"], d["name"]) for d in json.loads(report.stdout)["drift"]}
+    # Their urgent and bulk lanes were never declared.
+    lanes = {("missing_queue", c.account_queue(a, lane)) for a in (wrong, unbound) for lane in (URGENT, BULK)}
     assert found == {
         ("wrong_arguments", c.account_queue(wrong)),
         ("missing_binding", c.account_queue(wrong)),
         ("missing_binding", c.account_queue(unbound)),
+        *lanes,
     }
 
     # Without the management API, AMQP alone still finds the wrong arguments (the broker's 406).
@@ -240,12 +244,19 @@ async def test_topology_check_finds_wrong_arguments_and_missing_bindings(
     assert report.returncode == 1, report.stdout + report.stderr
     doc = json.loads(report.stdout)
     assert doc["bindings_checked"] is False
-    assert [(d["kind"], d["name"]) for d in doc["drift"]] == [("wrong_arguments", c.account_queue(wrong))]
-    assert "x-queue-type" in doc["drift"][0]["detail"] or "inequivalent" in doc["drift"][0]["detail"]
+    assert [(d["kind"], d["name"]) for d in doc["drift"]] == [
+        ("missing_queue", c.account_queue(wrong, URGENT)),
+        ("wrong_arguments", c.account_queue(wrong)),
+        ("missing_queue", c.account_queue(wrong, BULK)),
+    ]
+    assert "x-queue-type" in doc["drift"][1]["detail"] or "inequivalent" in doc["drift"][1]["detail"]
     # `declare` over a queue with other arguments fails with the broker's reason, exit 1.
     refused = cli("topology", "declare", "--account", wrong, env=env)
     assert refused.returncode == 1, refused.stderr
     assert "inequivalent" in refused.stderr, refused.stderr
+
+
+URGENT, BULK = Lane.URGENT, Lane.BULK
 
 
 def _account_args(account: str) -> dict[str, Any]:
@@ -267,12 +278,15 @@ async def test_accounts_shows_depth_consumers_and_a_pause_with_its_reason(ring: 
     assert row["account"] == name
     assert (row["rate_per_s"], row["burst"]) == (25, 5)
     assert row["ready"] == 7  # queued behind the pause
-    assert row["consumers"] == 0  # the paused gateway cancelled its consumer
+    assert row["consumers"] == 0  # the paused gateway cancelled its consumers, on every lane
+    assert {lane: v["ready"] for lane, v in row["lanes"].items()} == {"urgent": 0, "normal": 7, "bulk": 0}
+    assert row["lanes"]["urgent"]["queue"] == f"sms.send.{name}.urgent"
     (pause,) = row["paused"]
     assert (pause["reason"], pause["code"]) == ("account_error", "1001")
     table = cli("accounts", env=env)
     assert table.returncode == 0, table.stdout
     assert "account_error 1001 until" in table.stdout, table.stdout
+    assert "0/7/0" in table.stdout, table.stdout
 
 
 async def test_send_keeps_its_correlation_and_says_how_it_ended(ring: Callable[..., Ring]) -> None:
