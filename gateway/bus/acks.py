@@ -86,13 +86,21 @@ class AckTracker:
         try:
             await self._within(op)
         except TimeoutError:
-            if target is not None and target is self._channel:  # else the new channel has its own lock
-                self._lock = asyncio.Lock()
-                self._channel = None
-                self._open.clear()
-                if self._on_wedged is not None:
-                    self._on_wedged(target)
+            if target is not None and self.give_up(target) and self._on_wedged is not None:
+                self._on_wedged(target)
             raise StaleDelivery(f"no ack or nack went out within {self._timeout_s} s") from None
+
+    def give_up(self, channel: AbstractChannel) -> bool:
+        """Write nothing more on `channel` (it is about to be closed): a fresh lock (the old one may
+        never be released) and its deliveries forgotten. A frame written after the broker has
+        closed the channel would close the whole connection (504 CHANNEL_ERROR). False when the
+        channel was not the current one (a new channel has its own lock already)."""
+        if channel is not self._channel:
+            return False
+        self._lock = asyncio.Lock()
+        self._channel = None
+        self._open.clear()
+        return True
 
     async def _within(self, op: Callable[[], Awaitable[None]]) -> None:
         """`op`, cancelled after `timeout_s` on the tracker's clock (TimeoutError then)."""

@@ -85,6 +85,7 @@ class Worker:
         """No ack went out on the consumer's channel in time: close it, so the broker requeues what
         it holds and the watchdog consumes again on a new one."""
         log.error("consumer_channel_wedged", queue=self._consumer.queue_name if self._consumer else None)
+        self._acks.give_up(channel)  # nothing more is written to it (the tracker's own timeout did this already)
         task = asyncio.create_task(close_within(channel, 5.0, "wedged_channel_not_closed"))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

@@ -89,7 +89,7 @@ async def test_metrics_and_logs_after_every_outcome_path(
         assert value("sms_dead_letters_total", account="(unknown)", reason="unknown_account") == 1
         assert value("sms_retries_total", account=down, kind="retry") == 1
         assert value("sms_in_flight", account=ok) == 0
-        assert value("sms_account_paused", account=bad) == 0
+        assert metrics[("sms_account_paused", frozenset({"account": bad, "lane": "normal"}.items()))] == 0
         assert value("sms_batch_size_sum", account=ok) == 5
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     finally:

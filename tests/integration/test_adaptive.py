@@ -22,11 +22,11 @@ pytestmark = pytest.mark.integration
 
 
 def limit_of(name: str) -> float:
-    return float(m.INFLIGHT_LIMIT.labels(name)._value.get())
+    return float(m.INFLIGHT_LIMIT.labels(name, "normal")._value.get())
 
 
 def prefetch_of(name: str) -> float:
-    return float(m.PREFETCH.labels(name)._value.get())
+    return float(m.PREFETCH.labels(name, "normal")._value.get())
 
 
 async def test_a_slow_provider_gets_more_calls_in_flight_and_a_failing_one_fewer(world: InProcess) -> None:

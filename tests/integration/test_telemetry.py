@@ -78,19 +78,21 @@ async def test_the_time_a_request_waited_in_its_queue_is_measured_from_its_times
         await bus.publish(name, request("wait-1"), timestamp=published)
         await bus.publish(name, request("no-stamp"))  # no timestamp: nothing to measure
         await bus.wait_for(outcomes=2)
-    assert sample("sms_queue_wait_seconds_count", {"account": name}) == 1
-    assert 42 <= sample("sms_queue_wait_seconds_sum", {"account": name}) < 60
+    assert sample("sms_queue_wait_seconds_count", {"account": name, "lane": "normal"}) == 1
+    assert 42 <= sample("sms_queue_wait_seconds_sum", {"account": name, "lane": "normal"}) < 60
 
 
 async def test_a_quiet_account_shows_zeros_where_alerts_and_panels_read(world: InProcess) -> None:
     name = new_account_name()
     await world.gateway([world.account(name)])
     for metric, labels in [
-        ("sms_account_paused", {"account": name}),
+        *(("sms_account_paused", {"account": name, "lane": lane}) for lane in ("urgent", "normal", "bulk")),
+        ("sms_lane_outcomes_total", {"account": name, "lane": "urgent", "status": "accepted"}),
         ("sms_in_flight", {"account": name}),
         ("sms_rate_limit_wait_seconds_total", {"account": name}),
         ("sms_retries_total", {"account": name, "kind": "retry"}),
         ("sms_retries_total", {"account": name, "kind": "wait"}),
+        ("sms_retries_total", {"account": name, "kind": "defer"}),
         ("sms_dead_letters_total", {"account": name, "reason": "rejected"}),
         ("sms_dlr_events_total", {"account": name, "status": "undelivered"}),
     ]:

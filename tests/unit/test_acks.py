@@ -102,6 +102,21 @@ async def test_deliveries_of_a_replaced_channel_are_stale() -> None:
     assert new.frames == [("ack", 2, True)]
 
 
+async def test_a_channel_given_up_gets_no_frame_while_it_is_being_closed() -> None:
+    # Between our channel.close and the broker's close-ok the channel still looks open; an ack
+    # written then reaches a channel the broker has freed, and it closes the connection (504).
+    ch, tracker = FakeChannel(), AckTracker()
+    ms = deliver(tracker, ch, range(1, 4))
+    assert tracker.give_up(ch) is True  # type: ignore[arg-type]
+    assert tracker.give_up(ch) is False  # type: ignore[arg-type]  # once
+    with pytest.raises(StaleDelivery):
+        await tracker.ack(ms)
+    with pytest.raises(StaleDelivery):
+        await tracker.requeue(ms[0])
+    assert ch.frames == []
+    assert tracker.open_count == 0
+
+
 async def test_frames_leave_in_the_order_they_were_decided() -> None:
     ch, tracker = FakeChannel(stalls=[5, 0]), AckTracker()
     ms = deliver(tracker, ch, range(1, 5))
