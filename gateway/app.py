@@ -206,6 +206,7 @@ class Gateway:
                 accounts=self.accounts,
                 owner=self._owner,
                 rebuild=lambda account: tracking.rebuild(connection, store, account, s.dlr),
+                published=lambda account, ids, since: tracking.events_published(connection, account, ids, since),
             )
             self._tasks.append(asyncio.create_task(desk.run(), name="dlr desk"))
             for account, adapter in zip(self.accounts, self._adapters, strict=True):

@@ -19,9 +19,12 @@
   it publishes (broker confirm), then marks the message final, trying the mark again until the
   store answers (a store that pauses after the confirm must not let the claim's lease run out
   into a second publish). A poll that comes later finds it final and publishes nothing. A publish
-  that fails gives the claim back; a crash between the confirm and the mark leaves a claim whose
-  lease ends, and the message's next poll publishes it again (the one way to see a final event
-  twice).
+  that fails keeps the claim: its confirm may be what was lost (the connection closed after the
+  broker routed it), so the desk asks the broker, reading the `sms.tracking` stream (every event
+  is routed there too) from the moment of the publish, and publishes again only when the event is
+  not there. A crash between the confirm and the mark, or a broker that cannot be asked for most
+  of the claim's lease, leaves a claim whose lease ends, and the message's next poll publishes it
+  again (the ways to see a final event twice).
 - A webhook is a hint, never a report: Mobizon signs only `eventId|attempt|eventCreateTs`, so the
   message id and status it names are not the provider's word. A webhook whose signature holds
   (for an account with a webhook secret), whose `eventCreateTs` is fresh, and whose `eventId`
@@ -47,6 +50,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -73,6 +77,9 @@ log = get_logger("gateway.dlr.desk")
 FINAL_LEASE_S = 60.0
 MARK_RETRY_FIRST_S = 0.5  # a final mark that failed is tried again after this, doubling up to the max
 MARK_RETRY_MAX_S = 5.0
+UNSURE_RETRY_FIRST_S = 2.0  # a publish without a confirm is looked up after this (what the closed connection
+# had routed has reached the stream by then), doubling up to the max
+UNSURE_RETRY_MAX_S = 5.0
 SWEEP_S = 0.5  # parked webhooks are matched this often
 SWEEP_LIMIT = 500  # parked webhooks looked at per account and sweep
 # A webhook for a message not recorded yet waits this long for its record (a record comes within
@@ -134,9 +141,12 @@ class Desk:
         owner: str,
         clock: Clock = SYSTEM,
         rebuild: Callable[[str], Awaitable[object]] | None = None,
+        published: Callable[[str, list[str], float], Awaitable[set[str]]] | None = None,
     ) -> None:
         """`rebuild(account)` writes the account's delivery tracking back after the store lost it
-        (tracking.rebuild); the desk calls it when it sees the account's store epoch change."""
+        (tracking.rebuild); the desk calls it when it sees the account's store epoch change.
+        `published(account, message_ids, since)` says which events the broker routed since then
+        (tracking.events_published); without it a failed publish gives its claim back."""
         self._store = store
         self._sink = sink
         self._accounts = {a.name: a for a in accounts}
@@ -144,6 +154,7 @@ class Desk:
         self._clock = clock
         self._marks: set[asyncio.Task[None]] = set()  # final marks tried again in the background
         self._rebuild = rebuild
+        self._published = published
         self._rebuilding: dict[str, asyncio.Task[None]] = {}
 
     # -- one report -----------------------------------------------------------------------------------
@@ -170,12 +181,63 @@ class Desk:
         if state is not FinalState.CLAIMED or tracked is None:
             m.DLR_REPORTS.labels(account, source, "already_final").inc()
             return state
+        attempted = self._clock.time()
         try:
             await self._publish(account, tracked, report)
+        except Exception as exc:
+            if self._published is None:
+                await asyncio.shield(self._store.abandon_final(account, message_id, holder))
+                raise
+            # The claim stays ours: whether the event went out is the broker's to say.
+            log.warning("dlr_publish_unsure", account=account, provider_message_id=message_id, error=type(exc).__name__)
+            task = asyncio.create_task(self._settle_unsure(account, holder, tracked, report, attempted))
+            self._marks.add(task)
+            task.add_done_callback(self._marks.discard)
+            return FinalState.BUSY
         except BaseException:
             await asyncio.shield(self._store.abandon_final(account, message_id, holder))
             raise
         m.DLR_REPORTS.labels(account, source, "published").inc()
+        await self._mark(account, message_id, holder, report)
+        return FinalState.CLAIMED
+
+    async def _settle_unsure(
+        self, account: str, holder: str, tracked: Tracked, report: StatusReport, attempted: float
+    ) -> None:
+        """A publish whose confirm never came: look for the event in the tracking stream, and
+        publish it again only when it is not there, while the claim is ours (most of its lease);
+        then mark it final. Past that, the claim is given back and the next poll publishes."""
+        assert self._published is not None
+        message_id = report.provider_message_id
+        deadline = self._clock.monotonic() + FINAL_LEASE_S * 0.75
+        delay = UNSURE_RETRY_FIRST_S
+        while True:
+            await self._clock.sleep(delay)
+            try:
+                if message_id in await self._published(account, [message_id], attempted):
+                    log.info("dlr_publish_found", account=account, provider_message_id=message_id)
+                else:
+                    await self._publish(account, tracked, report)
+                    m.DLR_REPORTS.labels(account, "unsure", "published").inc()
+            except Exception as exc:  # noqa: BLE001 - the broker is still away: look again, or give it back
+                if self._clock.monotonic() + delay > deadline:
+                    log.warning(
+                        "dlr_publish_given_back",
+                        account=account,
+                        provider_message_id=message_id,
+                        error=type(exc).__name__,
+                    )
+                    with contextlib.suppress(Exception):
+                        await self._store.abandon_final(account, message_id, holder)
+                    return
+                delay = min(delay * 2, UNSURE_RETRY_MAX_S)
+                continue
+            await self._mark(account, message_id, holder, report)
+            return
+
+    async def _mark(self, account: str, message_id: str, holder: str, report: StatusReport) -> None:
+        """Mark a published event final; tried again in the background while the store is away."""
+        assert report.final is not None
         final = (str(report.final), c.rfc3339(report.at or self._clock.now()))
         try:
             await self._store.end_final(account, message_id, holder, *final)
@@ -187,7 +249,6 @@ class Desk:
             task.add_done_callback(self._marks.discard)
             if not isinstance(exc, Exception):
                 raise
-        return FinalState.CLAIMED
 
     async def _mark_until_stored(self, account: str, message_id: str, holder: str, final: tuple[str, str]) -> None:
         delay = MARK_RETRY_FIRST_S

@@ -23,7 +23,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -41,6 +41,7 @@ log = get_logger("gateway.dlr.tracking")
 H_MARKER = "x-gateway-tracking-marker"  # the end of one rebuild's replay
 CHUNK = 500  # records written to the store at once
 REPLAY_MARGIN_S = 600.0
+CLOCK_MARGIN_S = 5.0  # a stream read for one publish starts this long before it (clocks, chunk starts)
 
 
 class TrackingStore(ClaimStore, ReportStore, Protocol):
@@ -113,6 +114,47 @@ async def rebuild(
         seconds=round(time.monotonic() - started, 1),
     )
     return counts[0], counts[1]
+
+
+async def events_published(
+    connection: AbstractConnection, account: str, message_ids: Collection[str], since: float
+) -> set[str]:
+    """Which of `message_ids` have a delivery event of `account` in the tracking stream from
+    `since` (epoch seconds) on: the broker's own word on a publish whose confirm was lost (the
+    connection closed after the broker may have routed it). Read up to a marker published first,
+    like a rebuild, so everything routed before the question is seen."""
+    wanted = set(message_ids)
+    found: set[str] = set()
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        await channel.set_qos(prefetch_count=CHUNK)
+        marker = secrets.token_hex(8)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", headers={H_MARKER: marker}, content_type="application/json"),
+            routing_key=c.TRACKING_STREAM,
+        )
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        queue = await channel.get_queue(c.TRACKING_STREAM, ensure=False)
+        start = datetime.fromtimestamp(since - CLOCK_MARGIN_S, UTC)
+        tag = await queue.consume(inbox.put, arguments={"x-stream-offset": start})
+        while True:
+            message = await inbox.get()
+            headers = message.headers or {}
+            await message.ack()
+            if headers.get(H_MARKER) is not None:
+                if str(headers[H_MARKER]) == marker:
+                    break
+                continue
+            if headers.get(c.H_TRACKED):
+                continue
+            finals: list[str] = []
+            _take(message, account, headers, 0.0, [], finals)
+            found.update(wanted.intersection(finals))
+        await queue.cancel(tag)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return found
 
 
 def _take(

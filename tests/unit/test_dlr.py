@@ -28,6 +28,7 @@ from gateway.providers.serwersms.codes import STATUSES as SERWERSMS
 from gateway.sandbox.dlr import sign as sandbox_sign
 from gateway.state.base import BatchRecord, FinalState, Tracked
 from gateway.state.sqlite import SqliteStore
+from tests.fakes import FakeClock
 
 D, U = Status.DELIVERED, Status.UNDELIVERED
 MOBIZON_FINAL = {"DELIVRD": D, "UNDELIV": U, "REJECTD": U, "EXPIRED": U, "EXPIRD": U, "DELETED": U}
@@ -337,6 +338,52 @@ async def test_a_final_mark_that_fails_is_tried_again_and_the_event_is_not_publi
     # Every later report finds the message final: still one event.
     assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.DONE
     assert len(sink.events) == 1
+
+
+class UnconfirmedSink(RecordingSink):
+    """The connection closes around one publish: after the broker routed it (`routed`), or before."""
+
+    def __init__(self, routed: bool) -> None:
+        super().__init__()
+        self.routed = routed
+        self.failures = 1
+
+    async def outcome(self, *, account: str, status: str, body: bytes, unique_id: str | None, **_: Any) -> None:
+        if self.failures and not self.routed:
+            self.failures -= 1
+            raise ConnectionError("connection closed before the frame left")
+        await super().outcome(account=account, status=status, body=body, unique_id=unique_id)
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("connection closed before the confirm came")
+
+
+@pytest.mark.parametrize("routed", [True, False], ids=["routed", "not-routed"])
+async def test_a_publish_without_a_confirm_is_looked_up_in_the_stream_and_published_once(
+    tmp_path: Path, clock: FakeClock, routed: bool
+) -> None:
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    sink = UnconfirmedSink(routed)
+    asked: list[float] = []
+
+    async def published(account: str, ids: list[str], since: float) -> set[str]:
+        asked.append(since)  # the broker's word: what reached the tracking stream since then
+        return {e["provider_message_id"] for e in sink.events if e["routing_key"].endswith(account)} & set(ids)
+
+    account = Account(name="kz", provider="mobizon", base_url="https://api.mobizon.kz", api_key=SecretStr("k"))
+    desk = Desk(store=store, sink=sink, accounts=[account], owner="one-process", clock=clock, published=published)
+    try:
+        await store.track("kz", [Tracked("m1", "u1", None, None, "mobizon", time.time())], 60, 600)
+        # The claim stays with the unsure publish: a report meanwhile publishes nothing.
+        assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.BUSY
+        assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "webhook") is FinalState.BUSY
+        assert await desk.finish_marks(30) == 0
+        assert asked == [clock.time() - 2.0]  # looked up once, from the publish's moment
+        assert [e["routing_key"] for e in sink.events] == ["delivered.kz"]  # once, routed or not
+        assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.DONE
+        assert len(sink.events) == 1
+    finally:
+        await store.close()
 
 
 async def test_a_webhook_for_an_unknown_message_while_tracking_is_rebuilt_is_parked_and_answered_503(
