@@ -395,9 +395,11 @@ class World:
         await self.observer.start()
 
     async def publish(self, items: list[tuple[str, str, bytes]], *, message_ids: bool = False) -> None:
-        """(account, unique_id, body); the ledger expects one terminal answer per item."""
-        self.keys |= {f"{a}/{u}" for a, u, _ in items}
-        for a, u, body in items:
+        """(routing key, unique_id, body): the routing key is an account's lane (`<account>`,
+        `<account>.urgent`, `<account>.bulk`); the ledger expects one terminal answer per item."""
+        owners = [(c.split_key(a)[0], u) for a, u, _ in items]
+        self.keys |= {f"{a}/{u}" for a, u in owners}
+        for (a, u), (_key, _u, body) in zip(owners, items, strict=True):
             if a in self.by_recipient:
                 self.phone_of[f"{a}/{u}"] = json.loads(body)["to"].lstrip("+")
         await publish(self.rabbit.url, [(a, b, u if message_ids else None) for a, u, b in items])

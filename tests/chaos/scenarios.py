@@ -105,6 +105,33 @@ async def kill9(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, 
     return led
 
 
+async def lanes(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """One account's three lanes (requests spread over urgent, normal and bulk) under kill -9 of
+    replicas at random moments and a broker that closes every connection."""
+    account = _account("l")
+    rate = max(200, size.kill9_messages // 12)
+    world = await _world(root, nodes, redis_server, [account], size.replicas, rate_per_s=rate, burst=rate // 4)
+    spread = [
+        (c.lane_key(account, c.LANES[i % 3]), u, b)
+        for i, (_a, u, b) in enumerate(_items(account, "l", size.kill9_messages))
+    ]
+    await world.publish(spread)
+    for _ in range(size.kills):
+        await asyncio.sleep(world.rng.uniform(0.5, 2.5))
+        victim = world.rng.choice(sorted(world.gateways))
+        world.kill(victim)
+        await asyncio.to_thread(world.start_gateway, victim)  # as Kubernetes would restart it
+    await asyncio.sleep(world.rng.uniform(0.5, 1.5))
+    await asyncio.to_thread(world.rabbit.ctl, "close_all_connections", "chaos: connections closed")
+    last = time.monotonic()
+    recovered = await world.wait_recovered(last, 90)
+    consumers_back = await asyncio.to_thread(_consumers_back, nodes[0], [account])
+    led = await _finish(world, f"three lanes: kill -9 x{size.kills} and a broker close", 240)
+    led.recovered_s = recovered
+    led.consumers_restored = consumers_back
+    return led
+
+
 async def sigterm(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
     """SIGTERM of one replica under load: it drains and exits 0; it is started again."""
     account = _account("t")
@@ -603,6 +630,7 @@ SINGLE_NODE: dict[str, Scenario] = {
     "mobizon_throttle": mobizon_throttle,
     "poison": poison,
     "noisy_neighbour": noisy_neighbour,
+    "lanes": lanes,
     "dlr_redis_pause": dlr_redis_pause,
     "dlr_redis_stop": dlr_redis_stop,
     "dlr_redis_empty": dlr_redis_empty,
@@ -613,6 +641,7 @@ SINGLE_NODE: dict[str, Scenario] = {
 CLUSTER: dict[str, Scenario] = {"cluster_failover": cluster_failover}
 CI_SCENARIOS = [
     "kill9",
+    "lanes",
     "broker_close",
     "broker_restart",
     "redis_empty",
