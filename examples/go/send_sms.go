@@ -70,7 +70,10 @@ func run() int {
 	body, _ := json.Marshal(request)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	confirm, err := ch.PublishWithDeferredConfirmWithContext(ctx, "sms.send", env("SMS_ACCOUNT", "demo"), false, false, amqp.Publishing{
+	// The account's urgent lane: a one-time code goes ahead of the account's campaigns
+	// (`<account>` is the normal lane, `<account>.bulk` the campaigns').
+	routingKey := env("SMS_ACCOUNT", "demo") + ".urgent"
+	confirm, err := ch.PublishWithDeferredConfirmWithContext(ctx, "sms.send", routingKey, false, false, amqp.Publishing{
 		ContentType:   "application/json",
 		DeliveryMode:  amqp.Persistent,
 		CorrelationId: correlationID,

@@ -29,7 +29,10 @@ async function main() {
       text: 'Your code is {code}',
       vars: { code: '4711' },
     };
-    channel.publish('sms.send', process.env.SMS_ACCOUNT || 'demo', Buffer.from(JSON.stringify(request)), {
+    // The account's urgent lane: a one-time code goes ahead of the account's campaigns
+    // (`<account>` is the normal lane, `<account>.bulk` the campaigns').
+    const routingKey = (process.env.SMS_ACCOUNT || 'demo') + '.urgent';
+    channel.publish('sms.send', routingKey, Buffer.from(JSON.stringify(request)), {
       contentType: 'application/json',
       persistent: true,
       correlationId,

@@ -31,10 +31,12 @@ $request = [
     'vars' => ['code' => '4711'],
 ];
 $channel->confirm_select();
+// The account's urgent lane: a one-time code goes ahead of the account's campaigns
+// (`<account>` is the normal lane, `<account>.bulk` the campaigns').
 $channel->basic_publish(
     new AMQPMessage(json_encode($request), ['content_type' => 'application/json', 'delivery_mode' => 2]),
     'sms.send',
-    $account
+    $account . '.urgent'
 );
 $channel->wait_for_pending_acks(10);
 

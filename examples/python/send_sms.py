@@ -36,7 +36,9 @@ async def main() -> int:
                 correlation_id=correlation_id,
                 reply_to=replies.name,
             ),
-            routing_key=os.environ.get("SMS_ACCOUNT", "demo"),  # the account
+            # The account's urgent lane: a one-time code goes ahead of the account's campaigns
+            # (`<account>` is the normal lane, `<account>.bulk` the campaigns').
+            routing_key=os.environ.get("SMS_ACCOUNT", "demo") + ".urgent",
         )
         async with replies.iterator(timeout=60) as messages:
             async for message in messages:

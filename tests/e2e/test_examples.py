@@ -96,4 +96,5 @@ def test_example_producer_gets_its_outcome(language: str, ring: tuple[Sandbox, s
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     OUTCOME.validate(outcome)
     assert (outcome["unique_id"], outcome["account"], outcome["status"]) == (uid, account, "accepted")
+    assert outcome["lane"] == "urgent"  # a one-time code: each example publishes to the urgent lane
     assert sandbox.sends_of(account, uid) == 1
