@@ -53,3 +53,19 @@ def test_benchmark_smoke_run_completes_and_reports_every_contender(tmp_path: Pat
     assert "of the ceiling (target >= 0.9)" in doc["table"]
     assert doc["shared_rate_limit"]["messages"] > 0
     assert (tmp_path / "smoke.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(600)
+def test_lanes_benchmark_smoke_run_reports_both_modes(services: None) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.lanes", "--backlog", "1000", "--seconds", "3", "--latency-ms", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["lanes off (one queue)", "lanes on"]
+    assert all(r["urgent_answered"] == r["urgent_sent"] > 0 for r in rows)
