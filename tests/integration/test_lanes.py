@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from gateway import contract as c
+from gateway.obs import metrics as m
 from gateway.providers.base import provider_ref
 from gateway.sandbox.state import FaultRule
 from testkit import Bus, eventually, new_account_name, request
@@ -83,3 +85,33 @@ async def test_an_urgent_request_past_its_validity_expires_and_is_never_sent(wor
     assert dead.routing_key == f"expired.{name}"
     assert dead.headers[c.H_LANE] == "urgent"
     assert provider_ref(name, "late") not in world.state.ledger()["by_unique_id"]
+
+
+async def test_a_bulk_request_in_quiet_hours_waits_in_the_broker_and_goes_when_they_end(world: InProcess) -> None:
+    """Quiet hours that end at the next minute in Warsaw: the bulk request to a Polish number hops
+    through the delayed-copy queues (no provider call meanwhile) and is sent once they end; a
+    normal-lane request to the same number goes at once."""
+    warsaw = ZoneInfo("Europe/Warsaw")
+    now = datetime.now(warsaw)
+    if now.second > 45:  # leave the window at least 15 s to run
+        await asyncio.sleep(61 - now.second)
+        now = datetime.now(warsaw)
+    start = now.replace(second=0, microsecond=0)
+    end = start + timedelta(minutes=1)
+    name = new_account_name()
+    await world.gateway([world.account(name, quiet_hours=f"{start:%H:%M}-{end:%H:%M}")])
+    async with Bus.open([name]) as bus:
+        await bus.publish(f"{name}.bulk", request("campaign-1", to="+48500600701"))
+        await bus.publish(name, request("notice-1", to="+48500600701"))
+        await bus.wait_for(outcomes=1, timeout=30)
+        assert [d["unique_id"] for d in bus.outcome_docs()] == ["notice-1"]
+        assert provider_ref(name, "campaign-1") not in world.state.ledger()["by_unique_id"]
+        await bus.wait_for(outcomes=2, timeout=120)
+    campaign = next(d for d in bus.outcome_docs() if d["unique_id"] == "campaign-1")
+    assert (campaign["status"], campaign["lane"], campaign["attempts"]) == ("accepted", "bulk", 1)
+    sent_at = datetime.fromisoformat(campaign["at"])  # when the gateway had the provider's answer
+    assert sent_at >= end  # not before the window ended
+    assert sent_at < end + timedelta(seconds=15)  # and soon after: the last hops are short
+    deferred = m.REGISTRY.get_sample_value("sms_retries_total", {"account": name, "kind": "defer"})
+    assert (deferred or 0) >= 1
+    assert world.state.ledger()["by_unique_id"][provider_ref(name, "campaign-1")] == 1
