@@ -91,7 +91,7 @@ class Worker:
         task.add_done_callback(self._closing.discard)
 
     async def _consume(self, channel: AbstractChannel, queue: str, prefetch: int, wanted: Callable[[], bool]) -> None:
-        self._consumer = QueueConsumer(channel, queue, self._on_message, prefetch)
+        self._consumer = QueueConsumer(channel, queue, self._on_message, prefetch, on_lost=self._acks.give_up)
         await self._consumer.start(wanted=wanted)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

@@ -38,8 +38,13 @@ class QueueConsumer:
         queue: str,
         callback: Callable[[AbstractIncomingMessage], Awaitable[None]],
         prefetch: int,
+        on_lost: Callable[[aiormq.abc.AbstractChannel], object] | None = None,
     ) -> None:
+        """`on_lost(channel)` is told when an RPC on the consumer's channel ran out of time: aiormq
+        then closes that channel (it sends channel.close at once, though the channel reads as open
+        until the close-ok), and nothing more may be written to it (acks.py: `give_up`)."""
         self.queue_name = queue
+        self._on_lost = on_lost
         self._channel = channel
         self._callback = callback
         self._prefetch = prefetch
@@ -103,14 +108,18 @@ class QueueConsumer:
                 return  # the next ensure() consumes with it
             assert self._queue is not None
             old = self._tag
-            async with asyncio.timeout(RESIZE_TIMEOUT_S):
-                await self._channel.set_qos(prefetch_count=prefetch)
-                tag = await self._queue.consume(self._callback)
-                self._tag = tag
-                if old is not None:
-                    self._stale.add(old)  # cancelled below, or by the watchdog if time runs out first
-                self._underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-                await self._cancel_stale()
+            try:
+                async with asyncio.timeout(RESIZE_TIMEOUT_S):
+                    await self._channel.set_qos(prefetch_count=prefetch)
+                    tag = await self._queue.consume(self._callback)
+                    self._tag = tag
+                    if old is not None:
+                        self._stale.add(old)  # cancelled below, or by the watchdog if time runs out first
+                    self._underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+                    await self._cancel_stale()
+            except TimeoutError:
+                self._lost()
+                raise
 
     async def _cancel_stale(self) -> None:
         """Cancel consumers a resize replaced. One the channel no longer has (a reconnect took it)
@@ -125,8 +134,10 @@ class QueueConsumer:
                 async with asyncio.timeout(CANCEL_TIMEOUT_S):
                     await self._queue.cancel(tag)
                 self._stale.discard(tag)
-            except Exception:  # noqa: BLE001 - the channel is going: a reconnect takes it with it
+            except Exception as exc:  # noqa: BLE001 - the channel is going: a reconnect takes it with it
                 log.warning("cancel_failed", queue=self.queue_name)
+                if isinstance(exc, TimeoutError):
+                    self._lost()
 
     async def cancel(self) -> None:
         async with self._lock:
@@ -139,9 +150,16 @@ class QueueConsumer:
                 # which held a shutdown during a broker outage for as long as the outage.
                 async with asyncio.timeout(CANCEL_TIMEOUT_S):
                     await self._queue.cancel(tag)
-            except Exception:  # noqa: BLE001 - a closed channel has no consumer to cancel
+            except Exception as exc:  # noqa: BLE001 - a closed channel has no consumer to cancel
                 log.warning("cancel_failed", queue=self.queue_name)
+                if isinstance(exc, TimeoutError):
+                    self._lost()
             await self._cancel_stale()
+
+    def _lost(self) -> None:
+        """An RPC on the consumer's channel ran out of time: aiormq is closing that channel."""
+        if self._on_lost is not None and self._underlay is not None:
+            self._on_lost(self._underlay)
 
     async def close(self) -> None:
         """Cancel for good (shutdown): the watchdog stops too."""

@@ -157,6 +157,41 @@ async def test_a_resize_cut_short_before_the_old_consumer_is_cancelled_leaves_on
         await connection.close()
 
 
+async def test_a_cancel_that_runs_out_of_time_gives_the_channel_up_to_the_acks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiormq closes a channel whose RPC was cancelled, though it reads as open until the close-ok:
+    the worker is told (`on_lost`), so its ack tracker writes nothing more to it. An ack written
+    after the broker freed the channel closes the whole connection (504 CHANNEL_ERROR)."""
+    monkeypatch.setattr(gq, "CANCEL_TIMEOUT_S", 0.3)
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"test.cancel.{new_account_name()}", auto_delete=True)
+        lost: list[object] = []
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+
+        consumer = QueueConsumer(channel, queue.name, on_message, 10, on_lost=lost.append)
+        wanted = [True]
+        await consumer.start(wanted=lambda: wanted[0])
+        wanted[0] = False  # no watchdog consume after the cancel
+        assert consumer._queue is not None
+        underlay = consumer._underlay
+        assert underlay is not None
+        kind = type(consumer._queue)
+
+        async def hanging_cancel(self: object, tag: str, *args: object, **kwargs: object) -> object:
+            await asyncio.sleep(5)  # CancelOk does not come in time
+            return None
+
+        monkeypatch.setattr(kind, "cancel", hanging_cancel)  # the queue's class has slots
+        await consumer.cancel()
+        assert lost == [underlay]
+        await consumer.close()
+    finally:
+        await connection.close()
+
+
 async def test_a_consumer_channel_given_up_as_wedged_is_closed_and_consumed_again(world: InProcess) -> None:
     """What the ack tracker's `on_wedged` sets off when no ack goes out on the current consumer
     channel: the channel is closed (the broker requeues what it held), the robust channel reopens,
