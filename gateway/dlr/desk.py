@@ -80,6 +80,7 @@ MARK_RETRY_MAX_S = 5.0
 UNSURE_RETRY_FIRST_S = 2.0  # a publish without a confirm is looked up after this (what the closed connection
 # had routed has reached the stream by then), doubling up to the max
 UNSURE_RETRY_MAX_S = 5.0
+UNSURE_READ_TIMEOUT_S = 10.0  # one read of the tracking stream for it; past this it is tried again
 SWEEP_S = 0.5  # parked webhooks are matched this often
 SWEEP_LIMIT = 500  # parked webhooks looked at per account and sweep
 # A webhook for a message not recorded yet waits this long for its record (a record comes within
@@ -214,7 +215,9 @@ class Desk:
         while True:
             await self._clock.sleep(delay)
             try:
-                if message_id in await self._published(account, [message_id], attempted):
+                async with asyncio.timeout(UNSURE_READ_TIMEOUT_S):
+                    found = message_id in await self._published(account, [message_id], attempted)
+                if found:
                     log.info("dlr_publish_found", account=account, provider_message_id=message_id)
                 else:
                     await self._publish(account, tracked, report)

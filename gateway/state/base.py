@@ -289,9 +289,10 @@ THROTTLE_RECOVERY_PER_S = 0.1  # the factor climbs back linearly: from 0.5 to 1.
 
 # Lanes share the account's bucket by rank (0 urgent, 1 normal, 2 bulk). A lane that asked for more
 # tokens than it got marks its demand in the bucket until its next look is due plus this margin.
-# While a higher lane's mark is live, a lower lane's grant is also bounded by its own share bucket
-# (rate x factor x min_share, burst likewise, at least 1): the higher lanes get the rest, and no
-# replica's lower lane can take the tokens another replica's higher lane waits for.
+# While a higher lane's mark is live, a lower lane's grant comes from its own share bucket instead
+# (rate x factor x min_share, burst likewise, at least 1), charged to the account's bucket even
+# below zero: the lower lane keeps its share, the higher lanes get the rest, and no replica's lower
+# lane can take the tokens another replica's higher lane waits for.
 LANE_DEMAND_MARGIN_S = 0.25
 NORMAL_RANK = 1
 LOWEST_RANK = 2
