@@ -20,10 +20,11 @@ replicas that both saw the loss both rebuild, and nothing is published twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncGenerator, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -48,14 +49,14 @@ class TrackingStore(ClaimStore, ReportStore, Protocol):
     """A rebuild writes tracking back (`record`) and marks what had its final event."""
 
 
-async def rebuild(
-    connection: AbstractConnection, store: TrackingStore, account: str, dlr: DlrOptions
-) -> tuple[int, int]:
-    """Replay the tracking stream for `account` into the store; returns (tracked, final) counts."""
-    started = time.monotonic()
+async def _replay(
+    connection: AbstractConnection, since: float, prefetch: int
+) -> AsyncGenerator[AbstractIncomingMessage, None]:
+    """The tracking stream from `since` (epoch seconds) up to a marker published first: everything
+    the broker had routed there before the call, each message acked once the caller has it."""
     channel = await connection.channel(publisher_confirms=True)
     try:
-        await channel.set_qos(prefetch_count=CHUNK * 2)  # a stream consumer must have a prefetch
+        await channel.set_qos(prefetch_count=prefetch)  # a stream consumer must have a prefetch
         marker = secrets.token_hex(8)
         await channel.default_exchange.publish(
             aio_pika.Message(b"{}", headers={H_MARKER: marker}, content_type="application/json"),
@@ -63,49 +64,53 @@ async def rebuild(
         )
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         queue = await channel.get_queue(c.TRACKING_STREAM, ensure=False)
-        oldest = time.time() - dlr.window_s
-        # From the oldest acceptance still tracked (a little before, for clocks that disagree).
-        since = datetime.fromtimestamp(oldest - REPLAY_MARGIN_S, UTC)
-        tag = await queue.consume(inbox.put, arguments={"x-stream-offset": since})
-        tracked: list[Tracked] = []
-        finals: list[str] = []
-        counts = [0, 0]
-
-        async def flush() -> None:
-            if tracked:
-                await store.record(
-                    account,
-                    BatchRecord(
-                        tracked=list(tracked),
-                        first_poll_s=dlr.poll_after_s,
-                        track_ttl_s=dlr.track_ttl_s,
-                    ),
-                )
-            if finals:
-                await store.mark_final(account, list(finals), dlr.track_ttl_s)
-            counts[0] += len(tracked)
-            counts[1] += len(finals)
-            tracked.clear()
-            finals.clear()
-
+        tag = await queue.consume(inbox.put, arguments={"x-stream-offset": datetime.fromtimestamp(since, UTC)})
         while True:
             message = await inbox.get()
-            headers = message.headers or {}
-            if headers.get(H_MARKER) is not None:
-                done = str(headers[H_MARKER]) == marker
+            seen = (message.headers or {}).get(H_MARKER)
+            if seen is not None:
                 await message.ack()
-                if done:
+                if str(seen) == marker:
                     break
                 continue
-            _take(message, account, headers, oldest, tracked, finals)
+            yield message
             await message.ack()
-            if len(tracked) + len(finals) >= CHUNK:
-                await flush()
-        await flush()
         await queue.cancel(tag)
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def rebuild(
+    connection: AbstractConnection, store: TrackingStore, account: str, dlr: DlrOptions
+) -> tuple[int, int]:
+    """Replay the tracking stream for `account` into the store; returns (tracked, final) counts."""
+    started = time.monotonic()
+    tracked: list[Tracked] = []
+    finals: list[str] = []
+    counts = [0, 0]
+
+    async def flush() -> None:
+        if tracked:
+            await store.record(
+                account,
+                BatchRecord(tracked=list(tracked), first_poll_s=dlr.poll_after_s, track_ttl_s=dlr.track_ttl_s),
+            )
+        if finals:
+            await store.mark_final(account, list(finals), dlr.track_ttl_s)
+        counts[0] += len(tracked)
+        counts[1] += len(finals)
+        tracked.clear()
+        finals.clear()
+
+    oldest = time.time() - dlr.window_s
+    # From the oldest acceptance still tracked (a little before, for clocks that disagree).
+    async with contextlib.aclosing(_replay(connection, oldest - REPLAY_MARGIN_S, CHUNK * 2)) as stream:
+        async for message in stream:
+            _take(message, account, message.headers or {}, oldest, tracked, finals)
+            if len(tracked) + len(finals) >= CHUNK:
+                await flush()
+    await flush()
     log.warning(
         "tracking_rebuilt",
         account=account,
@@ -121,39 +126,17 @@ async def events_published(
 ) -> set[str]:
     """Which of `message_ids` have a delivery event of `account` in the tracking stream from
     `since` (epoch seconds) on: the broker's own word on a publish whose confirm was lost (the
-    connection closed after the broker may have routed it). Read up to a marker published first,
-    like a rebuild, so everything routed before the question is seen."""
+    connection closed after the broker may have routed it)."""
     wanted = set(message_ids)
     found: set[str] = set()
-    channel = await connection.channel(publisher_confirms=True)
-    try:
-        await channel.set_qos(prefetch_count=CHUNK)
-        marker = secrets.token_hex(8)
-        await channel.default_exchange.publish(
-            aio_pika.Message(b"{}", headers={H_MARKER: marker}, content_type="application/json"),
-            routing_key=c.TRACKING_STREAM,
-        )
-        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        queue = await channel.get_queue(c.TRACKING_STREAM, ensure=False)
-        start = datetime.fromtimestamp(since - CLOCK_MARGIN_S, UTC)
-        tag = await queue.consume(inbox.put, arguments={"x-stream-offset": start})
-        while True:
-            message = await inbox.get()
+    async with contextlib.aclosing(_replay(connection, since - CLOCK_MARGIN_S, CHUNK)) as stream:
+        async for message in stream:
             headers = message.headers or {}
-            await message.ack()
-            if headers.get(H_MARKER) is not None:
-                if str(headers[H_MARKER]) == marker:
-                    break
-                continue
             if headers.get(c.H_TRACKED):
                 continue
             finals: list[str] = []
             _take(message, account, headers, 0.0, [], finals)
             found.update(wanted.intersection(finals))
-        await queue.cancel(tag)
-    finally:
-        if not channel.is_closed:
-            await channel.close()
     return found
 
 

@@ -287,3 +287,41 @@ async def test_webhooks_past_the_rate_are_answered_503_before_their_body_is_read
     assert answers[503] == 20 - answers[400]
     assert health == 200
     assert m.REGISTRY.get_sample_value("sms_dlr_webhooks_rejected_total", {"provider": "(any)", "reason": "busy"})
+
+
+async def test_the_tracking_stream_says_which_events_the_broker_routed(services: None) -> None:
+    """What the desk asks after a publish whose confirm was lost: the events routed to sms.outcomes
+    since then are in the sms.tracking stream, read up to a marker."""
+    import time
+
+    import aio_pika
+
+    from gateway import contract as c
+    from gateway.bus import topology
+    from gateway.dlr import tracking
+    from testkit import AMQP_URL, delete_account_queues
+
+    account, other = new_account_name(), new_account_name()
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare(channel, [account], [1])
+        since = time.time()
+        outcomes = await channel.get_exchange(c.OUTCOMES_EXCHANGE)
+        for status, name, message_id in [
+            ("delivered", account, "m-routed"),
+            ("undelivered", account, "m-undelivered"),
+            ("delivered", other, "m-other-account"),
+            ("accepted", account, "m-not-final"),
+        ]:
+            body = c.outcome_body(
+                unique_id="u", account=name, to=None, status=c.Status(status), provider="mobizon",
+                provider_message_id=message_id,
+            )  # fmt: skip
+            await outcomes.publish(aio_pika.Message(body), routing_key=f"{status}.{name}")
+        wanted = ["m-routed", "m-undelivered", "m-other-account", "m-not-final", "m-never"]
+        found = await tracking.events_published(connection, account, wanted, since)
+        assert found == {"m-routed", "m-undelivered"}
+    finally:
+        await connection.close()
+        await delete_account_queues([account])
