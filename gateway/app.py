@@ -35,6 +35,7 @@ from gateway.bus.consumer import AccountWorker, UnroutableWorker
 from gateway.bus.publisher import Publisher
 from gateway.bus.queue import close_within
 from gateway.config import Account, Settings, sandbox_account
+from gateway.core.admission import ADJUST_EVERY_S, Admission
 from gateway.core.concurrency import AdaptiveLimit
 from gateway.core.flow import AccountFlow
 from gateway.core.pipeline import Pipeline
@@ -43,6 +44,7 @@ from gateway.dlr.desk import Desk, Poller
 from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError, PortInUse, StoreRefused, StoreUnavailable
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
+from gateway.obs.loop import watch_lag
 from gateway.ops import web
 from gateway.ops.diagnostics import dump_tasks
 from gateway.providers import build_adapter
@@ -103,7 +105,7 @@ class Gateway:
         self._runners: list[AppRunner | web.HttpPort] = []
         self._http_url: str | None = None  # where the web port listens, once it does
         self._channels: list[AbstractChannel] = []
-        self._tasks: list[asyncio.Task[None]] = []  # delivery reports: the desk and one poller per account
+        self._tasks: list[asyncio.Task[None]] = []  # the loop watch; delivery reports: the desk, a poller per account
         self._desk: Desk | None = None
         self._waiting_for: str | None = "start"  # what start-up waits for; None once started
 
@@ -152,6 +154,10 @@ class Gateway:
         publisher = Publisher(
             await self._publisher_channel(), timeout_s=s.publish_timeout_s, reopen=self._publisher_channel
         )
+        admission = Admission(enabled=s.fair_admission)
+        self._tasks.append(
+            asyncio.create_task(watch_lag(self._adjust_admission(admission), ADJUST_EVERY_S), name="loop lag")
+        )
 
         for account in self.accounts:
             m.prime_account(
@@ -185,6 +191,7 @@ class Gateway:
                     publisher=publisher,
                     options=s.worker,
                     owner=self._owner,
+                    admission=admission,
                 )
                 lanes.append(worker)
             for worker in lanes:
@@ -221,6 +228,16 @@ class Gateway:
             store=type(self._store).__name__,
             http=self._http_url,
         )
+
+    @staticmethod
+    def _adjust_admission(admission: Admission) -> Callable[[float], None]:
+        def adjust(lag_s: float) -> None:
+            held = admission.held
+            admission.adjust(lag_s)
+            m.ADMISSION_LIMIT.set(admission.limit or 0)
+            m.ADMISSION_HELD.inc(admission.held - held)
+
+        return adjust
 
     async def _publisher_channel(self) -> AbstractChannel:
         """A channel for outcomes, dead letters and retry copies: confirmed, returns raise."""

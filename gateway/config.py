@@ -425,6 +425,12 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="a send claim older than this is presumed dead and reconciled"
     )
     account_pause_s: float = Field(default=60.0, gt=0, description="pause after an account-level error")
+    fair_admission: bool = Field(
+        default=True,
+        description="while the event loop is saturated, limit the batches in flight across the process and "
+        "share them fairly by account, in messages (an account behind the busiest one, or an urgent lane with "
+        "nothing in flight, never waits); off: each lane is bounded only by its own in-flight limit",
+    )
     drain_timeout_s: float = Field(default=20.0, gt=0, description="SIGTERM: time to finish in-flight work")
     publish_timeout_s: float = Field(
         default=30.0,

@@ -19,7 +19,8 @@ Failure handling:
   copies); an account-level provider error pauses the account, every lane, for `account_pause_s`.
 
 Each lane has its own prefetch, in-flight limit and batches (a full bulk backlog never holds the
-slots an urgent request needs); the priority between lanes is the store's (ratelimit.py).
+slots an urgent request needs); the priority between lanes is the store's (ratelimit.py). When the
+process itself is saturated, the lanes of all accounts share batch admission fairly (admission.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from gateway.bus.settle import Delivery, Settler, requeue
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, WorkerOptions
 from gateway.core import decisions as dec
+from gateway.core import lanes
 from gateway.core import pipeline as p
+from gateway.core.admission import Admission
 from gateway.core.batching import Batcher
 from gateway.core.flow import AccountFlow, PauseChange
 from gateway.obs import metrics as m
@@ -130,11 +133,14 @@ class AccountWorker(Worker):
         publisher: Publisher,
         options: WorkerOptions,
         owner: str,
+        admission: Admission | None = None,
         clock: Clock = SYSTEM,
     ) -> None:
         super().__init__(publisher, adapter.name, options.publish_timeout_s, clock)
         self.account = account
         self.lane = pipeline.lane
+        self._admission = admission if admission is not None else Admission(enabled=False)
+        self._turns = self._admission.lane(account.name, lanes.rank(self.lane), self._pump)
         self.siblings: list[AccountWorker] = []  # the account's other lanes
         self._settings = options
         self._clock = clock
@@ -152,7 +158,7 @@ class AccountWorker(Worker):
             quiet_s=account.quiet_ms / 1000,
             key=lambda d: adapter.batch_key(d.job.item) if d.job.item else None,
             on_flush=self._flush,
-            ready=self._flow.ready,
+            ready=self._ready,
             eager=lambda: self._flow.lightly_loaded(self._acks.open_count, self.prefetch),
             clock=clock,
         )
@@ -209,7 +215,15 @@ class AccountWorker(Worker):
 
     # -- batches ------------------------------------------------------------------------------------
 
+    def _ready(self) -> bool:
+        """A send slot of the lane is free, and the process lets the lane start a batch now."""
+        return self._flow.ready() and self._admission.may_start(self._turns)
+
+    def _pump(self) -> None:
+        self._batcher.pump()
+
     def _flush(self, batch: list[Delivery]) -> None:
+        self._admission.started(self._turns, len(batch))
         self._flow.batches += 1
         self._inflight_gauge.set(self._flow.batches)
         task = asyncio.create_task(self._run_batch(batch))
@@ -220,6 +234,7 @@ class AccountWorker(Worker):
         self._tasks.discard(task)
         self._flow.batches -= 1
         self._inflight_gauge.set(self._flow.batches)
+        self._admission.finished(self._turns)  # the freed slot goes to whoever's turn it is
         self._batcher.pump()  # due groups that waited for a slot, grown meanwhile
 
     async def _run_batch(self, batch: list[Delivery]) -> None:

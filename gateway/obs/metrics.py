@@ -69,6 +69,22 @@ PREFETCH = Gauge(
     ["account", "lane"],
     registry=REGISTRY,
 )
+LOOP_LAG = Gauge(
+    "sms_event_loop_lag_seconds",
+    "How late the process's event loop ran a short timer, on average over the last quarter second",
+    registry=REGISTRY,
+)
+ADMISSION_LIMIT = Gauge(
+    "sms_admission_limit",
+    "Batches the process lets run at once across all accounts while its event loop is saturated "
+    "(0: not saturated, no limit)",
+    registry=REGISTRY,
+)
+ADMISSION_HELD = Counter(
+    "sms_admission_held",
+    "Times a lane's batch waited for its fair turn because the process was saturated",
+    registry=REGISTRY,
+)
 PAUSED = Gauge(
     "sms_account_paused",
     "1 while the consumption of the account's lane is paused",
