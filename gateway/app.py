@@ -3,8 +3,9 @@
 RabbitMQ --sms.send.<account>--> consumer.AccountWorker (one channel each)
                                     -> pipeline.Pipeline -> ProviderAdapter (httpx)
                                     |    claim, rate limit, throttle: Store (Redis or SQLite)
-                                    -> settle.Settler -> Publisher (confirming channel): outcomes,
-                                       dead letters, retry copies; then the ack
+                                    -> settle.Settler -> Publisher (confirming channel; small
+                                       batches on a second one): outcomes, dead letters, retry
+                                       copies; then the ack
 RabbitMQ --sms.send.unroutable--> consumer.UnroutableWorker -> settle.Settler
 web: /healthz, /readyz (Gateway.problems), /metrics
 """
@@ -154,6 +155,11 @@ class Gateway:
         publisher = Publisher(
             await self._publisher_channel(), timeout_s=s.publish_timeout_s, reopen=self._publisher_channel
         )
+        # Small batches settle on a channel of their own: a lone request's outcome is confirmed
+        # without queueing behind a campaign batch's hundred publishes (consumer.EXPRESS_MAX_BATCH).
+        express = Publisher(
+            await self._publisher_channel(), timeout_s=s.publish_timeout_s, reopen=self._publisher_channel
+        )
         admission = Admission(enabled=s.fair_admission)
         self._tasks.append(
             asyncio.create_task(watch_lag(self._adjust_admission(admission), ADJUST_EVERY_S), name="loop lag")
@@ -189,6 +195,7 @@ class Gateway:
                     ),
                     store=self._store,
                     publisher=publisher,
+                    express=express,
                     options=s.worker,
                     owner=self._owner,
                     admission=admission,

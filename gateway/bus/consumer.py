@@ -21,6 +21,8 @@ Failure handling:
 Each lane has its own prefetch, in-flight limit and batches (a full bulk backlog never holds the
 slots an urgent request needs); the priority between lanes is the store's (ratelimit.py). When the
 process itself is saturated, the lanes of all accounts share batch admission fairly (admission.py).
+A batch of at most `EXPRESS_MAX_BATCH` settles through a second publishing channel, so a lone
+request's outcome is not confirmed behind a backlog's full batches.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ ANNOUNCE_RETRY_FIRST_S = 0.5  # an announcement the store failed is tried again 
 ANNOUNCE_RETRY_MAX_S = 5.0
 ANNOUNCE_GRACE_S = 2.0  # at shutdown, announcements still being tried get this long
 MAX_ACCOUNT_LABEL = 64  # an unknown routing key, shortened, as it appears in outcome and dead-letter keys
+EXPRESS_MAX_BATCH = 10  # a batch this small settles on the express publisher (latency, not a backlog)
 UNKNOWN_ACCOUNT_LABEL = "(unknown)"  # the metric label of every unknown account: producers cannot grow the set
 
 
@@ -134,9 +137,14 @@ class AccountWorker(Worker):
         options: WorkerOptions,
         owner: str,
         admission: Admission | None = None,
+        express: Publisher | None = None,
         clock: Clock = SYSTEM,
     ) -> None:
         super().__init__(publisher, adapter.name, options.publish_timeout_s, clock)
+        # Batches of up to EXPRESS_MAX_BATCH settle through `express`, a publisher on a channel of
+        # its own: the broker takes a channel's publishes one after another, so a lone request's
+        # outcome would otherwise wait behind a campaign batch's hundred publishes just before it.
+        self._express = Settler(express, adapter.name, self._acks) if express is not None else self._settler
         self.account = account
         self.lane = pipeline.lane
         self._admission = admission if admission is not None else Admission(enabled=False)
@@ -263,7 +271,8 @@ class AccountWorker(Worker):
             # Pause before the outcomes go out: what a producer publishes once it has seen the
             # outcome must find the account paused, not reach the provider that just refused it.
             await self._pause_after(result)
-            await self._settler.settle_all(list(zip(batch, result.decisions, strict=True)), self._announce)
+            settler = self._express if len(batch) <= EXPRESS_MAX_BATCH else self._settler
+            await settler.settle_all(list(zip(batch, result.decisions, strict=True)), self._announce)
         if result.tracked:
             task = asyncio.create_task(self._tracking_copy(result.tracked))
             self._tasks.add(task)
