@@ -13,7 +13,7 @@ So, process-wide:
 - **The loop's lag says when the process is saturated.** `adjust` is fed the loop's lag (how
   late a short sleep wakes) every `ADJUST_EVERY_S`. Over `LAG_HIGH_S` the process limits the
   batches in flight across all lanes, starting from what runs at that moment, and cuts that limit
-  by a quarter per step while the lag stays high, down to `floor`. Under `LAG_LOW_S` it gives
+  by half per step while the lag stays high, down to `floor`. Under `LAG_LOW_S` it gives
   some back per step (an eighth, at least one), and once the limit reaches `cap` the process is unlimited
   again. While unlimited,
   admission costs nothing but two counters.
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 LAG_HIGH_S = 0.005  # the loop's mean lag above which the process counts as saturated
 LAG_LOW_S = 0.002  # below it the limit grows back
 ADJUST_EVERY_S = 0.25
-DECREASE = 0.75
+DECREASE = 0.5
 FLOOR = 2  # batches in flight across the process while saturated, at the least
 CAP = 256  # a limit grown back to this is no limit
 

@@ -566,7 +566,14 @@ async def noisy_neighbour(
     await world.publish(_items(noisy, "n", size.noisy_backlog))  # the backlog is there before any gateway
     for i in range(2):
         await asyncio.to_thread(world.start_gateway, i)
-    n_quiet = 100 if size is CI else 400
+    # Measured from when both replicas say they are ready (every consumer started): a request
+    # that waits for a replica's start-up is not waiting for its neighbour.
+    deadline = time.monotonic() + 60
+    while not await asyncio.to_thread(world.all_ready):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gateways did not get ready within 60 s")
+        await asyncio.sleep(0.1)
+    n_quiet = 100 if size is CI else 1000  # one every 50 ms: within the full backlog's minute of drain
     world.keys |= {f"{quiet}/q{i}" for i in range(n_quiet)}  # published by the probe, settled in the ledger too
     # The quiet account's producer is a process of its own with its own outcome queue (probe.py).
     probe = await asyncio.create_subprocess_exec(

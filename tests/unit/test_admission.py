@@ -63,7 +63,7 @@ def test_saturation_limits_the_process_from_what_runs_down_to_the_floor() -> Non
     admission = Admission()
     flow = Flow(admission, "a", 100)
     saturate(admission, flow, each=12)
-    assert admission.limit == 9  # three quarters of the 12 running
+    assert admission.limit == 6  # half of the 12 running
     for _ in range(20):
         admission.adjust(SATURATED)
     assert admission.limit == FLOOR
