@@ -50,6 +50,13 @@ def saturate(admission: Admission, *flows: Flow, each: int = 4) -> None:
     admission.adjust(SATURATED)
 
 
+def at_floor(admission: Admission, *flows: Flow, each: int = 4) -> None:
+    """Saturated long enough for the limit to reach the floor."""
+    saturate(admission, *flows, each=each)
+    while admission.limit != FLOOR:
+        admission.adjust(SATURATED)
+
+
 def test_a_process_that_is_not_saturated_holds_nothing_back() -> None:
     admission = Admission()
     flow = Flow(admission, "a", 100)
@@ -64,7 +71,7 @@ def test_saturation_limits_the_process_from_what_runs_down_to_the_floor() -> Non
     flow = Flow(admission, "a", 100)
     saturate(admission, flow, each=12)
     assert admission.limit == 6  # half of the 12 running
-    for _ in range(20):
+    for _ in range(3):
         admission.adjust(SATURATED)
     assert admission.limit == FLOOR
     assert not flow.try_start()  # 12 running, limit 2
@@ -103,9 +110,7 @@ def test_turned_off_it_never_limits() -> None:
 def test_a_quiet_account_starts_at_once_beside_a_saturating_backlog() -> None:
     admission = Admission()
     noisy = Flow(admission, "noisy", 100)
-    saturate(admission, noisy, each=8)
-    for _ in range(10):
-        admission.adjust(SATURATED)
+    at_floor(admission, noisy, each=8)
     assert not noisy.try_start()
     quiet = Flow(admission, "quiet", 1)
     assert quiet.try_start()  # nothing of its own running
@@ -151,9 +156,7 @@ def test_within_an_account_the_urgent_lane_gets_the_slot_first() -> None:
     admission = Admission()
     bulk = Flow(admission, "a", 100, rank=2)
     urgent = Flow(admission, "a", 10, rank=0)
-    saturate(admission, bulk, urgent, each=2)
-    for _ in range(10):
-        admission.adjust(SATURATED)
+    at_floor(admission, bulk, urgent, each=2)
     assert not bulk.try_start()
     assert not urgent.try_start()
     bulk.finish()
@@ -168,8 +171,6 @@ def test_an_urgent_lane_with_nothing_in_flight_never_waits() -> None:
     admission = Admission()
     normal = Flow(admission, "a", 100)
     urgent = Flow(admission, "a", 1, rank=0)
-    saturate(admission, normal, each=6)
-    for _ in range(10):
-        admission.adjust(SATURATED)
+    at_floor(admission, normal, each=6)
     assert not normal.try_start()
     assert urgent.try_start()
