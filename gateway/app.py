@@ -238,11 +238,15 @@ class Gateway:
 
     @staticmethod
     def _adjust_admission(admission: Admission) -> Callable[[float], None]:
+        """What the loop watch reports each quarter second: the limit adjusted, and the metrics."""
+        counted = 0
+
         def adjust(lag_s: float) -> None:
-            held = admission.held
+            nonlocal counted
             admission.adjust(lag_s)
             m.ADMISSION_LIMIT.set(admission.limit or 0)
-            m.ADMISSION_HELD.inc(admission.held - held)
+            m.ADMISSION_HELD.inc(admission.held - counted)
+            counted = admission.held
 
         return adjust
 

@@ -174,3 +174,20 @@ def test_an_urgent_lane_with_nothing_in_flight_never_waits() -> None:
     at_floor(admission, normal, each=6)
     assert not normal.try_start()
     assert urgent.try_start()
+
+
+def test_the_metrics_count_every_hold_between_two_reports() -> None:
+    from gateway.app import Gateway
+    from gateway.obs import metrics as m
+
+    admission = Admission()
+    report = Gateway._adjust_admission(admission)
+    flows = [Flow(admission, "a", 100, rank=rank) for rank in (1, 2, 2)]  # one account: none behind another
+    at_floor(admission, *flows, each=2)
+    before = m.ADMISSION_HELD._value.get()
+    assert not any(f.try_start() for f in flows)
+    report(SATURATED)
+    assert m.ADMISSION_HELD._value.get() - before == 3
+    report(SATURATED)  # nothing held since: nothing counted twice
+    assert m.ADMISSION_HELD._value.get() - before == 3
+    assert m.ADMISSION_LIMIT._value.get() == FLOOR
