@@ -68,6 +68,8 @@ class Lane:
 
 
 class Admission:
+    """Batch admission for every lane of every account in one process."""
+
     def __init__(self, *, enabled: bool = True, floor: int = FLOOR, cap: int = CAP) -> None:
         self.enabled = enabled
         self.floor = max(1, floor)
@@ -86,10 +88,6 @@ class Admission:
         """Register a lane; `pump` is called when a slot it waited for is free."""
         acc = self._accounts.setdefault(account, _Account(account))
         return Lane(acc, rank, pump)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     def may_start(self, lane: Lane) -> bool:
         """Whether `lane` may start a batch now. A lane told no is queued and called back (its

@@ -9,6 +9,9 @@ import time
 from collections.abc import Callable
 
 from gateway.obs import metrics as m
+from gateway.obs.logs import get_logger
+
+log = get_logger("gateway.obs.loop")
 
 TICK_S = 0.01
 
@@ -25,5 +28,8 @@ async def watch_lag(report: Callable[[float], None], every_s: float) -> None:
         if after - window_started >= every_s:
             lag = total / ticks
             m.LOOP_LAG.set(lag)
-            report(lag)
+            try:
+                report(lag)
+            except Exception:  # a watch that died would leave admission's limit where it was
+                log.exception("loop_lag_report_failed")
             total, ticks, window_started = 0.0, 0, after

@@ -191,3 +191,26 @@ def test_the_metrics_count_every_hold_between_two_reports() -> None:
     report(SATURATED)  # nothing held since: nothing counted twice
     assert m.ADMISSION_HELD._value.get() - before == 3
     assert m.ADMISSION_LIMIT._value.get() == FLOOR
+
+
+async def test_a_report_that_fails_does_not_end_the_loop_watch() -> None:
+    import asyncio
+
+    from gateway.obs.loop import watch_lag
+
+    reports: list[float] = []
+
+    def report(lag_s: float) -> None:
+        reports.append(lag_s)
+        if len(reports) == 1:
+            raise RuntimeError("a report that fails")
+
+    watch = asyncio.create_task(watch_lag(report, 0.03))
+    try:
+        for _ in range(200):
+            if len(reports) >= 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        watch.cancel()
+    assert len(reports) >= 3
