@@ -336,8 +336,12 @@ class AccountWorker(Worker):
         it on congestion. Only batches that sent at least half a batch to the provider are timed:
         a lone request's batch, or one answered from the store (redelivered duplicates after a
         reconnect take under a millisecond), is faster than a full send without anything queueing,
-        and would make every full one look slow for the baseline's whole window."""
-        if self._flow.adapt(congested=result.congested, waiting=self._batcher.waiting, took_s=took_s):
+        and would make every full one look slow for the baseline's whole window. Work waits for
+        the lane's own slots only when they are all taken: work that the process's admission holds
+        back (admission.py) would not go out sooner with more of them, and a larger limit would
+        only widen the prefetch, pulling more of a backlog into a process that is saturated."""
+        waiting = self._batcher.waiting and not self._flow.ready()
+        if self._flow.adapt(congested=result.congested, waiting=waiting, took_s=took_s):
             self._limit_gauge.set(self._flow.limit.current)
             self._follow_limit()
 

@@ -211,3 +211,28 @@ async def test_a_consumer_channel_given_up_as_wedged_is_closed_and_consumed_agai
         await eventually(lambda: {d["unique_id"] for d in bus.outcome_docs()} >= ids, 60, "every id answered")
     assert consumers_on(c.account_queue(name)) == 1
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
+
+
+async def test_work_held_back_by_a_saturated_process_does_not_grow_the_lanes_limit(
+    world: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process counts as saturated whatever its lag: admission holds the lane to two batches in
+    flight, so its four slots are never all taken, and its limit (and prefetch) stay where they
+    started although work waits all the time."""
+    from gateway.core import admission
+
+    monkeypatch.setattr(admission, "LAG_HIGH_S", -1.0)
+    name = new_account_name()
+    world.state.faults.add(FaultRule(match=f"token:tok-{name}", latency_ms=200))
+    account = world.account(name, concurrency=4, max_concurrency=12, batch_size=20, rate_per_s=100_000, burst=100_000)
+    m.ADMISSION_LIMIT.set(-1)  # the gauge is the process's: the value this gateway reports is awaited
+    gw = await world.gateway([account])
+    await eventually(lambda: m.ADMISSION_LIMIT._value.get() == admission.FLOOR, 10, "saturated")
+    n = 600
+    async with Bus.open([name]) as bus:
+        await bus.publish_many([(name, request(f"h{i}", to=f"+4850098{i:04d}")) for i in range(n)])
+        await bus.wait_for(outcomes=n, timeout=90)
+    assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": n}
+    assert gw.worker(name).unsettled == 0
+    assert limit_of(name) == 4
+    assert prefetch_of(name) == 20 * (4 + 1)
