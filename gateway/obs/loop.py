@@ -5,6 +5,7 @@ callback waits for a turn on the loop. It is a gauge on /metrics, and process-wi
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable
 
@@ -14,6 +15,8 @@ from gateway.obs.logs import get_logger
 log = get_logger("gateway.obs.loop")
 
 TICK_S = 0.01
+STALL_LOG_S = 0.1  # one wake this late is logged: something held the loop (a long callback, a GC pass)
+GC_LOG_S = 0.05  # a full garbage collection pass this long is logged
 
 
 async def watch_lag(report: Callable[[float], None], every_s: float) -> None:
@@ -23,7 +26,10 @@ async def watch_lag(report: Callable[[float], None], every_s: float) -> None:
         before = time.monotonic()
         await asyncio.sleep(TICK_S)
         after = time.monotonic()
-        total += max(0.0, after - before - TICK_S)
+        late = max(0.0, after - before - TICK_S)
+        total += late
+        if late >= STALL_LOG_S:
+            log.warning("loop_stalled", late_ms=round(late * 1000))
         ticks += 1
         if after - window_started >= every_s:
             lag = total / ticks
@@ -33,3 +39,25 @@ async def watch_lag(report: Callable[[float], None], every_s: float) -> None:
             except Exception:  # a watch that died would leave admission's limit where it was
                 log.exception("loop_lag_report_failed")
             total, ticks, window_started = 0.0, 0, after
+
+
+class GcTimer:
+    """Times the interpreter's full garbage collection passes (`gc.callbacks`, generation 2) and
+    logs the long ones: a pass over a large heap holds the loop like any long callback."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:  # the young generations' passes are short and very frequent
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        if took >= GC_LOG_S:
+            log.warning("gc_pause", ms=round(took * 1000), collected=info.get("collected"))
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)

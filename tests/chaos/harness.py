@@ -529,6 +529,8 @@ class World:
             "waits_exhausted",
             "tracking_rebuilt",
             "stale_deliveries_dropped",
+            "loop_stalled",
+            "gc_pause",
         )
         counts: Counter[str] = Counter()
         for path in self.root.glob(f"gateway-{self.accounts[0]}-*.log"):
