@@ -45,7 +45,7 @@ from gateway.dlr.desk import Desk, Poller
 from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError, PortInUse, StoreRefused, StoreUnavailable
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
-from gateway.obs.loop import GcTimer, watch_lag
+from gateway.obs.loop import time_gc, watch_lag
 from gateway.ops import web
 from gateway.ops.diagnostics import dump_tasks
 from gateway.providers import build_adapter
@@ -161,7 +161,7 @@ class Gateway:
             await self._publisher_channel(), timeout_s=s.publish_timeout_s, reopen=self._publisher_channel
         )
         admission = Admission(enabled=s.fair_admission)
-        GcTimer().install()
+        time_gc()
         self._tasks.append(
             asyncio.create_task(watch_lag(self._adjust_admission(admission), ADJUST_EVERY_S), name="loop lag")
         )

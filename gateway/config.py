@@ -37,6 +37,7 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigError
+from gateway.segments import Transliterate
 
 ProviderName = Literal["serwersms", "mobizon"]
 AccountName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -166,6 +167,27 @@ class Account(BaseModel):
         le=0.5,
         description="while a higher lane waits for the rate, each lower lane still gets this share of it (at most 0.5)",
     )
+    max_parts: int | None = Field(
+        default=None, ge=1, le=255, description="longer texts end `invalid` / `too_many_parts` before any send (off)"
+    )
+    transliterate: Transliterate = Field(
+        default=Transliterate.OFF,
+        description="`lookalikes`: typographic quotes, dashes, odd spaces to GSM-7; `full`: Latin diacritics too "
+        "(only when the whole text then fits GSM-7)",
+    )
+    price_per_part: float | None = Field(
+        default=None, ge=0, description="what one SMS part costs: outcomes carry `cost`, a metric sums it"
+    )
+    allowed_countries: tuple[str, ...] | None = Field(
+        default=None,
+        description="ISO 3166 alpha-2 codes the account may send to; others end `rejected` / `country_blocked` "
+        "(absent: all)",
+    )
+    optout_lanes: tuple[Literal["urgent", "normal", "bulk"], ...] = Field(
+        default=("normal", "bulk"),
+        description="the lanes whose requests to an opted-out number end `rejected` / `opted_out` "
+        "(urgent one-time codes go through by default)",
+    )
 
     @field_validator("password", "token", "api_key", "webhook_secret", mode="before")
     @classmethod
@@ -189,6 +211,17 @@ class Account(BaseModel):
     @property
     def quiet_window(self) -> QuietHours | None:
         return QuietHours.parse(self.quiet_hours) if self.quiet_hours else None
+
+    @field_validator("allowed_countries")
+    @classmethod
+    def _countries(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        codes = tuple(sorted({v.upper() for v in value}))
+        unknown = [c for c in codes if c not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"not ISO 3166 alpha-2 regions the number parser knows: {', '.join(unknown)}")
+        return codes
 
     @field_validator("default_country")
     @classmethod

@@ -125,6 +125,17 @@ class DeadReason(StrEnum):
     POISON = "poison"
 
 
+class PolicyCode(StrEnum):
+    """`error.code` of a request the account's rules refused before any send: outcome `rejected`,
+    no provider call, no dead letter."""
+
+    OPTED_OUT = "opted_out"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    COUNTRY_BLOCKED = "country_blocked"
+    VELOCITY_BLOCKED = "velocity_blocked"
+    FREQUENCY_CAPPED = "frequency_capped"
+
+
 UNIQUE_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 MAX_META_BYTES = 4096
 MAX_DEPTH = 32  # nesting of arrays and objects in a request
@@ -455,11 +466,15 @@ def outcome_body(
     status_at: datetime | None = None,
     reason: str | None = None,
     lane: str | None = None,
+    encoding: str | None = None,
+    transliterated: str | None = None,
+    cost: float | None = None,
 ) -> bytes:
     """The outcome document. `original` (only on `duplicate`) is the first copy's stored result;
     `status_at` and `reason` only on delivery events (`delivered`, `undelivered`); `lane` on the
-    outcome of a request consumed from an account's lane."""
-    doc = {
+    outcome of a request consumed from an account's lane; `encoding` once the text was counted,
+    `transliterated` when a mapping made it GSM-7, `cost` on `accepted` at the account's price."""
+    doc: dict[str, Any] = {
         "v": CONTRACT_VERSION,
         "unique_id": unique_id,
         "account": account,
@@ -476,6 +491,12 @@ def outcome_body(
     }
     if lane is not None:
         doc["lane"] = lane
+    if encoding is not None:
+        doc["encoding"] = encoding
+    if transliterated is not None:
+        doc["transliterated"] = transliterated
+    if cost is not None:
+        doc["cost"] = cost
     if original is not None:
         doc["original"] = original
     if status_at is not None:

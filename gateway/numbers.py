@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import phonenumbers
 from phonenumbers.phonemetadata import PhoneMetadata
 
@@ -39,6 +41,17 @@ def normalize(raw: str, default_region: str) -> str:
         if phonenumbers.is_valid_number(parsed):
             return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
     raise InvalidNumber(f"not a valid phone number for region {default_region} or in E.164")
+
+
+@functools.lru_cache(maxsize=65536)
+def country_of(e164: str) -> str | None:
+    """The ISO 3166 alpha-2 region of an E.164 number (`+48...` -> `PL`); None for a number that
+    belongs to no region (international services, `+800 ...`)."""
+    try:
+        region = phonenumbers.region_code_for_number(phonenumbers.parse(e164, None))
+    except phonenumbers.NumberParseException:
+        return None
+    return region if region and region != "001" else None
 
 
 def mask(number: str | None) -> str | None:

@@ -232,6 +232,7 @@ class Settler:
 
     async def _finish(self, d: Delivery, f: Finish) -> None:
         r, job = f.result, d.job
+        item = job.item
         fields: dict[str, Any] = {
             "unique_id": job.unique_id,
             "account": d.account,
@@ -239,12 +240,15 @@ class Settler:
             "status": f.status,
             "provider": r.provider or self._provider,
             "provider_message_id": r.provider_message_id,
-            "parts": r.parts,
+            "parts": r.parts if r.parts is not None else (item.parts if item is not None else None),
             "attempts": r.attempts,
             "error": r.error,
             "meta": job.meta,
             "original": f.original.as_dict() if f.original is not None else None,
             "lane": str(d.lane) if d.lane is not None else None,
+            "encoding": r.encoding or (str(item.encoding) if item is not None else None),
+            "transliterated": str(item.transliterated) if item is not None and item.transliterated != "off" else None,
+            "cost": r.cost if f.status is c.Status.ACCEPTED else None,
         }
         try:
             body = c.outcome_body(**fields)

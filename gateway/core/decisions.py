@@ -11,12 +11,14 @@ from datetime import datetime
 from typing import Any
 
 from gateway import contract as c
+from gateway import segments
 from gateway.config import Account
-from gateway.contract import DeadReason, InvalidRequest, OutcomeError, SendRequest, Status
+from gateway.contract import DeadReason, InvalidRequest, OutcomeError, PolicyCode, SendRequest, Status
 from gateway.core.retry import RetryPolicy
 from gateway.errors import InvalidNumber
-from gateway.numbers import normalize
+from gateway.numbers import country_of, normalize
 from gateway.providers.base import Action, ItemResult, Outbound, ProviderError, Verdict, provider_ref
+from gateway.segments import Transliterate
 from gateway.state import StoredResult
 
 
@@ -167,6 +169,14 @@ def poison(attempts: int, crash: str, at: datetime) -> Finish:
     return finish(Status.FAILED, None, at=at, attempts=attempts, error=error, dead=DeadReason.POISON, store=False)
 
 
+def refused(refusal: Refusal, at: datetime) -> Finish:
+    """Refused by the account's rules: `rejected` with the rule's code, no dead letter (a refusal
+    by policy is not a fault) and no stored result (a later copy meets the rules as they are then)."""
+    error = OutcomeError(str(refusal.code), "PolicyRefusal", refusal.message, retryable=False)
+    result = StoredResult(status=str(Status.REJECTED), provider=None, error=error, attempts=0, at=c.rfc3339(at))
+    return Finish(result, dead=None, store=False)
+
+
 def unknown_account(routing_key: str, at: datetime) -> Finish:
     error = OutcomeError("unknown_account", "UnknownAccount", f"no account named {routing_key[:200]!r}", False)
     return finish(Status.INVALID, None, at=at, attempts=0, error=error, dead=DeadReason.UNKNOWN_ACCOUNT, store=False)
@@ -210,16 +220,41 @@ def already_done(stored: StoredResult, *, ours: bool, at: datetime) -> Finish:
 # -- admission ----------------------------------------------------------------------------------
 
 
-def prepare(account: Account, request: SendRequest) -> Outbound | InvalidRequest:
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request the account's rules refuse before any send (`PolicyCode`)."""
+
+    code: PolicyCode
+    message: str
+
+
+def prepare(account: Account, request: SendRequest) -> Outbound | InvalidRequest | Refusal:
+    """The request as the provider will get it: the number in E.164, the text transliterated as the
+    account says and counted in parts; or why it is not sent (invalid, or refused by a rule that
+    needs no store: the country allow-list, the parts limit)."""
     try:
         phone = normalize(request.to, account.default_country)
     except InvalidNumber as exc:
         return InvalidRequest("invalid_number", str(exc), request.unique_id, request.to, request.meta)
+    if account.allowed_countries is not None:
+        country = country_of(phone)
+        if country not in account.allowed_countries:
+            where = country or "no country"
+            return Refusal(PolicyCode.COUNTRY_BLOCKED, f"{where} is not among the account's allowed countries")
+    text, mapped = segments.transliterate(request.text, account.transliterate)
+    seg = segments.count(text)
+    if account.max_parts is not None and seg.parts > account.max_parts:
+        message = f"the text needs {seg.parts} parts in {seg.encoding}, the account allows {account.max_parts}"
+        return InvalidRequest("too_many_parts", message, request.unique_id, request.to, request.meta)
     return Outbound(
         unique_id=request.unique_id,
         provider_ref=provider_ref(account.name, request.unique_id),
         phone=phone,
-        text=request.text,
+        text=text,
+        encoding=seg.encoding,
+        parts=seg.parts,
+        transliterated=mapped,
+        parts_saved=segments.count(request.text).parts - seg.parts if mapped is not Transliterate.OFF else 0,
         sender=request.sender or account.sender,
         flash=request.flash,
         test=request.test,

@@ -28,6 +28,7 @@ from gateway.core.decisions import (
     Defer,
     Finish,
     Job,
+    Refusal,
     Retry,
     Wait,
     already_done,
@@ -37,6 +38,7 @@ from gateway.core.decisions import (
     invalid,
     is_expired,
     prepare,
+    refused,
 )
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.retry import RetryPolicy, retry_delays_ms, wait_delay_ms
@@ -46,6 +48,7 @@ from gateway.obs.logs import get_logger
 from gateway.providers.base import (
     Action,
     ItemResult,
+    Outbound,
     ProviderAdapter,
     send_split,
 )
@@ -136,6 +139,9 @@ class Pipeline:
         item = prepare(self.account, req)
         if isinstance(item, InvalidRequest):
             return invalid(item, now)
+        if isinstance(item, Refusal):
+            m.POLICY_REFUSALS.labels(self.account.name, self.lane, item.code).inc()
+            return refused(item, now)
         job.item = item
         if self._quiet is not None:
             wait_s = lanes.quiet_wait_s(self._quiet, item.phone, self.account.default_country, now)
@@ -194,6 +200,10 @@ class Pipeline:
             log.exception("batch_failed", account=self.account.name, size=len(jobs))
             return BatchResult([self.wait(j) for j in jobs], store_failed=True, pause_account=False)
         pause = any(isinstance(x, Finish) and x.pause_account for x in decisions.values())
+        for i, decision in decisions.items():
+            item = jobs[i].item
+            if isinstance(decision, Finish) and decision.store and item is not None:
+                decisions[i] = self._counted(decision, item)
         batch = self._batch_record(jobs, decisions)
         if not await self._record(batch):
             # Nothing the batch did is stored. Publishing its results now would leave an accepted
@@ -206,8 +216,35 @@ class Pipeline:
                 if isinstance(decision, Finish) and decision.store:
                     decisions[i] = Wait(wait_delay_ms(jobs[i].waits), jobs[i].waiting_since, own=True, unsent=False)
             batch = BatchRecord()
+        else:
+            self._count_parts(jobs, decisions)
         ordered = [decisions[i] for i in range(len(jobs))]
         return BatchResult(ordered, store_failed, pause, sent, batch.tracked)
+
+    def _counted(self, decision: Finish, item: Outbound) -> Finish:
+        """A result this copy made, with what the text costs: the provider's part count when it
+        gave one, else the local count; the encoding; on `accepted`, the cost at the account's price."""
+        r = decision.result
+        parts = r.parts if r.parts is not None else item.parts
+        price = self.account.price_per_part
+        cost = round(parts * price, 6) if price is not None and r.status == Status.ACCEPTED else None
+        counted = replace(r, parts=parts, encoding=str(item.encoding), cost=cost)
+        return replace(decision, result=counted)
+
+    def _count_parts(self, jobs: Sequence[Job], decisions: dict[int, Decision]) -> None:
+        """The parts, savings and cost of the messages this batch recorded as accepted (once each:
+        a later copy finds the stored result and counts nothing)."""
+        name = self.account.name
+        for i, d in decisions.items():
+            item = jobs[i].item
+            if not (isinstance(d, Finish) and d.store and d.status is Status.ACCEPTED and item is not None):
+                continue
+            r = d.result
+            m.PARTS.labels(name, r.encoding or str(item.encoding)).inc(r.parts or item.parts)
+            if item.parts_saved > 0:
+                m.PARTS_SAVED.labels(name).inc(item.parts_saved)
+            if r.cost is not None:
+                m.COST.labels(name).inc(r.cost)
 
     async def _decide(self, jobs: Sequence[Job]) -> tuple[dict[int, Decision], bool, int]:
         """Claim, reconcile, send: a decision for every job, whether the store failed on the way,

@@ -58,6 +58,11 @@ class GcTimer:
         if took >= GC_LOG_S:
             log.warning("gc_pause", ms=round(took * 1000), collected=info.get("collected"))
 
-    def install(self) -> None:
-        if self not in gc.callbacks:
-            gc.callbacks.append(self)
+
+GC_TIMER = GcTimer()
+
+
+def time_gc() -> None:
+    """Time full collections from now on, once per process however many gateways start in it."""
+    if GC_TIMER not in gc.callbacks:
+        gc.callbacks.append(GC_TIMER)

@@ -39,6 +39,31 @@ PROVIDER_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
+POLICY_REFUSALS = Counter(
+    "sms_policy_refusals",
+    "Requests the account's rules refused before any send (outcome rejected), by lane and code: "
+    "opted_out, quota_exceeded, country_blocked, velocity_blocked, frequency_capped",
+    ["account", "lane", "code"],
+    registry=REGISTRY,
+)
+PARTS = Counter(
+    "sms_parts",
+    "SMS parts the provider accepted, by encoding (gsm7, ucs2) as counted locally",
+    ["account", "encoding"],
+    registry=REGISTRY,
+)
+PARTS_SAVED = Counter(
+    "sms_parts_saved",
+    "Parts that transliteration saved on accepted messages (the text as written would have needed more)",
+    ["account"],
+    registry=REGISTRY,
+)
+COST = Counter(
+    "sms_cost",
+    "What accepted messages cost: parts x the account's price_per_part (accounts with a price only)",
+    ["account"],
+    registry=REGISTRY,
+)
 RATE_LIMIT_WAIT = Counter(
     "sms_rate_limit_wait_seconds", "Time batches spent waiting for rate-limit tokens", ["account"], registry=REGISTRY
 )
@@ -150,6 +175,8 @@ def prime_account(account: str, dead_reasons: list[str], final_statuses: list[st
         LANE_OUTCOMES.labels(account, lane, "accepted").inc(0)
     IN_FLIGHT.labels(account).set(0)
     RATE_LIMIT_WAIT.labels(account).inc(0)
+    for encoding in ("gsm7", "ucs2"):
+        PARTS.labels(account, encoding).inc(0)
     for kind in ("retry", "wait", "defer"):
         RETRIES.labels(account, kind).inc(0)
     for reason in dead_reasons:

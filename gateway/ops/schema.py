@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway import contract as c
 from gateway.bus import topology
+from gateway.segments import Encoding, Transliterate
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID = "https://sms-gateway.example/contract/v1/"
@@ -105,7 +106,11 @@ def _error() -> dict[str, Any]:
         "type": ["object", "null"],
         "required": ["code", "type", "message", "retryable"],
         "properties": {
-            "code": {"type": "string", "description": "The provider's own code (e.g. 3005, 30), or the gateway's."},
+            "code": {
+                "type": "string",
+                "description": "The provider's own code (e.g. 3005, 30), or the gateway's. A refusal by the account's "
+                "rules is status rejected with one of: " + ", ".join(str(p) for p in c.PolicyCode) + ".",
+            },
             "type": {"type": "string"},
             "message": {"type": "string"},
             "retryable": {"type": "boolean"},
@@ -148,6 +153,8 @@ def outcome() -> dict[str, Any]:
                     "provider": _NULLABLE_STRING,
                     "provider_message_id": _NULLABLE_STRING,
                     "parts": {"type": ["integer", "null"]},
+                    "encoding": {"type": "string", "enum": [str(e) for e in Encoding]},
+                    "cost": {"type": "number", "minimum": 0},
                     "error": _error(),
                     "attempts": {"type": "integer"},
                     "at": {"type": ["string", "null"]},
@@ -160,6 +167,24 @@ def outcome() -> dict[str, Any]:
                 "enum": [str(lane) for lane in c.LANES],
                 "description": "On the terminal outcome of a request of a configured account: the lane it was "
                 "consumed from (the routing key's suffix: urgent, none = normal, bulk).",
+            },
+            "encoding": {
+                "type": "string",
+                "enum": [str(e) for e in Encoding],
+                "description": "How the text is sent, as the gateway counts it: gsm7 (160 characters a part, 153 "
+                "when concatenated; the extension characters count two) or ucs2 (70, 67). With parts, on every "
+                "outcome of a request whose number and text were read.",
+            },
+            "transliterated": {
+                "type": "string",
+                "enum": [str(t) for t in Transliterate if t is not Transliterate.OFF],
+                "description": "Present when the account's transliteration made the text GSM-7: lookalikes "
+                "(quotes, dashes, spaces) or full (Latin diacritics too).",
+            },
+            "cost": {
+                "type": "number",
+                "minimum": 0,
+                "description": "On accepted, for an account with price_per_part: parts x price_per_part.",
             },
         },
         "additionalProperties": True,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gateway.contract import OutcomeError, Status
 from gateway.obs.logs import get_logger
+from gateway.segments import Encoding, Transliterate
 
 if TYPE_CHECKING:
     from gateway.config import Account
@@ -167,6 +168,10 @@ class Outbound:
     template: str | None = None  # the text before rendering, when it had placeholders
     vars: tuple[tuple[str, str], ...] = ()  # the placeholder values, sorted by name
     attempted_at: float | None = None  # epoch seconds of an earlier attempt whose fate is unknown
+    encoding: Encoding = Encoding.GSM7  # what `text` needs (segments.py), after any transliteration
+    parts: int = 1  # the parts `text` is sent in, counted locally
+    transliterated: Transliterate = Transliterate.OFF  # the mapping that made `text` GSM-7, if any
+    parts_saved: int = 0  # how many fewer parts than the text as written
 
 
 def provider_ref(account: str, unique_id: str) -> str:
@@ -180,8 +185,9 @@ def provider_ref(account: str, unique_id: str) -> str:
 
 
 def batch_key(item: Outbound) -> Hashable:
-    """Both providers take one sender, flash flag, test flag and send time per request."""
-    return (item.sender, item.flash, item.test, item.send_at)
+    """Both providers take one sender, flash flag, test flag and send time per request; SerwerSMS
+    one encoding flag too (`utf`)."""
+    return (item.sender, item.flash, item.test, item.send_at, item.encoding)
 
 
 async def fan_out(items: Sequence[T], one: Callable[[T], Awaitable[R]], concurrency: int = 8) -> list[R]:

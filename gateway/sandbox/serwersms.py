@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from gateway import segments
 from gateway.providers.serwersms import CODES
 from gateway.sandbox.state import SandboxState, SendRecord
 
@@ -184,6 +185,7 @@ class SerwerSmsApi:
         if self.state.duplicate_control and not test and any(self.state.holds(who, u) for u in uids):
             raise ApiError(3111)
         sender = str(params.get("sender") or "")
+        utf = truthy(params.get("utf"))
         stat_id = str(secrets.randbelow(9_000_000) + 1_000_000)
         items = []
         for n, (phone, text) in enumerate(pairs):
@@ -197,9 +199,9 @@ class SerwerSmsApi:
             if not PHONE_RE.match(phone):
                 item.update(status="unsent", error_code=2001, error_message="Invalid phone number")
             else:
-                item.update(status="queued", parts=max(1, -(-len(text) // 153)) if len(text) > 160 else 1)
+                item.update(status="queued", parts=segments.count(text).parts)
                 if not test:
-                    self.state.record(SendRecord(who, uid, phone, text, sender, item["id"], stat_id, at))
+                    self.state.record(SendRecord(who, uid, phone, text, sender, item["id"], stat_id, at, utf))
             items.append(item)
         queued = sum(1 for i in items if i["status"] == "queued")
         doc: dict[str, Any] = {"success": True, "queued": queued, "unsent": len(items) - queued}

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from gateway import segments
 from gateway.sandbox.dlr import Fate, Lifecycle, local_ts
 
 WARSAW = ZoneInfo("Europe/Warsaw")
@@ -44,6 +45,11 @@ class SendRecord:
     provider_id: str
     stat_id: str
     at: float = field(default_factory=time.time)
+    utf: bool = False  # SerwerSMS: sent with `utf` (diacritics kept)
+
+    @property
+    def parts(self) -> int:
+        return segments.count(self.text).parts
 
 
 class FaultRule(BaseModel):
@@ -207,7 +213,7 @@ class SandboxState:
         fate = self.fates.get(r.provider_id)
         status, reason = ("sent", None) if fate is None else self.lifecycle.serwersms_status(fate, time.time())
         final_at = local_ts(fate.final_at) if fate is not None and status != "sent" else None
-        parts = max(1, -(-len(r.text) // 153)) if len(r.text) > 160 else 1
+        parts = r.parts
         return {
             "id": r.provider_id,
             "phone": r.phone,
@@ -225,7 +231,7 @@ class SandboxState:
         }
 
     def ledger(self) -> dict[str, Any]:
-        """Counts per unique_id and one row per accepted send (no message text)."""
+        """Counts per unique_id and one row per accepted send (its parts, not its text)."""
         per_uid: dict[str, int] = {}
         for (_who, uid), n in self._by_uid.items():
             per_uid[uid] = per_uid.get(uid, 0) + n
@@ -244,7 +250,15 @@ class SandboxState:
                 "pending": self.lifecycle.pending(),
             },
             "records": [
-                {"t": r.at, "who": r.who, "unique_id": r.unique_id, "phone": r.phone, "id": r.provider_id}
+                {
+                    "t": r.at,
+                    "who": r.who,
+                    "unique_id": r.unique_id,
+                    "phone": r.phone,
+                    "id": r.provider_id,
+                    "parts": r.parts,
+                    "utf": r.utf,
+                }
                 for r in self.sends
             ],
         }

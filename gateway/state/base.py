@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -61,9 +61,11 @@ class StoredResult:
     error: OutcomeError | None = None
     attempts: int = 0
     at: str | None = None
+    encoding: str | None = None  # gsm7 | ucs2, as counted locally (segments.py)
+    cost: float | None = None  # parts x the account's price_per_part, on accepted
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "status": self.status,
             "provider": self.provider,
             "provider_message_id": self.provider_message_id,
@@ -72,6 +74,11 @@ class StoredResult:
             "attempts": self.attempts,
             "at": self.at,
         }
+        if self.encoding is not None:
+            doc["encoding"] = self.encoding
+        if self.cost is not None:
+            doc["cost"] = self.cost
+        return doc
 
     def to_json(self) -> str:
         return _COMPACT_ASCII.encode(self.as_dict())
@@ -80,7 +87,12 @@ class StoredResult:
     def from_json(cls, text: str) -> StoredResult:
         doc = json.loads(text)
         error = doc.pop("error", None)
-        return cls(**doc, error=OutcomeError.from_dict(error) if error else None)
+        # Fields this version does not know (written by a newer replica mid-rollout) are left out.
+        known = {k: v for k, v in doc.items() if k in _RESULT_FIELDS}
+        return cls(**known, error=OutcomeError.from_dict(error) if error else None)
+
+
+_RESULT_FIELDS = frozenset(f.name for f in fields(StoredResult)) - {"error"}
 
 
 @dataclass(frozen=True, slots=True)

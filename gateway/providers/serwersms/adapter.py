@@ -3,6 +3,7 @@
 - One text to many numbers: `messages/send_sms` with `phone` and `unique_id` arrays.
 - Different texts: `messages/send_personalized` with `messages: [{phone, text}]`.
 - Always `details=true`, so each number gets an item (`queued` with an id, or `unsent` with a code).
+- `utf=true` when the text needs UCS-2 and a sender is set (SMS FULL; ECO+ has no such flag).
 - Every message carries a deterministic provider-safe `unique_id`, so a resend after a crash is
   recognisable and `messages/reports?unique_id=` can tell whether an ambiguous send went out.
 - Auth: `Authorization: Bearer <token>` or `username`/`password` in the JSON body.
@@ -33,6 +34,7 @@ from gateway.providers.base import (
 )
 from gateway.providers.http import decode_json, make_client, traced_post, transport_failure
 from gateway.providers.serwersms.codes import NAME, STATUSES, classify
+from gateway.segments import Encoding
 
 log = get_logger("gateway.providers.serwersms")
 
@@ -65,6 +67,8 @@ def build_send(batch: Sequence[Outbound]) -> tuple[str, dict[str, Any]]:
         body["messages"] = [{"phone": o.phone, "text": o.text} for o in batch]
     if first.sender:
         body["sender"] = first.sender
+        if first.encoding is Encoding.UCS2:
+            body["utf"] = True  # FULL messages only: without it the provider does not keep diacritics
     if first.flash:
         body["flash"] = True
     if first.test:
