@@ -47,6 +47,7 @@ FULL = {
     "celery_fast": 3_000,
     "celery_slow": 300,
     "backlog": 100_000,
+    "optouts": 1_000_000,
     "latency_s": 10,
     "reps": 3,
 }
@@ -56,6 +57,7 @@ SMOKE = {
     "celery_fast": 200,
     "celery_slow": 40,
     "backlog": 3_000,
+    "optouts": 20_000,
     "latency_s": 3,
     "reps": 1,
 }
@@ -180,6 +182,7 @@ class Bench:
         self.runs: list[Run] = []
         self.sandbox_proc, self.sandbox = start_sandbox(tmp)
         self.observer = Observer(self.accounts)
+        self.optout_import: dict[str, Any] | None = None  # the registry's import, once the contender needs it
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -356,6 +359,33 @@ class Bench:
         start = lambda: self.gateway(self.tmp, wait=False, tree=tree, **settings)[0]  # noqa: E731
         return await self.measure(name, rep, n, start, _cpu, self.queues(), 600)
 
+    async def optout_drain(self, rep: int) -> Run:
+        """The drain of gateway@0 with the account's opt-out registry holding `optouts` entries,
+        imported once through `gateway optout import`. One in a hundred of the backlog's numbers is
+        among them (those requests end `rejected` / `opted_out`, an outcome like any other)."""
+        if self.optout_import is None:
+            self.optout_import = self.import_optouts(self.sizes["optouts"], self.sizes["drain"])
+        n = self.sizes["optouts"]
+        return await self.gateway_drain(rep, 0, self.sizes["drain"], f"gateway, {n:,} opt-outs @0ms")
+
+    def import_optouts(self, n: int, drain: int) -> dict[str, Any]:
+        path = self.tmp / "optouts.csv"
+        backlog = [f"+4850{i:07d}" for i in range(0, drain, 100)]  # the numbers body(i) writes
+        with path.open("w") as out:
+            out.writelines(f"{x}\n" for x in backlog)
+            out.writelines(f"+4851{j:07d}\n" for j in range(n - len(backlog)))
+        env = gateway_env(accounts=self.account_docs(), redis_url=REDIS_URL, state_path=str(self.tmp / "state.sqlite3"))
+        command = [sys.executable, "-m", "gateway", "optout", "import", str(path), "--account", self.accounts[0]]
+        started = time.monotonic()
+        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False, timeout=900)
+        seconds = time.monotonic() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"the opt-out import failed: {done.stdout[-500:]} {done.stderr[-1500:]}")
+        path.unlink()
+        figure = {"entries": n, "seconds": round(seconds, 1), "per_s": round(n / seconds)}
+        print(f"  opt-out import: {n:,} entries in {seconds:.1f} s ({n / seconds:,.0f}/s)", flush=True)
+        return figure
+
     async def celery(self, rep: int, latency_ms: float, pool: str, n: int) -> None:
         self.latency(latency_ms)
         env = {**os.environ, "BENCH_SANDBOX_URL": self.sandbox.url, "PYTHONPATH": str(ROOT)}
@@ -521,6 +551,8 @@ class Bench:
                 "nodlr@0",
                 lambda r: self.gateway_drain(r, 0, s["drain"], "gateway, no DLR tracking @0ms", dlr_enabled=False),
             ),
+            # The same drain with a registry of a million opt-outs: what the check before the claim costs.
+            ("optouts@0", self.optout_drain),
             ("celery-prefork@0", lambda r: self.celery(r, 0, "prefork", s["celery_fast"])),
             ("celery-threads@0", lambda r: self.celery(r, 0, "threads", s["celery_fast"])),
             ("celery-prefork@200", lambda r: self.celery(r, 200, "prefork", s["celery_slow"])),
@@ -553,6 +585,7 @@ class Bench:
         self.broker_after = broker_state()
         return {
             "latency": latencies,
+            "optout_import": self.optout_import,
             "backlog": asdict(backlog),
             "shared_rate_limit": shared,
             "broker": {"before": self.broker_before, "after": self.broker_after},
@@ -561,6 +594,12 @@ class Bench:
     def close(self) -> None:
         self.sandbox_proc.close()
         asyncio.run(delete_account_queues(self.accounts))
+        if self.optout_import is not None:  # a million entries do not stay behind in the shared Redis
+            import redis
+
+            from gateway.state.redis import optout_key
+
+            redis.Redis.from_url(REDIS_URL).delete(optout_key(self.accounts[0]))
 
 
 def summarize(runs: list[Run]) -> dict[str, dict[str, float | None]]:

@@ -7,6 +7,7 @@ RabbitMQ --sms.send.<account>--> consumer.AccountWorker (one channel each)
                                        batches on a second one): outcomes, dead letters, retry
                                        copies; then the ack
 RabbitMQ --sms.send.unroutable--> consumer.UnroutableWorker -> settle.Settler
+RabbitMQ --sms.optout--> optouts.OptOutWorker -> the store's opt-out registry (read by the pipeline)
 web: /healthz, /readyz (Gateway.problems), /metrics
 """
 
@@ -33,6 +34,7 @@ from gateway import numbers
 from gateway.bus import topology
 from gateway.bus.connect import connect_robust
 from gateway.bus.consumer import AccountWorker, UnroutableWorker
+from gateway.bus.optouts import OptOutWorker
 from gateway.bus.publisher import Publisher
 from gateway.bus.queue import close_within
 from gateway.config import Account, Settings, sandbox_account
@@ -103,6 +105,7 @@ class Gateway:
         self._adapters: list[ProviderAdapter] = []
         self._workers: list[AccountWorker] = []
         self._unroutable: UnroutableWorker | None = None
+        self._optouts: OptOutWorker | None = None
         self._runners: list[AppRunner | web.HttpPort] = []
         self._http_url: str | None = None  # where the web port listens, once it does
         self._channels: list[AbstractChannel] = []
@@ -213,6 +216,10 @@ class Gateway:
         channel = await self._connection.channel()
         self._channels.append(channel)
         await self._unroutable.start(channel)
+        self._optouts = OptOutWorker(publisher, self._store, {a.name: a for a in self.accounts}, s.worker)
+        channel = await self._connection.channel()
+        self._channels.append(channel)
+        await self._optouts.start(channel)
         if s.dlr.enabled:
             connection, store = self._connection, self._store
             desk = Desk(
@@ -333,11 +340,14 @@ class Gateway:
         return problems
 
     def queues_without_consumer(self) -> list[str]:
-        """Queues that should be consumed and are not: every account that is not paused, and the
-        unknown-account queue. After a broker reconnect they stay here until consumers are back."""
+        """Queues that should be consumed and are not: every account that is not paused, the
+        unknown-account queue and the opt-out queue. After a broker reconnect they stay here until
+        consumers are back."""
         missing = [w.queue_name for w in self._workers if not w.paused and not w.consuming]
         if self._unroutable is not None and not self._unroutable.consuming:
             missing.append(c.UNROUTABLE_QUEUE)
+        if self._optouts is not None and not self._optouts.consuming:
+            missing.append(c.OPTOUT_QUEUE)
         return missing
 
     def paused_accounts(self) -> list[str]:
@@ -350,6 +360,8 @@ class Gateway:
         log.info("gateway_draining", timeout_s=timeout)
         if self._unroutable is not None:
             await self._unroutable.stop()
+        if self._optouts is not None:
+            await self._optouts.stop()
         results = await asyncio.gather(*(w.stop(timeout) for w in self._workers))
         clean = all(results)
         if self._desk is not None:

@@ -212,6 +212,13 @@ class Account(BaseModel):
     def quiet_window(self) -> QuietHours | None:
         return QuietHours.parse(self.quiet_hours) if self.quiet_hours else None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value == "all":
+            raise ValueError('"all" is the routing key of opt-outs for every account (sms.optout): choose another name')
+        return value
+
     @field_validator("allowed_countries")
     @classmethod
     def _countries(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:

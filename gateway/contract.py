@@ -31,6 +31,9 @@ DEAD_QUEUE = "sms.dead"
 # gateway rebuilds its delivery tracking from after the state store lost it.
 TRACKING_STREAM = "sms.tracking"
 RETRY_EXCHANGE = "sms.retry"
+OPTOUT_EXCHANGE = "sms.optout"  # opt-outs from any language: routing key <account> or `all`
+OPTOUT_QUEUE = "sms.optout"  # one queue, one active consumer at a time: the changes apply in order
+OPTOUT_ALL_KEY = "all"
 
 
 class Lane(StrEnum):
@@ -87,6 +90,9 @@ H_ERROR_CODE = "x-gateway-error-code"
 H_ERROR_MESSAGE = "x-gateway-error-message"
 H_ACCOUNT = "x-gateway-account"
 H_LANE = "x-gateway-lane"  # on a dead letter: the lane it was consumed from, where a replay sends it back
+# On a dead letter of an exchange other than sms.send (an `sms.optout` message): where a replay sends
+# it back, with its account header as the routing key.
+H_EXCHANGE = "x-gateway-exchange"
 # Epoch seconds after which an urgent request without `expires_at` ends `expired` (its validity
 # counted from its AMQP timestamp, or its first consumption): retry and wait copies carry it.
 H_VALID_UNTIL = "x-gateway-valid-until"
@@ -344,6 +350,52 @@ def decode_request(
         return _validate(doc, uid, raw_to, meta, max_text_chars)
     except _Invalid as exc:
         return InvalidRequest(exc.code, exc.message, uid, raw_to, _small_meta(meta))
+
+
+class OptOutAction(StrEnum):
+    ADD = "add"
+    REMOVE = "remove"
+
+
+MAX_OPTOUT_SOURCE = 200
+MAX_OPTOUT_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class OptOutMessage:
+    """One change to the opt-out registry from the bus: `to` is still the producer's text."""
+
+    to: str
+    action: OptOutAction
+    source: str
+    at: datetime
+
+
+def decode_optout(body: bytes, *, now: datetime) -> OptOutMessage | InvalidRequest:
+    """Parse and validate one `sms.optout` message: `{"to", "action": "add" | "remove", "source",
+    "at"}` (`source` and `at` optional: "" and `now`). Never raises."""
+    if len(body) > MAX_OPTOUT_BYTES:
+        return InvalidRequest("too_large", f"body is {len(body)} bytes, limit {MAX_OPTOUT_BYTES}")
+    try:
+        return _optout(parse_json(body), now)
+    except _Invalid as exc:
+        return InvalidRequest(exc.code, exc.message)
+
+
+def _optout(doc: Any, now: datetime) -> OptOutMessage:
+    if not isinstance(doc, dict):
+        raise _Invalid("bad_json", "body must be a JSON object")
+    to = doc.get("to")
+    if not isinstance(to, str) or not to.strip():
+        raise _Invalid("missing_field", "to must be a non-empty string")
+    action = doc.get("action")
+    if action not in ("add", "remove"):
+        raise _Invalid("bad_field", 'action must be "add" or "remove"')
+    source = doc.get("source", "")
+    if not isinstance(source, str) or len(source) > MAX_OPTOUT_SOURCE:
+        raise _Invalid("bad_field", f"source must be a string of at most {MAX_OPTOUT_SOURCE} characters")
+    at = _parse_ts(doc["at"], "at") if doc.get("at") is not None else now
+    return OptOutMessage(to.strip(), OptOutAction(action), source, at)
 
 
 def _salvage(body: bytes, message_id: str | None) -> tuple[str | None, str | None]:

@@ -104,6 +104,13 @@ class Bus:
         props.setdefault("content_type", "application/json")
         await exchange.publish(aio_pika.Message(body, **props), routing_key=account)
 
+    async def publish_optout(self, key: str, doc: dict[str, Any] | bytes, **props: Any) -> None:
+        """One change to the opt-out registry: routing key `<account>` or `all`."""
+        exchange = await self.channel.get_exchange(c.OPTOUT_EXCHANGE, ensure=False)
+        body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        props.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
+        await exchange.publish(aio_pika.Message(body, **props), routing_key=key)
+
     async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
         exchange = await self.channel.get_exchange(c.SEND_EXCHANGE, ensure=False)
         for start in range(0, len(items), 200):

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from gateway.config import Settings
-from gateway.providers.base import ItemResult, Outbound, ProviderAdapter, StatusReport
+from gateway.providers.base import ItemResult, Outbound, ProviderAdapter, StatusReport, Verdict, batch_key
 from gateway.state import Store
 
 
@@ -132,3 +132,31 @@ class FailingStore:
             raise ConnectionError(f"store down during {name}")
 
         return broken
+
+
+class AcceptingAdapter:
+    """A provider that takes every message at once and remembers which (no HTTP): for the pipeline's
+    own decisions."""
+
+    name = "serwersms"
+    max_batch = 1000
+    max_status_ids = 100
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def batch_key(self, item: Outbound) -> Hashable:
+        return batch_key(item)
+
+    async def send(self, batch: Sequence[Outbound]) -> list[ItemResult]:
+        self.sent += [o.unique_id for o in batch]
+        return [ItemResult(Verdict.ACCEPTED, provider_message_id=f"p-{o.unique_id}", parts=o.parts) for o in batch]
+
+    async def lookup(self, batch: Sequence[Outbound]) -> list[ItemResult | None]:
+        return [None] * len(batch)
+
+    async def statuses(self, message_ids: Sequence[str]) -> list[StatusReport]:
+        return []
+
+    async def close(self) -> None:
+        return None

@@ -155,7 +155,9 @@ class Publisher:
         error_message: str,
         attempts: int,
         lane: c.Lane | None = None,
+        exchange: str | None = None,
     ) -> None:
+        """`exchange`: the letter came from an exchange other than sms.send (a replay goes there)."""
         headers = _clean_headers(original.headers)
         headers.update(
             {
@@ -169,6 +171,8 @@ class Publisher:
         )
         if lane is not None:
             headers[c.H_LANE] = str(lane)
+        if exchange is not None:
+            headers[c.H_EXCHANGE] = exchange
         await self._publish(
             c.DEAD_EXCHANGE, f"{reason}.{account}", original.body, _copy(original, headers), mandatory=True
         )

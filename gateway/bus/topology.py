@@ -14,6 +14,8 @@ document (`gateway.ops.schema`). One description, so the three never disagree.
                                           sms.send keeping the account's lane routing key
     sms.outcomes (topic, <status>.<account>)
     sms.dead (topic, <reason>.<account>) -> sms.dead (bound to #)
+    sms.optout (topic, <account> or all) -> sms.optout (bound to #)   quorum, single active consumer:
+                                          the opt-out registry's changes, in order
     sms.outcomes --delivered.*, undelivered.*--> sms.tracking   stream, 7 days, with one copy of each
                                           batch's tracked messages published there by the gateway:
                                           what delivery tracking is rebuilt from after a store loss
@@ -88,6 +90,11 @@ EXCHANGES = (
     Exchange(c.OUTCOMES_EXCHANGE, "topic", "Outcomes and delivery events; routing key <status>.<account>."),
     Exchange(c.DEAD_EXCHANGE, "topic", "Dead letters: the original request; routing key <reason>.<account>."),
     Exchange(c.RETRY_EXCHANGE, "headers", "Delayed retries, by the gateway-retry-delay header (gateway-internal)."),
+    Exchange(
+        c.OPTOUT_EXCHANGE,
+        "topic",
+        "Opt-outs from any application: routing key <account> or all; body {to, action: add | remove, source, at}.",
+    ),
 )
 
 
@@ -143,6 +150,20 @@ def layout(accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> Layout
             "from here (gateway-internal).",
             {"x-queue-type": "stream", "x-max-age": TRACKING_MAX_AGE, "x-max-length-bytes": TRACKING_MAX_BYTES},
             tuple(Binding(c.OUTCOMES_EXCHANGE, f"{status}.*") for status in ("delivered", "undelivered")),
+        ),
+        Queue(
+            c.OPTOUT_QUEUE,
+            "Opt-out changes, applied to the registry in the state store by one gateway at a time (single "
+            "active consumer: in the order they were published).",
+            {
+                **_QUORUM,
+                **_SAFE_DLX,
+                "x-single-active-consumer": True,
+                "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": c.DEAD_EXCHANGE,
+                "x-dead-letter-routing-key": f"{c.DeadReason.POISON}.{c.OPTOUT_QUEUE}",
+            },
+            (Binding(c.OPTOUT_EXCHANGE, "#"),),
         ),
         *(account_queue(a, lane) for a in accounts for lane in c.LANES),
         *(retry_queue(d) for d in retry_delays_ms(retry_schedule_s)),

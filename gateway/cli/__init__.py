@@ -1,4 +1,4 @@
-"""`gateway`: run the service, and operate it (send, dlq, topology, accounts).
+"""`gateway`: run the service, and operate it (send, dlq, topology, accounts, trace, optout).
 
 Every operator command has `--json` for scripts, prints one-line errors, and exits with
 0 ok, 1 the answer is no (drift, not accepted, not found), 2 usage or configuration,
@@ -14,7 +14,7 @@ from typing import Any
 import click
 import structlog
 
-from gateway.cli import accounts, dlq, send, topology, trace
+from gateway.cli import accounts, dlq, optout, send, topology, trace
 from gateway.cli.common import USAGE, Fail
 from gateway.config import Settings, load_settings, renamed_variables, unknown_variables
 from gateway.errors import ConfigError, PortInUse
@@ -144,6 +144,7 @@ cli.add_command(dlq.dlq)
 cli.add_command(topology.topology)
 cli.add_command(accounts.accounts)
 cli.add_command(trace.trace)
+cli.add_command(optout.optout)
 
 
 def main(argv: list[str] | None = None) -> int:

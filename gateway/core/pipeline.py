@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from gateway import contract as c
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, SendOptions
-from gateway.contract import DeadReason, InvalidRequest, Lane, OutcomeError, Status
+from gateway.contract import DeadReason, InvalidRequest, Lane, OutcomeError, PolicyCode, Status
 from gateway.core import lanes
 from gateway.core.decisions import (
     Decision,
@@ -258,6 +258,7 @@ class Pipeline:
                 decisions[i] = self.wait(job)  # the same id twice in one batch
             else:
                 first_of[job.unique_id] = i
+        await self._refuse_opted_out(jobs, first_of, decisions)
         # One round trip claims the ids and takes rate-limit tokens for the new ones.
         rate, burst = self._limiter.limits
         claims, grant = await self._store.claim_and_acquire(
@@ -302,6 +303,33 @@ class Pipeline:
         taken = grant if grant.granted or grant.wait_s else None
         store_failed = await self._send(jobs, send, decisions, taken)
         return decisions, store_failed, len(send)
+
+    async def _refuse_opted_out(
+        self, jobs: Sequence[Job], first_of: dict[str, int], decisions: dict[int, Decision]
+    ) -> None:
+        """Refuse the copies to numbers in the opt-out registry (one store round trip for the batch)
+        and take them out of `first_of`, so they are neither claimed nor sent. A copy that may
+        have gone out before (a redelivery, a wait copy, an ambiguous attempt's retry) is not
+        refused: its earlier attempt is reconciled like any other, so an outcome never says
+        `rejected` for a message the provider may hold."""
+        if self.lane not in self.account.optout_lanes:
+            return
+        fresh = {
+            uid: item.phone
+            for uid, i in first_of.items()
+            if (item := jobs[i].item) is not None and jobs[i].sent_at is None and not jobs[i].seen_before
+        }
+        if not fresh:
+            return
+        opted = await self._store.opted_out(self.account.name, set(fresh.values()))
+        if not opted:
+            return
+        now = self._clock.now()
+        refusal = Refusal(PolicyCode.OPTED_OUT, "the number opted out of this account's messages")
+        for uid, phone in fresh.items():
+            if phone in opted:
+                decisions[first_of.pop(uid)] = refused(refusal, now)
+                m.POLICY_REFUSALS.labels(self.account.name, self.lane, PolicyCode.OPTED_OUT).inc()
 
     async def _reconcile(self, jobs: Sequence[Job], idx: list[int], decisions: dict[int, Decision]) -> list[int]:
         """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""

@@ -46,6 +46,13 @@ POLICY_REFUSALS = Counter(
     ["account", "lane", "code"],
     registry=REGISTRY,
 )
+OPTOUT_CHANGES = Counter(
+    "sms_optout_changes",
+    "Changes applied to the opt-out registry, by scope (an account, or all), action (add, remove) and "
+    "where they came from (bus, cli, import)",
+    ["scope", "action", "via"],
+    registry=REGISTRY,
+)
 PARTS = Counter(
     "sms_parts",
     "SMS parts the provider accepted, by encoding (gsm7, ucs2) as counted locally",

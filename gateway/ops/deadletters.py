@@ -3,8 +3,9 @@
 Reading never consumes: letters are fetched with `basic.get` and manual acks and given back when
 the channel closes, so a crash of the reader at any point returns them all to `sms.dead`.
 
-A replay republishes a letter's body byte for byte into `sms.send` (routing key: its account) with
-the `x-gateway-replay` header, waits for the broker's confirm, and only then acks the letter:
+A replay republishes a letter's body byte for byte into `sms.send` (routing key: its account's
+lane), or into `sms.optout` for an opt-out message (routing key: its scope), with the
+`x-gateway-replay` header, waits for the broker's confirm, and only then acks the letter:
 
 - a crash before the confirm leaves the letter in `sms.dead` (nothing lost);
 - a crash between the confirm and the ack leaves it too, and a second replay publishes it again.
@@ -51,6 +52,11 @@ class DeadLetter:
     properties: dict[str, Any]
     body: bytes
     lane: c.Lane = c.Lane.NORMAL  # the lane it was consumed from: a replay sends it back there
+    exchange: str = c.SEND_EXCHANGE  # where a replay publishes it (sms.optout for an opt-out message)
+
+    @property
+    def replay_key(self) -> str:
+        return c.lane_key(self.account, self.lane) if self.exchange == c.SEND_EXCHANGE else self.account
 
     def row(self) -> dict[str, Any]:
         """The listing's view: the number masked, no text."""
@@ -123,6 +129,7 @@ def read(message: AbstractIncomingMessage) -> DeadLetter:
         to=to if isinstance(to, str) else None,
         headers=headers,
         lane=_lane(headers),
+        exchange=c.OPTOUT_EXCHANGE if headers.get(c.H_EXCHANGE) == c.OPTOUT_EXCHANGE else c.SEND_EXCHANGE,
         properties=_jsonable(
             {
                 k: v
@@ -272,11 +279,11 @@ async def replay(
     keep = replace(keep, before=datetime.now(UTC))
     summary = Summary()
     async with connection.channel(publisher_confirms=True) as out, connection.channel() as src:
-        send = await out.get_exchange(c.SEND_EXCHANGE, ensure=True)
+        exchanges = {name: await out.get_exchange(name, ensure=True) for name in (c.SEND_EXCHANGE, c.OPTOUT_EXCHANGE)}
 
         async def flush(batch: list[tuple[AbstractIncomingMessage, DeadLetter]]) -> None:
             await asyncio.gather(
-                *(send.publish(_copy(m, replay_id), routing_key=c.lane_key(d.account, d.lane)) for m, d in batch)
+                *(exchanges[d.exchange].publish(_copy(m, replay_id), routing_key=d.replay_key) for m, d in batch)
             )
             for m, _d in batch:
                 await m.ack()

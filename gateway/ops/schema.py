@@ -238,8 +238,41 @@ def request_headers() -> dict[str, Any]:
     }
 
 
+def optout() -> dict[str, Any]:
+    return {
+        "title": "OptOut",
+        "description": (
+            "One change to the opt-out registry, published to exchange sms.optout with routing key <account> "
+            "(that account's messages) or all (every account's). A number in the registry gets no normal or bulk "
+            "message (urgent one-time codes still go unless the account says otherwise): its requests end "
+            "rejected with error.code opted_out, without a provider call. Changes apply in the order they were "
+            "published; an unreadable one is dead-lettered (sms.dead, invalid.<routing key>)."
+        ),
+        "type": "object",
+        "required": ["to", "action"],
+        "properties": {
+            "to": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 32,
+                "description": "The number: E.164, or national in the account's default country (with all: "
+                "international only).",
+            },
+            "action": {"type": "string", "enum": [str(a) for a in c.OptOutAction]},
+            "source": {
+                "type": "string",
+                "maxLength": c.MAX_OPTOUT_SOURCE,
+                "description": "Where it came from (a STOP reply, the CRM, ...): kept with the entry.",
+            },
+            "at": {**_TIMESTAMP, "description": "When the person opted out or in (default: when the gateway read it)."},
+        },
+        "additionalProperties": True,
+    }
+
+
 SCHEMAS = {
     "send-request": send_request,
+    "optout": optout,
     "outcome": outcome,
     "dead-letter-headers": dead_letter_headers,
     "send-request-headers": request_headers,
@@ -315,7 +348,8 @@ def asyncapi() -> dict[str, Any]:
                 "Outbound SMS over RabbitMQ. Producers publish SendRequest to sms.send (routing key = the "
                 "account's lane: <account>.urgent, <account> or <account>.bulk) "
                 "and read Outcome events from sms.outcomes (<status>.<account>) or their reply_to queue; dead "
-                "letters land in sms.dead (<reason>.<account>). Within v1 changes are additive only."
+                "letters land in sms.dead (<reason>.<account>); opt-outs go to sms.optout (<account> or all). "
+                "Within v1 changes are additive only."
             ),
         },
         "defaultContentType": "application/json",
@@ -337,6 +371,13 @@ def asyncapi() -> dict[str, Any]:
                 "summary": "Bind a queue with <status>.<account> patterns (e.g. *.acme) and read outcomes.",
                 "messages": [{"$ref": "#/channels/sms_outcomes/messages/Outcome"}],
             },
+            "publishOptOut": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/sms_optout"},
+                "summary": "Publish one opt-out change; routing key = <account> or all.",
+                "messages": [{"$ref": "#/channels/sms_optout/messages/OptOut"}],
+                "bindings": {"amqp": {"deliveryMode": 2, "mandatory": False, "bindingVersion": amqp}},
+            },
             "receiveDeadLetter": {
                 "action": "receive",
                 "channel": {"$ref": "#/channels/sms_dead"},
@@ -350,6 +391,7 @@ def asyncapi() -> dict[str, Any]:
                 "SendRequestHeaders": _draft7(request_headers()),
                 "Outcome": _draft7(outcome()),
                 "DeadLetterHeaders": _draft7(dead_letter_headers()),
+                "OptOut": _draft7(optout()),
             },
             "messages": {
                 "SendRequest": {
@@ -365,6 +407,12 @@ def asyncapi() -> dict[str, Any]:
                     "contentType": "application/json",
                     "payload": {"$ref": "#/components/schemas/Outcome"},
                     "examples": [{"payload": EXAMPLES["outcome"][0]}],
+                },
+                "OptOut": {
+                    "name": "OptOut",
+                    "contentType": "application/json",
+                    "payload": {"$ref": "#/components/schemas/OptOut"},
+                    "examples": [{"payload": EXAMPLES["optout"][0]}],
                 },
                 "DeadLetter": {
                     "name": "DeadLetter",
@@ -388,12 +436,13 @@ def _exchange_messages(name: str) -> dict[str, Any]:
         c.RETRY_EXCHANGE: "SendRequest",
         c.OUTCOMES_EXCHANGE: "Outcome",
         c.DEAD_EXCHANGE: "DeadLetter",
+        c.OPTOUT_EXCHANGE: "OptOut",
     }[name]
     return {"messages": {ref: {"$ref": f"#/components/messages/{ref}"}}}
 
 
 def _queue_messages(name: str) -> dict[str, Any]:
-    ref = "DeadLetter" if name == c.DEAD_QUEUE else "Outcome" if name == c.TRACKING_STREAM else "SendRequest"
+    ref = {c.DEAD_QUEUE: "DeadLetter", c.TRACKING_STREAM: "Outcome", c.OPTOUT_QUEUE: "OptOut"}.get(name, "SendRequest")
     return {"messages": {ref: {"$ref": f"#/components/messages/{ref}"}}}
 
 
@@ -429,6 +478,10 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
             "at": "2026-11-29T06:37:49.459Z",
             "lane": "urgent",
         },
+    ],
+    "optout": [
+        {"to": "+48500600700", "action": "add", "source": "STOP reply", "at": "2026-12-06T09:15:00Z"},
+        {"to": "500600700", "action": "remove", "source": "customer portal"},
     ],
 }
 

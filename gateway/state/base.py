@@ -486,11 +486,58 @@ class TraceStore(Protocol):
         (the account's dedupe window), newest first."""
 
 
-class SendStore(ClaimStore, RateStore, Protocol):
-    """What the pipeline of one account needs: claims and tokens."""
+OPTOUT_ALL = "*"  # the opt-out scope of every account (routing key `all` on sms.optout)
 
 
-class Store(ClaimStore, RateStore, PauseStore, ReportStore, TraceStore, Protocol):
+@dataclass(frozen=True, slots=True)
+class OptOut:
+    """A number that may not get the account's (or, in scope `OPTOUT_ALL`, any account's) normal
+    and bulk messages: when, who said so and through what."""
+
+    number: str  # E.164
+    at: float  # epoch seconds: when the person opted out, as the source said
+    via: str  # cli | bus | import
+    source: str = ""  # the source's own words: `sms-reply`, `crm`, a file name
+    by: str = ""  # who: the operator (CLI) or the producing application (bus: app_id / user_id)
+
+    def to_json(self) -> str:
+        return _COMPACT.encode({"at": self.at, "via": self.via, "source": self.source, "by": self.by})
+
+    @classmethod
+    def from_json(cls, number: str, text: str) -> OptOut:
+        doc = json.loads(text)
+        return cls(number, float(doc["at"]), str(doc["via"]), str(doc.get("source", "")), str(doc.get("by", "")))
+
+
+class OptOutStore(Protocol):
+    """The opt-out registry, per account and for all accounts (`OPTOUT_ALL`)."""
+
+    async def opted_out(self, account: str, numbers: Collection[str]) -> set[str]:
+        """Which of `numbers` opted out of the account or of all accounts: one round trip, however
+        many numbers and entries."""
+        ...
+
+    async def optout_add(self, scope: str, entries: Sequence[OptOut]) -> int:
+        """Add (or refresh) entries; returns how many numbers were new in the scope."""
+        ...
+
+    async def optout_remove(self, scope: str, numbers: Sequence[str]) -> int:
+        """Remove numbers from the scope; returns how many were there."""
+        ...
+
+    async def optout_page(self, scope: str, cursor: str = "", limit: int = 1000) -> tuple[list[OptOut], str | None]:
+        """About `limit` entries of the scope from `cursor` ("" first), and the cursor of the next
+        page (None after the last): list and export walk the registry with it."""
+        ...
+
+    async def optout_count(self, scope: str) -> int: ...
+
+
+class SendStore(ClaimStore, RateStore, OptOutStore, Protocol):
+    """What the pipeline of one account needs: claims, tokens and the opt-out registry."""
+
+
+class Store(ClaimStore, RateStore, OptOutStore, PauseStore, ReportStore, TraceStore, Protocol):
     """Everything, as both backends implement it (Redis and SQLite); components take the part they use."""
 
     async def ping(self) -> None: ...

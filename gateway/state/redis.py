@@ -14,6 +14,9 @@ Keys (all here, one place); `{account}` is a hash tag so one account's keys shar
                                       its correlation (at most `park_max`)
     smsgw:{<account>}:dlr:ev:<id>     a webhook event id -> the message id it first named
 
+    smsgw:optout:{<scope>}            opt-out registry of an account, or `*` for all: hash
+                                      E.164 number -> JSON (at, via, source, by), never expires
+
 Time is the Redis server's (one clock for every replica) unless a `Clock` is injected (tests).
 """
 
@@ -38,6 +41,7 @@ from gateway.state.base import (
     LOWEST_RANK,
     NORMAL_RANK,
     NOTHING,
+    OPTOUT_ALL,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
@@ -50,6 +54,7 @@ from gateway.state.base import (
     EpochMemory,
     FinalState,
     Grant,
+    OptOut,
     Pause,
     RecordShortcuts,
     RetryNote,
@@ -96,6 +101,13 @@ def pause_key(account: str) -> str:
 
 def bucket_key(key: str) -> str:
     return f"{PREFIX}:rl:{{{key}}}"
+
+
+def optout_key(scope: str) -> str:
+    return f"{PREFIX}:optout:{{{scope}}}"
+
+
+_OPTOUT_CHUNK = 1000  # fields per HSET / HDEL of an import
 
 
 # now(arg): the script's time in seconds; the server's clock unless the caller passed one (tests).
@@ -804,6 +816,42 @@ class RedisStore(RecordShortcuts):
     async def oldest_open(self, account: str) -> float | None:
         rows = await self._redis.zrange(dlr_key(account, "open"), 0, 0, withscores=True)
         return float(rows[0][1]) if rows else None
+
+    # -- the opt-out registry ----------------------------------------------------------------------
+
+    async def opted_out(self, account: str, numbers: Collection[str]) -> set[str]:
+        wanted = list(dict.fromkeys(numbers))
+        if not wanted:
+            return set()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(optout_key(account), wanted)
+            pipe.hmget(optout_key(OPTOUT_ALL), wanted)
+            mine, everyone = await pipe.execute()
+        return {n for n, a, b in zip(wanted, mine, everyone, strict=True) if a is not None or b is not None}
+
+    async def optout_add(self, scope: str, entries: Sequence[OptOut]) -> int:
+        key, added = optout_key(scope), 0
+        for i in range(0, len(entries), _OPTOUT_CHUNK * 10):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for j in range(i, min(i + _OPTOUT_CHUNK * 10, len(entries)), _OPTOUT_CHUNK):
+                    chunk = entries[j : j + _OPTOUT_CHUNK]
+                    pipe.hset(key, mapping={e.number: e.to_json() for e in chunk})
+                added += sum(int(n) for n in await pipe.execute())
+        return added
+
+    async def optout_remove(self, scope: str, numbers: Sequence[str]) -> int:
+        key, removed = optout_key(scope), 0
+        for i in range(0, len(numbers), _OPTOUT_CHUNK):
+            removed += int(await cast(Awaitable[int], self._redis.hdel(key, *numbers[i : i + _OPTOUT_CHUNK])))
+        return removed
+
+    async def optout_page(self, scope: str, cursor: str = "", limit: int = 1000) -> tuple[list[OptOut], str | None]:
+        nxt, found = await self._redis.hscan(optout_key(scope), int(cursor or 0), count=limit)
+        page = [OptOut.from_json(str(n), str(v)) for n, v in found.items()]
+        return page, (None if int(nxt) == 0 else str(nxt))
+
+    async def optout_count(self, scope: str) -> int:
+        return int(await cast(Awaitable[int], self._redis.hlen(optout_key(scope))))
 
     async def ping(self) -> None:
         """Raises StoreRefused (login, permission, TLS, an unknown URL option) or StoreUnavailable."""

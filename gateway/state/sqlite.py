@@ -24,6 +24,7 @@ from gateway.state.base import (
     LOWEST_RANK,
     NORMAL_RANK,
     NOTHING,
+    OPTOUT_ALL,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
@@ -36,6 +37,7 @@ from gateway.state.base import (
     EpochMemory,
     FinalState,
     Grant,
+    OptOut,
     Pause,
     RecordShortcuts,
     RetryNote,
@@ -47,6 +49,7 @@ from gateway.state.base import (
 )
 
 T = TypeVar("T")
+_IN_CHUNK = 500  # numbers per `IN (...)` (SQLite's bound-parameter limit is 32,766 from 3.32, 999 before)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedupe (
@@ -110,6 +113,10 @@ CREATE TABLE IF NOT EXISTS numbers (
 CREATE TABLE IF NOT EXISTS pause (
     account TEXT NOT NULL, owner TEXT NOT NULL, record TEXT NOT NULL, until REAL NOT NULL, PRIMARY KEY (account, owner)
 ) WITHOUT ROWID;
+-- The opt-out registry: scope is an account's name or '*' (every account).
+CREATE TABLE IF NOT EXISTS optout (
+    scope TEXT NOT NULL, num TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (scope, num)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS epoch (
     account TEXT PRIMARY KEY, id TEXT NOT NULL, since REAL NOT NULL, lost INTEGER NOT NULL
 );
@@ -151,6 +158,14 @@ class SqliteStore(RecordShortcuts):
             return out
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, tx)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read on the store's thread, without a write lock (WAL: readers see the last commit)."""
+
+        def read() -> T:
+            return fn(self._conn())
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, read)
 
     def _sweep(self, db: sqlite3.Connection, now: float) -> None:
         self._ops += 1
@@ -611,6 +626,67 @@ class SqliteStore(RecordShortcuts):
             return None if row is None or row[0] is None else float(row[0])
 
         return await self._run(op)
+
+    # -- the opt-out registry ----------------------------------------------------------------------
+
+    async def opted_out(self, account: str, numbers: Collection[str]) -> set[str]:
+        wanted = list(dict.fromkeys(numbers))
+        if not wanted:
+            return set()
+
+        def op(db: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for i in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[i : i + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT num FROM optout WHERE scope IN (?, ?) AND num IN ({marks})",  # noqa: S608 - marks only
+                    (account, OPTOUT_ALL, *chunk),
+                )
+                found.update(r[0] for r in rows)
+            return found
+
+        return await self._read(op)
+
+    async def optout_add(self, scope: str, entries: Sequence[OptOut]) -> int:
+        rows = [(scope, e.number, e.to_json()) for e in entries]
+
+        def op(db: sqlite3.Connection) -> int:
+            count = "SELECT count(*) FROM optout WHERE scope = ?"
+            before = int(db.execute(count, (scope,)).fetchone()[0])
+            db.executemany(
+                "INSERT INTO optout (scope, num, record) VALUES (?, ?, ?) "
+                "ON CONFLICT (scope, num) DO UPDATE SET record = excluded.record",
+                rows,
+            )
+            return int(db.execute(count, (scope,)).fetchone()[0]) - before
+
+        return await self._run(op)
+
+    async def optout_remove(self, scope: str, numbers: Sequence[str]) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            before = db.total_changes
+            db.executemany("DELETE FROM optout WHERE scope = ? AND num = ?", [(scope, n) for n in numbers])
+            return db.total_changes - before
+
+        return await self._run(op)
+
+    async def optout_page(self, scope: str, cursor: str = "", limit: int = 1000) -> tuple[list[OptOut], str | None]:
+        def op(db: sqlite3.Connection) -> list[OptOut]:
+            rows = db.execute(
+                "SELECT num, record FROM optout WHERE scope = ? AND num > ? ORDER BY num LIMIT ?",
+                (scope, cursor, limit),
+            )
+            return [OptOut.from_json(num, record) for num, record in rows]
+
+        page = await self._read(op)
+        return page, (page[-1].number if len(page) == limit else None)
+
+    async def optout_count(self, scope: str) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            return int(db.execute("SELECT count(*) FROM optout WHERE scope = ?", (scope,)).fetchone()[0])
+
+        return await self._read(op)
 
     async def ping(self) -> None:
         """Raises StoreRefused when the file cannot be opened, created or written."""

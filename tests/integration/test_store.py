@@ -15,12 +15,14 @@ import pytest
 
 from gateway.state import Claim, ClaimState, Grant, StoredResult
 from gateway.state.base import (
+    OPTOUT_ALL,
     THROTTLE_COOLDOWN_S,
     THROTTLE_MIN_FACTOR,
     THROTTLE_RECOVERY_PER_S,
     AccountState,
     BatchRecord,
     FinalState,
+    OptOut,
     Pause,
     RetryNote,
     Tracked,
@@ -565,3 +567,47 @@ async def test_numbers_list_newest_first(store: Backend, account: str, clock: Fa
         clock.advance(1)
     assert await store.by_number(account, "+48500600700") == ["n2", "n1", "n0"]
     assert await store.by_number(account, "+48500600700", limit=2) == ["n2", "n1"]
+
+
+# -- the opt-out registry -------------------------------------------------------------------------
+
+
+def _numbers(n: int) -> list[str]:
+    """Numbers no other test uses (the `all` scope is shared by every test on one Redis)."""
+    base = secrets.randbelow(10**8)
+    return [f"+4860{(base + i) % 10**8:08d}" for i in range(n)]
+
+
+async def test_opt_outs_of_an_account_and_of_all_accounts_are_found_in_one_call(store: Backend, account: str) -> None:
+    mine, everyone, neither = _numbers(3)
+    assert await store.optout_add(account, [OptOut(mine, 1.0, "cli", "STOP", "ops")]) == 1
+    assert await store.optout_add(OPTOUT_ALL, [OptOut(everyone, 2.0, "bus", "crm", "billing")]) == 1
+    assert await store.opted_out(account, [mine, everyone, neither]) == {mine, everyone}
+    assert await store.opted_out(account + "x", [mine, everyone, neither]) == {everyone}  # another account
+    assert await store.opted_out(account, []) == set()
+    await store.optout_remove(OPTOUT_ALL, [everyone])
+
+
+async def test_adding_again_refreshes_an_entry_and_removing_counts_what_was_there(store: Backend, account: str) -> None:
+    a, b = _numbers(2)
+    assert await store.optout_add(account, [OptOut(a, 1.0, "cli"), OptOut(b, 1.0, "cli")]) == 2
+    assert await store.optout_add(account, [OptOut(a, 5.0, "bus", "sms-reply", "crm")]) == 0
+    page, cursor = await store.optout_page(account)
+    assert cursor is None
+    assert {e.number: e for e in page}[a] == OptOut(a, 5.0, "bus", "sms-reply", "crm")
+    assert await store.optout_count(account) == 2
+    assert await store.optout_remove(account, [a, a, _numbers(1)[0]]) == 1
+    assert await store.opted_out(account, [a, b]) == {b}
+    assert await store.optout_count(account) == 1
+
+
+async def test_a_large_registry_pages_through_every_entry_once(store: Backend, account: str) -> None:
+    numbers = _numbers(2500)
+    assert await store.optout_add(account, [OptOut(n, 1.0, "import", "file.csv") for n in numbers]) == 2500
+    seen: list[str] = []
+    cursor: str | None = ""
+    while cursor is not None:
+        page, cursor = await store.optout_page(account, cursor, 1000)
+        seen += [e.number for e in page]
+    assert sorted(set(seen)) == sorted(numbers)  # Redis's scan may repeat an entry; none is missing
+    assert await store.opted_out(account, numbers[:300] + _numbers(5)) == set(numbers[:300])

@@ -55,13 +55,31 @@ def test_secret_from_a_mounted_file(tmp_path: Path) -> None:
         ({"batch_size": 0}, "batch_size"),
         ({"name": "Bad Name"}, "name"),
         ({"colour": "red"}, "colour"),
+        ({"name": "all"}, "name"),  # the opt-out routing key of every account
+        ({"allowed_countries": ["PL", "XX"]}, "allowed_countries"),
+        ({"transliterate": "ascii"}, "transliterate"),
+        ({"max_parts": 0}, "max_parts"),
+        ({"price_per_part": -1}, "price_per_part"),
+        ({"optout_lanes": ["promo"]}, "optout_lanes"),
     ],
 )
 def test_bad_account_names_the_field(override: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_accounts([{**BASE, **override}])
     assert field in str(info.value) or (field == "token" and "token" in str(info.value))
-    assert "acme" in str(info.value) or override.get("name") == "Bad Name"
+    assert "acme" in str(info.value) or override.get("name") in ("Bad Name", "all")
+
+
+def test_guardrail_keys_read_as_written() -> None:
+    (acc,) = parse_accounts(
+        [{**BASE, "allowed_countries": ["pl", "CZ", "pl"], "transliterate": "full", "optout_lanes": ["bulk"]}]
+    )
+    assert acc.allowed_countries == ("CZ", "PL")
+    assert acc.transliterate == "full"
+    assert acc.optout_lanes == ("bulk",)
+    (default,) = parse_accounts([BASE])
+    assert default.optout_lanes == ("normal", "bulk")  # urgent codes reach people who opted out of campaigns
+    assert default.allowed_countries is None
 
 
 def test_duplicate_account_names_are_refused() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -49,17 +50,44 @@ def readme_examples() -> list[dict[str, Any]]:
 
 
 def test_every_example_message_validates() -> None:
-    requests, outcomes = validator("send-request"), validator("outcome")
+    requests, outcomes, optouts = validator("send-request"), validator("outcome"), validator("optout")
     examples = readme_examples()
     assert len(examples) >= 3
     for doc in examples:
-        (outcomes if "status" in doc else requests).validate(doc)
+        (outcomes if "status" in doc else optouts if "action" in doc else requests).validate(doc)
     for doc in schema.EXAMPLES["send-request"]:
         requests.validate(doc)
         assert isinstance(c.decode_request(json.dumps(doc).encode(), message_id=None, max_bytes=65536), c.SendRequest)
     for doc in schema.EXAMPLES["outcome"]:
         outcomes.validate(doc)
+    for doc in schema.EXAMPLES["optout"]:
+        optouts.validate(doc)
+        assert isinstance(c.decode_optout(json.dumps(doc).encode(), now=datetime.now(UTC)), c.OptOutMessage)
     requests.validate(json.loads(request("t-1", vars={"code": 7}, meta={"k": "v"})))  # the tests' own producer
+
+
+def test_an_outcome_with_what_the_text_costs_validates() -> None:
+    body = c.outcome_body(unique_id="u2", account="acme", to="+48500600700", status=c.Status.ACCEPTED,
+                          provider="serwersms", parts=2, attempts=1, encoding="ucs2", cost=0.14)  # fmt: skip
+    validator("outcome").validate(json.loads(body))
+    body = c.outcome_body(unique_id="u3", account="acme", to="+48500600700", status=c.Status.ACCEPTED,
+                          provider="serwersms", parts=1, encoding="gsm7", transliterated="full")  # fmt: skip
+    validator("outcome").validate(json.loads(body))
+    bad = {**json.loads(body), "encoding": "utf-16"}
+    assert not validator("outcome").is_valid(bad)
+
+
+def test_an_optout_the_decoder_refuses_the_schema_refuses_too() -> None:
+    now = datetime.now(UTC)
+    for doc in (
+        {"to": "+48500600700"},  # no action
+        {"to": "+48500600700", "action": "delete"},
+        {"to": "", "action": "add"},
+        {"to": "+48500600700", "action": "add", "at": "yesterday"},
+        {"to": "+48500600700", "action": "add", "source": "x" * 201},
+    ):
+        assert isinstance(c.decode_optout(json.dumps(doc).encode(), now=now), c.InvalidRequest), doc
+        assert not validator("optout").is_valid(doc), doc
 
 
 def test_an_outcome_the_gateway_writes_validates() -> None:
@@ -105,7 +133,7 @@ def test_asyncapi_document_passes_the_asyncapi_parser() -> None:
         cwd=folder, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "parsed: 21 channels, 3 operations" in done.stdout
+    assert "parsed: 23 channels, 4 operations" in done.stdout
     assert "error" not in done.stdout
 
 
