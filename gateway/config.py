@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from pydantic import (
@@ -112,6 +113,15 @@ class QuietHours:
         return max(0.0, (end.astimezone(UTC) - local.astimezone(UTC)).total_seconds())
 
 
+class AppBudget(BaseModel):
+    """One producing application's budget within an account (`app_budgets`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget_parts_per_day: int | None = Field(default=None, ge=0)
+    budget_parts_per_month: int | None = Field(default=None, ge=0)
+
+
 class Account(BaseModel):
     """One provider login: its provider, credentials, default sender and limits."""
 
@@ -183,6 +193,21 @@ class Account(BaseModel):
         description="ISO 3166 alpha-2 codes the account may send to; others end `rejected` / `country_blocked` "
         "(absent: all)",
     )
+    budget_parts_per_day: int | None = Field(
+        default=None,
+        ge=0,
+        description="SMS parts the account may send a day (budget_timezone); past it `quota_exceeded`",
+    )
+    budget_parts_per_month: int | None = Field(default=None, ge=0, description="the same, a calendar month")
+    app_budgets: dict[str, AppBudget] = Field(
+        default_factory=dict,
+        description="per producing application (the AMQP `app_id`): its own budget_parts_per_day / _per_month",
+    )
+    budget_timezone: str = Field(default="UTC", description="the zone whose midnight starts a budget's day and month")
+    budget_lanes: tuple[Literal["urgent", "normal", "bulk"], ...] = Field(
+        default=("normal", "bulk"),
+        description="the lanes a spent budget refuses; the others (urgent, by default) are counted, never refused",
+    )
     optout_lanes: tuple[Literal["urgent", "normal", "bulk"], ...] = Field(
         default=("normal", "bulk"),
         description="the lanes whose requests to an opted-out number end `rejected` / `opted_out` "
@@ -218,6 +243,34 @@ class Account(BaseModel):
         if value == "all":
             raise ValueError('"all" is the routing key of opt-outs for every account (sms.optout): choose another name')
         return value
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Warsaw)") from None
+        return value
+
+    @field_validator("app_budgets")
+    @classmethod
+    def _apps(cls, value: dict[str, AppBudget]) -> dict[str, AppBudget]:
+        bad = [k for k in value if not (0 < len(k) <= 64 and k.isprintable() and " " not in k)]
+        if bad:
+            raise ValueError(f"application names must be 1-64 printable characters without spaces: {bad[:3]}")
+        return value
+
+    @property
+    def has_budget(self) -> bool:
+        return (
+            self.budget_parts_per_day is not None
+            or self.budget_parts_per_month is not None
+            or any(
+                b.budget_parts_per_day is not None or b.budget_parts_per_month is not None
+                for b in self.app_budgets.values()
+            )
+        )
 
     @field_validator("allowed_countries")
     @classmethod

@@ -39,6 +39,7 @@ def read_job(message: AbstractIncomingMessage, job: Job) -> Job:
     job.valid_until = float_header(message, c.H_VALID_UNTIL)
     job.published_at = message.timestamp.timestamp() if message.timestamp is not None else None
     job.redelivered = bool(message.redelivered)
+    job.app_id = message.app_id or None
     headers = message.headers or {}
     job.own = bool(headers.get(c.H_OWN))
     job.replay = bool(headers.get(c.H_REPLAY))

@@ -17,7 +17,7 @@ from gateway.cli import common as x
 def accounts(sandbox: bool, as_json: bool) -> int:
     """Per account: queue depth, unacknowledged (in flight in a gateway) and consumers, in total
     and per lane (urgent / normal / bulk); rate and burst (and the provider's throttle factor);
-    and whether it is paused, why and until when.
+    the parts each budget has used in its day or month; and whether it is paused, why and until when.
 
     Depth and consumers come from RabbitMQ, in-flight counts from its management API (when it
     answers), pauses and throttling from the state store the gateways share.
@@ -57,6 +57,7 @@ def accounts(sandbox: bool, as_json: bool) -> int:
                         {"owner": p.owner, "reason": p.reason, "code": p.code, "until": _iso(p.until)}
                         for p in state.pauses
                     ]
+                    row["budgets"] = await _budgets(store, account)
                     rows.append(row)
         finally:
             await store.close()
@@ -78,6 +79,9 @@ def accounts(sandbox: bool, as_json: bool) -> int:
         if r["throttle_factor"] < 1:
             limit += f" (throttled x{r['throttle_factor']})"
         lanes = r["lanes"].values()
+        budget = ", ".join(
+            f"{b['scope'].removeprefix('app:')} {b['used']}/{b['limit']} a {b['period']}" for b in r["budgets"]
+        )
         table.append(
             (
                 r["account"],
@@ -86,10 +90,20 @@ def accounts(sandbox: bool, as_json: bool) -> int:
                 "/".join(_n(v["in_flight"]) for v in lanes),
                 "/".join(_n(v["consumers"]) for v in lanes),
                 limit,
+                budget or "-",
                 paused,
             )
         )
-    head = ["account", "provider", "queued u/n/b", "in flight u/n/b", "consumers u/n/b", "rate", "paused"]
+    head = [
+        "account",
+        "provider",
+        "queued u/n/b",
+        "in flight u/n/b",
+        "consumers u/n/b",
+        "rate",
+        "budget parts",
+        "paused",
+    ]
     x.table(None, head, table)
     return x.OK
 
@@ -117,6 +131,25 @@ async def _lane(connection: Any, api: Any, queue: str) -> dict[str, Any]:
     except ApiUnavailable:
         out["in_flight"] = out["publish_rate"] = None
     return out
+
+
+async def _budgets(store: Any, account: Any) -> list[dict[str, Any]]:
+    """Each budget's parts used in its current period (core/budgets.py)."""
+    import time
+
+    from gateway.core import budgets
+
+    counters = budgets.counters_for(account, None, time.time())
+    for app in account.app_budgets:
+        counters += [c for c in budgets.counters_for(account, app, time.time()) if c.scope != "account"]
+    try:
+        used = await asyncio.wait_for(store.budget_use(account.name, counters), 5)
+    except Exception as exc:  # noqa: BLE001 - one line, exit 4
+        raise x.Fail(f"cannot read the state store: {type(exc).__name__}", x.UNREACHABLE) from None
+    return [
+        {"scope": c.scope, "period": c.period, "used": u, "limit": c.limit, "name": c.name}
+        for c, u in zip(counters, used, strict=True)
+    ]
 
 
 def _n(value: Any) -> str:

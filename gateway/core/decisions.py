@@ -42,6 +42,7 @@ class Job:
     attempt_at: float | None = None  # when this copy's provider attempt started
     published_at: float | None = None  # the producer's AMQP timestamp (epoch seconds), when it set one
     valid_until: float | None = None  # an urgent request's deadline, set at its first admission (lanes.py)
+    app_id: str | None = None  # the producing application (AMQP app_id): whose budget it draws from
 
     @property
     def ours(self) -> bool:

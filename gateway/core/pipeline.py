@@ -22,7 +22,7 @@ from gateway import contract as c
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, SendOptions
 from gateway.contract import DeadReason, InvalidRequest, Lane, OutcomeError, PolicyCode, Status
-from gateway.core import lanes
+from gateway.core import budgets, lanes
 from gateway.core.decisions import (
     Decision,
     Defer,
@@ -259,7 +259,13 @@ class Pipeline:
             else:
                 first_of[job.unique_id] = i
         await self._refuse_opted_out(jobs, first_of, decisions)
-        # One round trip claims the ids and takes rate-limit tokens for the new ones.
+        budget = budgets.for_batch(
+            self.account,
+            self.lane,
+            {uid: (item.parts, jobs[i].app_id) for uid, i in first_of.items() if (item := jobs[i].item) is not None},
+            self._clock.time(),
+        )
+        # One round trip claims the ids (reserving their budgets) and takes rate-limit tokens for the new ones.
         rate, burst = self._limiter.limits
         claims, grant = await self._store.claim_and_acquire(
             self.account.name,
@@ -273,6 +279,7 @@ class Pipeline:
             suspect={uid for uid, i in first_of.items() if jobs[i].seen_before},
             recovery_s=self._options.store_recovery_s,
             replay={uid for uid, i in first_of.items() if jobs[i].replay},
+            budget=budget,
         )
         now = self._clock.now()
         reconcile: list[int] = []
@@ -284,6 +291,14 @@ class Pipeline:
                 decisions[i] = already_done(claim.result, ours=jobs[i].ours, at=now)
             elif claim.state is ClaimState.BUSY:
                 decisions[i] = self.wait(jobs[i], claim)
+            elif claim.state is ClaimState.QUOTA:
+                assert claim.budget is not None
+                b = claim.budget
+                what = "the account's" if b.scope == "account" else f"application {b.scope[4:]!r}'s"
+                every = {"day": "daily", "month": "monthly"}.get(b.period, b.period)
+                refusal = Refusal(PolicyCode.QUOTA_EXCEEDED, f"{what} {every} budget of {b.limit} parts is spent")
+                decisions[i] = refused(refusal, now)
+                m.POLICY_REFUSALS.labels(self.account.name, self.lane, PolicyCode.QUOTA_EXCEEDED).inc()
             elif claim.state is ClaimState.RECONCILE or jobs[i].sent_at is not None:
                 # A copy that says an earlier attempt may have gone out is reconciled whatever the
                 # store says: a store that lost its records answers NEW for it.
@@ -415,8 +430,22 @@ class Pipeline:
                 (unknown if decision.ambiguous else release).append(uid)
                 err = decision.error
                 retries[uid] = RetryNote(decision.attempts, err.code, err.message, now, now + decision.delay_ms / 1000)
+        refund: list[str] = []
+        spend: list[str] = []
+        if self.account.has_budget:
+            for i, decision in decisions.items():
+                uid = jobs[i].unique_id
+                assert uid is not None
+                if isinstance(decision, Finish) and decision.store:
+                    # Refused by the provider, or expired before it got it: the parts come back.
+                    given_back = decision.status in (Status.REJECTED, Status.EXPIRED)
+                    (refund if given_back else spend).append(uid)
+                elif isinstance(decision, Retry) and not decision.ambiguous:
+                    refund.append(uid)  # surely not sent; its next copy draws again
         s = self._options
         return BatchRecord(
+            refund=refund,
+            spend=spend,
             done=done,
             unknown=unknown,
             release=release,

@@ -71,6 +71,16 @@ COST = Counter(
     ["account"],
     registry=REGISTRY,
 )
+BUDGET_USED = Gauge(
+    "sms_budget_used_parts",
+    "SMS parts counted against a budget in its current period, as this replica's last claim saw it "
+    "(scope: account or app:<app_id>; period: day or month)",
+    ["account", "scope", "period"],
+    registry=REGISTRY,
+)
+BUDGET_LIMIT = Gauge(
+    "sms_budget_limit_parts", "A budget's parts per period", ["account", "scope", "period"], registry=REGISTRY
+)
 RATE_LIMIT_WAIT = Counter(
     "sms_rate_limit_wait_seconds", "Time batches spent waiting for rate-limit tokens", ["account"], registry=REGISTRY
 )

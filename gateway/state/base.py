@@ -48,6 +48,7 @@ class ClaimState(StrEnum):
     DONE = "done"
     BUSY = "busy"
     RECONCILE = "reconcile"
+    QUOTA = "quota"  # not claimed: a budget it draws from had no room for its parts (`Claim.budget` says which)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,40 @@ class Claim:
     result: StoredResult | None = None
     owner: str | None = None  # BUSY: who holds the claim
     lease_left_s: float | None = None  # BUSY: how long its lease still runs
+    budget: BudgetCounter | None = None  # QUOTA: the budget that had no room
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCounter:
+    """One budget's counter for one period: `name` is unique within the account (scope, period
+    and the period's date), `limit` in SMS parts, kept until `expires_at` (epoch s)."""
+
+    name: str
+    scope: str  # "account", or "app:<app_id>"
+    period: str  # day | month
+    limit: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAsk:
+    """What one request draws: `parts` from each of `counters` (indexes into `Budget.counters`);
+    without `enforce` (a lane the budgets do not refuse) it is counted even past the limit."""
+
+    parts: int
+    counters: tuple[int, ...]
+    enforce: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A batch's budgets, reserved with its claim (`ClaimStore.claim_and_acquire`): a NEW claim is
+    taken only when each counter it draws from has room for its parts, and then counts them; a
+    request refused there is not claimed (QUOTA). The reservation is kept with the claim (a hold)
+    until the record step spends it (sent, or maybe sent) or gives it back (`BatchRecord.refund`)."""
+
+    counters: tuple[BudgetCounter, ...]
+    asks: Mapping[str, BudgetAsk]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +172,13 @@ class EpochMemory:
             self._changed.discard(account)
             return True
         return False
+
+
+def note_budget_use(account: str, counters: Sequence[BudgetCounter], used: Sequence[int]) -> None:
+    """The budgets' use as a claim left it, on /metrics (each replica shows the latest it saw)."""
+    for counter, parts in zip(counters, used, strict=True):
+        m.BUDGET_USED.labels(account, counter.scope, counter.period).set(parts)
+        m.BUDGET_LIMIT.labels(account, counter.scope, counter.period).set(counter.limit)
 
 
 def distrust_new(
@@ -243,9 +285,15 @@ class BatchRecord:
     # `RetryNote`), and the recipient of each stored result (E.164), found again by number.
     retries: Mapping[str, RetryNote] = field(default_factory=dict)
     numbers: Mapping[str, str] = field(default_factory=dict)
+    # Budget holds (`Budget`): `refund` gives the parts back (the provider refused the message, or
+    # it surely was not sent), `spend` keeps them counted (accepted, or maybe sent) and ends the hold.
+    refund: Sequence[str] = ()
+    spend: Sequence[str] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.done or self.unknown or self.release or self.tracked or self.retries)
+        return bool(
+            self.done or self.unknown or self.release or self.tracked or self.retries or self.refund or self.spend
+        )
 
 
 class RecordShortcuts:
@@ -365,14 +413,23 @@ class ClaimStore(Protocol):
         replay: Collection[str] = (),
         rank: int = NORMAL_RANK,
         min_share: float = 0.0,
+        budget: Budget | None = None,
     ) -> tuple[dict[str, Claim], Grant]:
         """Claim every id of a batch at once (see the module docstring), then take tokens from the
         account's bucket (as `acquire`, for the lane of `rank`) for the NEW claims, in one atomic
         step and one round trip.
         A `replay` id whose stored result is in `contract.REPLAYABLE` is claimed again (RECONCILE)
         in the same step, so of two replayed copies only one is sent.
+        With a `budget`, an id that would be NEW is claimed only when its parts fit every counter
+        it draws from (else QUOTA, not claimed, no token), and its parts are held; a RECONCILE id
+        without a hold (its earlier claim had none) is counted without being refused: it may have
+        been sent. The ids are taken in order, so the budget's last parts go to the earliest.
         NEW answers are then checked against the account's epoch (`distrust_new`); ids turned into
         RECONCILE keep the tokens taken for them. Nothing new: `NOTHING`, no tokens taken."""
+        ...
+
+    async def budget_use(self, account: str, counters: Sequence[BudgetCounter]) -> list[int]:
+        """The parts counted so far against each counter (0 for one never drawn from)."""
         ...
 
     async def record(self, account: str, batch: BatchRecord) -> None:

@@ -14,6 +14,10 @@ Keys (all here, one place); `{account}` is a hash tag so one account's keys shar
                                       its correlation (at most `park_max`)
     smsgw:{<account>}:dlr:ev:<id>     a webhook event id -> the message id it first named
 
+    smsgw:{<account>}:q:<counter>     a budget's parts counted in one period (budget counter name),
+                                      expiring a while after the period ends
+    smsgw:{<account>}:h:<unique_id>   a claimed request's budget hold: parts|counter key|...
+
     smsgw:optout:{<scope>}            opt-out registry of an account, or `*` for all: hash
                                       E.164 number -> JSON (at, via, source, by), never expires
 
@@ -47,6 +51,9 @@ from gateway.state.base import (
     THROTTLE_RECOVERY_PER_S,
     AccountState,
     BatchRecord,
+    Budget,
+    BudgetAsk,
+    BudgetCounter,
     Claim,
     ClaimState,
     Delivery,
@@ -63,6 +70,7 @@ from gateway.state.base import (
     Trail,
     WebhookHint,
     distrust_new,
+    note_budget_use,
 )
 
 PREFIX = "smsgw"
@@ -103,6 +111,21 @@ def bucket_key(key: str) -> str:
     return f"{PREFIX}:rl:{{{key}}}"
 
 
+def hold_key(account: str, uid: str) -> str:
+    """A claimed request's budget hold: `parts|counter key|...` (see _CLAIM_FN)."""
+    return f"{PREFIX}:{{{account}}}:h:{uid}"
+
+
+def budget_key(account: str, counter: str) -> str:
+    return f"{PREFIX}:{{{account}}}:q:{counter}"
+
+
+def _ask(ask: BudgetAsk | None) -> str:
+    if ask is None:
+        return ""
+    return f"{ask.parts};{1 if ask.enforce else 0};{','.join(str(c + 1) for c in ask.counters)}"
+
+
 def optout_key(scope: str) -> str:
     return f"{PREFIX}:optout:{{{scope}}}"
 
@@ -120,37 +143,98 @@ end
 """
 
 # claim(n, ...): claims KEYS[1..n]; returns, per key, {state, result-json} ({'busy', owner, lease
-# ms left} for another live claim), and how many are new.
+# ms left} for another live claim, {'quota', counter index} for one its budget had no room for),
+# and how many are new.
 # `replay` holds one character per key: '1' claims a done result again when its status is replayable.
+# `b` is the batch's budget (`budget_of`), or nil: a new claim draws its parts from its counters
+# first (refused when an enforced one has no room), and keeps them in its hold key KEYS[n + i]
+# (`parts|counter key|...`) until the record step spends or refunds them.
 _CLAIM_FN = f"""
 local replayable = {{{", ".join(f"['{s}'] = true" for s in sorted(REPLAYABLE))}}}
-local function claim(n, owner, lease, window, now_s, replay)
+local function room(b, ask)
+  for _, c in ipairs(ask.c) do
+    if ask.e and b.used[c] + ask.p > b.limit[c] then return c end
+  end
+  return nil
+end
+local function draw(b, n, i, ask, window)
+  local hold = {{tostring(ask.p)}}
+  for _, c in ipairs(ask.c) do
+    local key = KEYS[2 * n + c]
+    b.used[c] = redis.call('INCRBY', key, ask.p)
+    if b.used[c] == ask.p then redis.call('PEXPIREAT', key, b.till[c]) end
+    hold[#hold + 1] = key
+  end
+  redis.call('SET', KEYS[n + i], table.concat(hold, '|'), 'PX', window)
+end
+local function claim(n, owner, lease, window, now_s, replay, b)
   local now = math.floor(now_s * 1000)
   local out, fresh = {{}}, 0
   for i = 1, n do
     local key = KEYS[i]
     local raw = redis.call('GET', key)
     local mine = cjson.encode({{s = 'inflight', o = owner, l = now + lease}})
+    local ask = b and b.ask[i]
     if not raw then
-      redis.call('SET', key, mine, 'PX', window)
-      out[i] = {{'new', ''}}
-      fresh = fresh + 1
+      local full = ask and room(b, ask)
+      if full then
+        out[i] = {{'quota', full}}
+      else
+        if ask then draw(b, n, i, ask, window) end
+        redis.call('SET', key, mine, 'PX', window)
+        out[i] = {{'new', ''}}
+        fresh = fresh + 1
+      end
     else
       local rec = cjson.decode(raw)
+      local again = false
       if rec.s == 'done' and string.sub(replay, i, i) == '1' and replayable[cjson.decode(rec.r).status] then
-        redis.call('SET', key, mine, 'PX', window)
-        out[i] = {{'reconcile', ''}}
+        again = true
       elseif rec.s == 'done' then
         out[i] = {{'done', rec.r}}
       elseif rec.s == 'inflight' and tonumber(rec.l) > now then
         out[i] = {{'busy', rec.o or '', tonumber(rec.l) - now}}
       else
+        again = true
+      end
+      if again then
+        -- it may have been sent: counted when it holds nothing yet, never refused
+        if ask and redis.call('EXISTS', KEYS[n + i]) == 0 then
+          draw(b, n, i, {{p = ask.p, c = ask.c, e = false}}, window)
+        end
         redis.call('SET', key, mine, 'PX', window)
         out[i] = {{'reconcile', ''}}
       end
     end
   end
   return out, fresh
+end
+"""
+
+# The batch's budget from ARGV[12] on: m counters (their limits, then their expiry times in ms),
+# then one ask per id: '' (draws nothing) or 'parts;enforced 0|1;counter,counter,...'. Returns
+# nil when m is 0, and the number of claimed ids n from the key count.
+_BUDGET_FN = """
+local function budget_of(nkeys)
+  local m = tonumber(ARGV[12] or '0')
+  if m == 0 then return nil, nkeys - 2 end
+  local n = (nkeys - 2 - m) / 2
+  local b = {limit = {}, till = {}, used = {}, ask = {}}
+  for c = 1, m do
+    b.limit[c] = tonumber(ARGV[12 + c])
+    b.till[c] = tonumber(ARGV[12 + m + c])
+    b.used[c] = tonumber(redis.call('GET', KEYS[2 * n + c]) or '0')
+  end
+  for i = 1, n do
+    local spec = ARGV[12 + 2 * m + i]
+    if spec ~= '' then
+      local parts, enforced, list = string.match(spec, '^(%d+);([01]);(.*)$')
+      local cs = {}
+      for c in string.gmatch(list, '%d+') do cs[#cs + 1] = tonumber(c) end
+      b.ask[i] = {p = tonumber(parts), e = enforced == '1', c = cs}
+    end
+  end
+  return b, n
 end
 """
 
@@ -237,33 +321,40 @@ local function epoch(key, known, fresh_id, now_s)
 end
 """
 
-# KEYS = dedupe keys, then the account's bucket and epoch (same hash tag); ARGV = owner, lease ms,
-# window ms, rate per s, burst, known epoch id, new epoch id, now, replay flags, lane rank, min share.
-# Claims, then takes a token for each new claim: {claims, granted, wait, factor, epoch}.
+# KEYS = dedupe keys, [with a budget: their hold keys, then the budget's counters], then the
+# account's bucket and epoch (all with the account's hash tag); ARGV = owner, lease ms, window ms,
+# rate per s, burst, known epoch id, new epoch id, now, replay flags, lane rank, min share, then the
+# budget (_BUDGET_FN). Claims, then takes a token for each new claim:
+# {claims, granted, wait, factor, epoch, the counters' use after the claims}.
 _CLAIM_TAKE = (
     _NOW_FN
     + _CLAIM_FN
+    + _BUDGET_FN
     + _FACTOR_FN
     + _TAKE_FN
     + _EPOCH_FN
     + """
 local now = clock(ARGV[8])
 local ep = epoch(KEYS[#KEYS], ARGV[6], ARGV[7], now)
-local out, fresh = claim(#KEYS - 2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now, ARGV[9])
-if fresh == 0 then return {out, 0, '0', '1', ep} end
+local b, n = budget_of(#KEYS)
+local out, fresh = claim(n, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now, ARGV[9], b)
+local used = {}
+if b then for c = 1, #b.used do used[c] = b.used[c] end end
+if fresh == 0 then return {out, 0, '0', '1', ep, used} end
 local grant, wait, f = take(
   KEYS[#KEYS - 1], tonumber(ARGV[4]), tonumber(ARGV[5]), fresh, now, tonumber(ARGV[10]), tonumber(ARGV[11]))
-return {out, grant, tostring(wait), tostring(f), ep}
+return {out, grant, tostring(wait), tostring(f), ep, used}
 """
 )
 
 # A batch's record (state.base.BatchRecord) in one step. (A script rather than a transaction: the
 # same on a single Redis, behind Sentinel and in a Cluster, where every key of one account shares a
 # slot.) KEYS = due, open, then nd result keys, nu unknown keys, nr release keys, nt correlation
-# keys (one per tracked message), nn retry-note keys and, when nb > 0, the hour's number index.
+# keys (one per tracked message), nn retry-note keys, when nb > 0 the hour's number index, then nf
+# budget holds to refund and ns to spend.
 # ARGV = nd, nu, nr, dedupe ttl ms, owner, the unknown record, track ttl ms, first poll after s,
 # hold s, nt, nn, nb, now (s), then nd result JSONs, (record, message id, accepted at) per tracked
-# message, nn note JSONs and nb index members (`number|at|unique_id`).
+# message, nn note JSONs, nb index members (`number|at|unique_id`), and last nf and ns.
 _RECORD = """
 local nd, nu, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local nt, nn, nb = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
@@ -314,7 +405,25 @@ if nb > 0 then
     redis.call('ZADD', KEYS[k + 1], unpack(args))
   end
   if redis.call('PTTL', KEYS[k + 1]) < ttl + 3600000 then redis.call('PEXPIRE', KEYS[k + 1], ttl + 3600000) end
+  k = k + 1
 end
+-- budget holds: nf refunded (their parts given back to each counter still kept), then ns spent
+local nf, ns = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
+for i = k + 1, k + nf do
+  local hold = redis.call('GET', KEYS[i])
+  if hold then
+    local parts = nil
+    for item in string.gmatch(hold, '[^|]+') do
+      if not parts then
+        parts = tonumber(item)
+      elseif redis.call('EXISTS', item) == 1 then
+        redis.call('DECRBY', item, parts)
+      end
+    end
+    redis.call('DEL', KEYS[i])
+  end
+end
+for i = k + nf + 1, k + nf + ns do redis.call('DEL', KEYS[i]) end
 return 1
 """.replace("{HOLDER}", HOLDER)
 
@@ -591,13 +700,25 @@ class RedisStore(RecordShortcuts):
         replay: Collection[str] = (),
         rank: int = NORMAL_RANK,
         min_share: float = 0.0,
+        budget: Budget | None = None,
     ) -> tuple[dict[str, Claim], Grant]:
         if not uids:
             return {}, NOTHING
-        keys = [*(dedupe_key(account, u) for u in uids), bucket_key(account), epoch_key(account)]
+        keys = [dedupe_key(account, u) for u in uids]
+        spec: list[Any] = []
+        if budget is not None:
+            keys += [hold_key(account, u) for u in uids]
+            keys += [budget_key(account, counter.name) for counter in budget.counters]
+            spec = [
+                len(budget.counters),
+                *(counter.limit for counter in budget.counters),
+                *(int(counter.expires_at * 1000) for counter in budget.counters),
+                *(_ask(budget.asks.get(u)) for u in uids),
+            ]
+        keys += [bucket_key(account), epoch_key(account)]
         known = self._epochs.known(account)
         # The window is applied when the result is stored; a claim only needs to outlive its lease.
-        rows, granted, wait, factor, (epoch_id, age_ms, lost) = await self._claim_take(
+        rows, granted, wait, factor, (epoch_id, age_ms, lost), used = await self._claim_take(
             keys=keys,
             args=[
                 owner,
@@ -611,12 +732,21 @@ class RedisStore(RecordShortcuts):
                 "".join("1" if u in replay else "0" for u in uids) if replay else "",
                 rank,
                 min_share,
+                *spec,
             ],
         )
         epoch = Epoch(str(epoch_id), int(age_ms) / 1000, bool(int(lost)))
         self._epochs.saw(account, epoch)
         grant = Grant(int(granted), float(wait), float(factor))
-        return distrust_new(_claims(uids, rows), epoch, suspect, recovery_s), grant
+        if budget is not None:
+            note_budget_use(account, budget.counters, [int(x) for x in used])
+        return distrust_new(_claims(uids, rows, budget), epoch, suspect, recovery_s), grant
+
+    async def budget_use(self, account: str, counters: Sequence[BudgetCounter]) -> list[int]:
+        if not counters:
+            return []
+        values = await self._redis.mget([budget_key(account, c.name) for c in counters])
+        return [int(v or 0) for v in values]
 
     async def record(self, account: str, batch: BatchRecord) -> None:
         if not batch:
@@ -648,6 +778,8 @@ class RedisStore(RecordShortcuts):
         if batch.numbers:
             keys.append(number_key(account, int(now // 3600)))
             args += [f"{number}|{now:.3f}|{uid}" for uid, number in batch.numbers.items()]
+        keys += [hold_key(account, uid) for uid in (*batch.refund, *batch.spend)]
+        args += [len(batch.refund), len(batch.spend)]
         await self._record(keys=keys, args=args)
 
     async def acquire(
@@ -876,12 +1008,15 @@ class RedisStore(RecordShortcuts):
             await sentinel.aclose()
 
 
-def _claims(uids: list[str], rows: list[Any]) -> dict[str, Claim]:
+def _claims(uids: list[str], rows: list[Any], budget: Budget | None = None) -> dict[str, Claim]:
     out: dict[str, Claim] = {}
     for uid, row in zip(uids, rows, strict=True):
         st = ClaimState(row[0])
         if st is ClaimState.BUSY:
             out[uid] = Claim(st, owner=row[1] or None, lease_left_s=int(row[2]) / 1000)
+        elif st is ClaimState.QUOTA:
+            assert budget is not None
+            out[uid] = Claim(st, budget=budget.counters[int(row[1]) - 1])
         else:
             out[uid] = Claim(st, StoredResult.from_json(row[1]) if st is ClaimState.DONE else None)
     return out

@@ -30,6 +30,8 @@ from gateway.state.base import (
     THROTTLE_RECOVERY_PER_S,
     AccountState,
     BatchRecord,
+    Budget,
+    BudgetCounter,
     Claim,
     ClaimState,
     Delivery,
@@ -46,6 +48,7 @@ from gateway.state.base import (
     Trail,
     WebhookHint,
     distrust_new,
+    note_budget_use,
 )
 
 T = TypeVar("T")
@@ -117,10 +120,65 @@ CREATE TABLE IF NOT EXISTS pause (
 CREATE TABLE IF NOT EXISTS optout (
     scope TEXT NOT NULL, num TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (scope, num)
 ) WITHOUT ROWID;
+-- Budgets: the parts counted per counter and period (core/budgets.py), and each claimed
+-- request's hold on them until its batch's record spends or refunds it.
+CREATE TABLE IF NOT EXISTS budget (
+    account TEXT NOT NULL, counter TEXT NOT NULL, used INTEGER NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (account, counter)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS budget_hold (
+    account TEXT NOT NULL, uid TEXT NOT NULL, parts INTEGER NOT NULL, counters TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (account, uid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS epoch (
     account TEXT PRIMARY KEY, id TEXT NOT NULL, since REAL NOT NULL, lost INTEGER NOT NULL
 );
 """
+
+
+class _Books:
+    """A batch's budget inside its claim's transaction (state.base: `Budget`)."""
+
+    def __init__(self, db: sqlite3.Connection, account: str, budget: Budget, now: float, lease_s: float) -> None:
+        self._db, self._account, self._budget = db, account, budget
+        self._hold_until = now + max(lease_s * 4, 3600)
+        self.used: list[int] = []
+        for c in budget.counters:
+            row = db.execute(
+                "SELECT used FROM budget WHERE account=? AND counter=? AND expires_at>=?", (account, c.name, now)
+            ).fetchone()
+            self.used.append(int(row[0]) if row else 0)
+
+    def take(self, uid: str, *, fresh: bool) -> BudgetCounter | None:
+        """Draw the id's parts; the counter without room when a fresh one may not (nothing drawn).
+        A claim taken again (it may have been sent) is counted when it holds nothing yet."""
+        ask = self._budget.asks.get(uid)
+        if ask is None:
+            return None
+        if not fresh:
+            held = self._db.execute(
+                "SELECT 1 FROM budget_hold WHERE account=? AND uid=?", (self._account, uid)
+            ).fetchone()
+            if held is not None:
+                return None
+        elif ask.enforce:
+            for c in ask.counters:
+                if self.used[c] + ask.parts > self._budget.counters[c].limit:
+                    return self._budget.counters[c]
+        for c in ask.counters:
+            counter = self._budget.counters[c]
+            self.used[c] += ask.parts
+            self._db.execute(
+                "INSERT INTO budget VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (account, counter) DO UPDATE SET used = excluded.used, expires_at = excluded.expires_at",
+                (self._account, counter.name, self.used[c], counter.expires_at),
+            )
+        names = "|".join(self._budget.counters[c].name for c in ask.counters)
+        self._db.execute(
+            "INSERT OR REPLACE INTO budget_hold VALUES (?, ?, ?, ?, ?)",
+            (self._account, uid, ask.parts, names, self._hold_until),
+        )
+        return None
 
 
 class SqliteStore(RecordShortcuts):
@@ -176,6 +234,8 @@ class SqliteStore(RecordShortcuts):
             db.execute("DELETE FROM dlr_early WHERE until < ?", (now,))
             db.execute("DELETE FROM trail WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM dlr_final WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM budget WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM budget_hold WHERE expires_at < ?", (now,))
             db.execute(
                 "DELETE FROM numbers WHERE rowid < "
                 "(SELECT coalesce(min(rowid), 1 << 62) FROM (SELECT rowid FROM numbers WHERE expires_at >= ? LIMIT 1))",
@@ -196,12 +256,17 @@ class SqliteStore(RecordShortcuts):
         replay: Collection[str] = (),
         rank: int = NORMAL_RANK,
         min_share: float = 0.0,
+        budget: Budget | None = None,
     ) -> tuple[dict[str, Claim], Grant]:
         known = self._epochs.known(account)
+        used: list[int] = []
 
         def op(db: sqlite3.Connection) -> tuple[dict[str, Claim], Grant, Epoch]:
             epoch = self._epoch(db, account, known)
-            claims = self._claim(db, account, uids, owner, lease_s, replay)
+            books = _Books(db, account, budget, self._clock.time(), lease_s) if budget is not None else None
+            claims = self._claim(db, account, uids, owner, lease_s, replay, books)
+            if books is not None:
+                used[:] = books.used
             fresh = sum(1 for c in claims.values() if c.state is ClaimState.NEW)
             grant = self._take(db, account, fresh, rate, burst, rank, min_share) if fresh else Grant(0, 0.0)
             return claims, grant, epoch
@@ -210,7 +275,23 @@ class SqliteStore(RecordShortcuts):
             return {}, NOTHING
         claims, grant, epoch = await self._run(op)
         self._epochs.saw(account, epoch)
+        if budget is not None:
+            note_budget_use(account, budget.counters, used)
         return distrust_new(claims, epoch, suspect, recovery_s), grant
+
+    async def budget_use(self, account: str, counters: Sequence[BudgetCounter]) -> list[int]:
+        now = self._clock.time()
+
+        def op(db: sqlite3.Connection) -> list[int]:
+            out = []
+            for c in counters:
+                row = db.execute(
+                    "SELECT used FROM budget WHERE account=? AND counter=? AND expires_at>=?", (account, c.name, now)
+                ).fetchone()
+                out.append(int(row[0]) if row else 0)
+            return out
+
+        return await self._read(op)
 
     def _epoch(self, db: sqlite3.Connection, account: str, known: str) -> Epoch:
         """The account's epoch (see state.base), created when missing; `lost` once a caller that
@@ -235,6 +316,7 @@ class SqliteStore(RecordShortcuts):
         owner: str,
         lease_s: float,
         replay: Collection[str] = (),
+        books: _Books | None = None,
     ) -> dict[str, Claim]:
         now = self._clock.time()
         self._sweep(db, now)
@@ -252,6 +334,11 @@ class SqliteStore(RecordShortcuts):
             if row is not None and row[0] == "inflight" and row[1] > now:
                 out[uid] = Claim(ClaimState.BUSY, owner=row[3], lease_left_s=row[1] - now)
                 continue
+            if books is not None:
+                full = books.take(uid, fresh=row is None)
+                if full is not None:
+                    out[uid] = Claim(ClaimState.QUOTA, budget=full)
+                    continue
             db.execute(
                 "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'inflight', ?, ?, NULL, ?)",
                 (account, uid, owner, now + lease_s, now + max(lease_s * 4, 3600)),
@@ -306,6 +393,20 @@ class SqliteStore(RecordShortcuts):
                 db.executemany(
                     "INSERT INTO numbers VALUES (?, ?, ?, ?, ?)",
                     [(account, num, uid, now, expires) for uid, num in batch.numbers.items()],
+                )
+            for uid in batch.refund:
+                hold = db.execute(
+                    "SELECT parts, counters FROM budget_hold WHERE account=? AND uid=?", (account, uid)
+                ).fetchone()
+                if hold is not None:
+                    db.executemany(
+                        "UPDATE budget SET used = used - ? WHERE account=? AND counter=?",
+                        [(hold[0], account, name) for name in hold[1].split("|") if name],
+                    )
+            if batch.refund or batch.spend:
+                db.executemany(
+                    "DELETE FROM budget_hold WHERE account=? AND uid=?",
+                    [(account, uid) for uid in (*batch.refund, *batch.spend)],
                 )
 
         if batch:

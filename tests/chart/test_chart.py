@@ -217,8 +217,11 @@ def test_monitoring_resources() -> None:
         "SmsGatewayBacklog",
         "SmsGatewayRequestsWaiting",
         "SmsGatewayUrgentRequestsWaiting",
+        "SmsGatewayBudgetNearlySpent",
     }
     assert "sms_account_paused" in alerts["SmsGatewayAccountPaused"]
+    assert "sms_budget_used_parts" in alerts["SmsGatewayBudgetNearlySpent"]
+    assert ">= 0.8" in alerts["SmsGatewayBudgetNearlySpent"]
     assert "sms_consumer_live" in alerts["SmsGatewayNoConsumers"]
     assert "rabbitmq_queue_messages_ready" in alerts["SmsGatewayBacklog"]
     assert "sms_queue_wait_seconds_bucket" in alerts["SmsGatewayRequestsWaiting"]

@@ -21,6 +21,9 @@ from gateway.state.base import (
     THROTTLE_RECOVERY_PER_S,
     AccountState,
     BatchRecord,
+    Budget,
+    BudgetAsk,
+    BudgetCounter,
     FinalState,
     OptOut,
     Pause,
@@ -36,6 +39,7 @@ from tests.fakes import FakeClock
 pytestmark = pytest.mark.integration
 
 RESULT = StoredResult(status="accepted", provider="serwersms", provider_message_id="p1", parts=1, attempts=1)
+REJECTED = StoredResult(status="rejected", provider="serwersms", attempts=1)
 RESULT_P9 = StoredResult(status="accepted", provider="serwersms", provider_message_id="p9", parts=1, attempts=1)
 
 
@@ -611,3 +615,81 @@ async def test_a_large_registry_pages_through_every_entry_once(store: Backend, a
         seen += [e.number for e in page]
     assert sorted(set(seen)) == sorted(numbers)  # Redis's scan may repeat an entry; none is missing
     assert await store.opted_out(account, numbers[:300] + _numbers(5)) == set(numbers[:300])
+
+
+# -- budgets ----------------------------------------------------------------------------------------
+
+
+FAR_FUTURE = 1.9e9  # past the fake clock's time (2027) and the server's
+
+
+def _budget(
+    uids: list[str], limit: int, parts: int = 1, *, enforce: bool = True, app_limit: int | None = None
+) -> Budget:
+    counters = [BudgetCounter(f"account:day:{secrets.token_hex(3)}", "account", "day", limit, FAR_FUTURE)]
+    if app_limit is not None:
+        counters.append(BudgetCounter(f"app:crm:day:{secrets.token_hex(3)}", "app:crm", "day", app_limit, FAR_FUTURE))
+    which = tuple(range(len(counters)))
+    return Budget(tuple(counters), {u: BudgetAsk(parts, which, enforce) for u in uids})
+
+
+async def claim_with(
+    store: Backend, account: str, uids: list[str], budget: Budget, owner: str = "w1"
+) -> dict[str, Claim]:
+    claims, _ = await store.claim_and_acquire(account, uids, owner, 30, rate=1e6, burst=10**6, budget=budget)
+    return claims
+
+
+async def test_a_budget_claims_what_fits_in_order_and_a_refund_makes_room(store: Backend, account: str) -> None:
+    budget = _budget(["a", "b", "c", "d"], limit=5, parts=2)
+    claims = await claim_with(store, account, ["a", "b", "c", "d"], budget)
+    assert [claims[u].state for u in "abcd"] == [ClaimState.NEW, ClaimState.NEW, ClaimState.QUOTA, ClaimState.QUOTA]
+    assert claims["c"].budget == budget.counters[0]
+    assert await store.budget_use(account, budget.counters) == [4]
+    # The provider refused a: its parts come back; b was accepted: its parts stay spent.
+    await store.record(account, BatchRecord(done={"a": REJECTED, "b": RESULT}, ttl_s=60, refund=["a"], spend=["b"]))
+    assert await store.budget_use(account, budget.counters) == [2]
+    again = await claim_with(store, account, ["c", "d"], budget)
+    assert [again[u].state for u in "cd"] == [ClaimState.NEW, ClaimState.QUOTA]
+    # A refund of a hold already spent (or never made) changes nothing.
+    await store.record(account, BatchRecord(refund=["b", "zz"]))
+    assert await store.budget_use(account, budget.counters) == [4]
+
+
+async def test_an_unenforced_lane_is_counted_past_the_limit(store: Backend, account: str) -> None:
+    budget = _budget(["u1", "u2", "u3"], limit=2, enforce=False)
+    claims = await claim_with(store, account, ["u1", "u2", "u3"], budget)
+    assert {c.state for c in claims.values()} == {ClaimState.NEW}
+    assert await store.budget_use(account, budget.counters) == [3]
+
+
+async def test_an_application_budget_and_the_account_budget_both_hold(store: Backend, account: str) -> None:
+    budget = _budget(["x1", "x2", "x3"], limit=10, app_limit=2)
+    claims = await claim_with(store, account, ["x1", "x2", "x3"], budget)
+    assert [claims[u].state for u in ("x1", "x2", "x3")] == [ClaimState.NEW, ClaimState.NEW, ClaimState.QUOTA]
+    assert claims["x3"].budget == budget.counters[1]
+    assert await store.budget_use(account, budget.counters) == [2, 2]  # nothing drawn for the refused one
+
+
+async def test_a_claim_taken_again_keeps_its_hold_and_one_without_a_hold_is_counted(
+    store: Backend, account: str, clock: FakeClock
+) -> None:
+    budget = _budget(["held", "bare"], limit=1)
+    await claim_with(store, account, ["held"], budget, owner="dead")
+    await claim(store, account, ["bare"], "dead", 30)  # claimed before the account had a budget
+    clock.advance(31)  # both leases ran out: the next copies reconcile
+    claims = await claim_with(store, account, ["held", "bare"], budget)
+    assert {c.state for c in claims.values()} == {ClaimState.RECONCILE}  # never refused: they may be out
+    assert await store.budget_use(account, budget.counters) == [2]  # held counted once, bare once, past 1
+
+
+async def test_concurrent_claims_never_go_over_a_budget(store: Backend, account: str) -> None:
+    uids = [[f"r{r}-{i}" for i in range(10)] for r in range(10)]
+    budget = _budget([u for batch in uids for u in batch], limit=25)
+    results = await asyncio.gather(
+        *(claim_with(store, account, batch, budget, f"w{r}") for r, batch in enumerate(uids))
+    )
+    states = [c.state for claims in results for c in claims.values()]
+    assert states.count(ClaimState.NEW) == 25
+    assert states.count(ClaimState.QUOTA) == 75
+    assert await store.budget_use(account, budget.counters) == [25]
