@@ -590,6 +590,7 @@ async def test_opt_outs_of_an_account_and_of_all_accounts_are_found_in_one_call(
     assert await store.opted_out(account + "x", [mine, everyone, neither]) == {everyone}  # another account
     assert await store.opted_out(account, []) == set()
     await store.optout_remove(OPTOUT_ALL, [everyone])
+    await store.optout_remove(account, [mine])
 
 
 async def test_adding_again_refreshes_an_entry_and_removing_counts_what_was_there(store: Backend, account: str) -> None:
@@ -603,6 +604,7 @@ async def test_adding_again_refreshes_an_entry_and_removing_counts_what_was_ther
     assert await store.optout_remove(account, [a, a, _numbers(1)[0]]) == 1
     assert await store.opted_out(account, [a, b]) == {b}
     assert await store.optout_count(account) == 1
+    await store.optout_remove(account, [b])  # the registry never expires: nothing stays behind in Redis
 
 
 async def test_a_large_registry_pages_through_every_entry_once(store: Backend, account: str) -> None:
@@ -615,12 +617,13 @@ async def test_a_large_registry_pages_through_every_entry_once(store: Backend, a
         seen += [e.number for e in page]
     assert sorted(set(seen)) == sorted(numbers)  # Redis's scan may repeat an entry; none is missing
     assert await store.opted_out(account, numbers[:300] + _numbers(5)) == set(numbers[:300])
+    assert await store.optout_remove(account, numbers) == 2500
 
 
 # -- budgets ----------------------------------------------------------------------------------------
 
 
-FAR_FUTURE = 1.9e9  # past the fake clock's time (2027) and the server's
+FAR_FUTURE = 1_800_000_000 + 86400  # a day past the fake clock (January 2027): later than the server's clock too
 
 
 def _budget(
