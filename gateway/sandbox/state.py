@@ -46,10 +46,10 @@ class SendRecord:
     stat_id: str
     at: float = field(default_factory=time.time)
     utf: bool = False  # SerwerSMS: sent with `utf` (diacritics kept)
+    parts: int = field(init=False)  # counted once: the ledger lists every send
 
-    @property
-    def parts(self) -> int:
-        return segments.count(self.text).parts
+    def __post_init__(self) -> None:
+        self.parts = segments.count(self.text).parts
 
 
 class FaultRule(BaseModel):
