@@ -73,6 +73,7 @@ def _resolve_secret(value: Any) -> Any:
     return value
 
 
+_APP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 
 
@@ -204,6 +205,16 @@ class Account(BaseModel):
         description="per producing application (the AMQP `app_id`): its own budget_parts_per_day / _per_month",
     )
     budget_timezone: str = Field(default="UTC", description="the zone whose midnight starts a budget's day and month")
+    country_caps_per_hour: dict[str, int] = Field(
+        default_factory=dict,
+        description="fraud guard: messages an hour to one country (ISO 3166 alpha-2, or `*` for any other), every "
+        "lane; past it `velocity_blocked`",
+    )
+    frequency_cap_per_day: int | None = Field(
+        default=None,
+        ge=1,
+        description="messages a day to one recipient on the normal and bulk lanes; past it `frequency_capped`",
+    )
     budget_lanes: tuple[Literal["urgent", "normal", "bulk"], ...] = Field(
         default=("normal", "bulk"),
         description="the lanes a spent budget refuses; the others (urgent, by default) are counted, never refused",
@@ -256,10 +267,26 @@ class Account(BaseModel):
     @field_validator("app_budgets")
     @classmethod
     def _apps(cls, value: dict[str, AppBudget]) -> dict[str, AppBudget]:
-        bad = [k for k in value if not (0 < len(k) <= 64 and k.isprintable() and " " not in k)]
+        bad = [k for k in value if not _APP_NAME.match(k)]
         if bad:
-            raise ValueError(f"application names must be 1-64 printable characters without spaces: {bad[:3]}")
+            raise ValueError(f"application names (app_id) must be 1-64 of A-Z a-z 0-9 . _ -: {bad[:3]}")
         return value
+
+    @field_validator("country_caps_per_hour")
+    @classmethod
+    def _caps(cls, value: dict[str, int]) -> dict[str, int]:
+        caps = {k.upper(): v for k, v in value.items()}
+        unknown = [k for k in caps if k != "*" and k not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"not ISO 3166 alpha-2 regions the number parser knows (or *): {', '.join(unknown)}")
+        if any(v < 0 for v in caps.values()):
+            raise ValueError("a cap is a number of messages, 0 or more")
+        return caps
+
+    @property
+    def has_limits(self) -> bool:
+        """Counted limits (core/budgets.py): budgets, country caps or a recipient cap."""
+        return self.has_budget or bool(self.country_caps_per_hour) or self.frequency_cap_per_day is not None
 
     @property
     def has_budget(self) -> bool:

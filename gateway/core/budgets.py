@@ -1,22 +1,39 @@
-"""Budgets in SMS parts, per account and per producing application (the AMQP `app_id`), per day
-and per calendar month in the account's `budget_timezone`: which counters a batch's requests draw
-from, decided without I/O. The store reserves them with the claim, atomically across replicas
-(state.base: `Budget`), and the pipeline spends or refunds them in the batch's record.
+"""The account's counted limits, decided without I/O: which counters a batch's requests draw from.
+The store reserves the draws with the claim, atomically across replicas (state.base: `Budget`),
+and the pipeline spends or refunds them in the batch's record.
+
+- Budgets in SMS parts, per account and per producing application (the AMQP `app_id`), per day
+  and per calendar month in the account's `budget_timezone` (`quota_exceeded`).
+- The fraud guard: messages per hour to one country (`country_caps_per_hour`, `velocity_blocked`),
+  every lane: SMS pumping rides on login codes as much as on campaigns.
+- Messages per day to one recipient (`frequency_cap_per_day`, `frequency_capped`), normal and
+  bulk lanes.
 
 A counter is named by its scope, its period and the period's date (`account:day:2026-12-06`,
-`app:billing:month:2026-12`): a new day starts a new counter, and the old one expires a while
-after its period ended (kept that long for `gateway accounts` and the metrics)."""
+`app:billing:month:2026-12`, `country:NG:hour:2026-12-06T14`): a new period starts a new counter,
+and the old one expires a while after its period ended (kept that long for `gateway accounts`)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from gateway.config import Account
 from gateway.contract import Lane
-from gateway.state.base import Budget, BudgetAsk, BudgetCounter
+from gateway.numbers import country_of
+from gateway.state.base import Budget, BudgetAsk, BudgetCounter, CounterKind, Draw
+
+
+class Request(NamedTuple):
+    """What the limits need of one request."""
+
+    parts: int
+    app_id: str | None
+    phone: str
+
 
 KEEP_DAY_S = 2 * 86400  # a day's counter is kept this long after the day ended
 KEEP_MONTH_S = 35 * 86400  # a month's, this long after the month ended
@@ -56,25 +73,60 @@ def counters_for(account: Account, app_id: str | None, now: float) -> list[Budge
     return out
 
 
-def for_batch(account: Account, lane: Lane, asks: Mapping[str, tuple[int, str | None]], now: float) -> Budget | None:
-    """The budget of a batch whose requests (unique_id -> (parts, app_id)) go out on `lane`; None
-    when the account has no budget."""
-    if not account.has_budget:
+def for_batch(account: Account, lane: Lane, asks: Mapping[str, Request], now: float) -> Budget | None:
+    """The limits a batch's requests on `lane` draw from: budgets (their parts; refused on
+    `budget_lanes`, counted on the others), the country's hourly cap (one message, every lane) and
+    the recipient's daily cap (one message, normal and bulk). None when none applies."""
+    if not account.has_limits:
         return None
-    enforce = lane in account.budget_lanes
+    enforce_budget = lane in account.budget_lanes
+    capped = account.frequency_cap_per_day is not None and lane is not Lane.URGENT
     counters: list[BudgetCounter] = []
     index: dict[str, int] = {}
     out: dict[str, BudgetAsk] = {}
-    for uid, (parts, app_id) in asks.items():
-        mine = []
-        for counter in counters_for(account, app_id, now):
-            if counter.name not in index:
-                index[counter.name] = len(counters)
-                counters.append(counter)
-            mine.append(index[counter.name])
-        if mine:
-            out[uid] = BudgetAsk(parts, tuple(mine), enforce)
+
+    def at(counter: BudgetCounter) -> int:
+        if counter.name not in index:
+            index[counter.name] = len(counters)
+            counters.append(counter)
+        return index[counter.name]
+
+    for uid, req in asks.items():
+        draws = [Draw(at(c), req.parts, enforce_budget) for c in counters_for(account, req.app_id, now)]
+        if account.country_caps_per_hour:
+            cap = velocity_counter(account, req.phone, now)
+            if cap is not None:
+                draws.append(Draw(at(cap), 1))
+        if capped:
+            draws.append(Draw(at(frequency_counter(account, req.phone, now)), 1))
+        if draws:
+            out[uid] = BudgetAsk(tuple(draws))
     return Budget(tuple(counters), out) if out else None
+
+
+def velocity_counter(account: Account, phone: str, now: float) -> BudgetCounter | None:
+    """The hourly counter (UTC hours) of the recipient's country, when the account caps it."""
+    caps = account.country_caps_per_hour
+    country = country_of(phone) or "ZZ"
+    limit = caps.get(country, caps.get("*"))
+    if limit is None:
+        return None
+    hour = int(now // 3600)
+    stamp = datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y-%m-%dT%H")
+    return BudgetCounter(
+        f"country:{country}:hour:{stamp}", f"country:{country}", "hour", limit, (hour + 1) * 3600 + KEEP_DAY_S,
+        CounterKind.VELOCITY,
+    )  # fmt: skip
+
+
+def frequency_counter(account: Account, phone: str, now: float) -> BudgetCounter:
+    """The recipient's counter for the day (in `budget_timezone`)."""
+    assert account.frequency_cap_per_day is not None
+    (day, day_end), _ = periods(now, account.budget_timezone)
+    return BudgetCounter(
+        f"recipient:{phone}:day:{day}", f"recipient:{phone}", "day", account.frequency_cap_per_day, day_end + 3600,
+        CounterKind.FREQUENCY,
+    )  # fmt: skip
 
 
 def scopes(account: Account) -> list[tuple[str, str, int]]:

@@ -43,6 +43,7 @@ from gateway.core.decisions import (
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.retry import RetryPolicy, retry_delays_ms, wait_delay_ms
 from gateway.errors import LookupFailed
+from gateway.numbers import number_prefix
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.providers.base import (
@@ -53,7 +54,7 @@ from gateway.providers.base import (
     send_split,
 )
 from gateway.state import Claim, ClaimState, Grant, SendStore, StoredResult
-from gateway.state.base import BatchRecord, RetryNote, Tracked
+from gateway.state.base import BatchRecord, BudgetCounter, CounterKind, RetryNote, Tracked
 
 # The decisions are re-exported: the bus settles what the pipeline decides, by these names.
 
@@ -262,7 +263,11 @@ class Pipeline:
         budget = budgets.for_batch(
             self.account,
             self.lane,
-            {uid: (item.parts, jobs[i].app_id) for uid, i in first_of.items() if (item := jobs[i].item) is not None},
+            {
+                uid: budgets.Request(item.parts, jobs[i].app_id, item.phone)
+                for uid, i in first_of.items()
+                if (item := jobs[i].item) is not None
+            },
             self._clock.time(),
         )
         # One round trip claims the ids (reserving their budgets) and takes rate-limit tokens for the new ones.
@@ -293,12 +298,9 @@ class Pipeline:
                 decisions[i] = self.wait(jobs[i], claim)
             elif claim.state is ClaimState.QUOTA:
                 assert claim.budget is not None
-                b = claim.budget
-                what = "the account's" if b.scope == "account" else f"application {b.scope[4:]!r}'s"
-                every = {"day": "daily", "month": "monthly"}.get(b.period, b.period)
-                refusal = Refusal(PolicyCode.QUOTA_EXCEEDED, f"{what} {every} budget of {b.limit} parts is spent")
+                refusal = self._over_limit(claim.budget, jobs[i])
                 decisions[i] = refused(refusal, now)
-                m.POLICY_REFUSALS.labels(self.account.name, self.lane, PolicyCode.QUOTA_EXCEEDED).inc()
+                m.POLICY_REFUSALS.labels(self.account.name, self.lane, refusal.code).inc()
             elif claim.state is ClaimState.RECONCILE or jobs[i].sent_at is not None:
                 # A copy that says an earlier attempt may have gone out is reconciled whatever the
                 # store says: a store that lost its records answers NEW for it.
@@ -318,6 +320,22 @@ class Pipeline:
         taken = grant if grant.granted or grant.wait_s else None
         store_failed = await self._send(jobs, send, decisions, taken)
         return decisions, store_failed, len(send)
+
+    def _over_limit(self, counter: BudgetCounter, job: Job) -> Refusal:
+        """Why a request a counted limit had no room for is refused (core/budgets.py)."""
+        every = {"hour": "hourly", "day": "daily", "month": "monthly"}.get(counter.period, counter.period)
+        if counter.kind is CounterKind.VELOCITY:
+            country = counter.scope.removeprefix("country:")
+            number_range = number_prefix(job.phone or "")
+            m.VELOCITY_BLOCKED.labels(self.account.name, country, number_range).inc()
+            log.warning("velocity_blocked", account=self.account.name, country=country, range=number_range)
+            message = f"the {every} cap of {counter.limit} messages to {country} is reached"
+            return Refusal(PolicyCode.VELOCITY_BLOCKED, message)
+        if counter.kind is CounterKind.FREQUENCY:
+            message = f"the recipient already got {counter.limit} messages today (the {every} cap)"
+            return Refusal(PolicyCode.FREQUENCY_CAPPED, message)
+        what = "the account's" if counter.scope == "account" else f"application {counter.scope[4:]!r}'s"
+        return Refusal(PolicyCode.QUOTA_EXCEEDED, f"{what} {every} budget of {counter.limit} parts is spent")
 
     async def _refuse_opted_out(
         self, jobs: Sequence[Job], first_of: dict[str, int], decisions: dict[int, Decision]
@@ -432,7 +450,7 @@ class Pipeline:
                 retries[uid] = RetryNote(decision.attempts, err.code, err.message, now, now + decision.delay_ms / 1000)
         refund: list[str] = []
         spend: list[str] = []
-        if self.account.has_budget:
+        if self.account.has_limits:
             for i, decision in decisions.items():
                 uid = jobs[i].unique_id
                 assert uid is not None

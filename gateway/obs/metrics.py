@@ -71,6 +71,13 @@ COST = Counter(
     ["account"],
     registry=REGISTRY,
 )
+VELOCITY_BLOCKED = Counter(
+    "sms_velocity_blocked",
+    "Requests refused by the fraud guard (a country's hourly cap), by country and number range (the "
+    "calling code and two more digits)",
+    ["account", "country", "range"],
+    registry=REGISTRY,
+)
 BUDGET_USED = Gauge(
     "sms_budget_used_parts",
     "SMS parts counted against a budget in its current period, as this replica's last claim saw it "

@@ -48,7 +48,7 @@ class ClaimState(StrEnum):
     DONE = "done"
     BUSY = "busy"
     RECONCILE = "reconcile"
-    QUOTA = "quota"  # not claimed: a budget it draws from had no room for its parts (`Claim.budget` says which)
+    QUOTA = "quota"  # not claimed: a limit it draws from had no room (`Claim.budget` says which)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,34 +105,52 @@ class Claim:
     budget: BudgetCounter | None = None  # QUOTA: the budget that had no room
 
 
+class CounterKind(StrEnum):
+    """What a counter limits, and so the refusal when it has no room (contract.PolicyCode)."""
+
+    BUDGET = "budget"  # SMS parts per day or month: quota_exceeded
+    VELOCITY = "velocity"  # messages to one country per hour: velocity_blocked
+    FREQUENCY = "frequency"  # messages to one recipient per day: frequency_capped
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetCounter:
-    """One budget's counter for one period: `name` is unique within the account (scope, period
-    and the period's date), `limit` in SMS parts, kept until `expires_at` (epoch s)."""
+    """One limit's counter for one period: `name` is unique within the account (its scope, period
+    and the period's date), `limit` in the kind's unit (parts, or messages), kept until
+    `expires_at` (epoch s)."""
 
     name: str
-    scope: str  # "account", or "app:<app_id>"
-    period: str  # day | month
+    scope: str  # "account", "app:<app_id>", "country:<CC>", "recipient:<E.164>"
+    period: str  # hour | day | month
     limit: int
     expires_at: float
+    kind: CounterKind = CounterKind.BUDGET
+
+
+@dataclass(frozen=True, slots=True)
+class Draw:
+    """`amount` from the counter at `counter` (an index into `Budget.counters`); not `enforced`: it
+    is counted even past the limit (a lane the limit does not refuse)."""
+
+    counter: int
+    amount: int
+    enforced: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class BudgetAsk:
-    """What one request draws: `parts` from each of `counters` (indexes into `Budget.counters`);
-    without `enforce` (a lane the budgets do not refuse) it is counted even past the limit."""
+    """What one request draws, from every counter it counts against."""
 
-    parts: int
-    counters: tuple[int, ...]
-    enforce: bool = True
+    draws: tuple[Draw, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """A batch's budgets, reserved with its claim (`ClaimStore.claim_and_acquire`): a NEW claim is
-    taken only when each counter it draws from has room for its parts, and then counts them; a
-    request refused there is not claimed (QUOTA). The reservation is kept with the claim (a hold)
-    until the record step spends it (sent, or maybe sent) or gives it back (`BatchRecord.refund`)."""
+    """A batch's limits (budgets in parts, country velocity, recipient frequency), reserved with its
+    claim (`ClaimStore.claim_and_acquire`): a NEW claim is taken only when each counter it draws
+    from with `enforced` has room, and then counts every draw; a request refused there is not
+    claimed (QUOTA). The draws are kept with the claim (a hold) until the record step spends them
+    (sent, or maybe sent) or gives them back (`BatchRecord.refund`)."""
 
     counters: tuple[BudgetCounter, ...]
     asks: Mapping[str, BudgetAsk]
@@ -177,8 +195,9 @@ class EpochMemory:
 def note_budget_use(account: str, counters: Sequence[BudgetCounter], used: Sequence[int]) -> None:
     """The budgets' use as a claim left it, on /metrics (each replica shows the latest it saw)."""
     for counter, parts in zip(counters, used, strict=True):
-        m.BUDGET_USED.labels(account, counter.scope, counter.period).set(parts)
-        m.BUDGET_LIMIT.labels(account, counter.scope, counter.period).set(counter.limit)
+        if counter.kind is CounterKind.BUDGET:  # recipients and hours would grow the label set without end
+            m.BUDGET_USED.labels(account, counter.scope, counter.period).set(parts)
+            m.BUDGET_LIMIT.labels(account, counter.scope, counter.period).set(counter.limit)
 
 
 def distrust_new(

@@ -14,9 +14,9 @@ Keys (all here, one place); `{account}` is a hash tag so one account's keys shar
                                       its correlation (at most `park_max`)
     smsgw:{<account>}:dlr:ev:<id>     a webhook event id -> the message id it first named
 
-    smsgw:{<account>}:q:<counter>     a budget's parts counted in one period (budget counter name),
-                                      expiring a while after the period ends
-    smsgw:{<account>}:h:<unique_id>   a claimed request's budget hold: parts|counter key|...
+    smsgw:{<account>}:q:<counter>     a limit's count in one period (core/budgets.py: the counter's
+                                      name), expiring a while after the period ends
+    smsgw:{<account>}:h:<unique_id>   a claimed request's draws: counter key=amount|...
 
     smsgw:optout:{<scope>}            opt-out registry of an account, or `*` for all: hash
                                       E.164 number -> JSON (at, via, source, by), never expires
@@ -112,7 +112,7 @@ def bucket_key(key: str) -> str:
 
 
 def hold_key(account: str, uid: str) -> str:
-    """A claimed request's budget hold: `parts|counter key|...` (see _CLAIM_FN)."""
+    """A claimed request's draws: `counter key=amount|...` (see _CLAIM_FN)."""
     return f"{PREFIX}:{{{account}}}:h:{uid}"
 
 
@@ -123,7 +123,7 @@ def budget_key(account: str, counter: str) -> str:
 def _ask(ask: BudgetAsk | None) -> str:
     if ask is None:
         return ""
-    return f"{ask.parts};{1 if ask.enforce else 0};{','.join(str(c + 1) for c in ask.counters)}"
+    return ",".join(f"{d.counter + 1}:{d.amount}:{1 if d.enforced else 0}" for d in ask.draws)
 
 
 def optout_key(scope: str) -> str:
@@ -146,24 +146,24 @@ end
 # ms left} for another live claim, {'quota', counter index} for one its budget had no room for),
 # and how many are new.
 # `replay` holds one character per key: '1' claims a done result again when its status is replayable.
-# `b` is the batch's budget (`budget_of`), or nil: a new claim draws its parts from its counters
-# first (refused when an enforced one has no room), and keeps them in its hold key KEYS[n + i]
-# (`parts|counter key|...`) until the record step spends or refunds them.
+# `b` is the batch's limits (`budget_of`), or nil: a new claim draws from its counters first
+# (refused when an enforced draw has no room), and keeps its draws in its hold key KEYS[n + i]
+# (`counter key=amount|...`) until the record step spends or refunds them.
 _CLAIM_FN = f"""
 local replayable = {{{", ".join(f"['{s}'] = true" for s in sorted(REPLAYABLE))}}}
 local function room(b, ask)
-  for _, c in ipairs(ask.c) do
-    if ask.e and b.used[c] + ask.p > b.limit[c] then return c end
+  for _, d in ipairs(ask) do
+    if d.e and b.used[d.c] + d.a > b.limit[d.c] then return d.c end
   end
   return nil
 end
 local function draw(b, n, i, ask, window)
-  local hold = {{tostring(ask.p)}}
-  for _, c in ipairs(ask.c) do
-    local key = KEYS[2 * n + c]
-    b.used[c] = redis.call('INCRBY', key, ask.p)
-    if b.used[c] == ask.p then redis.call('PEXPIREAT', key, b.till[c]) end
-    hold[#hold + 1] = key
+  local hold = {{}}
+  for _, d in ipairs(ask) do
+    local key = KEYS[2 * n + d.c]
+    b.used[d.c] = redis.call('INCRBY', key, d.a)
+    if b.used[d.c] == d.a then redis.call('PEXPIREAT', key, b.till[d.c]) end
+    hold[#hold + 1] = key .. '=' .. d.a
   end
   redis.call('SET', KEYS[n + i], table.concat(hold, '|'), 'PX', window)
 end
@@ -199,9 +199,7 @@ local function claim(n, owner, lease, window, now_s, replay, b)
       end
       if again then
         -- it may have been sent: counted when it holds nothing yet, never refused
-        if ask and redis.call('EXISTS', KEYS[n + i]) == 0 then
-          draw(b, n, i, {{p = ask.p, c = ask.c, e = false}}, window)
-        end
+        if ask and redis.call('EXISTS', KEYS[n + i]) == 0 then draw(b, n, i, ask, window) end
         redis.call('SET', key, mine, 'PX', window)
         out[i] = {{'reconcile', ''}}
       end
@@ -211,9 +209,9 @@ local function claim(n, owner, lease, window, now_s, replay, b)
 end
 """
 
-# The batch's budget from ARGV[12] on: m counters (their limits, then their expiry times in ms),
-# then one ask per id: '' (draws nothing) or 'parts;enforced 0|1;counter,counter,...'. Returns
-# nil when m is 0, and the number of claimed ids n from the key count.
+# The batch's limits from ARGV[12] on: m counters (their limits, then their expiry times in ms),
+# then one ask per id: '' (draws nothing) or 'counter:amount:enforced 0|1,...'. Returns nil when m
+# is 0, and the number of claimed ids n from the key count.
 _BUDGET_FN = """
 local function budget_of(nkeys)
   local m = tonumber(ARGV[12] or '0')
@@ -228,10 +226,11 @@ local function budget_of(nkeys)
   for i = 1, n do
     local spec = ARGV[12 + 2 * m + i]
     if spec ~= '' then
-      local parts, enforced, list = string.match(spec, '^(%d+);([01]);(.*)$')
-      local cs = {}
-      for c in string.gmatch(list, '%d+') do cs[#cs + 1] = tonumber(c) end
-      b.ask[i] = {p = tonumber(parts), e = enforced == '1', c = cs}
+      local draws = {}
+      for c, a, e in string.gmatch(spec, '(%d+):(%d+):([01])') do
+        draws[#draws + 1] = {c = tonumber(c), a = tonumber(a), e = e == '1'}
+      end
+      b.ask[i] = draws
     end
   end
   return b, n
@@ -412,13 +411,8 @@ local nf, ns = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
 for i = k + 1, k + nf do
   local hold = redis.call('GET', KEYS[i])
   if hold then
-    local parts = nil
-    for item in string.gmatch(hold, '[^|]+') do
-      if not parts then
-        parts = tonumber(item)
-      elseif redis.call('EXISTS', item) == 1 then
-        redis.call('DECRBY', item, parts)
-      end
+    for counter, amount in string.gmatch(hold, '([^|=]+)=(%d+)') do
+      if redis.call('EXISTS', counter) == 1 then redis.call('DECRBY', counter, tonumber(amount)) end
     end
     redis.call('DEL', KEYS[i])
   end

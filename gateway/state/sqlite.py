@@ -120,14 +120,15 @@ CREATE TABLE IF NOT EXISTS pause (
 CREATE TABLE IF NOT EXISTS optout (
     scope TEXT NOT NULL, num TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (scope, num)
 ) WITHOUT ROWID;
--- Budgets: the parts counted per counter and period (core/budgets.py), and each claimed
--- request's hold on them until its batch's record spends or refunds it.
-CREATE TABLE IF NOT EXISTS budget (
-    account TEXT NOT NULL, counter TEXT NOT NULL, used INTEGER NOT NULL, expires_at REAL NOT NULL,
-    PRIMARY KEY (account, counter)
+-- Limits (budgets, country velocity, recipient frequency: core/budgets.py): each counter's count
+-- in its period, and each claimed request's draws (`name=amount|...`) until its batch's record
+-- spends or refunds them.
+CREATE TABLE IF NOT EXISTS counter (
+    account TEXT NOT NULL, name TEXT NOT NULL, used INTEGER NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (account, name)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS budget_hold (
-    account TEXT NOT NULL, uid TEXT NOT NULL, parts INTEGER NOT NULL, counters TEXT NOT NULL, expires_at REAL NOT NULL,
+CREATE TABLE IF NOT EXISTS hold (
+    account TEXT NOT NULL, uid TEXT NOT NULL, draws TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (account, uid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS epoch (
@@ -145,38 +146,35 @@ class _Books:
         self.used: list[int] = []
         for c in budget.counters:
             row = db.execute(
-                "SELECT used FROM budget WHERE account=? AND counter=? AND expires_at>=?", (account, c.name, now)
+                "SELECT used FROM counter WHERE account=? AND name=? AND expires_at>=?", (account, c.name, now)
             ).fetchone()
             self.used.append(int(row[0]) if row else 0)
 
     def take(self, uid: str, *, fresh: bool) -> BudgetCounter | None:
-        """Draw the id's parts; the counter without room when a fresh one may not (nothing drawn).
-        A claim taken again (it may have been sent) is counted when it holds nothing yet."""
+        """Draw the id's amounts; the counter without room when a fresh one may not (nothing
+        drawn). A claim taken again (it may have been sent) is counted when it holds nothing yet."""
         ask = self._budget.asks.get(uid)
         if ask is None:
             return None
         if not fresh:
-            held = self._db.execute(
-                "SELECT 1 FROM budget_hold WHERE account=? AND uid=?", (self._account, uid)
-            ).fetchone()
+            held = self._db.execute("SELECT 1 FROM hold WHERE account=? AND uid=?", (self._account, uid)).fetchone()
             if held is not None:
                 return None
-        elif ask.enforce:
-            for c in ask.counters:
-                if self.used[c] + ask.parts > self._budget.counters[c].limit:
-                    return self._budget.counters[c]
-        for c in ask.counters:
-            counter = self._budget.counters[c]
-            self.used[c] += ask.parts
+        else:
+            for d in ask.draws:
+                if d.enforced and self.used[d.counter] + d.amount > self._budget.counters[d.counter].limit:
+                    return self._budget.counters[d.counter]
+        for d in ask.draws:
+            counter = self._budget.counters[d.counter]
+            self.used[d.counter] += d.amount
             self._db.execute(
-                "INSERT INTO budget VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (account, counter) DO UPDATE SET used = excluded.used, expires_at = excluded.expires_at",
-                (self._account, counter.name, self.used[c], counter.expires_at),
+                "INSERT INTO counter VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (account, name) DO UPDATE SET used = excluded.used, expires_at = excluded.expires_at",
+                (self._account, counter.name, self.used[d.counter], counter.expires_at),
             )
-        names = "|".join(self._budget.counters[c].name for c in ask.counters)
+        draws = "|".join(f"{self._budget.counters[d.counter].name}={d.amount}" for d in ask.draws)
         self._db.execute(
-            "INSERT OR REPLACE INTO budget_hold VALUES (?, ?, ?, ?, ?)",
-            (self._account, uid, ask.parts, names, self._hold_until),
+            "INSERT OR REPLACE INTO hold VALUES (?, ?, ?, ?)", (self._account, uid, draws, self._hold_until)
         )
         return None
 
@@ -234,8 +232,8 @@ class SqliteStore(RecordShortcuts):
             db.execute("DELETE FROM dlr_early WHERE until < ?", (now,))
             db.execute("DELETE FROM trail WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM dlr_final WHERE expires_at < ?", (now,))
-            db.execute("DELETE FROM budget WHERE expires_at < ?", (now,))
-            db.execute("DELETE FROM budget_hold WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM counter WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM hold WHERE expires_at < ?", (now,))
             db.execute(
                 "DELETE FROM numbers WHERE rowid < "
                 "(SELECT coalesce(min(rowid), 1 << 62) FROM (SELECT rowid FROM numbers WHERE expires_at >= ? LIMIT 1))",
@@ -286,7 +284,7 @@ class SqliteStore(RecordShortcuts):
             out = []
             for c in counters:
                 row = db.execute(
-                    "SELECT used FROM budget WHERE account=? AND counter=? AND expires_at>=?", (account, c.name, now)
+                    "SELECT used FROM counter WHERE account=? AND name=? AND expires_at>=?", (account, c.name, now)
                 ).fetchone()
                 out.append(int(row[0]) if row else 0)
             return out
@@ -395,17 +393,16 @@ class SqliteStore(RecordShortcuts):
                     [(account, num, uid, now, expires) for uid, num in batch.numbers.items()],
                 )
             for uid in batch.refund:
-                hold = db.execute(
-                    "SELECT parts, counters FROM budget_hold WHERE account=? AND uid=?", (account, uid)
-                ).fetchone()
+                hold = db.execute("SELECT draws FROM hold WHERE account=? AND uid=?", (account, uid)).fetchone()
                 if hold is not None:
+                    draws = [d.rpartition("=") for d in hold[0].split("|") if d]
                     db.executemany(
-                        "UPDATE budget SET used = used - ? WHERE account=? AND counter=?",
-                        [(hold[0], account, name) for name in hold[1].split("|") if name],
+                        "UPDATE counter SET used = used - ? WHERE account=? AND name=?",
+                        [(int(amount), account, name) for name, _, amount in draws],
                     )
             if batch.refund or batch.spend:
                 db.executemany(
-                    "DELETE FROM budget_hold WHERE account=? AND uid=?",
+                    "DELETE FROM hold WHERE account=? AND uid=?",
                     [(account, uid) for uid in (*batch.refund, *batch.spend)],
                 )
 

@@ -218,7 +218,9 @@ def test_monitoring_resources() -> None:
         "SmsGatewayRequestsWaiting",
         "SmsGatewayUrgentRequestsWaiting",
         "SmsGatewayBudgetNearlySpent",
+        "SmsGatewayVelocityBlocked",
     }
+    assert "sms_velocity_blocked_total" in alerts["SmsGatewayVelocityBlocked"]
     assert "sms_account_paused" in alerts["SmsGatewayAccountPaused"]
     assert "sms_budget_used_parts" in alerts["SmsGatewayBudgetNearlySpent"]
     assert ">= 0.8" in alerts["SmsGatewayBudgetNearlySpent"]

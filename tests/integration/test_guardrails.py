@@ -119,3 +119,46 @@ async def test_parts_saved_by_transliteration_are_counted(world: InProcess) -> N
     (doc,) = bus.outcome_docs()
     assert (doc["encoding"], doc["parts"], doc["transliterated"]) == ("gsm7", 1, "lookalikes")
     assert sample("sms_parts_saved_total", account=name) == 2
+
+
+async def test_a_burst_to_one_foreign_range_trips_the_velocity_guard_and_names_the_range(world: InProcess) -> None:
+    name = new_account_name()
+    await world.gateway([world.account(name, country_caps_per_hour={"NG": 3, "*": 100})])
+    async with Bus.open([name]) as bus:
+        # Pumping rides on login codes: the urgent lane is guarded too.
+        for i in range(5):
+            await bus.publish(c.lane_key(name, c.Lane.URGENT), request(f"ng-{i}", to=f"+234803123{i:04d}"))
+        await bus.publish(name, request("pl-1", to="+48500600700"))
+        await bus.wait_for(outcomes=6)
+        await bus.settle(0.3)
+    by_uid = {d["unique_id"]: d for d in bus.outcome_docs()}
+    ng = [by_uid[f"ng-{i}"] for i in range(5)]
+    assert sorted(d["status"] for d in ng) == ["accepted"] * 3 + ["rejected"] * 2
+    blocked = [d for d in ng if d["status"] == "rejected"]
+    assert {d["error"]["code"] for d in blocked} == {"velocity_blocked"}
+    assert "3 messages to NG" in blocked[0]["error"]["message"]
+    assert by_uid["pl-1"]["status"] == "accepted"
+    assert sum(1 for r in world.state.sends if r.phone.startswith("+234")) == 3
+    assert not bus.dead
+    assert sample("sms_velocity_blocked_total", account=name, country="NG", range="+23480") == 2
+
+
+async def test_a_recipient_over_its_daily_cap_is_capped_on_normal_and_bulk_but_gets_its_codes(
+    world: InProcess,
+) -> None:
+    name = new_account_name()
+    await world.gateway([world.account(name, frequency_cap_per_day=2)])
+    async with Bus.open([name]) as bus:
+        for i in range(2):
+            await bus.publish(name, request(f"n-{i}", to="+48500600777"))
+        await bus.wait_for(outcomes=2)
+        await bus.publish(c.lane_key(name, c.Lane.BULK), request("b-1", to="+48500600777"))
+        await bus.publish(c.lane_key(name, c.Lane.URGENT), request("u-1", to="+48500600777"))
+        await bus.publish(name, request("other-1", to="+48500600778"))
+        await bus.wait_for(outcomes=5)
+    by_uid = {d["unique_id"]: d for d in bus.outcome_docs()}
+    assert [by_uid[f"n-{i}"]["status"] for i in range(2)] == ["accepted", "accepted"]
+    assert by_uid["b-1"]["status"] == "rejected"
+    assert by_uid["b-1"]["error"]["code"] == "frequency_capped"
+    assert by_uid["u-1"]["status"] == "accepted"
+    assert by_uid["other-1"]["status"] == "accepted"

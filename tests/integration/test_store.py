@@ -24,6 +24,8 @@ from gateway.state.base import (
     Budget,
     BudgetAsk,
     BudgetCounter,
+    CounterKind,
+    Draw,
     FinalState,
     OptOut,
     Pause,
@@ -632,8 +634,8 @@ def _budget(
     counters = [BudgetCounter(f"account:day:{secrets.token_hex(3)}", "account", "day", limit, FAR_FUTURE)]
     if app_limit is not None:
         counters.append(BudgetCounter(f"app:crm:day:{secrets.token_hex(3)}", "app:crm", "day", app_limit, FAR_FUTURE))
-    which = tuple(range(len(counters)))
-    return Budget(tuple(counters), {u: BudgetAsk(parts, which, enforce) for u in uids})
+    draws = tuple(Draw(c, parts, enforce) for c in range(len(counters)))
+    return Budget(tuple(counters), {u: BudgetAsk(draws) for u in uids})
 
 
 async def claim_with(
@@ -696,3 +698,21 @@ async def test_concurrent_claims_never_go_over_a_budget(store: Backend, account:
     assert states.count(ClaimState.NEW) == 25
     assert states.count(ClaimState.QUOTA) == 75
     assert await store.budget_use(account, budget.counters) == [25]
+
+
+async def test_draws_of_different_amounts_and_kinds_are_held_and_refunded_each_their_own(
+    store: Backend, account: str
+) -> None:
+    # Parts from a budget, one message from a country's hourly cap: the cap refuses the third.
+    parts = BudgetCounter(f"account:day:{secrets.token_hex(3)}", "account", "day", 100, FAR_FUTURE)
+    cap = BudgetCounter(
+        f"country:NG:hour:{secrets.token_hex(3)}", "country:NG", "hour", 2, FAR_FUTURE, CounterKind.VELOCITY
+    )
+    ask = BudgetAsk((Draw(0, 3), Draw(1, 1)))
+    budget = Budget((parts, cap), {"m1": ask, "m2": ask, "m3": ask})
+    claims = await claim_with(store, account, ["m1", "m2", "m3"], budget)
+    assert [claims[u].state for u in ("m1", "m2", "m3")] == [ClaimState.NEW, ClaimState.NEW, ClaimState.QUOTA]
+    assert claims["m3"].budget == cap
+    assert await store.budget_use(account, [parts, cap]) == [6, 2]
+    await store.record(account, BatchRecord(refund=["m1"]))
+    assert await store.budget_use(account, [parts, cap]) == [3, 1]

@@ -61,6 +61,10 @@ def test_secret_from_a_mounted_file(tmp_path: Path) -> None:
         ({"max_parts": 0}, "max_parts"),
         ({"price_per_part": -1}, "price_per_part"),
         ({"optout_lanes": ["promo"]}, "optout_lanes"),
+        ({"country_caps_per_hour": {"XX": 5}}, "country_caps_per_hour"),
+        ({"app_budgets": {"crm|x": {"budget_parts_per_day": 5}}}, "app_budgets"),
+        ({"budget_timezone": "Mars/Olympus"}, "budget_timezone"),
+        ({"frequency_cap_per_day": 0}, "frequency_cap_per_day"),
     ],
 )
 def test_bad_account_names_the_field(override: dict[str, object], field: str) -> None:
