@@ -80,6 +80,9 @@ MARK_RETRY_MAX_S = 5.0
 UNSURE_RETRY_FIRST_S = 2.0  # a publish without a confirm is looked up after this (what the closed connection
 # had routed has reached the stream by then), doubling up to the max
 UNSURE_RETRY_MAX_S = 5.0
+UNSURE_SECOND_LOOK_S = (
+    3.0  # an event not in the stream is looked for once more after this, before it is published again
+)
 UNSURE_READ_TIMEOUT_S = 10.0  # one read of the tracking stream for it; past this it is tried again
 SWEEP_S = 0.5  # parked webhooks are matched this often
 SWEEP_LIMIT = 500  # parked webhooks looked at per account and sweep
@@ -206,12 +209,15 @@ class Desk:
         self, account: str, holder: str, tracked: Tracked, report: StatusReport, attempted: float
     ) -> None:
         """A publish whose confirm never came: look for the event in the tracking stream, and
-        publish it again only when it is not there, while the claim is ours (most of its lease);
-        then mark it final. Past that, the claim is given back and the next poll publishes."""
+        publish it again only when two reads, `UNSURE_SECOND_LOOK_S` apart, did not find it (what
+        the closed connection had routed can reach the stream late on a loaded broker), while the
+        claim is ours (most of its lease); then mark it final. Past that, the claim is given back
+        and the next poll publishes."""
         assert self._published is not None
         message_id = report.provider_message_id
         deadline = self._clock.monotonic() + FINAL_LEASE_S * 0.75
         delay = UNSURE_RETRY_FIRST_S
+        absent_once = False
         while True:
             await self._clock.sleep(delay)
             try:
@@ -219,6 +225,9 @@ class Desk:
                     found = message_id in await self._published(account, [message_id], attempted)
                 if found:
                     log.info("dlr_publish_found", account=account, provider_message_id=message_id)
+                elif not absent_once:
+                    absent_once, delay = True, UNSURE_SECOND_LOOK_S
+                    continue
                 else:
                     await self._publish(account, tracked, report)
                     m.DLR_REPORTS.labels(account, "unsure", "published").inc()

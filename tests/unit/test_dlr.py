@@ -358,9 +358,13 @@ class UnconfirmedSink(RecordingSink):
             raise ConnectionError("connection closed before the confirm came")
 
 
-@pytest.mark.parametrize("routed", [True, False], ids=["routed", "not-routed"])
+@pytest.mark.parametrize(
+    ("routed", "late", "reads"),
+    [(True, False, 1), (True, True, 2), (False, False, 2)],
+    ids=["routed", "routed-reaching-the-stream-late", "not-routed"],
+)
 async def test_a_publish_without_a_confirm_is_looked_up_in_the_stream_and_published_once(
-    tmp_path: Path, clock: FakeClock, routed: bool
+    tmp_path: Path, clock: FakeClock, routed: bool, late: bool, reads: int
 ) -> None:
     store = SqliteStore(tmp_path / "state.sqlite3")
     sink = UnconfirmedSink(routed)
@@ -368,6 +372,8 @@ async def test_a_publish_without_a_confirm_is_looked_up_in_the_stream_and_publis
 
     async def published(account: str, ids: list[str], since: float) -> set[str]:
         asked.append(since)  # the broker's word: what reached the tracking stream since then
+        if late and len(asked) == 1:
+            return set()  # routed, but not in the stream yet at the first read
         return {e["provider_message_id"] for e in sink.events if e["routing_key"].endswith(account)} & set(ids)
 
     account = Account(name="kz", provider="mobizon", base_url="https://api.mobizon.kz", api_key=SecretStr("k"))
@@ -378,7 +384,9 @@ async def test_a_publish_without_a_confirm_is_looked_up_in_the_stream_and_publis
         assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.BUSY
         assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "webhook") is FinalState.BUSY
         assert await desk.finish_marks(30) == 0
-        assert asked == [clock.time() - 2.0]  # looked up once, from the publish's moment
+        # Looked up from the publish's moment: once when found, twice (3 s apart) before publishing again.
+        attempted = clock.time() - (2.0 if reads == 1 else 5.0)
+        assert asked == [attempted] * reads
         assert [e["routing_key"] for e in sink.events] == ["delivered.kz"]  # once, routed or not
         assert await desk.report("kz", MOBIZON.report("m1", "DELIVRD"), "poll") is FinalState.DONE
         assert len(sink.events) == 1
