@@ -245,7 +245,8 @@ class Pipeline:
             if item.parts_saved > 0:
                 m.PARTS_SAVED.labels(name).inc(item.parts_saved)
             if r.cost is not None:
-                m.COST.labels(name).inc(r.cost)
+                app = jobs[i].app_id
+                m.COST.labels(name, app if app in self.account.app_budgets else "other").inc(r.cost)
 
     async def _decide(self, jobs: Sequence[Job]) -> tuple[dict[int, Decision], bool, int]:
         """Claim, reconcile, send: a decision for every job, whether the store failed on the way,

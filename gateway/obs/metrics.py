@@ -67,8 +67,9 @@ PARTS_SAVED = Counter(
 )
 COST = Counter(
     "sms_cost",
-    "What accepted messages cost: parts x the account's price_per_part (accounts with a price only)",
-    ["account"],
+    "What accepted messages cost: parts x the account's price_per_part (accounts with a price only), by "
+    "producing application (the AMQP app_id: the applications named in app_budgets, every other one as `other`)",
+    ["account", "app"],
     registry=REGISTRY,
 )
 VELOCITY_BLOCKED = Counter(

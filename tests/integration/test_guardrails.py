@@ -105,8 +105,22 @@ async def test_accepted_outcomes_carry_their_cost_and_a_duplicate_does_not_count
     assert second["status"] == "duplicate"
     assert "cost" not in second
     assert second["original"]["cost"] == 0.14
-    assert sample("sms_cost_total", account=name) == pytest.approx(0.14)
+    assert sample("sms_cost_total", account=name, app="other") == pytest.approx(0.14)
     assert sample("sms_parts_total", account=name, encoding="gsm7") == 2
+
+
+async def test_the_cost_metric_names_only_the_configured_applications(world: InProcess) -> None:
+    name = new_account_name()
+    shop = {"budget_parts_per_month": 10_000}
+    await world.gateway([world.account(name, price_per_part=0.05, app_budgets={"shop": shop})])
+    async with Bus.open([name]) as bus:
+        await bus.publish(name, request("s-1"), app_id="shop")
+        await bus.publish(name, request("w-1", to="+48500600701"), app_id="web-7f3a")  # not configured
+        await bus.publish(name, request("n-1", to="+48500600702"))  # no app_id at all
+        await bus.wait_for(outcomes=3)
+    assert sample("sms_cost_total", account=name, app="shop") == pytest.approx(0.05)
+    assert sample("sms_cost_total", account=name, app="other") == pytest.approx(0.10)
+    assert sample("sms_cost_total", account=name, app="web-7f3a") == 0
 
 
 async def test_parts_saved_by_transliteration_are_counted(world: InProcess) -> None:
