@@ -278,6 +278,9 @@ class Ledger:
     reports_twice: int = 0
     reports_early: int = 0  # a final event that arrived before the request's `accepted`
     own_duplicates: int = 0
+    # With a budget (`budget_kill9`): parts accepted past it, plus any difference between what the
+    # store counted and what the provider's ledger holds (0: the budget held exactly).
+    over_budget: int = 0
     consumers_restored: bool = True
     recovered_s: float | None = None
     seconds: float = 0.0
@@ -288,7 +291,8 @@ class Ledger:
     def ok(self) -> bool:
         reports = not (self.reports_missing or self.reports_twice or self.reports_early or self.own_duplicates)
         failed = self.failed_allowed or self.failed == 0
-        return self.lost == 0 and self.sent_twice == 0 and self.consumers_restored and reports and failed
+        held = self.lost == 0 and self.sent_twice == 0 and self.over_budget == 0
+        return held and self.consumers_restored and reports and failed
 
     def row(self) -> str:
         rec = "yes" if self.consumers_restored else "NO"

@@ -19,6 +19,9 @@ import httpx
 
 from gateway import contract as c
 from gateway.bus import topology
+from gateway.config import Account
+from gateway.core import budgets
+from gateway.state.redis import RedisStore
 from testkit.netcut import NetCut
 from testkit.redis_ha import RedisSentinels
 from tests.chaos.harness import RETRY_SCHEDULE_S, Ledger, RabbitNode, RedisServer, World, request_body
@@ -105,6 +108,54 @@ async def kill9(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, 
     led = await _finish(world, f"kill -9 x{size.kills} ({size.replicas} replicas)", 240)
     led.recovered_s = recovered
     return led
+
+
+async def budget_kill9(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """kill -9 of replicas and a broker close while a daily budget of half the requests' parts
+    runs out: no more than the budget is accepted, and the store's count of it is exactly what the
+    provider's ledger holds (no hold of a killed replica counted twice, none leaked)."""
+    account = _account("b")
+    n = size.kill9_messages
+    budget = n // 2  # every request is one part
+    rate = max(200, n // 12)
+    world = await _world(
+        root,
+        nodes,
+        redis_server,
+        [account],
+        size.replicas,
+        rate_per_s=rate,
+        burst=rate // 4,
+        budget_parts_per_day=budget,
+    )
+    await world.publish(_items(account, "b", n))
+    for _ in range(size.kills):
+        await asyncio.sleep(world.rng.uniform(0.5, 2.5))
+        victim = world.rng.choice(sorted(world.gateways))
+        world.kill(victim)
+        await asyncio.to_thread(world.start_gateway, victim)
+    await asyncio.to_thread(world.rabbit.ctl, "close_all_connections", "chaos: connections closed")
+    last = time.monotonic()
+    recovered = await world.wait_recovered(last, 90)
+    led = await _finish(world, f"a budget of {budget:,} parts for {n:,}: kill -9 x{size.kills}, a broker close", 240)
+    led.recovered_s = recovered
+    store = RedisStore(redis_server.url)
+    try:
+        counters = budgets.counters_for(world_account(account, budget), None, time.time())
+        (counted,) = await store.budget_use(account, counters)
+    finally:
+        await store.close()
+    # What the provider holds: accepted, plus failed ones that may have gone out (none expected).
+    sent = led.accepted + led.failed
+    led.over_budget = max(0, led.accepted - budget) + abs(counted - sent)
+    led.extra["budget_counted"] = counted
+    led.notes.append(f"budget {budget}: {led.accepted} accepted, the store counted {counted}, {led.rejected} refused")
+    return led
+
+
+def world_account(name: str, budget: int) -> Account:
+    """The account as the scenario configured it, for the budget's counter names."""
+    return Account(name=name, provider="serwersms", base_url="http://x.invalid", token="t", budget_parts_per_day=budget)  # type: ignore[arg-type]
 
 
 async def lanes(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
@@ -656,6 +707,7 @@ SINGLE_NODE: dict[str, Scenario] = {
     "noisy_neighbour_unfair": functools.partial(noisy_neighbour, fair=False),
     "noisy_neighbour": noisy_neighbour,
     "lanes": lanes,
+    "budget_kill9": budget_kill9,
     "dlr_redis_pause": dlr_redis_pause,
     "dlr_redis_stop": dlr_redis_stop,
     "dlr_redis_empty": dlr_redis_empty,
@@ -667,6 +719,7 @@ CLUSTER: dict[str, Scenario] = {"cluster_failover": cluster_failover}
 CI_SCENARIOS = [
     "kill9",
     "lanes",
+    "budget_kill9",
     "broker_close",
     "broker_restart",
     "redis_empty",

@@ -42,6 +42,7 @@ async def test_chaos_scenario_loses_nothing_and_sends_nothing_twice(
     assert led.published > 0
     assert led.lost == 0, led.notes
     assert led.sent_twice == 0, led.notes
+    assert led.over_budget == 0, led.notes
     assert led.consumers_restored, led.notes
     assert led.reports_missing == 0, led.notes  # with reports on: one delivery event per accepted SMS
     assert led.reports_twice == 0, led.notes
