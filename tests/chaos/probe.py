@@ -1,7 +1,8 @@
 """A latency-sensitive producer in a process of its own: it publishes one request every `interval`
 seconds to an account and waits for each one's outcome on a queue of its own, bound to that
 account's outcomes only, as an application that sends login codes would. It prints one JSON line:
-the milliseconds from each publish to its outcome, in publish order.
+the milliseconds from each publish to its outcome, in publish order, and of those the part after
+the gateway wrote the outcome (its `at`, on the same machine's clock) until the probe read it.
 
 The chaos runner's own observer reads every outcome of the run through one queue, so a request's
 outcome seen there waits behind the other accounts' outcomes in that queue and in that process:
@@ -17,6 +18,7 @@ import contextlib
 import json
 import sys
 import time
+from datetime import datetime
 
 import aio_pika
 
@@ -24,10 +26,13 @@ from gateway import contract as c
 from tests.chaos.harness import request_body
 
 
-async def probe(url: str, routing_key: str, prefix: str, count: int, interval_s: float) -> list[float | None]:
+async def probe(
+    url: str, routing_key: str, prefix: str, count: int, interval_s: float
+) -> tuple[list[float | None], list[float | None]]:
     account, _lane = c.split_key(routing_key)
     sent_at: dict[str, float] = {}
     seen_at: dict[str, float] = {}
+    made_at: dict[str, float] = {}  # the outcome's own `at`: when the gateway wrote it (same clock)
     done = asyncio.Event()
     connection = await aio_pika.connect(url + "?name=chaos-probe")
     async with connection:
@@ -36,9 +41,11 @@ async def probe(url: str, routing_key: str, prefix: str, count: int, interval_s:
         await queue.bind(c.OUTCOMES_EXCHANGE, routing_key=f"*.{account}")
 
         async def on_outcome(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            uid = json.loads(message.body).get("unique_id")
+            doc = json.loads(message.body)
+            uid = doc.get("unique_id")
             if uid in sent_at and uid not in seen_at:
                 seen_at[uid] = time.monotonic()
+                made_at[uid] = time.time() - datetime.fromisoformat(doc["at"].replace("Z", "+00:00")).timestamp()
                 if len(seen_at) == count:
                     done.set()
             await message.ack()
@@ -56,13 +63,16 @@ async def probe(url: str, routing_key: str, prefix: str, count: int, interval_s:
         with contextlib.suppress(TimeoutError):  # the unanswered ones are reported as None
             await asyncio.wait_for(done.wait(), timeout=300)
     uids = [f"{prefix}{i}" for i in range(count)]
-    return [round((seen_at[u] - sent_at[u]) * 1000, 1) if u in seen_at else None for u in uids]
+    total = [round((seen_at[u] - sent_at[u]) * 1000, 1) if u in seen_at else None for u in uids]
+    back = [round(made_at[u] * 1000, 1) if u in made_at else None for u in uids]
+    return total, back
 
 
 def main() -> None:
     url, routing_key, prefix, count, interval = sys.argv[1:6]
-    latencies = asyncio.run(probe(url, routing_key, prefix, int(count), float(interval)))
-    print(json.dumps({"latency_ms": latencies}), flush=True)
+    latencies, back = asyncio.run(probe(url, routing_key, prefix, int(count), float(interval)))
+    # back_ms: from the outcome's `at` (written by the gateway) to this process reading it.
+    print(json.dumps({"latency_ms": latencies, "back_ms": back}), flush=True)
 
 
 if __name__ == "__main__":

@@ -649,10 +649,15 @@ async def noisy_neighbour(
         led.extra["quiet_p50_ms"] = round(lat[len(lat) // 2], 1)
         led.extra["quiet_p99_ms"] = round(p99, 1)
         led.notes.append(f"quiet account latency p50 {lat[len(lat) // 2]:.0f} ms, p99 {p99:.0f} ms")
-        latencies = json.loads(out)["latency_ms"]
+        doc = json.loads(out)
+        latencies, back = doc["latency_ms"], doc["back_ms"]
         slowest = sorted((x, i) for i, x in enumerate(latencies) if x is not None)[-10:][::-1]
-        # When in the run the slowest ones were published: a start-up stall and a steady tail differ.
-        led.notes.append("slowest: " + ", ".join(f"{x:.0f} ms at {i * 0.05:.1f} s" for x, i in slowest))
+        # When in the run the slowest ones were published (a start-up stall and a steady tail
+        # differ), and how much of each came after the gateway wrote its outcome.
+        led.notes.append(
+            "slowest: "
+            + ", ".join(f"{x:.0f} ms at {i * 0.05:.1f} s ({back[i] or 0:.0f} ms after the outcome)" for x, i in slowest)
+        )
     if len(answered) != n_quiet:
         led.notes.append(f"the quiet producer saw {len(answered)} of {n_quiet} outcomes")
     return led
