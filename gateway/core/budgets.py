@@ -76,13 +76,17 @@ def counters_for(account: Account, app_id: str | None, now: float) -> list[Budge
 def for_batch(account: Account, lane: Lane, asks: Mapping[str, Request], now: float) -> Budget | None:
     """The limits a batch's requests on `lane` draw from: budgets (their parts; refused on
     `budget_lanes`, counted on the others), the country's hourly cap (one message, every lane) and
-    the recipient's daily cap (one message, normal and bulk). None when none applies."""
+    the recipient's daily cap (one message, normal and bulk). None when none applies. The periods
+    and each application's and country's counters are worked out once per batch."""
     if not account.has_limits:
         return None
     enforce_budget = lane in account.budget_lanes
     capped = account.frequency_cap_per_day is not None and lane is not Lane.URGENT
+    (day, day_end), _ = periods(now, account.budget_timezone)
     counters: list[BudgetCounter] = []
     index: dict[str, int] = {}
+    by_app: dict[str | None, list[int]] = {}
+    by_country: dict[str, int | None] = {}
     out: dict[str, BudgetAsk] = {}
 
     def at(counter: BudgetCounter) -> int:
@@ -92,22 +96,32 @@ def for_batch(account: Account, lane: Lane, asks: Mapping[str, Request], now: fl
         return index[counter.name]
 
     for uid, req in asks.items():
-        draws = [Draw(at(c), req.parts, enforce_budget) for c in counters_for(account, req.app_id, now)]
+        if req.app_id not in by_app:
+            by_app[req.app_id] = [at(c) for c in counters_for(account, req.app_id, now)]
+        draws = [Draw(c, req.parts, enforce_budget) for c in by_app[req.app_id]]
         if account.country_caps_per_hour:
-            cap = velocity_counter(account, req.phone, now)
-            if cap is not None:
-                draws.append(Draw(at(cap), 1))
+            country = country_of(req.phone) or "ZZ"
+            if country not in by_country:
+                cap = velocity_counter(account, country, now)
+                by_country[country] = at(cap) if cap is not None else None
+            if (c := by_country[country]) is not None:
+                draws.append(Draw(c, 1))
         if capped:
-            draws.append(Draw(at(frequency_counter(account, req.phone, now)), 1))
+            assert account.frequency_cap_per_day is not None
+            name = f"recipient:{req.phone}:day:{day}"
+            recipient = BudgetCounter(
+                name, f"recipient:{req.phone}", "day", account.frequency_cap_per_day, day_end + 3600,
+                CounterKind.FREQUENCY,
+            )  # fmt: skip
+            draws.append(Draw(at(recipient), 1))
         if draws:
             out[uid] = BudgetAsk(tuple(draws))
     return Budget(tuple(counters), out) if out else None
 
 
-def velocity_counter(account: Account, phone: str, now: float) -> BudgetCounter | None:
-    """The hourly counter (UTC hours) of the recipient's country, when the account caps it."""
+def velocity_counter(account: Account, country: str, now: float) -> BudgetCounter | None:
+    """The hourly counter (UTC hours) of a country, when the account caps it."""
     caps = account.country_caps_per_hour
-    country = country_of(phone) or "ZZ"
     limit = caps.get(country, caps.get("*"))
     if limit is None:
         return None
@@ -116,16 +130,6 @@ def velocity_counter(account: Account, phone: str, now: float) -> BudgetCounter 
     return BudgetCounter(
         f"country:{country}:hour:{stamp}", f"country:{country}", "hour", limit, (hour + 1) * 3600 + KEEP_DAY_S,
         CounterKind.VELOCITY,
-    )  # fmt: skip
-
-
-def frequency_counter(account: Account, phone: str, now: float) -> BudgetCounter:
-    """The recipient's counter for the day (in `budget_timezone`)."""
-    assert account.frequency_cap_per_day is not None
-    (day, day_end), _ = periods(now, account.budget_timezone)
-    return BudgetCounter(
-        f"recipient:{phone}:day:{day}", f"recipient:{phone}", "day", account.frequency_cap_per_day, day_end + 3600,
-        CounterKind.FREQUENCY,
     )  # fmt: skip
 
 

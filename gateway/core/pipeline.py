@@ -141,8 +141,7 @@ class Pipeline:
         if isinstance(item, InvalidRequest):
             return invalid(item, now)
         if isinstance(item, Refusal):
-            m.POLICY_REFUSALS.labels(self.account.name, self.lane, item.code).inc()
-            return refused(item, now)
+            return self._refuse(item, now)
         job.item = item
         if self._quiet is not None:
             wait_s = lanes.quiet_wait_s(self._quiet, item.phone, self.account.default_country, now)
@@ -299,9 +298,7 @@ class Pipeline:
                 decisions[i] = self.wait(jobs[i], claim)
             elif claim.state is ClaimState.QUOTA:
                 assert claim.budget is not None
-                refusal = self._over_limit(claim.budget, jobs[i])
-                decisions[i] = refused(refusal, now)
-                m.POLICY_REFUSALS.labels(self.account.name, self.lane, refusal.code).inc()
+                decisions[i] = self._refuse(self._over_limit(claim.budget, jobs[i]), now)
             elif claim.state is ClaimState.RECONCILE or jobs[i].sent_at is not None:
                 # A copy that says an earlier attempt may have gone out is reconciled whatever the
                 # store says: a store that lost its records answers NEW for it.
@@ -321,6 +318,10 @@ class Pipeline:
         taken = grant if grant.granted or grant.wait_s else None
         store_failed = await self._send(jobs, send, decisions, taken)
         return decisions, store_failed, len(send)
+
+    def _refuse(self, refusal: Refusal, now: datetime) -> Finish:
+        m.POLICY_REFUSALS.labels(self.account.name, self.lane, refusal.code).inc()
+        return refused(refusal, now)
 
     def _over_limit(self, counter: BudgetCounter, job: Job) -> Refusal:
         """Why a request a counted limit had no room for is refused (core/budgets.py)."""
@@ -362,8 +363,7 @@ class Pipeline:
         refusal = Refusal(PolicyCode.OPTED_OUT, "the number opted out of this account's messages")
         for uid, phone in fresh.items():
             if phone in opted:
-                decisions[first_of.pop(uid)] = refused(refusal, now)
-                m.POLICY_REFUSALS.labels(self.account.name, self.lane, PolicyCode.OPTED_OUT).inc()
+                decisions[first_of.pop(uid)] = self._refuse(refusal, now)
 
     async def _reconcile(self, jobs: Sequence[Job], idx: list[int], decisions: dict[int, Decision]) -> list[int]:
         """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""
@@ -452,15 +452,12 @@ class Pipeline:
         refund: list[str] = []
         spend: list[str] = []
         if self.account.has_limits:
-            for i, decision in decisions.items():
-                uid = jobs[i].unique_id
-                assert uid is not None
-                if isinstance(decision, Finish) and decision.store:
-                    # Refused by the provider, or expired before it got it: the parts come back.
-                    given_back = decision.status in (Status.REJECTED, Status.EXPIRED)
-                    (refund if given_back else spend).append(uid)
-                elif isinstance(decision, Retry) and not decision.ambiguous:
-                    refund.append(uid)  # surely not sent; its next copy draws again
+            # The claims' held draws come back when the provider refused the message, it expired
+            # before the provider got it, or its retry surely did not send (its next copy draws
+            # again); an accepted one, or one failed after an attempt that may have gone out, spends them.
+            given_back = (Status.REJECTED, Status.EXPIRED)
+            refund = [*release, *(uid for uid, r in done.items() if r.status in given_back)]
+            spend = [uid for uid, r in done.items() if r.status not in given_back]
         s = self._options
         return BatchRecord(
             refund=refund,
