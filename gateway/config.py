@@ -224,6 +224,16 @@ class Account(BaseModel):
         description="the lanes whose requests to an opted-out number end `rejected` / `opted_out` "
         "(urgent one-time codes go through by default)",
     )
+    failover_to: tuple[AccountName, ...] = Field(
+        default=(),
+        description="other configured accounts, in order, that send this account's requests while its route is "
+        "paused, open or drained (only requests the first provably did not accept move)",
+    )
+    route_by_country: dict[str, AccountName] = Field(
+        default_factory=dict,
+        description="recipient country (ISO 3166 alpha-2, or `*` for any other) -> the configured account that "
+        "sends it; the failover list follows",
+    )
 
     @field_validator("password", "token", "api_key", "webhook_secret", mode="before")
     @classmethod
@@ -282,6 +292,25 @@ class Account(BaseModel):
         if any(v < 0 for v in caps.values()):
             raise ValueError("a cap is a number of messages, 0 or more")
         return caps
+
+    @field_validator("route_by_country")
+    @classmethod
+    def _routes(cls, value: dict[str, str]) -> dict[str, str]:
+        routes = {k.upper(): v for k, v in value.items()}
+        unknown = [k for k in routes if k != "*" and k not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"not ISO 3166 alpha-2 regions the number parser knows (or *): {', '.join(unknown)}")
+        return routes
+
+    def route_for(self, country: str | None) -> str:
+        """The account that sends to `country` first: its route, the `*` route, else this account."""
+        routes = self.route_by_country
+        return routes.get(country or "", routes.get("*", self.name))
+
+    @property
+    def routes_to(self) -> tuple[str, ...]:
+        """Every account that may send this account's requests, this one first."""
+        return tuple(dict.fromkeys((self.name, *self.route_by_country.values(), *self.failover_to)))
 
     @property
     def has_limits(self) -> bool:
@@ -399,7 +428,41 @@ class WebhookOptions(BaseModel):
     )
 
 
-GROUPS: dict[str, type[BaseModel]] = {"dlr": DlrOptions, "http": HttpOptions, "webhook": WebhookOptions}
+class FailoverOptions(BaseModel):
+    """Routes' circuits and delivery health (`GATEWAY_FAILOVER__*`): when a sending account is taken
+    out of its routes and when it comes back (core/routes.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    failures: int = Field(
+        default=5, ge=1, description="consecutive provider calls failing in transport, 5xx or timeout open the circuit"
+    )
+    error_rate: float = Field(
+        default=0.5, gt=0, le=1, description="share of calls with a retryable failure in the window that opens it"
+    )
+    window_s: float = Field(default=30.0, gt=0, description="the window the error rate is counted over")
+    min_calls: int = Field(default=20, ge=1, description="calls in the window before the error rate counts")
+    open_s: float = Field(
+        default=15.0, gt=0, description="an open circuit lets one probe call through (half-open) after this long"
+    )
+    undelivered_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of `undelivered` reports of one sending account and country in the health window that "
+        "drains the route for that country",
+    )
+    undelivered_min: int = Field(default=20, ge=1, description="final reports in the window before the share counts")
+    health_window_s: float = Field(default=900.0, gt=0, description="the window delivery health is counted over")
+    drain_s: float = Field(default=900.0, gt=0, description="how long a drained country stays off its route")
+
+
+GROUPS: dict[str, type[BaseModel]] = {
+    "dlr": DlrOptions,
+    "http": HttpOptions,
+    "webhook": WebhookOptions,
+    "failover": FailoverOptions,
+}
 """Settings read as `GATEWAY_<GROUP>__<NAME>`."""
 
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -569,6 +632,7 @@ class Settings(BaseSettings):
         default=False, description="reach the providers through HTTPS_PROXY / HTTP_PROXY, honouring NO_PROXY"
     )
     dlr: DlrOptions = DlrOptions()
+    failover: FailoverOptions = FailoverOptions()
 
     @property
     def recovery_s(self) -> float:
@@ -722,6 +786,16 @@ def parse_accounts(raw: list[Any]) -> list[Account]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"account name(s) defined twice: {', '.join(dupes)}")
+    for a in accounts:
+        unknown = [n for n in (*a.failover_to, *a.route_by_country.values()) if n not in names]
+        if unknown:
+            raise ConfigError(
+                f"account {a.name}: routes to account(s) not configured: {', '.join(sorted(set(unknown)))}"
+            )
+        if a.name in a.failover_to:
+            raise ConfigError(f"account {a.name}: failover_to names the account itself")
+        if len(set(a.failover_to)) != len(a.failover_to):
+            raise ConfigError(f"account {a.name}: failover_to names an account twice")
     return accounts
 
 

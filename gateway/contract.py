@@ -96,6 +96,9 @@ H_EXCHANGE = "x-gateway-exchange"
 # Epoch seconds after which an urgent request without `expires_at` ends `expired` (its validity
 # counted from its AMQP timestamp, or its first consumption): retry and wait copies carry it.
 H_VALID_UNTIL = "x-gateway-valid-until"
+# The configured accounts an earlier attempt of this copy may have reached (comma-separated): its
+# reconcile asks each of them before any send (core/routes.py). Retry and wait copies carry it.
+H_VIA = "x-gateway-via"
 H_DEAD_AT = "x-gateway-dead-at"  # RFC 3339 time the gateway dead-lettered the message
 H_DELIVERY_COUNT = "x-delivery-count"  # set by RabbitMQ quorum queues on redelivery
 # Set by whoever re-drives a dead letter (`gateway dlq replay`, or any tool): a request whose earlier
@@ -521,11 +524,13 @@ def outcome_body(
     encoding: str | None = None,
     transliterated: str | None = None,
     cost: float | None = None,
+    via: str | None = None,
 ) -> bytes:
     """The outcome document. `original` (only on `duplicate`) is the first copy's stored result;
     `status_at` and `reason` only on delivery events (`delivered`, `undelivered`); `lane` on the
     outcome of a request consumed from an account's lane; `encoding` once the text was counted,
-    `transliterated` when a mapping made it GSM-7, `cost` on `accepted` at the account's price."""
+    `transliterated` when a mapping made it GSM-7, `cost` on `accepted` at the account's price; `via`
+    the configured account that sent it, once a provider had it."""
     doc: dict[str, Any] = {
         "v": CONTRACT_VERSION,
         "unique_id": unique_id,
@@ -549,6 +554,8 @@ def outcome_body(
         doc["transliterated"] = transliterated
     if cost is not None:
         doc["cost"] = cost
+    if via is not None:
+        doc["via"] = via
     if original is not None:
         doc["original"] = original
     if status_at is not None:

@@ -42,6 +42,10 @@ def read_job(message: AbstractIncomingMessage, job: Job) -> Job:
     job.app_id = message.app_id or None
     headers = message.headers or {}
     job.own = bool(headers.get(c.H_OWN))
+    via = headers.get(c.H_VIA)
+    if isinstance(via, bytes):
+        via = via.decode(errors="replace")
+    job.maybe_at = tuple(n for n in via.split(",") if n) if isinstance(via, str) else ()
     job.replay = bool(headers.get(c.H_REPLAY))
     return job
 

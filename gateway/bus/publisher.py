@@ -189,12 +189,14 @@ class Publisher:
         waiting_since: float | None = None,
         own: bool = True,
         valid_until: float | None = None,
+        via: tuple[str, ...] = (),
     ) -> None:
         """Park a byte-identical copy in the TTL queue for `delay_ms`; it comes back to sms.send with
         `routing_key` (its account's lane). `valid_until`: an urgent request's deadline.
         `own` marks it the gateway's own copy (`x-gateway-own`): false only for a wait copy of a
         producer's second copy. `waiting_since` starts or continues a wait for another worker's
-        claim; a copy without it carries no earlier wait's start."""
+        claim; a copy without it carries no earlier wait's start. `via`: the accounts an attempt whose
+        fate is unknown may have reached (with `sent_at`)."""
         headers = _clean_headers(original.headers)
         headers.pop(c.H_WAITING_SINCE, None)
         headers.pop(c.H_OWN, None)
@@ -203,6 +205,9 @@ class Publisher:
             headers[c.H_OWN] = 1
         if sent_at is not None:
             headers[c.H_SENT_AT] = str(round(sent_at, 3))
+            headers.pop(c.H_VIA, None)
+            if via:
+                headers[c.H_VIA] = ",".join(via)
         if waiting_since is not None:
             headers[c.H_WAITING_SINCE] = str(round(waiting_since, 3))
         if valid_until is not None:

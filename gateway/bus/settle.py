@@ -190,6 +190,7 @@ class Settler:
                 waits=0,
                 sent_at=(d.job.attempt_at or d.job.sent_at) if decision.ambiguous else None,
                 valid_until=d.job.valid_until,
+                via=d.job.maybe_at,
             )
         elif isinstance(decision, Wait):
             await self._publisher.retry(
@@ -202,6 +203,7 @@ class Settler:
                 waiting_since=decision.since,
                 own=decision.own,
                 valid_until=d.job.valid_until,
+                via=d.job.maybe_at,
             )
         else:  # Defer: the same copy again later, as it came (nothing was claimed or sent)
             await self._publisher.retry(
@@ -214,6 +216,7 @@ class Settler:
                 waiting_since=d.job.waiting_since,
                 own=d.job.ours,
                 valid_until=d.job.valid_until,
+                via=d.job.maybe_at,
             )
 
     @staticmethod
@@ -249,6 +252,7 @@ class Settler:
             "encoding": r.encoding or (str(item.encoding) if item is not None else None),
             "transliterated": str(item.transliterated) if item is not None and item.transliterated != "off" else None,
             "cost": r.cost if f.status is c.Status.ACCEPTED else None,
+            "via": r.via,
         }
         try:
             body = c.outcome_body(**fields)

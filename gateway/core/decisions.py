@@ -43,6 +43,9 @@ class Job:
     published_at: float | None = None  # the producer's AMQP timestamp (epoch seconds), when it set one
     valid_until: float | None = None  # an urgent request's deadline, set at its first admission (lanes.py)
     app_id: str | None = None  # the producing application (AMQP app_id): whose budget it draws from
+    # The configured accounts an earlier attempt may have reached (the copy's x-gateway-via); this
+    # copy's own attempt replaces them with the account it went through (core/routes.py).
+    maybe_at: tuple[str, ...] = ()
 
     @property
     def ours(self) -> bool:
@@ -133,6 +136,7 @@ def finish(
     error: OutcomeError | None = None,
     dead: DeadReason | None = None,
     store: bool = True,
+    via: str | None = None,
 ) -> Finish:
     error = error if error is not None else (item.error if item is not None else None)
     result = StoredResult(
@@ -143,6 +147,7 @@ def finish(
         error=error,
         attempts=attempts,
         at=c.rfc3339(at),
+        via=via,
     )
     return Finish(
         result,
@@ -183,18 +188,27 @@ def unknown_account(routing_key: str, at: datetime) -> Finish:
     return finish(Status.INVALID, None, at=at, attempts=0, error=error, dead=DeadReason.UNKNOWN_ACCOUNT, store=False)
 
 
-def decide(item: ItemResult, attempts_made: int, policy: RetryPolicy, provider: str, at: datetime) -> Decision:
-    """What to do with one message after a provider attempt (`attempts_made` includes this one)."""
+def decide(
+    item: ItemResult, attempts_made: int, policy: RetryPolicy, provider: str, at: datetime, via: str | None = None
+) -> Decision:
+    """What to do with one message after a provider attempt (`attempts_made` includes this one)
+    through the configured account `via`."""
     if item.verdict is Verdict.ACCEPTED:
-        return finish(Status.ACCEPTED, provider, at=at, attempts=attempts_made, item=item)
+        return finish(Status.ACCEPTED, provider, at=at, attempts=attempts_made, item=item, via=via)
     if item.verdict is Verdict.REJECTED:
-        return finish(Status.REJECTED, provider, at=at, attempts=attempts_made, item=item)
+        return finish(Status.REJECTED, provider, at=at, attempts=attempts_made, item=item, via=via)
     if item.error is None:  # an adapter that failed without saying why: retry it as ambiguous
         item = replace(item, error=_UNEXPLAINED)
     assert item.error is not None
     if item.verdict is Verdict.UNDECIDED or policy.exhausted(attempts_made):
         return finish(
-            Status.FAILED, provider, at=at, attempts=attempts_made, item=item, dead=DeadReason.RETRIES_EXHAUSTED
+            Status.FAILED,
+            provider,
+            at=at,
+            attempts=attempts_made,
+            item=item,
+            dead=DeadReason.RETRIES_EXHAUSTED,
+            via=via,
         )
     return Retry(
         delay_ms=policy.delay_ms(attempts_made),

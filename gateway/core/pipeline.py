@@ -14,7 +14,8 @@ consumer turns its deliveries into `Job`s and carries the decisions out (settle.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -42,8 +43,9 @@ from gateway.core.decisions import (
 )
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.retry import RetryPolicy, retry_delays_ms, wait_delay_ms
+from gateway.core.routes import Routes, provably_unsent
 from gateway.errors import LookupFailed
-from gateway.numbers import number_prefix
+from gateway.numbers import country_of, number_prefix
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.providers.base import (
@@ -51,6 +53,7 @@ from gateway.providers.base import (
     ItemResult,
     Outbound,
     ProviderAdapter,
+    ProviderError,
     send_split,
 )
 from gateway.state import Claim, ClaimState, Grant, SendStore, StoredResult
@@ -85,6 +88,14 @@ class BatchResult:
         return any(isinstance(d, Retry) for d in self.decisions)
 
 
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """A configured account as a way out: its settings (sender name, price) and its adapter."""
+
+    account: Account
+    adapter: ProviderAdapter
+
+
 class Pipeline:
     """Admission and batches of one lane of one account."""
 
@@ -98,7 +109,11 @@ class Pipeline:
         owner: str,
         lane: Lane = Lane.NORMAL,
         clock: Clock = SYSTEM,
+        routes: Routes | None = None,
+        senders: Mapping[str, Sender] | None = None,
     ) -> None:
+        """`routes` and `senders` (every configured account by name): the accounts this one's
+        `route_by_country` and `failover_to` name send through their own adapters and rate limits."""
         self.account = account
         self.lane = lane
         self._rank = lanes.rank(lane)
@@ -114,6 +129,13 @@ class Pipeline:
         # grace covers the store's own recovery (a failover) and a claim renewed meanwhile.
         self._patience_s = options.claim_lease_s + options.wait_grace_s
         self._limiter = RateLimiter(store, account, clock, rank=self._rank)
+        self._routes = routes if routes is not None and len(account.routes_to) > 1 else None
+        self._ways: dict[str, tuple[Sender, RateLimiter]] = {account.name: (Sender(account, adapter), self._limiter)}
+        if self._routes is not None:
+            assert senders is not None
+            for name in account.routes_to[1:]:
+                way = senders[name]
+                self._ways[name] = (way, RateLimiter(store, way.account, clock, rank=self._rank))
 
     @property
     def provider(self) -> str:
@@ -199,7 +221,8 @@ class Pipeline:
             # delivery limit, whose dead letter has no gateway headers.
             log.exception("batch_failed", account=self.account.name, size=len(jobs))
             return BatchResult([self.wait(j) for j in jobs], store_failed=True, pause_account=False)
-        pause = any(isinstance(x, Finish) and x.pause_account for x in decisions.values())
+        # A routed account's account errors pause its route, not its consumers (core/routes.py).
+        pause = self._routes is None and any(isinstance(x, Finish) and x.pause_account for x in decisions.values())
         for i, decision in decisions.items():
             item = jobs[i].item
             if isinstance(decision, Finish) and decision.store and item is not None:
@@ -226,7 +249,10 @@ class Pipeline:
         gave one, else the local count; the encoding; on `accepted`, the cost at the account's price."""
         r = decision.result
         parts = r.parts if r.parts is not None else item.parts
-        price = self.account.price_per_part
+        way = self._ways.get(r.via or self.account.name)
+        price = way[0].account.price_per_part if way is not None else None
+        if price is None:
+            price = self.account.price_per_part
         cost = round(parts * price, 6) if price is not None and r.status == Status.ACCEPTED else None
         counted = replace(r, parts=parts, encoding=str(item.encoding), cost=cost)
         return replace(decision, result=counted)
@@ -270,6 +296,17 @@ class Pipeline:
             },
             self._clock.time(),
         )
+        # Requests routed through another account take that account's tokens when they are sent.
+        away = (
+            {
+                uid
+                for uid, i in first_of.items()
+                if (item := jobs[i].item) is not None
+                and self._routes.planned(self.account, country_of(item.phone)) != self.account.name
+            }
+            if self._routes is not None
+            else set()
+        )
         # One round trip claims the ids (reserving their budgets) and takes rate-limit tokens for the new ones.
         rate, burst = self._limiter.limits
         claims, grant = await self._store.claim_and_acquire(
@@ -285,6 +322,7 @@ class Pipeline:
             recovery_s=self._options.store_recovery_s,
             replay={uid for uid, i in first_of.items() if jobs[i].replay},
             budget=budget,
+            untokened=away,
         )
         now = self._clock.now()
         reconcile: list[int] = []
@@ -366,61 +404,190 @@ class Pipeline:
                 decisions[first_of.pop(uid)] = self._refuse(refusal, now)
 
     async def _reconcile(self, jobs: Sequence[Job], idx: list[int], decisions: dict[int, Decision]) -> list[int]:
-        """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to send."""
-        items = [replace(x, attempted_at=jobs[i].sent_at) for i in idx if (x := jobs[i].item) is not None]
-        try:
-            found = await self._adapter.lookup(items)
-        except LookupFailed as exc:
-            log.warning("reconcile_failed", account=self.account.name, count=len(idx), error=str(exc)[:200])
-            unknown = ItemResult.failure(
-                "lookup_failed", "LookupFailed", "could not tell whether it was sent", Action.AMBIGUOUS
-            )
-            now = self._clock.now()
-            for i in idx:
-                decisions[i] = decide(unknown, jobs[i].attempts + 1, self._policy, self._adapter.name, now)
-            return []
+        """Ask the provider about ids a crashed or unanswered attempt may have sent; return those to
+        send. A routed account asks every account the copy says an attempt may have reached (all
+        its routes when the copy cannot say): found at any is found, and one that cannot be asked
+        leaves the request undecided rather than sent again."""
+        asks: dict[str, list[int]] = {}
+        for i in idx:
+            names = (jobs[i].maybe_at or self.account.routes_to) if self._routes is not None else (self.account.name,)
+            for name in names:
+                asks.setdefault(name, []).append(i)
+        answers = await asyncio.gather(*(self._lookup(name, jobs, group) for name, group in asks.items()))
+        found: dict[int, tuple[str, ItemResult]] = {}
+        unasked: set[int] = set()
+        for (name, group), answer in zip(asks.items(), answers, strict=True):
+            if answer is None:
+                unasked.update(group)
+                continue
+            for i, result in zip(group, answer, strict=True):
+                if result is not None and i not in found:
+                    found[i] = (name, result)
         to_send = []
         now = self._clock.now()
-        for i, result in zip(idx, found, strict=True):
-            if result is None:
-                to_send.append(i)
+        for i in idx:
+            if i in found:
+                name, result = found[i]
+                jobs[i].maybe_at = (name,)
+                provider = self._ways[name][0].adapter.name
+                decisions[i] = decide(result, max(jobs[i].attempts, 1), self._policy, provider, now, via=name)
+            elif i in unasked:
+                unknown = ItemResult.failure(
+                    "lookup_failed", "LookupFailed", "could not tell whether it was sent", Action.AMBIGUOUS
+                )
+                decisions[i] = decide(unknown, jobs[i].attempts + 1, self._policy, self._adapter.name, now)
             else:
-                decisions[i] = decide(result, max(jobs[i].attempts, 1), self._policy, self._adapter.name, now)
-        log.info("reconciled", account=self.account.name, found=len(idx) - len(to_send), missing=len(to_send))
+                to_send.append(i)
+        if unasked:
+            log.warning("reconcile_failed", account=self.account.name, count=len(unasked))
+        log.info("reconciled", account=self.account.name, found=len(found), missing=len(to_send))
         return to_send
+
+    async def _lookup(self, name: str, jobs: Sequence[Job], idx: list[int]) -> list[ItemResult | None] | None:
+        """What account `name` knows of the jobs' requests; None when it could not be asked."""
+        way = self._ways.get(name)
+        if way is None:  # no longer configured: it cannot be asked
+            log.warning("reconcile_unknown_account", account=self.account.name, via=name[:64])
+            return None
+        sender = way[0]
+        items = [replace(self._as_sent(jobs[i], sender), attempted_at=jobs[i].sent_at) for i in idx]
+        try:
+            return await sender.adapter.lookup(items)
+        except LookupFailed as exc:
+            log.warning("lookup_failed", account=self.account.name, via=name, count=len(idx), error=str(exc)[:200])
+            return None
+
+    def _as_sent(self, job: Job, sender: Sender) -> Outbound:
+        """The job's item as `sender` sends it: another account's own sender name, unless the
+        request named one."""
+        item = job.item
+        assert item is not None
+        if sender.account is self.account:
+            return item
+        named = job.request.sender if job.request is not None else None
+        return replace(item, sender=named or sender.account.sender)
 
     async def _send(
         self, jobs: Sequence[Job], idx: list[int], decisions: dict[int, Decision], taken: Grant | None
     ) -> bool:
         """Send `idx` as rate-limit tokens allow; `taken` is what the claim step granted. Returns
         True when the store failed while taking tokens: the ids still waiting for tokens were not
-        sent and wait (their claims stay, so a later copy reconciles after the lease)."""
-        name = self.account.name
+        sent and wait (their claims stay, so a later copy reconciles after the lease).
+
+        A routed account sends each request through the account its route chooses; a request that
+        account provably did not take (not sent, refused before acceptance) goes on to the next
+        usable one in the same batch. One whose answer was lost stays where it went."""
+        home = self.account.name
+        made: dict[int, int] = {}
+        if self._routes is None:
+            _moved, failed = await self._send_via(home, jobs, idx, decisions, taken, made)
+            return failed
+        routes = self._routes
+        tried: dict[int, list[str]] = {}
+        todo = list(idx)
+        store_failed = False
+        while todo:
+            groups: dict[str, list[int]] = {}
+            for i in todo:
+                item = jobs[i].item
+                assert item is not None
+                name, reason = routes.choose(self.account, country_of(item.phone), tried.get(i, ()))
+                if not name:
+                    if i not in tried:  # its routes are paused: it waits for them, no attempt counted
+                        decisions[i] = self._route_paused(jobs[i])
+                    continue  # else the last account's answer stands
+                if reason is not None:
+                    m.FAILOVERS.labels(home, name, str(reason)).inc()
+                groups.setdefault(name, []).append(i)
+            outs = await asyncio.gather(
+                *(
+                    self._send_via(name, jobs, group, decisions, taken if name == home else None, made)
+                    for name, group in groups.items()
+                )
+            )
+            taken = None  # the claim's tokens are spent once
+            todo = []
+            for name, (moved, failed) in zip(groups, outs, strict=True):
+                store_failed |= failed
+                for i in moved:
+                    tried.setdefault(i, []).append(name)
+                    todo.append(i)
+        return store_failed
+
+    def _route_paused(self, job: Job) -> Retry:
+        """Every route of the request is paused by an account error: it comes back after the
+        pause (at most the retry schedule's longest step) without counting an attempt."""
+        delay_s = min(max(1.0, self._routes.paused_for_s(self.account) if self._routes else 1.0), 600.0)
+        error = ProviderError(
+            "route_paused", "RoutePaused", "every route of the account is paused by an account error", True
+        )
+        return Retry(delay_ms=int(delay_s * 1000), attempts=job.attempts, error=error, ambiguous=False)
+
+    async def _send_via(
+        self,
+        name: str,
+        jobs: Sequence[Job],
+        idx: list[int],
+        decisions: dict[int, Decision],
+        taken: Grant | None,
+        made: dict[int, int],
+    ) -> tuple[list[int], bool]:
+        """Send `idx` through account `name` at its rate. Returns the jobs it provably did not take
+        (a routed account's: they may go on at once) and whether the store failed taking tokens."""
+        sender, limiter = self._ways[name]
+        adapter = sender.adapter
+        routes = self._routes
+        moved: list[int] = []
+
+        async def call(chunk: list[int]) -> list[ItemResult]:
+            items = [self._as_sent(jobs[i], sender) for i in chunk]
+            try:
+                results = await send_split(adapter.send, items)
+            except Exception as exc:  # an adapter bug: the request may have gone out
+                log.exception("adapter_failed", account=self.account.name, via=name, size=len(chunk))
+                failed = ItemResult.failure(
+                    "internal", type(exc).__name__, "the provider call failed in the gateway", Action.AMBIGUOUS
+                )
+                results = [failed] * len(chunk)
+            if routes is not None:
+                routes.called(name, results)
+            return results
 
         async def send_chunk(chunk: list[int]) -> None:
             m.BATCH_SIZE.labels(name).observe(len(chunk))
             started = self._clock.time()
             for i in chunk:
                 jobs[i].attempt_at = started
-            items = [x for i in chunk if (x := jobs[i].item) is not None]
-            try:
-                results = await send_split(self._adapter.send, items)
-            except Exception as exc:  # an adapter bug: the request may have gone out
-                log.exception("adapter_failed", account=name, size=len(chunk))
-                failed = ItemResult.failure(
-                    "internal", type(exc).__name__, "the provider call failed in the gateway", Action.AMBIGUOUS
-                )
-                results = [failed] * len(chunk)
+                made[i] = made.get(i, 0) + 1
+                if routes is not None:
+                    jobs[i].maybe_at = (name,)
+            if routes is None:
+                results = await call(chunk)
+            else:  # another account's adapter may batch otherwise (its sender, its batch size)
+                parts: dict[object, list[int]] = {}
+                for i in chunk:
+                    parts.setdefault(adapter.batch_key(self._as_sent(jobs[i], sender)), []).append(i)
+                pieces = [
+                    p[k : k + adapter.max_batch] for p in parts.values() for k in range(0, len(p), adapter.max_batch)
+                ]
+                answered = await asyncio.gather(*(call(p) for p in pieces))
+                by_job = {i: r for p, rs in zip(pieces, answered, strict=True) for i, r in zip(p, rs, strict=True)}
+                results = [by_job[i] for i in chunk]
             now = self._clock.now()
             for i, result in zip(chunk, results, strict=True):
-                decisions[i] = decide(result, jobs[i].attempts + 1, self._policy, self._adapter.name, now)
+                decisions[i] = decide(result, jobs[i].attempts + made[i], self._policy, adapter.name, now, via=name)
+                if routes is not None:
+                    if result.error is not None and result.error.pause_account:
+                        routes.pause(name, result.error.code)
+                    if provably_unsent(result):
+                        moved.append(i)
             if any(r.error is not None and r.error.throttle for r in results):
-                await self._limiter.throttled()
+                await limiter.throttled()
 
-        unsent = await self._limiter.pace(idx, taken, send_chunk)
+        unsent = await limiter.pace(idx, taken, send_chunk)
         for i in unsent:
             decisions[i] = self.wait(jobs[i])
-        return bool(unsent)
+        return moved, bool(unsent)
 
     def _batch_record(self, jobs: Sequence[Job], decisions: dict[int, Decision]) -> BatchRecord:
         """What the decisions mean to the state store: results, unknown marks, released claims, and
@@ -444,7 +611,9 @@ class Pipeline:
                     numbers[uid] = job.phone
                 is_test = job.item is not None and job.item.test
                 if track and r.status == Status.ACCEPTED and r.provider_message_id and not is_test:
-                    tracked.append(Tracked(r.provider_message_id, uid, job.phone, job.meta, self.provider, now))
+                    via = r.via if r.via != self.account.name else None
+                    provider = r.provider or self.provider
+                    tracked.append(Tracked(r.provider_message_id, uid, job.phone, job.meta, provider, now, via=via))
             elif isinstance(decision, Retry):
                 (unknown if decision.ambiguous else release).append(uid)
                 err = decision.error

@@ -39,6 +39,31 @@ PROVIDER_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
+FAILOVERS = Counter(
+    "sms_failovers",
+    "Requests sent through another configured account than their first route (via), by why: paused, open, "
+    "drained (the first route's state) or unsent (it refused or could not take this request)",
+    ["account", "via", "reason"],
+    registry=REGISTRY,
+)
+ROUTE_STATE = Gauge(
+    "sms_route_state",
+    "1 for the circuit state each sending account's route is in, in this process: closed, open, half_open",
+    ["account", "state"],
+    registry=REGISTRY,
+)
+ROUTE_OPEN_SINCE = Gauge(
+    "sms_route_open_since_seconds",
+    "Epoch seconds the route's circuit left closed (0 while closed): the alert's how long",
+    ["account"],
+    registry=REGISTRY,
+)
+ROUTE_DRAINED = Gauge(
+    "sms_route_drained",
+    "1 while a country is drained from a sending account's route for its undelivered share",
+    ["account", "country"],
+    registry=REGISTRY,
+)
 POLICY_REFUSALS = Counter(
     "sms_policy_refusals",
     "Requests the account's rules refused before any send (outcome rejected), by lane and code: "

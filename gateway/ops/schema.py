@@ -155,6 +155,7 @@ def outcome() -> dict[str, Any]:
                     "parts": {"type": ["integer", "null"]},
                     "encoding": {"type": "string", "enum": [str(e) for e in Encoding]},
                     "cost": {"type": "number", "minimum": 0},
+                    "via": _NULLABLE_STRING,
                     "error": _error(),
                     "attempts": {"type": "integer"},
                     "at": {"type": ["string", "null"]},
@@ -185,6 +186,12 @@ def outcome() -> dict[str, Any]:
                 "type": "number",
                 "minimum": 0,
                 "description": "On accepted, for an account with price_per_part: parts x price_per_part.",
+            },
+            "via": {
+                **_NULLABLE_STRING,
+                "description": "The configured account that sent it (its provider is `provider`): the account "
+                "published to, or the one its route_by_country or failover_to chose. Absent or null when no "
+                "provider had it (invalid, refused, expired before a send).",
             },
         },
         "additionalProperties": True,

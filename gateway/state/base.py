@@ -64,6 +64,7 @@ class StoredResult:
     at: str | None = None
     encoding: str | None = None  # gsm7 | ucs2, as counted locally (segments.py)
     cost: float | None = None  # parts x the account's price_per_part, on accepted
+    via: str | None = None  # the configured account that sent it (core/routes.py), once a provider had it
 
     def as_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -79,6 +80,8 @@ class StoredResult:
             doc["encoding"] = self.encoding
         if self.cost is not None:
             doc["cost"] = self.cost
+        if self.via is not None:
+            doc["via"] = self.via
         return doc
 
     def to_json(self) -> str:
@@ -225,6 +228,7 @@ class Tracked:
     provider: str
     accepted_at: float  # epoch seconds
     polls: int = 0
+    via: str | None = None  # the configured account that sent it, when not the one it is tracked under
 
     def to_json(self) -> str:
         doc = {
@@ -235,12 +239,14 @@ class Tracked:
             "p": self.provider,
             "a": self.accepted_at,
         }
+        if self.via is not None:
+            doc["v"] = self.via
         return _COMPACT.encode(doc)
 
     @classmethod
     def from_json(cls, text: str, polls: int = 0) -> Tracked:
         d = json.loads(text)
-        return cls(d["i"], d["u"], d["t"], d["m"], d["p"], float(d["a"]), polls)
+        return cls(d["i"], d["u"], d["t"], d["m"], d["p"], float(d["a"]), polls, d.get("v"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,10 +439,11 @@ class ClaimStore(Protocol):
         rank: int = NORMAL_RANK,
         min_share: float = 0.0,
         budget: Budget | None = None,
+        untokened: Collection[str] = (),
     ) -> tuple[dict[str, Claim], Grant]:
         """Claim every id of a batch at once (see the module docstring), then take tokens from the
         account's bucket (as `acquire`, for the lane of `rank`) for the NEW claims, in one atomic
-        step and one round trip.
+        step and one round trip. An `untokened` id takes none: another account sends it, at its rate.
         A `replay` id whose stored result is in `contract.REPLAYABLE` is claimed again (RECONCILE)
         in the same step, so of two replayed copies only one is sent.
         With a `budget`, an id that would be NEW is claimed only when its parts fit every counter

@@ -120,6 +120,14 @@ def budget_key(account: str, counter: str) -> str:
     return f"{PREFIX}:{{{account}}}:q:{counter}"
 
 
+def _flags(uids: list[str], replay: Collection[str], untokened: Collection[str]) -> str:
+    """One character per id for the claim script: 0 plain, 1 replay, 2 no token (another account
+    sends it), 3 both; "" when every id is plain."""
+    if not replay and not untokened:
+        return ""
+    return "".join(str((u in replay) + 2 * (u in untokened)) for u in uids)
+
+
 def _ask(ask: BudgetAsk | None) -> str:
     if ask is None:
         return ""
@@ -183,12 +191,13 @@ local function claim(n, owner, lease, window, now_s, replay, b)
         if ask then draw(b, n, i, ask, window) end
         redis.call('SET', key, mine, 'PX', window)
         out[i] = {{'new', ''}}
-        fresh = fresh + 1
+        if string.byte(replay, i) == nil or string.byte(replay, i) < 50 then fresh = fresh + 1 end
       end
     else
       local rec = cjson.decode(raw)
       local again = false
-      if rec.s == 'done' and string.sub(replay, i, i) == '1' and replayable[cjson.decode(rec.r).status] then
+      local flag = string.sub(replay, i, i)
+      if rec.s == 'done' and (flag == '1' or flag == '3') and replayable[cjson.decode(rec.r).status] then
         again = true
       elseif rec.s == 'done' then
         out[i] = {{'done', rec.r}}
@@ -322,8 +331,9 @@ end
 
 # KEYS = dedupe keys, [with a budget: their hold keys, then the budget's counters], then the
 # account's bucket and epoch (all with the account's hash tag); ARGV = owner, lease ms, window ms,
-# rate per s, burst, known epoch id, new epoch id, now, replay flags, lane rank, min share, then the
-# budget (_BUDGET_FN). Claims, then takes a token for each new claim:
+# rate per s, burst, known epoch id, new epoch id, now, flags (_flags: replay, no token), lane rank,
+# min share, then the budget (_BUDGET_FN). Claims, then takes a token for each new claim without the
+# no-token flag:
 # {claims, granted, wait, factor, epoch, the counters' use after the claims}.
 _CLAIM_TAKE = (
     _NOW_FN
@@ -695,6 +705,7 @@ class RedisStore(RecordShortcuts):
         rank: int = NORMAL_RANK,
         min_share: float = 0.0,
         budget: Budget | None = None,
+        untokened: Collection[str] = (),
     ) -> tuple[dict[str, Claim], Grant]:
         if not uids:
             return {}, NOTHING
@@ -723,7 +734,7 @@ class RedisStore(RecordShortcuts):
                 known,
                 secrets.token_hex(8),
                 self._now(),
-                "".join("1" if u in replay else "0" for u in uids) if replay else "",
+                _flags(uids, replay, untokened),
                 rank,
                 min_share,
                 *spec,

@@ -255,6 +255,7 @@ class SqliteStore(RecordShortcuts):
         rank: int = NORMAL_RANK,
         min_share: float = 0.0,
         budget: Budget | None = None,
+        untokened: Collection[str] = (),
     ) -> tuple[dict[str, Claim], Grant]:
         known = self._epochs.known(account)
         used: list[int] = []
@@ -265,7 +266,7 @@ class SqliteStore(RecordShortcuts):
             claims = self._claim(db, account, uids, owner, lease_s, replay, books)
             if books is not None:
                 used[:] = books.used
-            fresh = sum(1 for c in claims.values() if c.state is ClaimState.NEW)
+            fresh = sum(1 for u, c in claims.items() if c.state is ClaimState.NEW and u not in untokened)
             grant = self._take(db, account, fresh, rate, burst, rank, min_share) if fresh else Grant(0, 0.0)
             return claims, grant, epoch
 
