@@ -41,7 +41,8 @@ from gateway.config import Account, Settings, sandbox_account
 from gateway.core.admission import ADJUST_EVERY_S, Admission
 from gateway.core.concurrency import AdaptiveLimit
 from gateway.core.flow import AccountFlow
-from gateway.core.pipeline import Pipeline
+from gateway.core.pipeline import Pipeline, Sender
+from gateway.core.routes import Routes
 from gateway.dlr import tracking
 from gateway.dlr.desk import Desk, Poller
 from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError, PortInUse, StoreRefused, StoreUnavailable
@@ -111,6 +112,7 @@ class Gateway:
         self._channels: list[AbstractChannel] = []
         self._tasks: list[asyncio.Task[None]] = []  # the loop watch; delivery reports: the desk, a poller per account
         self._desk: Desk | None = None
+        self.routes = Routes(accounts, settings.failover, pause_s=settings.account_pause_s)
         self._waiting_for: str | None = "start"  # what start-up waits for; None once started
 
     async def start(self) -> None:
@@ -133,7 +135,7 @@ class Gateway:
             )
             app = web.build_app(
                 self.problems,
-                lambda: {"paused": self.paused_accounts()},
+                lambda: {"paused": self.paused_accounts(), "routes": self.routes.describe()},
                 self._webhook,
                 guard=guard,
                 webhook_concurrency=s.webhook.concurrency,
@@ -164,6 +166,7 @@ class Gateway:
             await self._publisher_channel(), timeout_s=s.publish_timeout_s, reopen=self._publisher_channel
         )
         admission = Admission(enabled=s.fair_admission)
+        self._tasks.append(asyncio.create_task(self._note_routes(), name="route notes"))
         time_gc()
         self._tasks.append(
             asyncio.create_task(watch_lag(self._adjust_admission(admission), ADJUST_EVERY_S), name="loop lag")
@@ -176,8 +179,12 @@ class Gateway:
                 [str(c.Status.DELIVERED), str(c.Status.UNDELIVERED)],
                 [str(lane) for lane in c.LANES],
             )
-            adapter = self._build_adapter(account)
-            self._adapters.append(adapter)
+            self._adapters.append(self._build_adapter(account))
+        senders = {
+            account.name: Sender(account, adapter)
+            for account, adapter in zip(self.accounts, self._adapters, strict=True)
+        }
+        for account, adapter in zip(self.accounts, self._adapters, strict=True):
             max_batch = min(account.batch_size, adapter.max_batch)
             lanes: list[AccountWorker] = []
             for lane in c.LANES:  # urgent first: its consumer is ready before the others take work
@@ -191,6 +198,8 @@ class Gateway:
                         options=s.send,
                         owner=self._owner,
                         lane=lane,
+                        routes=self.routes,
+                        senders=senders,
                     ),
                     flow=AccountFlow(
                         max_batch=max_batch,
@@ -229,10 +238,12 @@ class Gateway:
                 owner=self._owner,
                 rebuild=lambda account: tracking.rebuild(connection, store, account, s.dlr),
                 published=lambda account, ids, since: tracking.events_published(connection, account, ids, since),
+                health=self.routes.reported,
             )
             self._tasks.append(asyncio.create_task(desk.run(), name="dlr desk"))
             for account, adapter in zip(self.accounts, self._adapters, strict=True):
-                poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, dlr=s.dlr)
+                ways = {n: (senders[n].account, senders[n].adapter) for n in account.routes_to[1:]}
+                poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, dlr=s.dlr, ways=ways)
                 self._tasks.append(asyncio.create_task(poller.run(), name=f"dlr poller {account.name}"))
             self._desk = desk
         self._waiting_for = None
@@ -257,6 +268,20 @@ class Gateway:
             counted = admission.held
 
         return adjust
+
+    async def _note_routes(self) -> None:
+        """Tell operators (`gateway accounts`, through the store) of each route state change, once a
+        second at most; a note the store did not take is written again with the next change."""
+        from gateway.state.base import Pause
+
+        while True:
+            await asyncio.sleep(1.0)
+            for name, state, why, since, until in self.routes.take_changed():
+                try:
+                    assert self._store is not None
+                    await self._store.note_pause(name, Pause(f"{self._owner}/route", state, why[:200], until, since))
+                except Exception as exc:  # noqa: BLE001 - a note for operators; the route works without it
+                    log.warning("route_note_failed", account=name, error=type(exc).__name__)
 
     async def _publisher_channel(self) -> AbstractChannel:
         """A channel for outcomes, dead letters and retry copies: confirmed, returns raise."""

@@ -17,7 +17,9 @@ from gateway.cli import common as x
 def accounts(sandbox: bool, as_json: bool) -> int:
     """Per account: queue depth, unacknowledged (in flight in a gateway) and consumers, in total
     and per lane (urgent / normal / bulk); rate and burst (and the provider's throttle factor);
-    the parts each budget has used in its day or month; and whether it is paused, why and until when.
+    the parts each budget has used in its day or month; whether it is paused, why and until when;
+    and its route's state in each replica that is not closed (open, half_open, paused, drained: since
+    when and why).
 
     Depth and consumers come from RabbitMQ, in-flight counts from its management API (when it
     answers), pauses and throttling from the state store the gateways share.
@@ -56,7 +58,21 @@ def accounts(sandbox: bool, as_json: bool) -> int:
                     row["paused"] = [
                         {"owner": p.owner, "reason": p.reason, "code": p.code, "until": _iso(p.until)}
                         for p in state.pauses
+                        if not p.owner.endswith("/route")
                     ]
+                    row["route"] = [
+                        {
+                            "owner": p.owner.removesuffix("/route"),
+                            "state": p.reason,
+                            "why": p.code,
+                            "since": _iso(p.since or p.until),
+                            "until": _iso(p.until),
+                        }
+                        for p in state.pauses
+                        if p.owner.endswith("/route")
+                    ]
+                    row["failover_to"] = list(account.failover_to)
+                    row["route_by_country"] = dict(account.route_by_country)
                     row["budgets"] = await _budgets(store, account)
                     rows.append(row)
         finally:
@@ -75,6 +91,10 @@ def accounts(sandbox: bool, as_json: bool) -> int:
             last = max(pause, key=lambda p: p["until"])
             paused = f"{last['reason']}" + (f" {last['code']}" if last["code"] else "") + f" until {last['until']}"
             paused += f" ({len(pause)} replica(s))"
+        route = "closed"
+        if r["route"]:
+            worst = max(r["route"], key=lambda p: p["since"])
+            route = f"{worst['state']} since {worst['since']}: {worst['why']} ({len(r['route'])} replica(s))"
         limit = f"{r['rate_per_s']:g}/s burst {r['burst']}"
         if r["throttle_factor"] < 1:
             limit += f" (throttled x{r['throttle_factor']})"
@@ -92,6 +112,7 @@ def accounts(sandbox: bool, as_json: bool) -> int:
                 limit,
                 budget or "-",
                 paused,
+                route,
             )
         )
     head = [
@@ -103,6 +124,7 @@ def accounts(sandbox: bool, as_json: bool) -> int:
         "rate",
         "budget parts",
         "paused",
+        "route",
     ]
     x.table(None, head, table)
     return x.OK

@@ -125,6 +125,7 @@ class Routes:
         self.pause_s = pause_s
         self._clock = clock
         self.routes = {name: Route(name, since=clock.time()) for name in self.accounts}
+        self._changed: set[str] = set()  # routes whose state operators have not been told of
         for name in self.routes:
             self._gauge(name)
 
@@ -236,7 +237,8 @@ class Routes:
             if r.paused_until <= self._clock.monotonic():
                 log.warning("route_paused", account=name, code=code, seconds=seconds)
             r.paused_until, r.pause_code = until, code
-            r.since, r.why = self._clock.time(), f"paused: account error {code}"
+            r.since, r.why = self._clock.time(), f"account error {code}"
+            self._changed.add(name)
 
     def reported(self, name: str, country: str | None, undelivered: bool) -> None:
         """A final delivery report of a message `name` sent to `country`: the route's health."""
@@ -257,7 +259,9 @@ class Routes:
         drain = r.drained.get(country)
         if share > o.undelivered_share and (drain is None or drain.until <= mono):
             r.drained[country] = _Drain(mono + o.drain_s, share)
+            r.since = self._clock.time()
             window.clear()
+            self._changed.add(name)
             log.warning("route_drained", account=name, country=country, undelivered_share=round(share, 3))
             m.ROUTE_DRAINED.labels(name, country).set(1)
         elif drain is not None and drain.until <= mono:
@@ -265,6 +269,28 @@ class Routes:
             m.ROUTE_DRAINED.labels(name, country).set(0)
 
     # -- state ------------------------------------------------------------------------------------------
+
+    def take_changed(self) -> list[tuple[str, str, str, float, float]]:
+        """The routes whose state changed since the last call, as operators see them: (account,
+        state, why, since, until) in epoch seconds; a closed route's until is now (nothing to show)."""
+        now, mono = self._clock.time(), self._clock.monotonic()
+        out = []
+        for name in sorted(self._changed):
+            r = self.routes[name]
+            drained = {c: d for c, d in r.drained.items() if d.until > mono}
+            if r.paused_until > mono:
+                out.append((name, "paused", r.why, r.since, now + r.paused_until - mono))
+            elif r.circuit is Circuit.OPEN:
+                out.append((name, "open", r.why, r.since, now + max(0.0, r.opened_at + self.options.open_s - mono)))
+            elif r.circuit is Circuit.HALF_OPEN:
+                out.append((name, "half_open", r.why, r.since, now + self.options.open_s))
+            elif drained:
+                why = ", ".join(f"{c} {d.share:.0%} undelivered" for c, d in sorted(drained.items()))
+                out.append((name, "drained", why, r.since, now + max(d.until for d in drained.values()) - mono))
+            else:
+                out.append((name, "closed", r.why, r.since, now))
+        self._changed.clear()
+        return out
 
     def describe(self) -> dict[str, dict[str, object]]:
         now, mono = self._clock.time(), self._clock.monotonic()
@@ -280,6 +306,7 @@ class Routes:
             (log.warning if state is Circuit.OPEN else log.info)("route_" + str(state), account=r.name, why=why)
             r.circuit, r.since, r.why = state, self._clock.time(), why
             self._gauge(r.name)
+            self._changed.add(r.name)
 
     def _gauge(self, name: str) -> None:
         state = self.routes[name].circuit

@@ -54,14 +54,14 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from gateway import contract as c
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Account, DlrOptions
 from gateway.errors import BadWebhook, LookupFailed
-from gateway.numbers import mask
+from gateway.numbers import country_of, mask
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
 from gateway.providers import PROVIDERS
@@ -146,11 +146,14 @@ class Desk:
         clock: Clock = SYSTEM,
         rebuild: Callable[[str], Awaitable[object]] | None = None,
         published: Callable[[str, list[str], float], Awaitable[set[str]]] | None = None,
+        health: Callable[[str, str | None, bool], None] | None = None,
     ) -> None:
         """`rebuild(account)` writes the account's delivery tracking back after the store lost it
         (tracking.rebuild); the desk calls it when it sees the account's store epoch change.
         `published(account, message_ids, since)` says which events the broker routed since then
-        (tracking.events_published); without it a failed publish gives its claim back."""
+        (tracking.events_published); without it a failed publish gives its claim back.
+        `health(via, country, undelivered)` hears of each final event (core/routes.py: a route's
+        delivery health)."""
         self._store = store
         self._sink = sink
         self._accounts = {a.name: a for a in accounts}
@@ -160,6 +163,10 @@ class Desk:
         self._rebuild = rebuild
         self._published = published
         self._rebuilding: dict[str, asyncio.Task[None]] = {}
+        self._health = health
+        # The accounts whose requests may go through each account (their routes): a webhook of a
+        # message one of them sent that way is tracked under that one.
+        self._homes = {a.name: [h.name for h in accounts if a.name in h.routes_to[1:]] for a in accounts}
 
     # -- one report -----------------------------------------------------------------------------------
 
@@ -310,9 +317,12 @@ class Desk:
             at=self._clock.now(),
             status_at=report.at or self._clock.now(),
             reason=report.reason,
+            via=t.via or account,
         )
         await self._sink.outcome(account=account, status=str(status), body=body, unique_id=t.unique_id)
         m.DLR_EVENTS.labels(account, str(status)).inc()
+        if self._health is not None:
+            self._health(t.via or account, country_of(t.to) if t.to else None, status is c.Status.UNDELIVERED)
         log.info(
             "sms_report",
             account=account,
@@ -363,6 +373,12 @@ class Desk:
         # A retry of an event seen before makes the poll due again: its first try may have been
         # answered 503 after the binding.
         bound, action = await self._store.hint(account, event.event_id, message_id, hint)
+        for home in self._homes.get(account, ()) if action == "parked" else ():
+            # Not this account's own: a message another account's route sent through it.
+            found, took = await self._store.hint(home, event.event_id, message_id, hint)
+            if took != "parked":
+                bound, action, account = found, took, home
+                break
         if action == "refused":
             log.warning(
                 "dlr_webhook_refused",
@@ -451,10 +467,13 @@ class Poller:
         store: PollerStore,
         dlr: DlrOptions,
         clock: Clock = SYSTEM,
+        ways: Mapping[str, tuple[Account, ProviderAdapter]] | None = None,
     ) -> None:
+        """`ways`: the other accounts (by name) whose messages this account's tracking may hold."""
         self._desk = desk
         self._account = account
         self._adapter = adapter
+        self._ways = {**(ways or {}), account.name: (account, adapter)}
         self._store = store
         self._dlr = dlr
         self._clock = clock
@@ -476,32 +495,34 @@ class Poller:
             if await self._desk.report(name, gone, "window") is FinalState.HELD:
                 later[t.provider_message_id] = now + held_gap(t.polls)
         asking = [t for t in due if t.accepted_at + window > now]
-        if not asking:
-            await self._store.poll_later(name, later)
-            return len(due)
-        await self._take_token()
-        m.DLR_POLLS.labels(name).inc()
-        try:
-            reports = {
-                r.provider_message_id: r for r in await self._adapter.statuses([t.provider_message_id for t in asking])
-            }
-        except LookupFailed as exc:
-            log.warning("dlr_poll_failed", account=name, count=len(asking), error=str(exc)[:200])
-            reports = {}
+        # A message another account sent (its route, or a failover) is polled through that account.
+        by_way: dict[str, list[Tracked]] = {}
         for t in asking:
-            report = reports.get(t.provider_message_id)
-            if report is not None and report.final is not None:
-                if await self._desk.report(name, report, "poll") is FinalState.HELD:
-                    later[t.provider_message_id] = now + held_gap(t.polls)
-            else:
-                gap = poll_gap(self._dlr, t.polls + 1)
-                later[t.provider_message_id] = min(now + gap, t.accepted_at + window)
+            by_way.setdefault(t.via if t.via is not None and t.via in self._ways else name, []).append(t)
+        for via, group in by_way.items():
+            account, adapter = self._ways[via]
+            await self._take_token(account)
+            m.DLR_POLLS.labels(name).inc()
+            try:
+                reports = {
+                    r.provider_message_id: r for r in await adapter.statuses([t.provider_message_id for t in group])
+                }
+            except LookupFailed as exc:
+                log.warning("dlr_poll_failed", account=name, via=via, count=len(group), error=str(exc)[:200])
+                reports = {}
+            for t in group:
+                report = reports.get(t.provider_message_id)
+                if report is not None and report.final is not None:
+                    if await self._desk.report(name, report, "poll") is FinalState.HELD:
+                        later[t.provider_message_id] = now + held_gap(t.polls)
+                else:
+                    gap = poll_gap(self._dlr, t.polls + 1)
+                    later[t.provider_message_id] = min(now + gap, t.accepted_at + window)
         await self._store.poll_later(name, later)
         return len(due)
 
-    async def _take_token(self) -> None:
-        """A poll is one provider call: it waits for one token of the account's rate budget."""
-        a = self._account
+    async def _take_token(self, a: Account) -> None:
+        """A poll is one provider call: it waits for one token of the polled account's rate budget."""
         while True:
             grant = await self._store.acquire(a.name, 1, a.rate_per_s, a.burst)
             if grant.granted:

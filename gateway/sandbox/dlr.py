@@ -29,6 +29,8 @@ from zoneinfo import ZoneInfo
 import httpx
 from pydantic import BaseModel, Field
 
+from gateway.numbers import country_of
+
 
 class SendRecord(Protocol):
     """What the lifecycle reads of a recorded send (state.SendRecord)."""
@@ -53,6 +55,15 @@ class Webhook(BaseModel):
     secret: str | None = None
 
 
+class Undelivered(BaseModel):
+    """A share of one identity's messages to one country that end undelivered, whatever `mix` says
+    (a route that accepts and then drops)."""
+
+    match: str = Field(default="*", description="API identity (token:<t>, user:<name>, key:<apiKey>) or *")
+    country: str = Field(default="*", description="ISO 3166 alpha-2 of the recipient, or *")
+    share: float = Field(ge=0, le=1)
+
+
 class DlrConfig(BaseModel):
     delay_s: float = Field(default=1.0, ge=0, description="time from the send to the final status")
     jitter_s: float = Field(default=0.0, ge=0, description="plus up to this much, at random")
@@ -66,6 +77,9 @@ class DlrConfig(BaseModel):
     early_share: float = Field(default=0.0, ge=0, le=1)
     retry_gap_s: float = Field(default=60.0, gt=0, description="Mobizon: one minute, growing by one per attempt")
     max_attempts: int = Field(default=10, ge=1)
+    undelivered: list[Undelivered] = Field(
+        default_factory=list, description="shares of an identity's messages to a country that end undelivered"
+    )
 
 
 @dataclass(slots=True)
@@ -99,6 +113,13 @@ class Lifecycle:
         cfg = self.config
         names = [f for f in FATES if cfg.mix.get(f, 0) > 0] or ["delivered"]
         outcome = self._random.choices(names, weights=[cfg.mix.get(f, 1.0) for f in names])[0]
+        if cfg.undelivered:
+            country = country_of("+" + rec.phone.lstrip("+")) or ""
+            for rule in cfg.undelivered:
+                if rule.match in ("*", rec.who) and rule.country.upper() in ("*", country):
+                    if self._random.random() < rule.share:
+                        outcome = "undelivered"
+                    break
         delay = cfg.delay_s + self._random.uniform(0, cfg.jitter_s)
         return Fate(outcome, rec.at, rec.at + delay, self._random.random() < cfg.partial_share)
 

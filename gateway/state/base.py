@@ -399,18 +399,22 @@ NOTHING = Grant(0, 0.0)
 class Pause:
     """One replica's pause of an account's consumption, as `gateway accounts` shows it."""
 
-    owner: str
-    reason: str  # account_error | store_failed
-    code: str | None  # the provider's code that paused it
+    owner: str  # the replica; `<replica>/route` for the state of the account's route (core/routes.py)
+    reason: str  # account_error | store_failed; a route's: paused | open | half_open | drained
+    code: str | None  # the provider's code that paused it; a route's: why
     until: float  # epoch seconds
+    since: float | None = None  # epoch seconds (a route's state)
 
     def to_json(self) -> str:
-        return json.dumps({"r": self.reason, "c": self.code, "u": self.until}, separators=(",", ":"))
+        doc: dict[str, Any] = {"r": self.reason, "c": self.code, "u": self.until}
+        if self.since is not None:
+            doc["s"] = self.since
+        return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, owner: str, text: str) -> Pause:
         d = json.loads(text)
-        return cls(owner, d["r"], d["c"], float(d["u"]))
+        return cls(owner, d["r"], d["c"], float(d["u"]), d.get("s"))
 
 
 @dataclass(frozen=True, slots=True)
