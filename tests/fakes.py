@@ -160,3 +160,44 @@ class AcceptingAdapter:
 
     async def close(self) -> None:
         return None
+
+
+class ScriptedAdapter:
+    """A provider whose answer to each message is chosen by the test (`answer`), that remembers what
+    it took (`sent`, `held`) and answers lookups from `held` (or fails them: `lookups_fail`)."""
+
+    max_batch = 1000
+    max_status_ids = 100
+
+    def __init__(self, name: str = "serwersms", answer: Callable[[Outbound], ItemResult] | None = None) -> None:
+        self.name = name
+        self.answer = answer or (lambda o: ItemResult(Verdict.ACCEPTED, provider_message_id=f"{name}-{o.unique_id}"))
+        self.sent: list[Outbound] = []  # every message a send call carried
+        self.held: dict[str, ItemResult] = {}  # unique_id -> what the provider holds
+        self.lookups_fail = False
+        self.looked_up: list[str] = []
+
+    def batch_key(self, item: Outbound) -> Hashable:
+        return batch_key(item)
+
+    async def send(self, batch: Sequence[Outbound]) -> list[ItemResult]:
+        self.sent += batch
+        results = [self.answer(o) for o in batch]
+        for o, r in zip(batch, results, strict=True):
+            if r.verdict is Verdict.ACCEPTED or (r.error is not None and r.error.code == "swallowed"):
+                self.held[o.unique_id] = ItemResult(Verdict.ACCEPTED, provider_message_id=f"{self.name}-{o.unique_id}")
+        return results
+
+    async def lookup(self, batch: Sequence[Outbound]) -> list[ItemResult | None]:
+        from gateway.errors import LookupFailed
+
+        self.looked_up += [o.unique_id for o in batch]
+        if self.lookups_fail:
+            raise LookupFailed("the provider cannot be asked")
+        return [self.held.get(o.unique_id) for o in batch]
+
+    async def statuses(self, message_ids: Sequence[str]) -> list[StatusReport]:
+        return []
+
+    async def close(self) -> None:
+        return None
