@@ -51,7 +51,7 @@ def test_consecutive_transport_failures_open_the_circuit_and_a_probe_closes_it()
     assert r.choose(PRIMARY, "PL") == ("backup", MoveReason.OPEN)
     clock.advance(15)
     assert r.choose(PRIMARY, "PL") == ("primary", None)  # the one probe
-    assert r.routes["primary"].circuit is Circuit.HALF_OPEN
+    assert r.describe()["primary"]["state"] == "half_open"
     assert r.choose(PRIMARY, "PL") == ("backup", MoveReason.OPEN)  # while the probe is out
     r.called("primary", [ItemResult.failure("x", "Rejected", "bad number", Action.PERMANENT)])
     assert r.routes["primary"].circuit is Circuit.CLOSED
@@ -121,7 +121,8 @@ def test_an_undelivered_share_drains_the_country_only() -> None:
     assert r.choose(PRIMARY, "NG") == ("backup", MoveReason.DRAINED)
     assert r.choose(PRIMARY, "PL") == ("primary", None)
     [(name, state, why, _since, _until)] = r.take_changed()
-    assert (name, state) == ("primary", "drained") and "NG 60% undelivered" in why
+    assert (name, state) == ("primary", "drained")
+    assert "NG 60% undelivered" in why
     clock.advance(OPTIONS.drain_s + 1)
     assert r.choose(PRIMARY, "NG") == ("primary", None)
 
@@ -170,9 +171,12 @@ async def test_a_request_the_primary_refused_to_connect_goes_through_the_backup_
     rig = Rig(store)
     rig.adapters["primary"].answer = lambda o: REFUSED
     [d] = await rig.run((Job(), "a"))
-    assert isinstance(d, Finish) and d.status is Status.ACCEPTED
-    assert d.result.via == "backup" and d.result.provider_message_id == "serwersms-a"
-    assert rig.sent("primary") == ["a"] and rig.sent("backup") == ["a"]
+    assert isinstance(d, Finish)
+    assert d.status is Status.ACCEPTED
+    assert d.result.via == "backup"
+    assert d.result.provider_message_id == "serwersms-a"
+    assert rig.sent("primary") == ["a"]
+    assert rig.sent("backup") == ["a"]
     assert d.result.attempts == 2
     [sent] = rig.adapters["backup"].sent
     assert sent.sender == "Backup"  # the backup account's own sender name
@@ -183,7 +187,8 @@ async def test_a_request_whose_answer_was_lost_never_moves(store: SqliteStore) -
     rig.adapters["primary"].answer = lambda o: TIMEOUT
     job = Job()
     [d] = await rig.run((job, "a"))
-    assert isinstance(d, Retry) and d.ambiguous
+    assert isinstance(d, Retry)
+    assert d.ambiguous
     assert job.maybe_at == ("primary",)
     assert rig.sent("backup") == []
 
@@ -195,10 +200,13 @@ async def test_its_retry_asks_the_primary_and_waits_while_it_cannot_be_asked(sto
     rig.adapters["primary"].lookups_fail = True
     job = Job(attempts=1, sent_at=rig.clock.time() - 5, maybe_at=("primary",), own=True)
     [d] = await rig.run((job, "a"))
-    assert isinstance(d, Retry) and d.ambiguous and d.error.code == "lookup_failed"
+    assert isinstance(d, Retry)
+    assert d.ambiguous
+    assert d.error.code == "lookup_failed"
     assert rig.adapters["primary"].looked_up == ["a"]
     assert rig.adapters["backup"].looked_up == []  # only where it may be
-    assert rig.sent("backup") == [] and rig.sent("primary") == []
+    assert rig.sent("backup") == []
+    assert rig.sent("primary") == []
 
 
 async def test_once_the_primary_says_it_never_got_it_it_goes_through_the_backup(store: SqliteStore) -> None:
@@ -207,7 +215,9 @@ async def test_once_the_primary_says_it_never_got_it_it_goes_through_the_backup(
         rig.routes.called("primary", [REFUSED])
     job = Job(attempts=1, sent_at=rig.clock.time() - 5, maybe_at=("primary",), own=True)
     [d] = await rig.run((job, "a"))
-    assert isinstance(d, Finish) and d.status is Status.ACCEPTED and d.result.via == "backup"
+    assert isinstance(d, Finish)
+    assert d.status is Status.ACCEPTED
+    assert d.result.via == "backup"
     assert rig.sent("primary") == []
 
 
@@ -218,8 +228,11 @@ async def test_when_the_primary_has_it_the_lookup_answers_and_nothing_is_sent(st
         rig.routes.called("primary", [REFUSED])
     job = Job(attempts=1, sent_at=rig.clock.time() - 5, maybe_at=("primary",), own=True)
     [d] = await rig.run((job, "a"))
-    assert isinstance(d, Finish) and d.status is Status.ACCEPTED and d.result.via == "primary"
-    assert rig.sent("backup") == [] and rig.sent("primary") == []
+    assert isinstance(d, Finish)
+    assert d.status is Status.ACCEPTED
+    assert d.result.via == "primary"
+    assert rig.sent("backup") == []
+    assert rig.sent("primary") == []
 
 
 async def test_a_redelivery_that_cannot_say_where_it_went_asks_every_route(store: SqliteStore) -> None:
@@ -227,9 +240,12 @@ async def test_a_redelivery_that_cannot_say_where_it_went_asks_every_route(store
     rig.adapters["backup"].held["a"] = rig.adapters["backup"].answer(_outbound("a"))
     job = Job(redelivered=True)
     [d] = await rig.run((job, "a"))
-    assert isinstance(d, Finish) and d.status is Status.ACCEPTED and d.result.via == "backup"
+    assert isinstance(d, Finish)
+    assert d.status is Status.ACCEPTED
+    assert d.result.via == "backup"
     assert sorted(rig.adapters["primary"].looked_up + rig.adapters["backup"].looked_up) == ["a", "a"]
-    assert rig.sent("primary") == [] and rig.sent("backup") == []
+    assert rig.sent("primary") == []
+    assert rig.sent("backup") == []
 
 
 async def test_an_account_error_fails_over_within_the_batch_and_pauses_the_route_not_the_consumer(
@@ -244,7 +260,8 @@ async def test_an_account_error_fails_over_within_the_batch_and_pauses_the_route
     result = await rig.pipe.run([])
     assert not result.pause_account
     [d] = await rig.run((Job(), "c"))
-    assert isinstance(d, Finish) and d.result.via == "backup"
+    assert isinstance(d, Finish)
+    assert d.result.via == "backup"
     assert rig.sent("primary") == ["a", "b"]  # the paused route got nothing more
 
 
@@ -258,7 +275,8 @@ async def test_without_failover_an_account_error_pauses_the_account_as_before(st
     result = await rig.pipe.run([job])
     assert result.pause_account
     [d] = result.decisions
-    assert isinstance(d, Finish) and d.status is Status.REJECTED
+    assert isinstance(d, Finish)
+    assert d.status is Status.REJECTED
     assert rig.sent("backup") == []
 
 
@@ -269,9 +287,13 @@ async def test_when_every_route_is_paused_the_request_comes_back_later_without_a
     rig.routes.pause("primary", "2201")
     rig.routes.pause("backup", "2201")
     [d] = await rig.run((Job(attempts=2), "a"))
-    assert isinstance(d, Retry) and not d.ambiguous and d.attempts == 2 and d.error.code == "route_paused"
+    assert isinstance(d, Retry)
+    assert not d.ambiguous
+    assert d.attempts == 2
+    assert d.error.code == "route_paused"
     assert d.delay_ms == 60_000
-    assert rig.sent("primary") == [] and rig.sent("backup") == []
+    assert rig.sent("primary") == []
+    assert rig.sent("backup") == []
 
 
 async def test_a_country_route_sends_from_the_first_message(store: SqliteStore) -> None:
@@ -280,9 +302,12 @@ async def test_a_country_route_sends_from_the_first_message(store: SqliteStore) 
     rig = Rig(store, home, east)
     [ua] = await rig.run((Job(), "u"), to="+380501234567")
     [pl] = await rig.run((Job(), "p"))
-    assert isinstance(ua, Finish) and ua.result.via == "east"
-    assert isinstance(pl, Finish) and pl.result.via == "home"
-    assert rig.sent("east") == ["u"] and rig.sent("home") == ["p"]
+    assert isinstance(ua, Finish)
+    assert ua.result.via == "east"
+    assert isinstance(pl, Finish)
+    assert pl.result.via == "home"
+    assert rig.sent("east") == ["u"]
+    assert rig.sent("home") == ["p"]
 
 
 def _outbound(uid: str) -> Outbound:
