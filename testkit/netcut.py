@@ -6,6 +6,10 @@ behind a connection vanishes (a node lost, a partition). Only the client's own t
 `heal()` forwards again, for new connections only: the ones that lived through the cut stay dead,
 as a TCP connection to a host that went away does.
 
+`refuse()` is the other way a server goes away, its process killed: every connection is reset and
+new ones are refused (nothing listens on the port); `listen()` takes connections on the same port
+again, as the restarted process would. What stands behind the proxy keeps its state meanwhile.
+
 Runs in the caller's event loop (`async with NetCut(target_port) as cut`), or as a process for
 the chaos suite: `python -m testkit.netcut --target PORT [--port PORT]`, SIGUSR1 drops, SIGUSR2
 heals.
@@ -56,6 +60,22 @@ class NetCut:
     def heal(self) -> None:
         self.dropping = False
 
+    async def refuse(self) -> None:
+        """Reset every connection and stop listening: connects are refused until `listen()`."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            _reset(writer)
+        self._writers.clear()
+        self._live.clear()
+
+    async def listen(self) -> None:
+        """Take connections again, on the same port."""
+        if self._server is None:
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
+
     async def close(self) -> None:
         """Stop: every socket closed with a reset (a client still holding on lets go), every
         connection's handler ended by itself (a cancelled stream handler makes asyncio log it)."""
@@ -63,11 +83,7 @@ class NetCut:
             self._server.close()
         self._closing.set()
         for writer in self._writers:
-            sock = writer.get_extra_info("socket")
-            if sock is not None and not writer.is_closing():
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.close()
+            _reset(writer)
         _done, late = await asyncio.wait(self._tasks, timeout=5) if self._tasks else (set(), set())
         for task in late:
             task.cancel()
@@ -130,6 +146,15 @@ class NetCut:
             while data := await reader.read(65536):
                 self.dropped_bytes += len(data)
         await self._closing.wait()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset (SO_LINGER 0), not a FIN: the peer sees the connection torn down."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and not writer.is_closing():
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
 
 
 async def _main(target: int, port: int) -> None:

@@ -21,7 +21,9 @@ from gateway import contract as c
 from gateway.bus import topology
 from gateway.config import Account
 from gateway.core import budgets
+from gateway.providers.base import provider_ref
 from gateway.state.redis import RedisStore
+from testkit import start_sandbox as start_sandbox_process
 from testkit.netcut import NetCut
 from testkit.redis_ha import RedisSentinels
 from tests.chaos.harness import RETRY_SCHEDULE_S, Ledger, RabbitNode, RedisServer, World, request_body
@@ -369,6 +371,84 @@ async def redis_cut(root: Path, nodes: list[RabbitNode], redis_server: RedisServ
         )
 
 
+async def failover(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
+    """The primary provider (SerwerSMS) swallows a tenth of its answers after sending, then dies
+    (connections reset, new ones refused) and comes back; a replica is killed -9 during the
+    failover. The backup account (Mobizon, a sandbox of its own) takes what provably never reached
+    the primary. Counted across both providers' ledgers: nothing sent twice, nothing lost."""
+    home, other = _account("f"), _account("fb")
+    n = 5000 if size.name == "full" else 1000
+    rate = max(100, n // 8)
+    world = World(root, nodes[0], redis_server, [home, other])
+    world.settings.update({"failover.open_s": 2.0, "failover.failures": 3})
+    world.start_sandbox()
+    assert world.sandbox is not None
+    backup_proc, backup = start_sandbox_process(root)
+    cut = await NetCut(world.sandbox.port).start()
+    try:
+        limits = {"rate_per_s": rate, "burst": rate // 4}
+        world.account_overrides[home] = {
+            **limits,
+            "base_url": f"http://127.0.0.1:{cut.port}",
+            "failover_to": [other],
+        }
+        world.account_overrides[other] = {
+            **limits,
+            "provider": "mobizon",
+            "base_url": backup.url,
+            "token": None,
+            "api_key": f"key-{other}",
+        }
+        await world.start_observer()
+        for i in range(size.replicas):
+            await asyncio.to_thread(world.start_gateway, i)
+        world.sandbox.fault(match=f"token:tok-{home}", swallow=True, rate=0.1)
+        await world.publish(_items(home, "f", n))
+        await asyncio.sleep(2.0)
+        await cut.refuse()  # the primary dies, with swallowed answers not yet reconciled
+        down_at = time.monotonic()
+        await asyncio.sleep(1.5)
+        victim = world.rng.choice(sorted(world.gateways))
+        world.kill(victim)  # a replica dies mid-failover
+        await asyncio.to_thread(world.start_gateway, victim)
+        await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - down_at)))
+        swallowed = sum(f["fired"] for f in world.sandbox.faults())
+        world.sandbox.clear_faults()
+        await cut.listen()  # back: the swallowed ones are reconciled with it, traffic fails back
+        last = time.monotonic()
+        recovered = await world.wait_recovered(last, 90)
+        await world.wait_settled(240)
+        led = world.ledger(f"primary provider: 10% answers lost, down 5 s, kill -9 of a replica ({n:,} requests)")
+        led.recovered_s = recovered
+        primary_sends = world.sandbox.ledger()["by_unique_id"]
+        backup_sends = backup.ledger()["by_recipient"]
+        # The ledger above counted the primary's sends only: add the backup's, and count again.
+        led.sent_twice = 0
+        led.notes = [x for x in led.notes if "accepted but the provider has no send" not in x]
+        accepted = world.accepted_keys()
+        moved = 0
+        for i in range(n):
+            uid = f"f{i}"
+            at_primary = int(primary_sends.get(provider_ref(home, uid), 0))
+            at_backup = int(backup_sends.get(f"4851{i % 10_000_000:07d}", 0))
+            moved += at_backup
+            if at_primary + at_backup > 1:
+                led.sent_twice += 1
+            if f"{home}/{uid}" in accepted and at_primary + at_backup == 0:
+                led.lost += 1  # an `accepted` that neither provider holds
+                led.notes.append(f"{home}/{uid} accepted but neither provider has a send")
+        led.extra.update({"sent_via_backup": moved, "swallowed": swallowed})
+        led.notes.append(f"{moved} sent through the backup account; the primary swallowed {swallowed} answers")
+        if moved == 0:
+            led.notes.append("nothing moved to the backup: the failover was not exercised")
+            led.lost += 1
+    finally:
+        await world.close()
+        await cut.close()
+        backup_proc.close()
+    return led
+
+
 async def provider_faults(root: Path, nodes: list[RabbitNode], redis_server: RedisServer, size: Size) -> Ledger:
     """Hangs, 5xx, resets and swallowed answers on a share of the provider calls, for a while."""
     account = _account("p")
@@ -713,6 +793,7 @@ SINGLE_NODE: dict[str, Scenario] = {
     "noisy_neighbour": noisy_neighbour,
     "lanes": lanes,
     "budget_kill9": budget_kill9,
+    "failover": failover,
     "dlr_redis_pause": dlr_redis_pause,
     "dlr_redis_stop": dlr_redis_stop,
     "dlr_redis_empty": dlr_redis_empty,
@@ -725,6 +806,7 @@ CI_SCENARIOS = [
     "kill9",
     "lanes",
     "budget_kill9",
+    "failover",
     "broker_close",
     "broker_restart",
     "redis_empty",

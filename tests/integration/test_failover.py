@@ -21,7 +21,12 @@ from testkit.services import free_port
 from tests.conftest import InProcess
 
 pytestmark = pytest.mark.integration
-FAST: dict[str, Any] = {"failover_open_s": 1.0, "failover_failures": 2, "retry_schedule_s": [0.3, 0.6], "max_attempts": 40}
+FAST: dict[str, Any] = {
+    "failover_open_s": 1.0,
+    "failover_failures": 2,
+    "retry_schedule_s": [0.3, 0.6],
+    "max_attempts": 40,
+}
 
 
 class Backup:
