@@ -219,8 +219,14 @@ def test_monitoring_resources() -> None:
         "SmsGatewayUrgentRequestsWaiting",
         "SmsGatewayBudgetNearlySpent",
         "SmsGatewayVelocityBlocked",
+        "SmsGatewayRouteOpen",
+        "SmsGatewayRouteDrained",
     }
     assert "sms_velocity_blocked_total" in alerts["SmsGatewayVelocityBlocked"]
+    assert 'state!="closed"' in alerts["SmsGatewayRouteOpen"]
+    assert "sms_route_drained" in alerts["SmsGatewayRouteDrained"]
+    route_open = next(r for r in rule["spec"]["groups"][0]["rules"] if r["alert"] == "SmsGatewayRouteOpen")
+    assert route_open["for"] == "5m"
     assert "sms_account_paused" in alerts["SmsGatewayAccountPaused"]
     assert "sms_budget_used_parts" in alerts["SmsGatewayBudgetNearlySpent"]
     assert ">= 0.8" in alerts["SmsGatewayBudgetNearlySpent"]
@@ -311,6 +317,26 @@ def test_schema_rejects_bad_values() -> None:
     account = {"name": "x", "provider": "mobizon", "base_url": "https://x", "webhook_secret": "plain-secret"}
     with helm_python.Chart.load(str(CHART)) as chart, pytest.raises(helm_python.HelmValuesError):
         chart.render(values={"accounts": [account]})
+    routed = {"name": "x", "provider": "mobizon", "base_url": "https://x", "route_by_country": {"Poland": "y"}}
+    with helm_python.Chart.load(str(CHART)) as chart, pytest.raises(helm_python.HelmValuesError):
+        chart.render(values={"accounts": [routed]})
+
+
+def test_failover_settings_reach_the_gateway() -> None:
+    accounts = [
+        {
+            "name": "a",
+            "provider": "serwersms",
+            "base_url": "https://x",
+            "failover_to": ["b"],
+            "route_by_country": {"UA": "b"},
+        },
+        {"name": "b", "provider": "mobizon", "base_url": "https://y"},
+    ]
+    docs = render({"accounts": accounts, "config": {"failover": {"openSeconds": 30}}})
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if "GATEWAY_FAILOVER__OPEN_S" in d.get("data", {})]
+    assert cm["data"]["GATEWAY_FAILOVER__OPEN_S"] == "30"
+    assert cm["data"]["GATEWAY_FAILOVER__FAILURES"] == "5"
 
 
 def test_every_value_is_documented() -> None:
