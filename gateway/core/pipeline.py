@@ -129,6 +129,9 @@ class Pipeline:
         # grace covers the store's own recovery (a failover) and a claim renewed meanwhile.
         self._patience_s = options.claim_lease_s + options.wait_grace_s
         self._limiter = RateLimiter(store, account, clock, rank=self._rank)
+        # Every account's calls feed its route's circuit (others may fail over to it); only an
+        # account with routes of its own chooses among them.
+        self._circuits = routes
         self._routes = routes if routes is not None and len(account.routes_to) > 1 else None
         self._ways: dict[str, tuple[Sender, RateLimiter]] = {account.name: (Sender(account, adapter), self._limiter)}
         if self._routes is not None:
@@ -515,13 +518,18 @@ class Pipeline:
         return store_failed
 
     def _route_paused(self, job: Job) -> Retry:
-        """Every route of the request is paused by an account error: it comes back after the
-        pause (at most the retry schedule's longest step) without counting an attempt."""
-        delay_s = min(max(1.0, self._routes.paused_for_s(self.account) if self._routes else 1.0), 600.0)
+        """Every route of the request is paused by an account error: it comes back once the first
+        pause ends (through the longest declared delay not past it) without counting an attempt."""
+        paused_s = self._routes.paused_for_s(self.account) if self._routes is not None else 0.0
         error = ProviderError(
-            "route_paused", "RoutePaused", "every route of the account is paused by an account error", True
+            "route_paused",
+            "RoutePaused",
+            "every route of the account is paused by an account error",
+            True,
+            Action.RETRYABLE,
         )
-        return Retry(delay_ms=int(delay_s * 1000), attempts=job.attempts, error=error, ambiguous=False)
+        delay_ms = lanes.defer_step_ms(paused_s, self._defer_delays_ms)
+        return Retry(delay_ms=delay_ms, attempts=job.attempts, error=error, ambiguous=False)
 
     async def _send_via(
         self,
@@ -537,6 +545,7 @@ class Pipeline:
         sender, limiter = self._ways[name]
         adapter = sender.adapter
         routes = self._routes
+        circuits = self._circuits
         moved: list[int] = []
 
         async def call(chunk: list[int]) -> list[ItemResult]:
@@ -549,8 +558,8 @@ class Pipeline:
                     "internal", type(exc).__name__, "the provider call failed in the gateway", Action.AMBIGUOUS
                 )
                 results = [failed] * len(chunk)
-            if routes is not None:
-                routes.called(name, results)
+            if circuits is not None:
+                circuits.called(name, results)
             return results
 
         async def send_chunk(chunk: list[int]) -> None:
@@ -576,11 +585,10 @@ class Pipeline:
             now = self._clock.now()
             for i, result in zip(chunk, results, strict=True):
                 decisions[i] = decide(result, jobs[i].attempts + made[i], self._policy, adapter.name, now, via=name)
-                if routes is not None:
-                    if result.error is not None and result.error.pause_account:
-                        routes.pause(name, result.error.code)
-                    if provably_unsent(result):
-                        moved.append(i)
+                if circuits is not None and result.error is not None and result.error.pause_account:
+                    circuits.pause(name, result.error.code)
+                if routes is not None and provably_unsent(result):
+                    moved.append(i)
             if any(r.error is not None and r.error.throttle for r in results):
                 await limiter.throttled()
 

@@ -291,7 +291,7 @@ async def test_when_every_route_is_paused_the_request_comes_back_later_without_a
     assert not d.ambiguous
     assert d.attempts == 2
     assert d.error.code == "route_paused"
-    assert d.delay_ms == 60_000
+    assert d.delay_ms == 60_000  # a declared delay (a retry queue exists for it), the pause's length
     assert rig.sent("primary") == []
     assert rig.sent("backup") == []
 
