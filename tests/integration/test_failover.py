@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
+from gateway.app import Gateway
 from gateway.config import Account, parse_accounts
 from gateway.obs import metrics as m
 from gateway.providers.base import provider_ref
 from gateway.sandbox.app import start_sandbox
 from gateway.sandbox.dlr import DlrConfig, Undelivered
 from gateway.sandbox.state import FaultRule, SandboxState
+from gateway.state.base import Pause
 from testkit import Bus, account_doc, new_account_name, request
 from testkit.services import free_port
 from tests.conftest import InProcess
@@ -91,6 +93,19 @@ def backup_sends(b: Backup) -> Counter[str]:
     return Counter(r.text.removeprefix("text ") for r in b.state.sends)
 
 
+async def route_note(gw: Gateway, name: str, timeout: float = 5.0) -> Pause:
+    """The route's state as the replica noted it in the store for operators (once a second)."""
+    assert gw._store is not None
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        state = await gw._store.account_state(name)
+        notes = [p for p in state.pauses if p.owner.endswith("/route")]
+        if notes or asyncio.get_running_loop().time() > deadline:
+            assert notes, "no route note in the store"
+            return notes[0]
+        await asyncio.sleep(0.2)
+
+
 def sample(name: str, **labels: str) -> float:
     return m.REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -104,7 +119,7 @@ async def test_the_primary_down_mid_run_moves_traffic_and_back_and_each_request_
     world: InProcess, backup: Backup
 ) -> None:
     home, other = new_account_name(), new_account_name()
-    await world.gateway(accounts(world, primary(world, home, failover_to=[other]), backup.account(other)), **FAST)
+    gw = await world.gateway(accounts(world, primary(world, home, failover_to=[other]), backup.account(other)), **FAST)
     async with Bus.open([home]) as bus:
         await publish(bus, home, range(100))
         await bus.wait_for(outcomes=100)
@@ -112,6 +127,9 @@ async def test_the_primary_down_mid_run_moves_traffic_and_back_and_each_request_
         await publish(bus, home, range(100, 200))
         # A request whose call the stop cut may be at the primary: it waits for the primary's answer.
         await bus.wait_for(outcomes=195, timeout=60)
+        note = await route_note(gw, home)  # what `gateway accounts` shows of the route
+        assert note.reason in ("open", "half_open")
+        assert "failed" in (note.code or "")  # why: "2 calls in a row failed (transport)", or a probe's
         await world.start_sandbox()  # back: the half-open probe finds it, and traffic fails back
         await asyncio.sleep(1.5)
         await publish(bus, home, range(200, 300))
