@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import SplitResult, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -121,6 +121,18 @@ class AppBudget(BaseModel):
 
     budget_parts_per_day: int | None = Field(default=None, ge=0)
     budget_parts_per_month: int | None = Field(default=None, ge=0)
+
+
+V = TypeVar("V")
+
+
+def _by_region(value: dict[str, V]) -> dict[str, V]:
+    """A map keyed by ISO 3166 alpha-2 region (or `*`), keys upper-cased; unknown regions refused."""
+    out = {k.upper(): v for k, v in value.items()}
+    unknown = [k for k in out if k != "*" and k not in phonenumbers.SUPPORTED_REGIONS]
+    if unknown:
+        raise ValueError(f"not ISO 3166 alpha-2 regions the number parser knows (or *): {', '.join(unknown)}")
+    return out
 
 
 class Account(BaseModel):
@@ -285,10 +297,7 @@ class Account(BaseModel):
     @field_validator("country_caps_per_hour")
     @classmethod
     def _caps(cls, value: dict[str, int]) -> dict[str, int]:
-        caps = {k.upper(): v for k, v in value.items()}
-        unknown = [k for k in caps if k != "*" and k not in phonenumbers.SUPPORTED_REGIONS]
-        if unknown:
-            raise ValueError(f"not ISO 3166 alpha-2 regions the number parser knows (or *): {', '.join(unknown)}")
+        caps = _by_region(value)
         if any(v < 0 for v in caps.values()):
             raise ValueError("a cap is a number of messages, 0 or more")
         return caps
@@ -296,11 +305,7 @@ class Account(BaseModel):
     @field_validator("route_by_country")
     @classmethod
     def _routes(cls, value: dict[str, str]) -> dict[str, str]:
-        routes = {k.upper(): v for k, v in value.items()}
-        unknown = [k for k in routes if k != "*" and k not in phonenumbers.SUPPORTED_REGIONS]
-        if unknown:
-            raise ValueError(f"not ISO 3166 alpha-2 regions the number parser knows (or *): {', '.join(unknown)}")
-        return routes
+        return _by_region(value)
 
     def route_for(self, country: str | None) -> str:
         """The account that sends to `country` first: its route, the `*` route, else this account."""

@@ -91,6 +91,22 @@ def test_duplicate_account_names_are_refused() -> None:
         parse_accounts([BASE, BASE])
 
 
+def test_routes_name_configured_accounts_and_known_regions() -> None:
+    other = {**BASE, "name": "other"}
+    (home, _) = parse_accounts([{**BASE, "failover_to": ["other"], "route_by_country": {"ua": "other"}}, other])
+    assert home.routes_to == ("acme", "other")
+    assert home.route_for("UA") == "other"
+    assert home.route_for("PL") == "acme"
+    with pytest.raises(ConfigError, match="not configured: ghost"):
+        parse_accounts([{**BASE, "failover_to": ["ghost"]}])
+    with pytest.raises(ConfigError, match="names the account itself"):
+        parse_accounts([{**BASE, "failover_to": ["acme"]}])
+    with pytest.raises(ConfigError, match="twice"):
+        parse_accounts([{**BASE, "failover_to": ["other", "other"]}, other])
+    with pytest.raises(ConfigError, match="route_by_country"):
+        parse_accounts([{**BASE, "route_by_country": {"Poland": "other"}}, other])
+
+
 def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_MAX_ATTEMPTS", "zero")
     with pytest.raises(ConfigError, match="GATEWAY_MAX_ATTEMPTS"):

@@ -209,30 +209,24 @@ async def test_its_retry_asks_the_primary_and_waits_while_it_cannot_be_asked(sto
     assert rig.sent("primary") == []
 
 
-async def test_once_the_primary_says_it_never_got_it_it_goes_through_the_backup(store: SqliteStore) -> None:
+@pytest.mark.parametrize(("held", "via"), [(False, "backup"), (True, "primary")])
+async def test_a_lost_answer_is_looked_up_where_it_went_before_anything_moves(
+    store: SqliteStore, held: bool, via: str
+) -> None:
+    """The primary's circuit is open; its answer decides: absent, the backup sends; found, nothing."""
     rig = Rig(store)
+    if held:
+        rig.adapters["primary"].held["a"] = rig.adapters["primary"].answer(_outbound("a"))
     for _ in range(3):
         rig.routes.called("primary", [REFUSED])
     job = Job(attempts=1, sent_at=rig.clock.time() - 5, maybe_at=("primary",), own=True)
     [d] = await rig.run((job, "a"))
     assert isinstance(d, Finish)
     assert d.status is Status.ACCEPTED
-    assert d.result.via == "backup"
+    assert d.result.via == via
+    assert rig.adapters["primary"].looked_up == ["a"]
     assert rig.sent("primary") == []
-
-
-async def test_when_the_primary_has_it_the_lookup_answers_and_nothing_is_sent(store: SqliteStore) -> None:
-    rig = Rig(store)
-    rig.adapters["primary"].held["a"] = rig.adapters["primary"].answer(_outbound("a"))
-    for _ in range(3):
-        rig.routes.called("primary", [REFUSED])
-    job = Job(attempts=1, sent_at=rig.clock.time() - 5, maybe_at=("primary",), own=True)
-    [d] = await rig.run((job, "a"))
-    assert isinstance(d, Finish)
-    assert d.status is Status.ACCEPTED
-    assert d.result.via == "primary"
-    assert rig.sent("backup") == []
-    assert rig.sent("primary") == []
+    assert rig.sent("backup") == ([] if held else ["a"])
 
 
 async def test_a_redelivery_that_cannot_say_where_it_went_asks_every_route(store: SqliteStore) -> None:
