@@ -244,6 +244,9 @@ class Gateway:
             for account, adapter in zip(self.accounts, self._adapters, strict=True):
                 ways = {n: (senders[n].account, senders[n].adapter) for n in account.routes_to[1:]}
                 poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, dlr=s.dlr, ways=ways)
+                for worker in self._workers:
+                    if worker.account.name == account.name:
+                        worker.on_tracked = poller.wake
                 self._tasks.append(asyncio.create_task(poller.run(), name=f"dlr poller {account.name}"))
             self._desk = desk
         self._waiting_for = None

@@ -150,6 +150,7 @@ class AccountWorker(Worker):
         self._admission = admission if admission is not None else Admission(enabled=False)
         self._turns = self._admission.lane(account.name, lanes.rank(self.lane), self._pump)
         self.siblings: list[AccountWorker] = []  # the account's other lanes
+        self.on_tracked: Callable[[], None] | None = None  # called when a batch tracked accepted messages
         self._settings = options
         self._clock = clock
         self._pipeline = pipeline
@@ -274,6 +275,8 @@ class AccountWorker(Worker):
             settler = self._express if len(batch) <= EXPRESS_MAX_BATCH else self._settler
             await settler.settle_all(list(zip(batch, result.decisions, strict=True)), self._announce)
         if result.tracked:
+            if self.on_tracked is not None:
+                self.on_tracked()  # the account's poller looks at the next tick again, not after its idle backoff
             task = asyncio.create_task(self._tracking_copy(result.tracked))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

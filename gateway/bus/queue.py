@@ -170,8 +170,14 @@ class QueueConsumer:
         m.CONSUMER_LIVE.labels(self.queue_name).set(0)
 
     async def _watchdog(self) -> None:
+        live_gauge = m.CONSUMER_LIVE.labels(self.queue_name)
         while not self._closed:
             await asyncio.sleep(WATCH_INTERVAL_S)
+            if not self._stale and (self.live or not self._wanted()):
+                # Nothing to do, the round of almost every second of every lane: no lock, no
+                # task, no timer (a thousand idle accounts' lanes look every second).
+                live_gauge.set(1 if self.live else 0)
+                continue
             try:
                 await asyncio.wait_for(self.ensure(), timeout=10)
                 if self._stale:
@@ -181,7 +187,7 @@ class QueueConsumer:
                 raise
             except Exception as exc:  # noqa: BLE001 - the broker is away: look again next round
                 log.info("consumer_not_restored_yet", queue=self.queue_name, error=type(exc).__name__)
-            m.CONSUMER_LIVE.labels(self.queue_name).set(1 if self.live else 0)
+            live_gauge.set(1 if self.live else 0)
 
 
 class Closable(Protocol):

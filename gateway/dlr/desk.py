@@ -84,16 +84,19 @@ UNSURE_SECOND_LOOK_S = (
     3.0  # an event not in the stream is looked for once more after this, before it is published again
 )
 UNSURE_READ_TIMEOUT_S = 10.0  # one read of the tracking stream for it; past this it is tried again
-SWEEP_S = 0.5  # parked webhooks are matched this often
+SWEEP_S = 0.5  # parked webhooks of the accounts this replica parked some for are matched this often
+FULL_SWEEP_S = 60.0  # every account's, this often (hints other replicas parked: a replica that died)
 SWEEP_LIMIT = 500  # parked webhooks looked at per account and sweep
 # A webhook for a message not recorded yet waits this long for its record (a record comes within
 # seconds of the send; a poll finds the message's status anyway), at most PARK_MAX per account:
 # a flood of webhooks for unknown messages neither grows the store nor the sweep's work unbounded.
 PARK_TTL_S = 3600.0
 PARK_MAX = 10_000
-LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often
+LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often, for up to LAG_ACCOUNTS accounts in turn
+LAG_ACCOUNTS = 50
 EPOCH_EVERY_S = 30.0  # each account's store epoch is looked at this often (a loss starts a rebuild)
-IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long
+IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long, doubling while nothing is due
+IDLE_POLL_MAX_S = 10.0  # up to this (a webhook taken by this replica wakes its account's poller at once)
 # A final report held back (its `accepted` is not out yet) is asked for again after this, doubling
 # with each poll up to the max: a hold ends within moments of the outcome's confirm, or at its time.
 HELD_AGAIN_S = 2.0
@@ -164,6 +167,9 @@ class Desk:
         self._published = published
         self._rebuilding: dict[str, asyncio.Task[None]] = {}
         self._health = health
+        self._parked: dict[str, float] = {}  # account -> until when this replica may have hints parked
+        self._lag_turn = 0  # where measure_lag goes on
+        self.wakers: dict[str, Callable[[], None]] = {}  # account -> its poller's wake (Poller.wake)
         # The accounts whose requests may go through each account (their routes): a webhook of a
         # message one of them sent that way is tracked under that one.
         self._homes = {a.name: [h.name for h in accounts if a.name in h.routes_to[1:]] for a in accounts}
@@ -391,21 +397,29 @@ class Desk:
             return _rejected(provider, 409, "event_rewritten")
         if action == "full":  # too many hints for unknown messages: the provider retries later
             return _rejected(provider, 503, "parked_full")
+        if action == "parked":
+            self._parked[account] = self._clock.monotonic() + PARK_TTL_S
         if action == "parked" and account in self._rebuilding:
             # The store lost its tracking and it is being rebuilt: the hint is parked all the same,
             # and the provider is asked to come again rather than told the report was taken.
             return _rejected(provider, 503, "rebuilding")
         result = "duplicate" if bound is not None else action
         m.DLR_REPORTS.labels(account, "webhook", result).inc()
+        wake = self.wakers.get(account)
+        if wake is not None and action != "parked":
+            wake()
         return 200, "duplicate" if bound is not None else "ok"
 
     # -- parked reports and the lag gauge -------------------------------------------------------------
 
-    async def sweep(self) -> int:
+    async def sweep(self, *, every: bool = False) -> int:
         """Make the polls of parked webhooks due once their correlation exists (one store call per
-        account); returns how many."""
+        account): of the accounts this replica parked hints for (`every`: of all); returns how many.
+        An idle account costs no store call here but in the full sweep."""
+        now = self._clock.monotonic()
+        self._parked = {name: until for name, until in self._parked.items() if until > now}
         matched = 0
-        for name in self._accounts:
+        for name in self._accounts if every else list(self._parked):
             matched += await self._store.match_parked(name, SWEEP_LIMIT)
         return matched
 
@@ -429,17 +443,24 @@ class Desk:
             self._rebuilding.pop(name, None)
 
     async def measure_lag(self) -> None:
+        """The poll-lag gauge of up to `LAG_ACCOUNTS` accounts, the next ones each time."""
         now = self._clock.time()
-        for name in self._accounts:
+        names = list(self._accounts)
+        turn = [names[(self._lag_turn + k) % len(names)] for k in range(min(LAG_ACCOUNTS, len(names)))]
+        self._lag_turn = (self._lag_turn + len(turn)) % max(1, len(names))
+        for name in turn:
             oldest = await self._store.oldest_open(name)
             m.DLR_POLL_LAG.labels(name).set(0.0 if oldest is None else max(0.0, now - oldest))
 
     async def run(self) -> None:
         """Sweep parked webhooks, watch the store epochs and refresh the lag gauge until cancelled."""
-        last_lag = last_epoch = -EPOCH_EVERY_S
+        last_lag = last_epoch = last_full = -EPOCH_EVERY_S
         while True:
             try:
-                await self.sweep()
+                full = self._clock.monotonic() - last_full >= FULL_SWEEP_S
+                if full:
+                    last_full = self._clock.monotonic()
+                await self.sweep(every=full)
                 look = self._clock.monotonic() - last_epoch >= EPOCH_EVERY_S
                 if look:
                     last_epoch = self._clock.monotonic()
@@ -474,6 +495,8 @@ class Poller:
         self._account = account
         self._adapter = adapter
         self._ways = {**(ways or {}), account.name: (account, adapter)}
+        self._woken = False
+        desk.wakers[account.name] = self.wake
         self._store = store
         self._dlr = dlr
         self._clock = clock
@@ -529,18 +552,35 @@ class Poller:
                 return
             await self._clock.sleep(max(grant.wait_s, 0.01))
 
+    def wake(self) -> None:
+        """Look for due polls at the next tick (a webhook made one due, or a batch tracked new
+        messages), and poll every second again while they come."""
+        self._woken = True
+
     async def run(self) -> None:
+        """Poll while polls are due. An account with nothing due asks the store again after 1 s,
+        doubling up to `IDLE_POLL_MAX_S`: a thousand idle accounts cost a store query each every
+        few seconds, not every second."""
+        idle_s = IDLE_POLL_S
+        next_at = 0.0
         while True:
-            try:
-                polled = await self.poll_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the leases run out and the next round takes them again
-                log.warning("dlr_poll_round_failed", account=self._account.name, error=type(exc).__name__)
-                polled = 0
-            raise_if_cancelled()
-            if polled < self._adapter.max_status_ids:
-                await self._clock.sleep(IDLE_POLL_S)
+            woken = self._woken
+            if woken or self._clock.monotonic() >= next_at:
+                self._woken = False
+                try:
+                    polled = await self.poll_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the leases run out and the next round takes them again
+                    log.warning("dlr_poll_round_failed", account=self._account.name, error=type(exc).__name__)
+                    polled = 0
+                raise_if_cancelled()
+                if polled >= self._adapter.max_status_ids:
+                    continue  # more are due at once
+                # Traffic (a wake: messages tracked, a webhook) starts the backoff again from 1 s.
+                idle_s = IDLE_POLL_S if polled or woken else min(idle_s * 2, IDLE_POLL_MAX_S)
+                next_at = self._clock.monotonic() + idle_s
+            await self._clock.sleep(IDLE_POLL_S)
 
 
 def raise_if_cancelled() -> None:

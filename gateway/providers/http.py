@@ -10,7 +10,9 @@ and AMBIGUOUS (reconcile first):
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 import time
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -30,6 +32,14 @@ from gateway.obs import tracing
 from gateway.providers.base import Action, ItemResult
 
 
+@functools.cache
+def tls_context(trust_env: bool) -> ssl.SSLContext:
+    """The one TLS context every provider client shares (`trust_env`: SSL_CERT_FILE / SSL_CERT_DIR
+    are read, as with an egress proxy). httpx builds one per client otherwise, loading the CA
+    bundle each time: 0.7 MB and 24 ms an account, most of what an idle account cost."""
+    return httpx.create_ssl_context(trust_env=trust_env)
+
+
 def make_client(
     base_url: str, timeout_s: float, concurrency: int, *, proxy_from_env: bool = False
 ) -> httpx.AsyncClient:
@@ -47,6 +57,7 @@ def make_client(
         headers={"User-Agent": "sms-gateway/0.1"},
         follow_redirects=False,
         trust_env=proxy_from_env,
+        verify=tls_context(proxy_from_env),
     )
 
 
