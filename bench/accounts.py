@@ -11,7 +11,10 @@ each with accounts of its own names.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -96,15 +99,23 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=15.0)
     args = parser.parse_args()
     rows = []
-    with infrastructure(1) as (root, nodes, _redis):
-        proc, sandbox = start_sandbox(root)
-        try:
-            for n in (int(x) for x in args.counts.split(",")):
-                row = one(root, nodes[0], sandbox.port, n, args.idle)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-        finally:
-            proc.close()
+    node_pid = None
+    try:
+        with infrastructure(1) as (root, nodes, _redis):
+            node_pid = int((nodes[0].root / "node.pid").read_text().strip() or 0) or None
+            proc, sandbox = start_sandbox(root)
+            try:
+                for n in (int(x) for x in args.counts.split(",")):
+                    row = one(root, nodes[0], sandbox.port, n, args.idle)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            finally:
+                proc.close()
+    finally:
+        # A node holding thousands of quorum queues may outlast `rabbitmqctl stop`'s minute.
+        if node_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node_pid, signal.SIGKILL)
     print("| accounts | ready after | idle CPU | RSS | broker memory (per account) |")
     print("|---|---|---|---|---|")
     for r in rows:
