@@ -57,6 +57,9 @@ from gateway.state import Store
 
 log = get_logger("gateway.app")
 RECONNECT_INTERVAL_S = 2
+# Consumer channels one AMQP connection carries at most; past them another connection is opened
+# (RabbitMQ's default channel_max is 2,047, and each account has three lane channels).
+CHANNELS_PER_CONNECTION = 1000
 STARTUP_RETRY_MAX_S = 30  # start-up retries back off 1, 2, 4 ... up to this
 
 
@@ -90,9 +93,11 @@ class Gateway:
         sandbox: bool = False,
         adapters: Callable[[Account], ProviderAdapter] | None = None,
         stores: Callable[[Settings], Store] = open_store,
+        channels_per_connection: int = CHANNELS_PER_CONNECTION,
     ) -> None:
         """`adapters` and `stores` build each account's provider adapter and the state store (the
-        seams tests use to put faults behind the real protocols)."""
+        seams tests use to put faults behind the real protocols); `channels_per_connection`: the
+        consumer channels one AMQP connection carries before another is opened."""
         self.settings = settings
         self._build_adapter = adapters or (
             lambda account: build_adapter(account, proxy_from_env=settings.provider_proxy_from_env)
@@ -102,6 +107,10 @@ class Gateway:
         self._sandbox = sandbox
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._connection: AbstractRobustConnection | None = None
+        # Connections that carry consumer channels: the first is `_connection`; more are opened as
+        # each fills up (CHANNELS_PER_CONNECTION).
+        self._consumer_connections: list[tuple[AbstractRobustConnection, int]] = []
+        self._channels_per_connection = channels_per_connection
         self._store: Store | None = None
         self._adapters: list[ProviderAdapter] = []
         self._workers: list[AccountWorker] = []
@@ -216,9 +225,7 @@ class Gateway:
                 lanes.append(worker)
             for worker in lanes:
                 worker.siblings = [w for w in lanes if w is not worker]
-                channel = await self._connection.channel()
-                self._channels.append(channel)
-                await worker.start(channel)
+                await worker.start(await self._consumer_channel())
                 self._workers.append(worker)
 
         self._unroutable = UnroutableWorker(publisher, s.worker)
@@ -313,11 +320,26 @@ class Gateway:
                 return store
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _connect(self) -> AbstractRobustConnection:
+    async def _consumer_channel(self) -> AbstractChannel:
+        """A channel for one queue's consumer, on a connection with room for it."""
+        assert self._connection is not None
+        if not self._consumer_connections:
+            self._consumer_connections.append((self._connection, 0))
+        connection, used = self._consumer_connections[-1]
+        if used >= self._channels_per_connection:
+            n = len(self._consumer_connections)
+            connection, used = await self._connect(f" consumers-{n + 1}"), 0
+            self._consumer_connections.append((connection, 0))
+        self._consumer_connections[-1] = (connection, used + 1)
+        channel = await connection.channel()
+        self._channels.append(channel)
+        return channel
+
+    async def _connect(self, suffix: str = "") -> AbstractRobustConnection:
         """The robust broker connection, once the broker answers; retried with backoff while it
         cannot be reached. The connection's name (shown by the broker's tools) travels in the URL:
         aio-pika ignores `client_properties` when it is given a URL."""
-        url = URL(self.settings.amqp_url.get_secret_value()).update_query(name=f"sms-gateway {self._owner}")
+        url = URL(self.settings.amqp_url.get_secret_value()).update_query(name=f"sms-gateway {self._owner}{suffix}")
         if "reconnect_interval" not in url.query:  # aio-pika's default is 5 s
             url = url.update_query(reconnect_interval=RECONNECT_INTERVAL_S)
         if "heartbeat" not in url.query:  # aiormq's default, 60 s, gives a silent broker up after 183 s
@@ -355,7 +377,9 @@ class Gateway:
         problems = []
         if self._waiting_for is not None:
             problems.append(f"starting: waiting for the {self._waiting_for}")
-        if self._connection is None or self._connection.is_closed:
+        if self._connection is None or any(
+            c.is_closed for c, _ in [(self._connection, 0), *self._consumer_connections]
+        ):
             problems.append("broker disconnected")
         problems += [f"no consumer on {q}" for q in self.queues_without_consumer()]
         if self._store is None:
@@ -398,6 +422,8 @@ class Gateway:
         for channel in self._channels:
             if not channel.is_closed:
                 await close_within(channel, 5, "channel_not_closed")
+        for extra, _ in self._consumer_connections[1:]:
+            await close_within(extra, 5, "connection_not_closed")
         if self._connection is not None:
             await close_within(self._connection, 5, "connection_not_closed")
         for adapter in self._adapters:

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from gateway.app import Gateway, open_store
+from gateway.app import CHANNELS_PER_CONNECTION, Gateway, open_store
 from gateway.config import Account, Settings, nest, parse_accounts
 from gateway.providers.base import ProviderAdapter
 from gateway.sandbox.app import start_sandbox
@@ -89,6 +89,7 @@ class InProcess:
         *,
         adapters: Callable[[Account], ProviderAdapter] | None = None,
         stores: Callable[[Settings], Store] = open_store,
+        channels_per_connection: int | None = None,
         **settings: Any,
     ) -> Gateway:
         settings.setdefault("amqp_url", AMQP_URL)
@@ -96,7 +97,13 @@ class InProcess:
         settings.setdefault("http_port", 0)
         settings.setdefault("retry_schedule_s", [0.2, 0.4])
         settings.setdefault("drain_timeout_s", 5)
-        gw = Gateway(Settings(**nest(settings)), accounts, adapters=adapters, stores=stores)
+        gw = Gateway(
+            Settings(**nest(settings)),
+            accounts,
+            adapters=adapters,
+            stores=stores,
+            channels_per_connection=channels_per_connection or CHANNELS_PER_CONNECTION,
+        )
         await gw.start()
         self.gateways.append(gw)
         return gw
