@@ -1,7 +1,9 @@
 """Composition root: builds every part from `Settings`, runs until a signal, drains, exits.
 
-RabbitMQ --sms.send.<account>--> consumer.AccountWorker (one channel each)
-                                    -> pipeline.Pipeline -> ProviderAdapter (httpx)
+RabbitMQ --sms.send.<account>--> consumer.AccountWorker (one channel each, 1,000 a connection)
+                                    -> pipeline.Pipeline -> routes.Routes (which configured account
+                                       sends: route_by_country, failover_to, circuits)
+                                       -> that account's ProviderAdapter (httpx, one TLS context)
                                     |    claim, rate limit, throttle: Store (Redis or SQLite)
                                     -> settle.Settler -> Publisher (confirming channel; small
                                        batches on a second one): outcomes, dead letters, retry

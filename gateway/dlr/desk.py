@@ -522,7 +522,12 @@ class Poller:
         by_way: dict[str, list[Tracked]] = {}
         for t in asking:
             by_way.setdefault(t.via if t.via is not None and t.via in self._ways else name, []).append(t)
-        for via, group in by_way.items():
+        groups = [
+            (via, ts[k : k + self._ways[via][1].max_status_ids])
+            for via, ts in by_way.items()
+            for k in range(0, len(ts), self._ways[via][1].max_status_ids)
+        ]
+        for via, group in groups:
             account, adapter = self._ways[via]
             await self._take_token(account)
             m.DLR_POLLS.labels(name).inc()
