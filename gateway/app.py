@@ -62,6 +62,9 @@ RECONNECT_INTERVAL_S = 2
 # Consumer channels one AMQP connection carries at most; past them another connection is opened
 # (RabbitMQ's default channel_max is 2,047, and each account has three lane channels).
 CHANNELS_PER_CONNECTION = 1000
+# Start-up declares queues on this many channels at once and starts this many accounts' consumers at
+# once (each account's lanes in order, urgent first): it need not grow with the account count.
+START_CONCURRENCY = 8
 STARTUP_RETRY_MAX_S = 30  # start-up retries back off 1, 2, 4 ... up to this
 
 
@@ -113,6 +116,7 @@ class Gateway:
         # each fills up (CHANNELS_PER_CONNECTION).
         self._consumer_connections: list[tuple[AbstractRobustConnection, int]] = []
         self._channels_per_connection = channels_per_connection
+        self._opening = asyncio.Lock()  # one consumer channel opened at a time (the connections' counts)
         self._store: Store | None = None
         self._adapters: list[ProviderAdapter] = []
         self._workers: list[AccountWorker] = []
@@ -164,9 +168,10 @@ class Gateway:
         self._store = await self._open_state()
         self._connection = await self._connect()
         self._waiting_for = "topology"
-        setup = await self._connection.channel()
-        await topology.declare(setup, [a.name for a in self.accounts], s.retry_schedule_s)
-        await setup.close()
+        setups = [await self._connection.channel() for _ in range(min(START_CONCURRENCY, len(self.accounts)))]
+        await topology.declare(setups[0], [a.name for a in self.accounts], s.retry_schedule_s, more=setups[1:])
+        for setup in setups:
+            await setup.close()
 
         publisher = Publisher(
             await self._publisher_channel(), timeout_s=s.publish_timeout_s, reopen=self._publisher_channel
@@ -195,10 +200,11 @@ class Gateway:
             account.name: Sender(account, adapter)
             for account, adapter in zip(self.accounts, self._adapters, strict=True)
         }
+        by_account: list[list[AccountWorker]] = []
         for account, adapter in zip(self.accounts, self._adapters, strict=True):
             max_batch = min(account.batch_size, adapter.max_batch)
             lanes: list[AccountWorker] = []
-            for lane in c.LANES:  # urgent first: its consumer is ready before the others take work
+            for lane in c.LANES:
                 worker = AccountWorker(
                     account=account,
                     adapter=adapter,
@@ -227,8 +233,16 @@ class Gateway:
                 lanes.append(worker)
             for worker in lanes:
                 worker.siblings = [w for w in lanes if w is not worker]
-                await worker.start(await self._consumer_channel())
-                self._workers.append(worker)
+            by_account.append(lanes)
+        gate = asyncio.Semaphore(START_CONCURRENCY)
+
+        async def start_lanes(lanes: list[AccountWorker]) -> None:
+            async with gate:
+                for worker in lanes:  # urgent first: its consumer is ready before the others take work
+                    await worker.start(await self._consumer_channel())
+                    self._workers.append(worker)
+
+        await asyncio.gather(*(start_lanes(lanes) for lanes in by_account))
 
         self._unroutable = UnroutableWorker(publisher, s.worker)
         channel = await self._connection.channel()
@@ -325,17 +339,18 @@ class Gateway:
     async def _consumer_channel(self) -> AbstractChannel:
         """A channel for one queue's consumer, on a connection with room for it."""
         assert self._connection is not None
-        if not self._consumer_connections:
-            self._consumer_connections.append((self._connection, 0))
-        connection, used = self._consumer_connections[-1]
-        if used >= self._channels_per_connection:
-            n = len(self._consumer_connections)
-            connection, used = await self._connect(f" consumers-{n + 1}"), 0
-            self._consumer_connections.append((connection, 0))
-        self._consumer_connections[-1] = (connection, used + 1)
-        channel = await connection.channel()
-        self._channels.append(channel)
-        return channel
+        async with self._opening:
+            if not self._consumer_connections:
+                self._consumer_connections.append((self._connection, 0))
+            connection, used = self._consumer_connections[-1]
+            if used >= self._channels_per_connection:
+                n = len(self._consumer_connections)
+                connection, used = await self._connect(f" consumers-{n + 1}"), 0
+                self._consumer_connections.append((connection, 0))
+            self._consumer_connections[-1] = (connection, used + 1)
+            channel = await connection.channel()
+            self._channels.append(channel)
+            return channel
 
     async def _connect(self, suffix: str = "") -> AbstractRobustConnection:
         """The robust broker connection, once the broker answers; retried with backoff while it

@@ -26,7 +26,8 @@ configuration change never makes a redeclare fail with PRECONDITION_FAILED.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -171,18 +172,32 @@ def layout(accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> Layout
     return Layout(EXCHANGES, tuple(queues))
 
 
-async def apply(channel: AbstractChannel, plan: Layout) -> None:
-    """Declare everything in `plan` (idempotent while the arguments agree)."""
+async def apply(channel: AbstractChannel, plan: Layout, more: Sequence[AbstractChannel] = ()) -> None:
+    """Declare everything in `plan` (idempotent while the arguments agree): the exchanges first,
+    then the queues with their bindings, shared out over `channel` and the `more` channels, which
+    declare at once (one channel answers one declaration at a time)."""
     for x in plan.exchanges:
         await channel.declare_exchange(x.name, ExchangeType(x.type), durable=True, arguments=x.arguments or None)
-    for q in plan.queues:
-        queue = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
-        for b in q.bindings:
-            await queue.bind(b.exchange, routing_key=b.routing_key, arguments=b.arguments or None)
+    channels = [channel, *more]
+
+    async def declare_share(ch: AbstractChannel, queues: Sequence[Queue]) -> None:
+        for q in queues:
+            queue = await ch.declare_queue(q.name, durable=True, arguments=q.arguments)
+            for b in q.bindings:
+                await queue.bind(b.exchange, routing_key=b.routing_key, arguments=b.arguments or None)
+
+    queues = list(plan.queues)
+    await asyncio.gather(*(declare_share(ch, queues[i :: len(channels)]) for i, ch in enumerate(channels)))
 
 
-async def declare(channel: AbstractChannel, accounts: Iterable[str], retry_schedule_s: Iterable[float]) -> None:
-    await apply(channel, layout(accounts, retry_schedule_s))
+async def declare(
+    channel: AbstractChannel,
+    accounts: Iterable[str],
+    retry_schedule_s: Iterable[float],
+    *,
+    more: Sequence[AbstractChannel] = (),
+) -> None:
+    await apply(channel, layout(accounts, retry_schedule_s), more)
 
 
 # -- verification (`gateway topology check`) ----------------------------------------------------
