@@ -144,7 +144,9 @@ async def test_the_primary_down_mid_run_moves_traffic_and_back_and_each_request_
     assert not set(p) & set(b)  # none went both ways
     via = {d["unique_id"]: d["via"] for d in docs}
     assert all(via[f"f-{n}"] == home for n in range(100))
-    assert all(via[f"f-{n}"] == other for n in range(100, 200))
+    # Published while the primary was down: they go through the backup, but for a call the stop cut
+    # (its answer lost): that one waits for the primary and is reconciled with it once it is back.
+    assert sum(via[f"f-{n}"] == other for n in range(100, 200)) >= 95
     assert sum(via[f"f-{n}"] == home for n in range(200, 300)) >= 90  # failed back
     assert {d["provider"] for d in docs if d["via"] == other} == {"mobizon"}
     assert sample("sms_failovers_total", account=home, via=other, reason="open") > 0
