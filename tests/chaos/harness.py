@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -94,8 +95,31 @@ class RabbitNode:
                 user = pwd.getpwnam("rabbitmq")
                 for path in [self.root.parent, self.root, *self.root.rglob("*")]:
                     os.chown(path, user.pw_uid, user.pw_gid)
-        subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True, capture_output=True)
+        command, home = self._server_command()
+        env = self._env() | ({"HOME": home} if home else {})
+        subprocess.run(command, env=env, check=True, capture_output=True, cwd=self.root)
         _wait(lambda: self._ctl_ok("await_startup", "--timeout", "5"), 120, f"{self.node} did not boot", 1.0)
+
+    def _server_command(self) -> tuple[list[str], str | None]:
+        """As root, Debian's `rabbitmq-server` wrapper drops to the rabbitmq user through `su`, whose
+        PAM session resets the open-file limit to init's (1,024 here): a node with a thousand
+        accounts' queues and connections runs out. `setpriv` changes user without PAM, so the node
+        keeps this process's limit, raised to its hard limit; HOME is the user's, as `su` sets it (the
+        Erlang cookie `rabbitmqctl` shares is there)."""
+        plain: tuple[list[str], str | None] = (["rabbitmq-server", "-detached"], None)
+        server = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() != 0 or setpriv is None or not server.exists():
+            return plain
+        try:
+            user = pwd.getpwnam("rabbitmq")
+        except KeyError:
+            return plain
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        command = [setpriv, "--reuid=rabbitmq", "--regid=rabbitmq", "--init-groups", "--", str(server), "-detached"]
+        return command, user.pw_dir
 
     def _ctl_ok(self, *args: str) -> bool:
         try:
