@@ -46,7 +46,7 @@ from gateway.core.flow import AccountFlow
 from gateway.core.pipeline import Pipeline, Sender
 from gateway.core.routes import Routes
 from gateway.dlr import tracking
-from gateway.dlr.desk import Desk, Poller
+from gateway.dlr.desk import Desk, Poller, PollScheduler
 from gateway.errors import BrokerRefused, BrokerUnavailable, ConfigError, PortInUse, StoreRefused, StoreUnavailable
 from gateway.obs import metrics as m
 from gateway.obs.logs import get_logger
@@ -264,13 +264,16 @@ class Gateway:
                 health=self.routes.reported,
             )
             self._tasks.append(asyncio.create_task(desk.run(), name="dlr desk"))
+            pollers = []
             for account, adapter in zip(self.accounts, self._adapters, strict=True):
                 ways = {n: (senders[n].account, senders[n].adapter) for n in account.routes_to[1:]}
                 poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, dlr=s.dlr, ways=ways)
                 for worker in self._workers:
                     if worker.account.name == account.name:
                         worker.on_tracked = poller.wake
-                self._tasks.append(asyncio.create_task(poller.run(), name=f"dlr poller {account.name}"))
+                pollers.append(poller)
+            polls = PollScheduler(pollers, self._store)
+            self._tasks.append(asyncio.create_task(polls.run(), name="dlr polls"))
             self._desk = desk
         self._waiting_for = None
         log.info(

@@ -5,6 +5,7 @@ callback; acks and publishes are the worker's (settle.py, acks.py)."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
@@ -28,8 +29,8 @@ class QueueConsumer:
     on them; the gateway takes its queues without declaring them again, so it keeps its consumer
     alive itself. The consumer is live while its tag is registered on the channel's current
     AMQP channel: a reconnect replaces that channel, a broker-side cancel (queue deleted, node
-    gone) drops the tag. A watchdog looks every `WATCH_INTERVAL_S` and consumes again whenever
-    the worker wants messages (`wanted`) and the consumer is not live.
+    gone) drops the tag. The event loop's `Watchdog` looks every `WATCH_INTERVAL_S` and consumes
+    again whenever the worker wants messages (`wanted`) and the consumer is not live.
     """
 
     def __init__(
@@ -53,7 +54,8 @@ class QueueConsumer:
         self._underlay: aiormq.Channel | None = None
         self._lock = asyncio.Lock()
         self._wanted: Callable[[], bool] = lambda: True
-        self._watch: asyncio.Task[None] | None = None
+        self._repair: asyncio.Task[None] | None = None  # the watchdog's repair in progress
+        self._shown_live: bool | None = None  # what the live gauge shows
         self._closed = False
         self._stale: set[str] = set()  # consumer tags a resize replaced and has not cancelled yet
         self.restored = 0  # consumers started again after a loss (a metric and the tests read it)
@@ -62,7 +64,7 @@ class QueueConsumer:
         self._wanted = wanted
         self._queue = await self._channel.get_queue(self.queue_name, ensure=False)
         await self.ensure()
-        self._watch = asyncio.create_task(self._watchdog(), name=f"watch {self.queue_name}")
+        Watchdog.of_this_loop().add(self)
 
     @property
     def live(self) -> bool:
@@ -82,7 +84,7 @@ class QueueConsumer:
             underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
             lost = self._tag is not None  # a consumer we had and did not cancel (a failed try keeps it)
             self._tag, self._underlay = tag, underlay
-            m.CONSUMER_LIVE.labels(self.queue_name).set(1)
+            self._show_live(True)
             if lost:
                 self.restored += 1
                 m.CONSUMER_RESTORED.labels(self.queue_name).inc()
@@ -142,7 +144,7 @@ class QueueConsumer:
     async def cancel(self) -> None:
         async with self._lock:
             tag, self._tag = self._tag, None
-            m.CONSUMER_LIVE.labels(self.queue_name).set(0)
+            self._show_live(False)
             if tag is None or self._queue is None:
                 return
             try:
@@ -162,32 +164,84 @@ class QueueConsumer:
             self._on_lost(self._underlay)
 
     async def close(self) -> None:
-        """Cancel for good (shutdown): the watchdog stops too."""
+        """Cancel for good (shutdown): the watchdog forgets it."""
         self._closed = True
-        if self._watch is not None:
-            self._watch.cancel()
+        Watchdog.of_this_loop().discard(self)
+        if self._repair is not None:
+            self._repair.cancel()
         await self.cancel()
-        m.CONSUMER_LIVE.labels(self.queue_name).set(0)
+        self._show_live(False)
 
-    async def _watchdog(self) -> None:
-        live_gauge = m.CONSUMER_LIVE.labels(self.queue_name)
-        while not self._closed:
+    def _show_live(self, live: bool) -> None:
+        if live is not self._shown_live:
+            m.CONSUMER_LIVE.labels(self.queue_name).set(1 if live else 0)
+            self._shown_live = live
+
+    def look(self) -> None:
+        """The watchdog's round: start a repair when the consumer should be live and is not, or a
+        resize left a consumer to cancel. The round of almost every second of every lane is this
+        check alone: no lock, task or timer."""
+        if self._closed or (self._repair is not None and not self._repair.done()):
+            return
+        if not self._stale and (self.live or not self._wanted()):
+            self._show_live(self.live)
+            return
+        self._repair = asyncio.create_task(self._repair_once(), name=f"repair {self.queue_name}")
+
+    async def _repair_once(self) -> None:
+        try:
+            await asyncio.wait_for(self.ensure(), timeout=10)
+            if self._stale:
+                async with self._lock:
+                    await asyncio.wait_for(self._cancel_stale(), timeout=10)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the broker is away: look again next round
+            log.info("consumer_not_restored_yet", queue=self.queue_name, error=type(exc).__name__)
+        self._show_live(self.live)
+
+
+class Watchdog:
+    """One task for every queue consumer of an event loop: every `WATCH_INTERVAL_S` it looks at
+    each (`QueueConsumer.look`), so a thousand accounts' lanes cost one timer a second, not one
+    each. It runs while it has consumers to watch."""
+
+    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watchdog] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self._consumers: dict[QueueConsumer, None] = {}  # in the order they started
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of_this_loop(cls) -> Watchdog:
+        loop = asyncio.get_running_loop()
+        watchdog = cls._loops.get(loop)
+        if watchdog is None:
+            watchdog = cls._loops[loop] = cls()
+        return watchdog
+
+    def add(self, consumer: QueueConsumer) -> None:
+        self._consumers[consumer] = None
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="consumer watchdog")
+
+    def discard(self, consumer: QueueConsumer) -> None:
+        self._consumers.pop(consumer, None)
+        if not self._consumers and self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def __len__(self) -> int:
+        return len(self._consumers)
+
+    async def _run(self) -> None:
+        while self._consumers:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            if not self._stale and (self.live or not self._wanted()):
-                # Nothing to do, the round of almost every second of every lane: no lock, no
-                # task, no timer (a thousand idle accounts' lanes look every second).
-                live_gauge.set(1 if self.live else 0)
-                continue
-            try:
-                await asyncio.wait_for(self.ensure(), timeout=10)
-                if self._stale:
-                    async with self._lock:
-                        await asyncio.wait_for(self._cancel_stale(), timeout=10)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the broker is away: look again next round
-                log.info("consumer_not_restored_yet", queue=self.queue_name, error=type(exc).__name__)
-            live_gauge.set(1 if self.live else 0)
+            for consumer in list(self._consumers):
+                try:
+                    consumer.look()
+                except Exception:  # one consumer's fault must not end the watch of the others
+                    log.exception("consumer_watch_failed", queue=consumer.queue_name)
 
 
 class Closable(Protocol):

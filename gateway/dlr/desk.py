@@ -95,8 +95,13 @@ PARK_MAX = 10_000
 LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often, for up to LAG_ACCOUNTS accounts in turn
 LAG_ACCOUNTS = 50
 EPOCH_EVERY_S = 30.0  # each account's store epoch is looked at this often (a loss starts a rebuild)
-IDLE_POLL_S = 1.0  # a poller with nothing due looks again after this long, doubling while nothing is due
-IDLE_POLL_MAX_S = 10.0  # up to this (a webhook taken by this replica wakes its account's poller at once)
+# An account with traffic (messages just tracked, a webhook, a poll that found messages due) polls
+# every HOT_POLL_S; every other account is looked at with one store query for all of them every
+# LOOK_EVERY_S, and polls when it has a poll due (PollScheduler). At most POLL_CONCURRENCY accounts
+# poll at once.
+HOT_POLL_S = 1.0
+LOOK_EVERY_S = 2.0
+POLL_CONCURRENCY = 16
 # A final report held back (its `accepted` is not out yet) is asked for again after this, doubling
 # with each poll up to the max: a hold ends within moments of the outcome's confirm, or at its time.
 HELD_AGAIN_S = 2.0
@@ -134,6 +139,10 @@ def poll_gap(dlr: DlrOptions, polls: int) -> float:
 
 class PollerStore(ReportStore, RateStore, Protocol):
     """A poller's store: the due messages, and one token of the account's rate per poll."""
+
+
+class DueStore(Protocol):
+    async def due_accounts(self, accounts: Sequence[str]) -> set[str]: ...
 
 
 class Desk:
@@ -495,7 +504,7 @@ class Poller:
         self._account = account
         self._adapter = adapter
         self._ways = {**(ways or {}), account.name: (account, adapter)}
-        self._woken = False
+        self.scheduler: PollScheduler | None = None  # set by the scheduler that runs its rounds
         desk.wakers[account.name] = self.wake
         self._store = store
         self._dlr = dlr
@@ -557,35 +566,115 @@ class Poller:
                 return
             await self._clock.sleep(max(grant.wait_s, 0.01))
 
+    @property
+    def name(self) -> str:
+        return self._account.name
+
     def wake(self) -> None:
         """Look for due polls at the next tick (a webhook made one due, or a batch tracked new
         messages), and poll every second again while they come."""
-        self._woken = True
+        if self.scheduler is not None:
+            self.scheduler.wake(self._account.name)
+
+    async def round(self) -> bool:
+        """Poll while full batches are due. True when any message was looked at."""
+        looked = False
+        while True:
+            try:
+                polled = await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the leases run out and the next round takes them again
+                log.warning("dlr_poll_round_failed", account=self._account.name, error=type(exc).__name__)
+                return looked
+            raise_if_cancelled()
+            looked = looked or polled > 0
+            if polled < self._adapter.max_status_ids:
+                return looked
+
+
+class PollScheduler:
+    """One task for every account's delivery-report polls, so what an idle account costs does not
+    grow with the accounts configured. An account with traffic (woken, or its last round found
+    messages due) polls every `HOT_POLL_S`; the others are looked at together every
+    `LOOK_EVERY_S`, with one store query (`due_accounts`) that leases nothing, and poll once it
+    finds a poll due. Each account has at most one round running; `POLL_CONCURRENCY` at once."""
+
+    def __init__(
+        self,
+        pollers: Sequence[Poller],
+        store: DueStore,
+        *,
+        clock: Clock = SYSTEM,
+        look_every_s: float = LOOK_EVERY_S,
+        concurrency: int = POLL_CONCURRENCY,
+    ) -> None:
+        self._pollers = {p.name: p for p in pollers}
+        for poller in pollers:
+            poller.scheduler = self
+        self._store = store
+        self._clock = clock
+        self._look_every_s = look_every_s
+        self._gate = asyncio.Semaphore(concurrency)
+        self._hot: dict[str, float] = {}  # account -> when (monotonic) its next round is due
+        self._woken: set[str] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self.looks = 0  # store looks at the idle accounts (the tests read it)
+
+    def wake(self, account: str) -> None:
+        self._woken.add(account)
+
+    def due_now(self) -> set[str]:
+        now = self._clock.monotonic()
+        return {n for n in self._woken if n in self._pollers} | {n for n, at in self._hot.items() if at <= now}
 
     async def run(self) -> None:
-        """Poll while polls are due. An account with nothing due asks the store again after 1 s,
-        doubling up to `IDLE_POLL_MAX_S`: a thousand idle accounts cost a store query each every
-        few seconds, not every second."""
-        idle_s = IDLE_POLL_S
-        next_at = 0.0
-        while True:
-            woken = self._woken
-            if woken or self._clock.monotonic() >= next_at:
-                self._woken = False
-                try:
-                    polled = await self.poll_once()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the leases run out and the next round takes them again
-                    log.warning("dlr_poll_round_failed", account=self._account.name, error=type(exc).__name__)
-                    polled = 0
+        last_look = -self._look_every_s
+        try:
+            while True:
+                due = self.due_now()
+                if self._clock.monotonic() - last_look >= self._look_every_s:
+                    last_look = self._clock.monotonic()
+                    due |= await self._look()
+                for name in due:
+                    if name not in self._running:
+                        woken = name in self._woken
+                        self._woken.discard(name)
+                        self._hot.pop(name, None)
+                        self._running[name] = asyncio.create_task(
+                            self._round(name, woken, self._clock.monotonic()), name=f"dlr poll {name}"
+                        )
                 raise_if_cancelled()
-                if polled >= self._adapter.max_status_ids:
-                    continue  # more are due at once
-                # Traffic (a wake: messages tracked, a webhook) starts the backoff again from 1 s.
-                idle_s = IDLE_POLL_S if polled or woken else min(idle_s * 2, IDLE_POLL_MAX_S)
-                next_at = self._clock.monotonic() + idle_s
-            await self._clock.sleep(IDLE_POLL_S)
+                await self._clock.sleep(HOT_POLL_S)
+        finally:
+            rounds = list(self._running.values())
+            for task in rounds:
+                task.cancel()
+            if rounds:
+                await asyncio.wait(rounds, timeout=5)
+
+    async def _look(self) -> set[str]:
+        idle = [n for n in self._pollers if n not in self._hot and n not in self._running]
+        if not idle:
+            return set()
+        self.looks += 1
+        try:
+            return await self._store.due_accounts(idle)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store is away: the next look asks again
+            log.warning("dlr_poll_look_failed", accounts=len(idle), error=type(exc).__name__)
+            return set()
+
+    async def _round(self, name: str, woken: bool, started: float) -> None:
+        try:
+            async with self._gate:
+                looked = await self._pollers[name].round()
+            if looked or woken:
+                # From when the round started: the next tick finds it due, a second on.
+                self._hot[name] = started + HOT_POLL_S
+        finally:
+            self._running.pop(name, None)
 
 
 def raise_if_cancelled() -> None:

@@ -538,6 +538,11 @@ class ReportStore(Protocol):
         the caller for `lease_s` (no other replica takes them meanwhile)."""
         ...
 
+    async def due_accounts(self, accounts: Sequence[str]) -> set[str]:
+        """Which of these accounts have a status poll due now, in one round trip, leasing nothing:
+        the poll scheduler's look at idle accounts (dlr/desk.py: `PollScheduler`)."""
+        ...
+
     async def poll_later(self, account: str, next_at: Mapping[str, float]) -> None:
         """Polled without a final status: count the poll and set each message's next poll time."""
         ...

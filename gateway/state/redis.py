@@ -906,6 +906,18 @@ class RedisStore(RecordShortcuts):
             await self._redis.zrem(dlr_key(account, "open"), *gone)
         return out
 
+    async def due_accounts(self, accounts: Sequence[str]) -> set[str]:
+        # One pipeline: each account's keys are in its own slot, and a cluster client splits the
+        # pipeline by node. This process's clock stands in for the server's (the scripts' `clock`):
+        # a skew of a few milliseconds finds a poll one look later. A published message still in
+        # `due` costs one empty poll, which removes it.
+        now = self._clock.time() if self._clock is not None else time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for account in accounts:
+                pipe.zrangebyscore(dlr_key(account, "due"), "-inf", now, start=0, num=1)
+            found = await pipe.execute()
+        return {account for account, ids in zip(accounts, found, strict=True) if ids}
+
     async def poll_later(self, account: str, next_at: Mapping[str, float]) -> None:
         if not next_at:
             return

@@ -653,6 +653,17 @@ class SqliteStore(RecordShortcuts):
 
         return await self._run(op)
 
+    async def due_accounts(self, accounts: Sequence[str]) -> set[str]:
+        def op(db: sqlite3.Connection) -> set[str]:
+            now = self._clock.time()
+            query = (
+                "SELECT 1 FROM dlr WHERE account=? AND due_at IS NOT NULL AND due_at<=? "
+                "AND state!='final' AND expires_at>=? LIMIT 1"
+            )
+            return {a for a in accounts if db.execute(query, (a, now, now)).fetchone() is not None}
+
+        return await self._read(op)
+
     async def poll_later(self, account: str, next_at: Mapping[str, float]) -> None:
         def op(db: sqlite3.Connection) -> None:
             db.executemany(

@@ -383,6 +383,28 @@ async def test_due_polls_are_leased_to_one_caller(store: Backend, account: str, 
     assert await store.oldest_open(account) == now  # m0 is still open; m1 is final
 
 
+async def test_due_accounts_names_the_accounts_with_a_poll_due_and_leases_nothing(
+    store: Backend, account: str, clock: FakeClock
+) -> None:
+    now = clock.time()
+    others = [f"{account}o{i}" for i in range(30)]  # idle: nothing tracked
+    busy, later = account, account + "later"
+    await store.track(busy, [tracked("m1", now)], first_poll_s=10, ttl_s=600)
+    await store.track(later, [tracked("m2", now)], first_poll_s=100, ttl_s=600)
+    names = [busy, later, *others]
+    assert await store.due_accounts(names) == set()
+    clock.advance(12)
+    assert await store.due_accounts(names) == {busy}
+    assert await store.due_accounts(names) == {busy}  # a look leases nothing
+    assert [t.provider_message_id for t in await store.due_polls(busy, 10, lease_s=30)] == ["m1"]
+    assert await store.due_accounts(names) == set()  # leased to a poller
+    await store.begin_final(busy, "m1", "w1", 30)
+    await store.end_final(busy, "m1", "w1")
+    clock.advance(100)
+    assert await store.due_accounts(names) == {later}  # m1 is final; m2's first poll is due
+    assert await store.due_accounts([]) == set()
+
+
 def hint_of(report: str, park_ttl_s: float = 10, park_max: int = 100) -> WebhookHint:
     return WebhookHint(report, bind_ttl_s=60, park_ttl_s=park_ttl_s, park_max=park_max)
 

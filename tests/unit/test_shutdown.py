@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from gateway.app import cancel_all
 from gateway.bus.queue import close_within
 from gateway.config import Account, Settings
-from gateway.dlr.desk import Desk, Poller
+from gateway.dlr.desk import Desk, Poller, PollScheduler
 from gateway.state.base import Tracked
 from gateway.state.sqlite import SqliteStore
 from testkit import eventually
@@ -78,7 +78,7 @@ async def test_a_poller_whose_cancel_was_swallowed_still_stops(tmp_path: Path) -
     desk = Desk(store=store, sink=None, accounts=[account], owner="one")  # type: ignore[arg-type]
     adapter = SwallowingAdapter()
     poller = Poller(desk=desk, account=account, adapter=adapter, store=store, dlr=Settings().dlr)  # type: ignore[arg-type]
-    task = asyncio.create_task(poller.run())
+    task = asyncio.create_task(PollScheduler([poller], store).run())
     try:
         await eventually(lambda: adapter.calls > 0, 5, "the poller inside a status call")
         task.cancel()
