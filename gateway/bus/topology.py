@@ -179,15 +179,21 @@ async def apply(channel: AbstractChannel, plan: Layout, more: Sequence[AbstractC
     for x in plan.exchanges:
         await channel.declare_exchange(x.name, ExchangeType(x.type), durable=True, arguments=x.arguments or None)
     channels = [channel, *more]
-
-    async def declare_share(ch: AbstractChannel, queues: Sequence[Queue]) -> None:
-        for q in queues:
-            queue = await ch.declare_queue(q.name, durable=True, arguments=q.arguments)
-            for b in q.bindings:
-                await queue.bind(b.exchange, routing_key=b.routing_key, arguments=b.arguments or None)
-
     queues = list(plan.queues)
-    await asyncio.gather(*(declare_share(ch, queues[i :: len(channels)]) for i, ch in enumerate(channels)))
+    await asyncio.gather(*(_declare_queues(ch, queues[i :: len(channels)]) for i, ch in enumerate(channels)))
+
+
+async def _declare_queues(channel: AbstractChannel, queues: Iterable[Queue]) -> None:
+    for q in queues:
+        queue = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+        for b in q.bindings:
+            await queue.bind(b.exchange, routing_key=b.routing_key, arguments=b.arguments or None)
+
+
+async def declare_account(channel: AbstractChannel, account: str) -> None:
+    """Declare one account's lane queues and their bindings (the exchanges exist: `declare` with
+    no accounts comes first). Start-up declares each account just before it consumes from it."""
+    await _declare_queues(channel, [account_queue(account, lane) for lane in c.LANES])
 
 
 async def declare(
