@@ -309,12 +309,12 @@ class Gateway:
             )
             self._tasks.append(asyncio.create_task(desk.run(), name="dlr desk"))
             pollers = []
+            lanes_of = {lanes[0].account.name: lanes for lanes in by_account}
             for account, adapter in zip(self.accounts, self._adapters, strict=True):
                 ways = {n: (senders[n].account, senders[n].adapter) for n in account.routes_to[1:]}
                 poller = Poller(desk=desk, account=account, adapter=adapter, store=self._store, dlr=s.dlr, ways=ways)
-                for worker in self._workers:
-                    if worker.account.name == account.name:
-                        worker.on_tracked = poller.wake
+                for worker in lanes_of[account.name]:
+                    worker.on_tracked = poller.wake
                 pollers.append(poller)
             polls = PollScheduler(pollers, self._store)
             self._tasks.append(asyncio.create_task(polls.run(), name="dlr polls"))

@@ -181,7 +181,10 @@ class Desk:
         self.wakers: dict[str, Callable[[], None]] = {}  # account -> its poller's wake (Poller.wake)
         # The accounts whose requests may go through each account (their routes): a webhook of a
         # message one of them sent that way is tracked under that one.
-        self._homes = {a.name: [h.name for h in accounts if a.name in h.routes_to[1:]] for a in accounts}
+        self._homes: dict[str, list[str]] = {a.name: [] for a in accounts}
+        for home in accounts:
+            for way in home.routes_to[1:]:
+                self._homes.setdefault(way, []).append(home.name)
 
     # -- one report -----------------------------------------------------------------------------------
 

@@ -239,7 +239,7 @@ def build_app(
         return web.json_response({"status": "ready", **details()})
 
     async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=await asyncio.to_thread(m.render), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     webhooks_running = 0
     bucket = Bucket(webhook_rate_per_s, WEBHOOK_QUEUE_S)
