@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway import contract as c
 from gateway.config import GROUPS, Settings, env_name, parse_accounts, renamed_variables, unknown_variables
 from testkit import ROOT
 
@@ -27,6 +29,7 @@ CRDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "keda-off": {"autoscaling": {"keda": {"enabled": False}}},
+    "keda-sum": {"amqp": {"managementSecretKey": "management-url"}, "autoscaling": {"keda": {"triggers": "sum"}}},
     "no-autoscaling-sqlite": {
         "autoscaling": {"enabled": False},
         "replicaCount": 1,
@@ -194,6 +197,31 @@ def test_keda_scales_on_every_lane_of_every_account() -> None:
     assert all(t["metadata"]["hostFromEnv"] == "GATEWAY_AMQP_URL" for t in triggers)
     assert "replicas" not in deploy["spec"]
     assert by_kind(docs, "HorizontalPodAutoscaler") == []
+
+
+def test_many_accounts_scale_on_one_summed_trigger_over_the_management_api() -> None:
+    accounts = [{"name": f"brand{i}", "provider": "serwersms", "base_url": "https://x.test"} for i in range(300)]
+    docs = render({**VALUE_SETS["keda-sum"], "accounts": accounts})
+    ((trigger,),) = [d["spec"]["triggers"] for d in by_kind(docs, "ScaledObject")]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "rabbitmq"
+    assert meta["protocol"] == "http"
+    assert meta["useRegex"] == "true"
+    assert meta["operation"] == "sum"
+    assert meta["hostFromEnv"] == "GATEWAY_MANAGEMENT_URL"
+    pattern = re.compile(meta["queueName"])
+    lanes = [c.account_queue(a["name"], lane) for a in accounts for lane in c.LANES]
+    assert all(pattern.search(q) for q in lanes)
+    assert not [q for q in (c.DEAD_QUEUE, c.OPTOUT_QUEUE, c.retry_queue(1000)) if pattern.search(q)]
+    (deploy,) = by_kind(docs, "Deployment")
+    env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    wanted = {"name": "sms-gateway-amqp", "key": "management-url"}
+    assert env["GATEWAY_MANAGEMENT_URL"]["valueFrom"]["secretKeyRef"] == wanted
+
+
+def test_the_summed_trigger_without_a_management_url_is_refused() -> None:
+    with pytest.raises(Exception, match="managementSecretKey"):
+        render({"autoscaling": {"keda": {"triggers": "sum"}}})
 
 
 def test_plain_hpa_when_keda_is_off() -> None:
