@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -787,12 +788,12 @@ def parse_accounts(raw: list[Any]) -> list[Account]:
                 f"{'.'.join(str(p) for p in err['loc']) or 'account'}: {err['msg']}" for err in exc.errors()
             )
             raise ConfigError(f"account {label}: {problems}") from None
-    names = [a.name for a in accounts]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    counts = Counter(a.name for a in accounts)
+    dupes = sorted(n for n, k in counts.items() if k > 1)
     if dupes:
         raise ConfigError(f"account name(s) defined twice: {', '.join(dupes)}")
     for a in accounts:
-        unknown = [n for n in (*a.failover_to, *a.route_by_country.values()) if n not in names]
+        unknown = [n for n in (*a.failover_to, *a.route_by_country.values()) if n not in counts]
         if unknown:
             raise ConfigError(
                 f"account {a.name}: routes to account(s) not configured: {', '.join(sorted(set(unknown)))}"

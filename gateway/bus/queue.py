@@ -18,6 +18,7 @@ from gateway.obs.logs import get_logger
 log = get_logger("gateway.bus.queue")
 
 WATCH_INTERVAL_S = 1.0
+WATCH_SLICES = 4  # the watchdog looks at a quarter of the consumers every quarter interval
 RESIZE_TIMEOUT_S = 5.0
 CANCEL_TIMEOUT_S = 5.0  # a consumer cancel; see QueueConsumer.cancel
 
@@ -183,8 +184,9 @@ class QueueConsumer:
         check alone: no lock, task or timer."""
         if self._closed or (self._repair is not None and not self._repair.done()):
             return
-        if not self._stale and (self.live or not self._wanted()):
-            self._show_live(self.live)
+        live = self.live
+        if not self._stale and (live or not self._wanted()):
+            self._show_live(live)
             return
         self._repair = asyncio.create_task(self._repair_once(), name=f"repair {self.queue_name}")
 
@@ -231,17 +233,19 @@ class Watchdog:
             self._task.cancel()
             self._task = None
 
-    def __len__(self) -> int:
-        return len(self._consumers)
-
     async def _run(self) -> None:
+        # A quarter of the consumers every quarter interval: each is looked at once an interval,
+        # and a thousand accounts' round is four short turns on the loop, not one long one.
+        turn = 0
         while self._consumers:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            for consumer in list(self._consumers):
+            await asyncio.sleep(WATCH_INTERVAL_S / WATCH_SLICES)
+            consumers = list(self._consumers)
+            for consumer in consumers[turn::WATCH_SLICES]:
                 try:
                     consumer.look()
                 except Exception:  # one consumer's fault must not end the watch of the others
                     log.exception("consumer_watch_failed", queue=consumer.queue_name)
+            turn = (turn + 1) % WATCH_SLICES
 
 
 class Closable(Protocol):

@@ -101,7 +101,7 @@ EPOCH_EVERY_S = 30.0  # each account's store epoch is looked at this often (a lo
 # poll at once.
 HOT_POLL_S = 1.0
 LOOK_EVERY_S = 2.0
-POLL_CONCURRENCY = 16
+POLL_CONCURRENCY = 64
 # A final report held back (its `accepted` is not out yet) is asked for again after this, doubling
 # with each poll up to the max: a hold ends within moments of the outcome's confirm, or at its time.
 HELD_AGAIN_S = 2.0

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.dlr import desk as d
 from gateway.dlr.desk import PollScheduler
 from tests.fakes import FakeClock
 
@@ -143,7 +142,7 @@ async def test_at_most_the_concurrency_limit_of_accounts_poll_at_once_and_each_h
         for _ in range(200):
             await asyncio.sleep(0)
         started = [p for p in pollers if p.rounds]
-        assert len(started) == d.POLL_CONCURRENCY == 16
+        assert len(started) == 16
         assert all(len(p.rounds) == 1 for p in started)  # still due, but its round is running
         gate.set()
         for _ in range(2000):
