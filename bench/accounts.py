@@ -78,6 +78,7 @@ class World:
         self.root = root
         self.node = node
         self.sandbox_port = sandbox_port
+        self.last_times: list[float] = []  # when each outcome of the last drain arrived
 
     def start(self, label: str, names: list[str], **doc: Any) -> tuple[Process, int, float | None]:
         """A gateway with these accounts; returns it, its HTTP port and the seconds until ready."""
@@ -187,6 +188,7 @@ class World:
                 if ready is None:
                     raise RuntimeError(f"{label}: not ready: {proc.log()[-600:]}")
                 await asyncio.wait_for(done.wait(), 600)
+                self.last_times = times
                 # The last three quarters: the drain's first quarter overlaps the end of start-up
                 # (the last accounts' consumers, the collection and freeze of start-up's objects).
                 quarter = total // 4

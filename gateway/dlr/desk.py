@@ -52,9 +52,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from gateway import contract as c
@@ -85,7 +86,7 @@ UNSURE_SECOND_LOOK_S = (
 )
 UNSURE_READ_TIMEOUT_S = 10.0  # one read of the tracking stream for it; past this it is tried again
 SWEEP_S = 0.5  # parked webhooks of the accounts this replica parked some for are matched this often
-FULL_SWEEP_S = 60.0  # every account's, this often (hints other replicas parked: a replica that died)
+FULL_SWEEP_S = 60.0  # every account's, in turn within this (hints other replicas parked: a replica that died)
 SWEEP_LIMIT = 500  # parked webhooks looked at per account and sweep
 # A webhook for a message not recorded yet waits this long for its record (a record comes within
 # seconds of the send; a poll finds the message's status anyway), at most PARK_MAX per account:
@@ -94,7 +95,7 @@ PARK_TTL_S = 3600.0
 PARK_MAX = 10_000
 LAG_EVERY_S = 5.0  # the poll-lag gauge is refreshed this often, for up to LAG_ACCOUNTS accounts in turn
 LAG_ACCOUNTS = 50
-EPOCH_EVERY_S = 30.0  # each account's store epoch is looked at this often (a loss starts a rebuild)
+EPOCH_EVERY_S = 30.0  # each account's store epoch is looked at in turn within this (a loss starts a rebuild)
 # An account with traffic (messages just tracked, a webhook, a poll that found messages due) polls
 # every HOT_POLL_S; every other account is looked at with one store query for all of them every
 # LOOK_EVERY_S, and polls when it has a poll due (PollScheduler). At most POLL_CONCURRENCY accounts
@@ -178,6 +179,7 @@ class Desk:
         self._health = health
         self._parked: dict[str, float] = {}  # account -> until when this replica may have hints parked
         self._lag_turn = 0  # where measure_lag goes on
+        self._turns: dict[str, tuple[int, float]] = {}  # each round over the accounts: where, and its credit
         self.wakers: dict[str, Callable[[], None]] = {}  # account -> its poller's wake (Poller.wake)
         # The accounts whose requests may go through each account (their routes): a webhook of a
         # message one of them sent that way is tracked under that one.
@@ -424,24 +426,25 @@ class Desk:
 
     # -- parked reports and the lag gauge -------------------------------------------------------------
 
-    async def sweep(self, *, every: bool = False) -> int:
+    async def sweep(self, *, also: Sequence[str] = ()) -> int:
         """Make the polls of parked webhooks due once their correlation exists (one store call per
-        account): of the accounts this replica parked hints for (`every`: of all); returns how many.
-        An idle account costs no store call here but in the full sweep."""
+        account): of the accounts this replica parked hints for, and `also` these (the full sweep's
+        turn); returns how many. An idle account costs no store call here but in its turn."""
         now = self._clock.monotonic()
         self._parked = {name: until for name, until in self._parked.items() if until > now}
         matched = 0
-        for name in self._accounts if every else list(self._parked):
+        for name in dict.fromkeys([*self._parked, *also]):
             matched += await self._store.match_parked(name, SWEEP_LIMIT)
         return matched
 
-    async def watch_epochs(self, *, look: bool) -> None:
+    async def watch_epochs(self, *, looking: Collection[str] = ()) -> None:
         """Start a rebuild for each account whose store epoch changed (one at a time per account):
-        seen by a claim, or with `look` by looking at each account's epoch (a store call each)."""
+        seen by a claim, or, for the accounts `looking`, by looking at its epoch (a store call each)."""
         if self._rebuild is None:
             return
+        looking = set(looking)
         for name in self._accounts:
-            if await self._store.epoch_changed(name, look=look) and name not in self._rebuilding:
+            if await self._store.epoch_changed(name, look=name in looking) and name not in self._rebuilding:
                 task = asyncio.create_task(self._rebuild_account(name), name=f"rebuild tracking {name}")
                 self._rebuilding[name] = task
 
@@ -464,19 +467,31 @@ class Desk:
             oldest = await self._store.oldest_open(name)
             m.DLR_POLL_LAG.labels(name).set(0.0 if oldest is None else max(0.0, now - oldest))
 
+    def _turn(self, which: str, every_s: float) -> list[str]:
+        """The next accounts of a round that reaches every account once per `every_s`, a share
+        each `SWEEP_S` tick: a thousand accounts' store calls spread over the round, not a burst
+        that queues a drain's store calls behind it."""
+        names = list(self._accounts)
+        if not names:
+            return []
+        start, credit = self._turns.get(which, (0, 0.0))
+        credit += len(names) * SWEEP_S / every_s  # one account in 60 ticks, with 1 account and 30 s
+        share = min(len(names), math.floor(credit))
+        self._turns[which] = ((start + share) % len(names), credit - share)
+        return [names[(start + k) % len(names)] for k in range(share)]
+
     async def run(self) -> None:
-        """Sweep parked webhooks, watch the store epochs and refresh the lag gauge until cancelled."""
-        last_lag = last_epoch = last_full = -EPOCH_EVERY_S
+        """Sweep parked webhooks, watch the store epochs and refresh the lag gauge until cancelled.
+        Every account's epoch is looked at once at the start, then in turn within `EPOCH_EVERY_S`;
+        every account's parked hints are swept in turn within `FULL_SWEEP_S`."""
+        last_lag = -LAG_EVERY_S
+        first = True
         while True:
             try:
-                full = self._clock.monotonic() - last_full >= FULL_SWEEP_S
-                if full:
-                    last_full = self._clock.monotonic()
-                await self.sweep(every=full)
-                look = self._clock.monotonic() - last_epoch >= EPOCH_EVERY_S
-                if look:
-                    last_epoch = self._clock.monotonic()
-                await self.watch_epochs(look=look)
+                await self.sweep(also=self._turn("sweep", FULL_SWEEP_S))
+                looking = list(self._accounts) if first else self._turn("epoch", EPOCH_EVERY_S)
+                await self.watch_epochs(looking=looking)
+                first = False
                 if self._clock.monotonic() - last_lag >= LAG_EVERY_S:
                     last_lag = self._clock.monotonic()
                     await self.measure_lag()

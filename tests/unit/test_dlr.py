@@ -405,3 +405,20 @@ async def test_a_webhook_for_an_unknown_message_while_tracking_is_rebuilt_is_par
     await store.track("kz", [Tracked("lost-1", "u9", None, None, "mobizon", time.time())], 60, 600)
     assert await desk.sweep() == 1  # the hint was parked all the same
     rebuilding.cancel()
+
+
+def test_the_desk_reaches_every_account_once_a_round_a_share_each_tick() -> None:
+    from gateway.dlr import desk as d
+
+    def accounts(n: int) -> list[Account]:
+        return [
+            Account(name=f"a{i:04d}", provider="serwersms", base_url="https://api2.serwersms.pl", token=SecretStr("t"))
+            for i in range(n)
+        ]
+
+    ticks = int(d.EPOCH_EVERY_S / d.SWEEP_S)
+    for n in (1, 7, 1000):
+        desk = Desk(store=None, sink=None, accounts=accounts(n), owner="one")  # type: ignore[arg-type]
+        seen = [desk._turn("epoch", d.EPOCH_EVERY_S) for _ in range(ticks)]
+        assert sorted(name for share in seen for name in share) == sorted(f"a{i:04d}" for i in range(n))
+        assert max(len(share) for share in seen) <= -(-n // ticks)  # no burst: at most its share a tick
