@@ -37,6 +37,7 @@ from typing import Any
 import aio_pika
 import httpx
 
+from bench.run import peak_rss_mb
 from gateway import contract as c
 from gateway.bus import topology
 from testkit import start_sandbox
@@ -58,13 +59,6 @@ def cpu_s(pid: int) -> float:
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
 

@@ -107,8 +107,7 @@ class Gateway:
         seams tests use to put faults behind the real protocols); `channels_per_connection`: the
         consumer channels one AMQP connection carries before another is opened. `pause_gc`: the
         process's own gateway (run()): the garbage collector waits while start-up builds the
-        accounts' parts, all long-lived (full passes over a thousand accounts' objects took
-        0.1-0.5 s each, again and again as they grew)."""
+        accounts' parts, all long-lived, instead of passing over them again each time they grow."""
         self.settings = settings
         self._build_adapter = adapters or (
             lambda account: build_adapter(account, proxy_from_env=settings.provider_proxy_from_env)
@@ -386,9 +385,8 @@ class Gateway:
     async def _consumer_channel(self) -> AbstractChannel:
         """A channel for one queue's consumer, on a connection with room for it."""
         assert self._connection is not None
-        # One at a time: the connections' counts, and the opens themselves. Opened 8 at once on a
-        # connection, one start-up of 1,000 accounts in eight had the broker close the connection
-        # (CHANNEL_ERROR - expected 'channel.open') and the start failed.
+        # One at a time: the connections' counts, and the opens themselves; concurrent opens on one
+        # connection can make the broker close it (CHANNEL_ERROR - expected 'channel.open').
         async with self._opening:
             if not self._consumer_connections:
                 self._consumer_connections.append((self._connection, 0))

@@ -15,10 +15,10 @@ from gateway.obs.logs import get_logger
 log = get_logger("gateway.obs.loop")
 
 TICK_S = 0.01
-# While the loop is idle (the last window's lag under BUSY_LAG_S) the watch sleeps IDLE_TICK_S: a
-# 10 ms tick alone cost 2% of a core (0.4% at 50 ms). A timer's lateness reads the same either way;
-# the first window with lag (2 ms, where admission stops growing its limit) goes back to TICK_S,
-# before admission (5 ms) binds.
+# While the loop is idle (the last window's lag under BUSY_LAG_S) the watch sleeps IDLE_TICK_S, so
+# an idle process does not wake a hundred times a second. A timer's lateness reads the same either
+# way; the first window with lag (2 ms, where admission stops growing its limit) goes back to
+# TICK_S, before admission (5 ms) binds.
 IDLE_TICK_S = 0.05
 BUSY_LAG_S = 0.002
 STALL_LOG_S = 0.1  # one wake this late is logged: something held the loop (a long callback, a GC pass)
