@@ -1,10 +1,12 @@
 """The ceiling: a bare aio-pika relay with the gateway's broker layout and no SMS logic.
 
-One connection; one channel per account queue with the gateway's prefetch; one confirming
-publisher channel. Each delivery becomes an outcome-sized message on `sms.outcomes` (confirmed),
-then the delivery is acked (acks are batched with `multiple=True`). Outcomes are published the way
-the gateway publishes them (on the AMQP channel, no aio-pika `Message` each), so the ceiling is
-not handicapped by a cost the gateway does not pay; `--publish message` is the older, slower way.
+One connection (the gateway's own kind, whose writes are coalesced per turn of the loop:
+bus/connect.py; `--writes plain` for aio-pika's); one channel per account queue with the gateway's
+prefetch; one confirming publisher channel. Each delivery becomes an outcome-sized message on
+`sms.outcomes` (confirmed), then the delivery is acked (acks are batched with `multiple=True`).
+Outcomes are published the way the gateway publishes them (on the AMQP channel, no aio-pika
+`Message` each), so the ceiling is not handicapped by a cost the gateway does not pay;
+`--publish message` is the older, slower way.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from gateway import contract as c
+from gateway.bus.connect import connect_robust
 
 OUTCOME = json.dumps(
     {
@@ -55,8 +58,9 @@ async def main(
     tick_s: float = 0.02,
     echo_meta: bool = False,
     frames: bool = True,
+    coalesce: bool = True,
 ) -> None:
-    connection = await aio_pika.connect_robust(amqp_url)
+    connection = await connect_robust(amqp_url, timeout_s=10, coalesce=coalesce)
     publisher = await connection.channel(publisher_confirms=True)
     outcomes = await publisher.get_exchange(c.OUTCOMES_EXCHANGE, ensure=False)
     stop = asyncio.Event()
@@ -160,10 +164,27 @@ if __name__ == "__main__":
         help="frames: on the AMQP channel with ready-made properties, as the gateway does (the default); "
         "message: an aio-pika Message and Exchange.publish per outcome (the relay before 2026-11-29)",
     )
+    ap.add_argument(
+        "--writes",
+        choices=["coalesced", "plain"],
+        default="coalesced",
+        help="coalesced: the gateway's connection, one socket write per turn of the loop (the default); "
+        "plain: aio-pika's, one write per publish and per ack",
+    )
     ap.add_argument("accounts", nargs="+")
     args = ap.parse_args()
     tick_s = args.tick_ms / 1000
     frames = args.publish == "frames"
     asyncio.run(
-        main(args.amqp_url, args.accounts, args.prefetch, args.flush, args.count, tick_s, args.echo_meta, frames)
+        main(
+            args.amqp_url,
+            args.accounts,
+            args.prefetch,
+            args.flush,
+            args.count,
+            tick_s,
+            args.echo_meta,
+            frames,
+            args.writes == "coalesced",
+        )
     )

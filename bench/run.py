@@ -293,17 +293,20 @@ class Bench:
     def queues(self) -> list[str]:
         return [c.account_queue(a) for a in self.accounts]
 
-    async def ceiling(self, rep: int) -> None:
+    async def ceiling(self, rep: int, writes: str = "coalesced") -> None:
+        """The relay on the gateway's own connection (`writes="plain"`: aio-pika's, one socket
+        write per publish)."""
         n = self.sizes["drain"]
         self.latency(0)
         await self.prefill(n)
         prefetch = 100 * (4 + 1)  # the gateway's prefetch: batch_size x (concurrency + 1)
-        command = [sys.executable, "-m", "bench.relay", "--prefetch", str(prefetch), *self.accounts]
+        command = [sys.executable, "-m", "bench.relay", "--prefetch", str(prefetch), "--writes", writes, *self.accounts]
 
         def start() -> Process:
             return Process([], dict(os.environ), self.tmp / "relay.log", ROOT, command=command)
 
-        await self.measure("ceiling (aio-pika relay)", rep, n, start, _cpu, self.queues(), 300)
+        name = "ceiling (aio-pika relay)" if writes == "coalesced" else "relay, plain writes"
+        await self.measure(name, rep, n, start, _cpu, self.queues(), 300)
 
     async def raw(self, rep: int) -> None:
         """The broker's raw capacity: the same relay with nobody consuming the outcomes (the
@@ -336,10 +339,12 @@ class Bench:
     def gateway(self, tmp: Path, *, wait: bool = True, tree: Path = ROOT, **settings: Any) -> tuple[Process, int]:
         """A gateway process; `tree` is the checkout whose `gateway` package it runs."""
         port = free_port()
+        redis_url = settings.pop("redis_url", REDIS_URL)  # None: the embedded store alone
+        if redis_url is not None:
+            settings["redis_url"] = redis_url
         env = gateway_env(
             accounts=settings.pop("accounts", self.account_docs()),
             http_port=port,
-            redis_url=REDIS_URL,
             state_path=str(tmp / "state.sqlite3"),
             log_level="WARNING",
             **settings,
@@ -543,7 +548,13 @@ class Bench:
         contenders: list[tuple[str, Callable[[int], Any]]] = [
             ("raw", self.raw),
             ("ceiling", self.ceiling),
+            ("ceiling-plain", lambda r: self.ceiling(r, "plain")),
             ("gateway@0", lambda r: self.gateway_drain(r, 0, s["drain"], "gateway @0ms")),
+            # The embedded default: the state in a local SQLite file, no Redis.
+            (
+                "embedded@0",
+                lambda r: self.gateway_drain(r, 0, s["drain"], "gateway, embedded store @0ms", redis_url=None),
+            ),
             ("gateway@200", lambda r: self.gateway_drain(r, 200, s["slow"], "gateway @200ms")),
             ("gateway@500", lambda r: self.gateway_drain(r, 500, s["slow"], "gateway @500ms")),
             # The same drain without delivery-report tracking: what writing the correlations costs.
@@ -560,7 +571,7 @@ class Bench:
         ]
         if base is not None:  # the same drain, by the gateway of another commit, interleaved with this one
             ref, tree = base
-            contenders[3:3] = [
+            contenders[4:4] = [
                 ("base@0", lambda r: self.gateway_drain(r, 0, s["drain"], f"gateway {ref} @0ms", tree=tree)),
                 ("base@200", lambda r: self.gateway_drain(r, 200, s["slow"], f"gateway {ref} @200ms", tree=tree)),
                 ("base@500", lambda r: self.gateway_drain(r, 500, s["slow"], f"gateway {ref} @500ms", tree=tree)),

@@ -17,11 +17,14 @@ def preload() -> None:
     PhoneMetadata.load_all()
 
 
+@functools.lru_cache(maxsize=16384)
 def normalize(raw: str, default_region: str) -> str:
     """E.164 (`+48500600700`) from what a producer wrote.
 
     `+…` or `00…` is international. Otherwise the number is read as national in the account's
     country first and, when that is not a valid number, as international digits without the `+`.
+    Cached per (number, region) for the numbers that come again (codes, retries, redeliveries);
+    an invalid number raises every time and is not kept.
     """
     text = raw.strip()
     if not text or len(text) > 32:

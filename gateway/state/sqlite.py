@@ -52,7 +52,7 @@ from gateway.state.base import (
 )
 
 T = TypeVar("T")
-_IN_CHUNK = 500  # numbers per `IN (...)` (SQLite's bound-parameter limit is 32,766 from 3.32, 999 before)
+_IN_CHUNK = 500  # ids or numbers per `IN (...)` (SQLite's bound-parameter limit is 32,766 from 3.32, 999 before)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedupe (
@@ -319,18 +319,28 @@ class SqliteStore(RecordShortcuts):
     ) -> dict[str, Claim]:
         now = self._clock.time()
         self._sweep(db, now)
+        rows: dict[str, tuple[str, float | None, str | None, str | None]] = {}
+        for k in range(0, len(uids), _IN_CHUNK):
+            chunk = uids[k : k + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for uid, *row in db.execute(
+                "SELECT uid, state, lease_until, result, owner FROM dedupe "  # noqa: S608 - placeholders only
+                f"WHERE account=? AND expires_at>=? AND uid IN ({marks})",
+                (account, now, *chunk),
+            ):
+                rows[uid] = tuple(row)
         out: dict[str, Claim] = {}
+        taken: list[tuple[str, str, str, float, float]] = []
+        until, expires = now + lease_s, now + max(lease_s * 4, 3600)
         for uid in uids:
-            row = db.execute(
-                "SELECT state, lease_until, result, owner FROM dedupe WHERE account=? AND uid=? AND expires_at>=?",
-                (account, uid, now),
-            ).fetchone()
+            row = rows.get(uid)
             if row is not None and row[0] == "done":
+                assert row[2] is not None
                 result = StoredResult.from_json(row[2])
                 if not (uid in replay and result.status in REPLAYABLE):
                     out[uid] = Claim(ClaimState.DONE, result)
                     continue
-            if row is not None and row[0] == "inflight" and row[1] > now:
+            if row is not None and row[0] == "inflight" and row[1] is not None and row[1] > now:
                 out[uid] = Claim(ClaimState.BUSY, owner=row[3], lease_left_s=row[1] - now)
                 continue
             if books is not None:
@@ -338,11 +348,10 @@ class SqliteStore(RecordShortcuts):
                 if full is not None:
                     out[uid] = Claim(ClaimState.QUOTA, budget=full)
                     continue
-            db.execute(
-                "INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'inflight', ?, ?, NULL, ?)",
-                (account, uid, owner, now + lease_s, now + max(lease_s * 4, 3600)),
-            )
+            taken.append((account, uid, owner, until, expires))
             out[uid] = Claim(ClaimState.NEW if row is None else ClaimState.RECONCILE)
+        if taken:
+            db.executemany("INSERT OR REPLACE INTO dedupe VALUES (?, ?, 'inflight', ?, ?, NULL, ?)", taken)
         return out
 
     async def record(self, account: str, batch: BatchRecord) -> None:

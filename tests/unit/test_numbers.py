@@ -31,3 +31,20 @@ def test_mask_hides_the_middle() -> None:
     assert mask("+48500600700") == "+485*****700"
     assert mask("12345") == "*****"
     assert mask(None) is None
+
+
+def test_a_number_seen_again_is_read_from_the_cache_and_the_region_is_part_of_the_key() -> None:
+    normalize.cache_clear()
+    assert normalize("500600701", "PL") == "+48500600701"
+    assert normalize("500600701", "PL") == "+48500600701"
+    assert normalize.cache_info().hits == 1
+    # The same digits read in another country are another number.
+    assert normalize("7011234567", "KZ") == "+77011234567"
+    with pytest.raises(InvalidNumber):
+        normalize("7011234567", "PL")
+    # An invalid number raises every time: nothing of it is kept.
+    misses = normalize.cache_info().misses
+    for _ in range(2):
+        with pytest.raises(InvalidNumber):
+            normalize("abc", "PL")
+    assert normalize.cache_info().misses == misses + 2
