@@ -1,9 +1,21 @@
-"""`python -m bench.profile [drain]`: the gateway under py-spy (sampling CPU, native off) while it
-drains a prefilled backlog of `drain` requests over 10 accounts. Writes
-bench/results/profile-<label>.txt: the top functions by own and total CPU time."""
+"""`python -m bench.profile [drain] [label] [--store redis|sqlite] [--relay]`: a process under
+py-spy (sampling CPU, native off) while it drains a prefilled backlog of `drain` requests over 10
+accounts: the gateway on Redis (the default) or on its embedded SQLite store, or the relay
+(bench/relay.py, the ceiling). Writes bench/results/profile-<label>.txt: CPU per message split by
+part, then the top functions by own and total CPU time.
+
+The parts, each sample going to the first frame from the leaf that belongs to one:
+- broker client: aio-pika, aiormq, pamqp, and the gateway's connection (bus/connect.py);
+- store: redis-py, sqlite3, and gateway/state/;
+- provider call: httpx, httpcore, h11, and gateway/providers/;
+- gateway: the rest of the gateway's own code (and the libraries it calls: json, phonenumbers);
+- event loop: samples with none of the above (asyncio's own scheduling, selectors, and the
+  callbacks it runs for them).
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import subprocess
@@ -11,8 +23,44 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from bench.run import RESULTS, SMOKE, Bench
+from bench.run import RESULTS, SMOKE, Bench, cpu_seconds
 from testkit import REDIS_URL, Process, free_port, gateway_env
+
+PARTS: list[tuple[str, tuple[str, ...]]] = [
+    ("broker client", ("aio_pika/", "aiormq/", "pamqp/", "gateway/bus/connect.py")),
+    ("store", ("redis/", "sqlite3/", "gateway/state/")),
+    ("provider call", ("httpx/", "httpcore/", "h11/", "gateway/providers/")),
+    ("gateway", ("gateway/",)),
+]
+LOOP = "event loop"
+
+
+def part_of(stack: list[str]) -> str:
+    """The part a sample's CPU goes to: the first frame from the leaf that belongs to a part. A
+    frame reads `function (path/to/file.py:line)`, its path relative to where it was imported from.
+    Only the frames the event loop called count: the ones above it (the command that started the
+    loop) are in every sample."""
+    called = max((i for i, frame in enumerate(stack) if frame.startswith("Handle._run ")), default=-1)
+    for frame in reversed(stack[called + 1 :]):
+        path = frame.rpartition("(")[2]
+        for name, marks in PARTS:
+            if any(path.startswith(mark) or f"/{mark}" in path for mark in marks):
+                return name
+    return LOOP
+
+
+def split(raw: Path, cpu_s: float, messages: int) -> tuple[str, dict[str, float]]:
+    """CPU per 1,000 messages by part: each part's share of the samples times the CPU measured."""
+    parts: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        parts[part_of(stack.split(";"))] += int(count)
+    samples = sum(parts.values()) or 1
+    per_1k = {name: round(cpu_s * parts[name] / samples / messages * 1000, 4) for name, _ in [*PARTS, (LOOP, ())]}
+    lines = [f"CPU {cpu_s:.2f} s for {messages} messages: {cpu_s / messages * 1000:.3f} s per 1,000", ""]
+    lines += ["part            s/1k    share"]
+    lines += [f"{name:<15} {v:.3f}   {100 * parts[name] / samples:5.1f}%" for name, v in per_1k.items()]
+    return "\n".join(lines), per_1k
 
 
 def summarize(raw: Path, top: int = 40) -> str:
@@ -35,24 +83,32 @@ def summarize(raw: Path, top: int = 40) -> str:
     return "\n".join(lines)
 
 
-async def main(bench: Bench, drain: int, label: str) -> None:
+async def main(bench: Bench, drain: int, label: str, store: str, relay: bool) -> None:
     tmp = bench.tmp
     try:
         await bench.observer.start()
         bench.latency(0)
         await bench.prefill(0)
         port = free_port()
+        settings = {"redis_url": REDIS_URL} if store == "redis" else {}
         env = gateway_env(
             accounts=bench.account_docs(),
             http_port=port,
-            redis_url=REDIS_URL,
             state_path=str(tmp / "state.sqlite3"),
             log_level="WARNING",
+            **settings,
         )
         raw = RESULTS / f"profile-{label}.raw"
+        raw.unlink(missing_ok=True)
         await bench.prefill(drain)  # as in the drain benchmark: the backlog is there before the gateway starts
-        gateway = Process([], env, tmp / "profiled.log", Path.cwd(), command=[sys.executable, "-m", "gateway", "run"])
-        gateway.wait_http(port)
+        if relay:
+            command = [sys.executable, "-m", "bench.relay", "--prefetch", "500", *bench.accounts]
+        else:
+            command = [sys.executable, "-m", "gateway", "run"]
+        gateway = Process([], env, tmp / "profiled.log", Path.cwd(), command=command)
+        if not relay:
+            gateway.wait_http(port)
+        cpu0 = cpu_seconds(gateway.popen.pid)
         spy = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "py-spy"),
@@ -72,26 +128,34 @@ async def main(bench: Bench, drain: int, label: str) -> None:
         )
         try:
             await bench.observer.wait(drain, 600)
+            cpu_s = cpu_seconds(gateway.popen.pid) - cpu0
         finally:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
             gateway.terminate(60)
             gateway.close()
+        table, _ = split(raw, cpu_s, drain)
         out = RESULTS / f"profile-{label}.txt"
-        out.write_text(summarize(raw))
-        print(f"profile written to {out}")
+        out.write_text(f"{'relay' if relay else 'gateway on ' + store}\n{table}\n\n{summarize(raw)}\n")
+        print(f"{'relay' if relay else 'gateway on ' + store}\n{table}\nprofile written to {out}", flush=True)
     finally:
         await bench.observer.close()
 
 
-def profile(drain: int, label: str) -> None:
+def profile(drain: int, label: str, store: str = "redis", relay: bool = False) -> None:
     (RESULTS / "work").mkdir(parents=True, exist_ok=True)
     bench = Bench(dict(SMOKE), RESULTS / "work")
     try:
-        asyncio.run(main(bench, drain, label))
+        asyncio.run(main(bench, drain, label, store, relay))
     finally:
         bench.close()  # runs its own event loop
 
 
 if __name__ == "__main__":
-    profile(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000, sys.argv[2] if len(sys.argv) > 2 else "latest")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("drain", type=int, nargs="?", default=20_000)
+    ap.add_argument("label", nargs="?", default="latest")
+    ap.add_argument("--store", choices=["redis", "sqlite"], default="redis")
+    ap.add_argument("--relay", action="store_true", help="profile the relay instead of the gateway")
+    args = ap.parse_args()
+    profile(args.drain, args.label, args.store, args.relay)
