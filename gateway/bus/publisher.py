@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +48,17 @@ _STRIP = c.BROKER_HEADERS
 PERSISTENT = 2
 
 
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """One message to publish, ready-made: what `Publisher.publish_all` sends."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    props: Basic.Properties
+    mandatory: bool
+
+
 class Publisher:
     """Confirmed publishes on one channel. Every publish is bounded in time: after a lost
     connection a publish could otherwise wait forever (seen in the chaos suite: hundreds of
@@ -67,26 +79,61 @@ class Publisher:
         self._replacing: asyncio.Task[None] | None = None
         self.replaced = 0  # channels replaced after a timeout (the tests read it)
 
-    async def _publish(
-        self, exchange: str, routing_key: str, body: bytes, props: Basic.Properties, *, mandatory: bool
-    ) -> None:
+    async def publish_all(self, publishes: Sequence[Publish]) -> list[BaseException | None]:
+        """Publish them all at once, under one bound: the broker's answer to each, None when it
+        confirmed. They start together, so one deadline for all is each one's own bound."""
+        if not publishes:
+            return []
         channel = self._channel
         try:
             async with asyncio.timeout(self._timeout_s):
                 if self._replacing is not None and not self._replacing.done():
                     await asyncio.shield(self._replacing)
                     channel = self._channel
-                # The underlying channel is looked up per publish: a robust channel swaps it on
-                # reconnect. wait=False: do not hold the channel's publish lock until this frame
-                # has been written (aiormq's default), which let only one publish per loop turn
-                # onto the socket. The broker's confirm, awaited here, comes after the write anyway.
+                # The underlying channel is looked up per call: a robust channel swaps it on
+                # reconnect. wait=False: do not hold the channel's publish lock until the frame has
+                # been written (aiormq's default), which let only one publish per loop turn onto the
+                # socket. The broker's confirm, awaited here, comes after the write anyway.
                 underlay = await channel.get_underlay_channel()
-                await underlay.basic_publish(  # type: ignore[call-arg]  # `wait` is on aiormq's Channel
-                    body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=mandatory, wait=False
+                if len(publishes) == 1:
+                    one = publishes[0]
+                    try:
+                        await underlay.basic_publish(  # type: ignore[call-arg]  # `wait` is on aiormq's Channel
+                            one.body,
+                            exchange=one.exchange,
+                            routing_key=one.routing_key,
+                            properties=one.props,
+                            mandatory=one.mandatory,
+                            wait=False,
+                        )
+                    except Exception as exc:  # noqa: BLE001 - the caller's to handle, as for many
+                        return [exc]
+                    return [None]
+                answers = await asyncio.gather(
+                    *(
+                        underlay.basic_publish(  # type: ignore[call-arg]
+                            x.body,
+                            exchange=x.exchange,
+                            routing_key=x.routing_key,
+                            properties=x.props,
+                            mandatory=x.mandatory,
+                            wait=False,
+                        )
+                        for x in publishes
+                    ),
+                    return_exceptions=True,
                 )
         except TimeoutError:
             self._replace(channel)
-            raise PublishTimeout(f"not confirmed within {self._timeout_s} s") from None
+            timeout = PublishTimeout(f"not confirmed within {self._timeout_s} s")
+            return [timeout] * len(publishes)
+        return [x if isinstance(x, BaseException) else None for x in answers]
+
+    async def _publish(self, *publishes: Publish) -> None:
+        """Publish and raise the first failure."""
+        for failure in await self.publish_all(publishes):
+            if failure is not None:
+                raise failure
 
     def _replace(self, wedged: AbstractChannel) -> None:
         if self._reopen is None or wedged is not self._channel:
@@ -112,6 +159,30 @@ class Publisher:
         except Exception:  # noqa: BLE001, S110 - it is abandoned either way
             pass
 
+    def outcome_publishes(
+        self,
+        *,
+        account: str,
+        status: str,
+        body: bytes,
+        unique_id: str | None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> list[Publish]:
+        """An outcome on `sms.outcomes`, and to the producer's `reply_to` when it named one.
+        `correlation_id`: the request's own, kept for the producer's RPC matching; else `unique_id`."""
+        props = Basic.Properties(
+            content_type="application/json",
+            delivery_mode=PERSISTENT,
+            correlation_id=correlation_id or unique_id,
+            headers=headers or None,
+        )
+        out = [Publish(c.OUTCOMES_EXCHANGE, f"{status}.{account}", body, props, mandatory=False)]
+        if reply_to:
+            out.append(Publish("", reply_to, body, props, mandatory=False))
+        return out
+
     async def outcome(
         self,
         *,
@@ -123,27 +194,23 @@ class Publisher:
         correlation_id: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None:
-        """`correlation_id`: the request's own, kept for the producer's RPC matching; else `unique_id`."""
-        props = Basic.Properties(
-            content_type="application/json",
-            delivery_mode=PERSISTENT,
-            correlation_id=correlation_id or unique_id,
-            headers=headers or None,
-        )
-        routing_key = f"{status}.{account}"
-        if not reply_to:
-            await self._publish(c.OUTCOMES_EXCHANGE, routing_key, body, props, mandatory=False)
-            return
-        await asyncio.gather(
-            self._publish(c.OUTCOMES_EXCHANGE, routing_key, body, props, mandatory=False),
-            self._publish("", reply_to, body, props, mandatory=False),
+        await self._publish(
+            *self.outcome_publishes(
+                account=account,
+                status=status,
+                body=body,
+                unique_id=unique_id,
+                reply_to=reply_to,
+                correlation_id=correlation_id,
+                headers=headers,
+            )
         )
 
     async def tracking_copy(self, account: str, records: Sequence[Tracked]) -> None:
         """One batch's tracked messages into the tracking stream (tracking.py), confirmed."""
         body = f'{{"account":{json.dumps(account)},"tracked":[{",".join(r.to_json() for r in records)}]}}'.encode()
         props = Basic.Properties(content_type="application/json", delivery_mode=PERSISTENT, headers={c.H_TRACKED: 1})
-        await self._publish("", c.TRACKING_STREAM, body, props, mandatory=True)
+        await self._publish(Publish("", c.TRACKING_STREAM, body, props, mandatory=True))
 
     async def dead_letter(
         self,
@@ -157,7 +224,33 @@ class Publisher:
         lane: c.Lane | None = None,
         exchange: str | None = None,
     ) -> None:
-        """`exchange`: the letter came from an exchange other than sms.send (a replay goes there)."""
+        await self._publish(
+            self.dead_letter_publish(
+                original,
+                reason=reason,
+                account=account,
+                error_code=error_code,
+                error_message=error_message,
+                attempts=attempts,
+                lane=lane,
+                exchange=exchange,
+            )
+        )
+
+    def dead_letter_publish(
+        self,
+        original: AbstractIncomingMessage,
+        *,
+        reason: c.DeadReason,
+        account: str,
+        error_code: str,
+        error_message: str,
+        attempts: int,
+        lane: c.Lane | None = None,
+        exchange: str | None = None,
+    ) -> Publish:
+        """The request's dead letter, mandatory. `exchange`: the letter came from an exchange other
+        than sms.send (a replay goes there)."""
         headers = _clean_headers(original.headers)
         headers.update(
             {
@@ -173,9 +266,7 @@ class Publisher:
             headers[c.H_LANE] = str(lane)
         if exchange is not None:
             headers[c.H_EXCHANGE] = exchange
-        await self._publish(
-            c.DEAD_EXCHANGE, f"{reason}.{account}", original.body, _copy(original, headers), mandatory=True
-        )
+        return Publish(c.DEAD_EXCHANGE, f"{reason}.{account}", original.body, _copy(original, headers), mandatory=True)
 
     async def retry(
         self,
@@ -191,6 +282,35 @@ class Publisher:
         valid_until: float | None = None,
         via: tuple[str, ...] = (),
     ) -> None:
+        await self._publish(
+            self.retry_publish(
+                original,
+                routing_key=routing_key,
+                delay_ms=delay_ms,
+                attempts=attempts,
+                waits=waits,
+                sent_at=sent_at,
+                waiting_since=waiting_since,
+                own=own,
+                valid_until=valid_until,
+                via=via,
+            )
+        )
+
+    def retry_publish(
+        self,
+        original: AbstractIncomingMessage,
+        *,
+        routing_key: str,
+        delay_ms: int,
+        attempts: int,
+        waits: int,
+        sent_at: float | None = None,
+        waiting_since: float | None = None,
+        own: bool = True,
+        valid_until: float | None = None,
+        via: tuple[str, ...] = (),
+    ) -> Publish:
         """Park a byte-identical copy in the TTL queue for `delay_ms`; it comes back to sms.send with
         `routing_key` (its account's lane). `valid_until`: an urgent request's deadline.
         `own` marks it the gateway's own copy (`x-gateway-own`): false only for a wait copy of a
@@ -212,7 +332,7 @@ class Publisher:
             headers[c.H_WAITING_SINCE] = str(round(waiting_since, 3))
         if valid_until is not None:
             headers[c.H_VALID_UNTIL] = str(round(valid_until, 3))
-        await self._publish(c.RETRY_EXCHANGE, routing_key, original.body, _copy(original, headers), mandatory=True)
+        return Publish(c.RETRY_EXCHANGE, routing_key, original.body, _copy(original, headers), mandatory=True)
 
 
 def _clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,10 +8,9 @@ The frames themselves are coalesced per channel by the `AckTracker` (acks.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway import contract as c
 from gateway.bus.acks import AckTracker
-from gateway.bus.publisher import Publisher
+from gateway.bus.publisher import Publish, Publisher
 from gateway.core.decisions import Decision, Defer, Finish, Job, Retry, Wait
 from gateway.numbers import mask
 from gateway.obs import metrics as m
@@ -130,10 +129,7 @@ class Settler:
                 d.close("requeued")
             if not items:
                 return 0
-        if len(items) == 1:
-            failures: list[BaseException | None] = [await _failure(self._publish(*items[0]))]
-        else:
-            failures = await asyncio.gather(*(self._publish(d, x) for d, x in items), return_exceptions=True)
+        failures = await self._publish_all(items)
         done: list[tuple[Delivery, Decision]] = []
         failed: list[tuple[Delivery, BaseException]] = []
         for (d, decision), exc in zip(items, failures, strict=True):
@@ -177,12 +173,32 @@ class Settler:
             d.close(_result_name(decision))
         return len(done)
 
-    async def _publish(self, d: Delivery, decision: Decision) -> None:
-        """Publish what the decision owes (outcome, dead letter or retry copy), confirmed."""
+    async def _publish_all(self, items: Sequence[tuple[Delivery, Decision]]) -> list[BaseException | None]:
+        """Publish what every decision owes at once, under one bound; each delivery's failure (the
+        first of its publishes that failed), None when the broker confirmed them all."""
+        plans: list[list[Publish]] = []
+        failures: list[BaseException | None] = []
+        for d, decision in items:
+            try:
+                plans.append(self._publishes(d, decision))
+                failures.append(None)
+            except Exception as exc:  # noqa: BLE001 - that delivery is requeued, the others go on
+                plans.append([])
+                failures.append(exc)
+        answers = iter(await self._publisher.publish_all([x for plan in plans for x in plan]))
+        for i, plan in enumerate(plans):
+            for _ in plan:
+                failure = next(answers)
+                if failures[i] is None and failure is not None:
+                    failures[i] = failure
+        return failures
+
+    def _publishes(self, d: Delivery, decision: Decision) -> list[Publish]:
+        """What the decision owes: an outcome (and a dead letter), or a retry copy."""
         if isinstance(decision, Finish):
-            await self._finish(d, decision)
-        elif isinstance(decision, Retry):
-            await self._publisher.retry(
+            return self._finish(d, decision)
+        if isinstance(decision, Retry):
+            copy = self._publisher.retry_publish(
                 d.message,
                 routing_key=d.routing_key,
                 delay_ms=decision.delay_ms,
@@ -193,7 +209,7 @@ class Settler:
                 via=d.job.maybe_at,
             )
         elif isinstance(decision, Wait):
-            await self._publisher.retry(
+            copy = self._publisher.retry_publish(
                 d.message,
                 routing_key=d.routing_key,
                 delay_ms=decision.delay_ms,
@@ -206,7 +222,7 @@ class Settler:
                 via=d.job.maybe_at,
             )
         else:  # Defer: the same copy again later, as it came (nothing was claimed or sent)
-            await self._publisher.retry(
+            copy = self._publisher.retry_publish(
                 d.message,
                 routing_key=d.routing_key,
                 delay_ms=decision.delay_ms,
@@ -218,6 +234,7 @@ class Settler:
                 valid_until=d.job.valid_until,
                 via=d.job.maybe_at,
             )
+        return [copy]
 
     @staticmethod
     def _count(d: Delivery, decision: Decision) -> None:
@@ -233,7 +250,7 @@ class Settler:
         else:
             m.RETRIES.labels(d.label, _result_name(decision)).inc()
 
-    async def _finish(self, d: Delivery, f: Finish) -> None:
+    def _finish(self, d: Delivery, f: Finish) -> list[Publish]:
         r, job = f.result, d.job
         item = job.item
         fields: dict[str, Any] = {
@@ -263,22 +280,20 @@ class Settler:
                 "outcome_unencodable", account=d.account, unique_id=d.unique_id, error=type(exc).__name__
             )
             body = c.outcome_body(**{**fields, "meta": None, "to": None})
-        jobs = []
+        out: list[Publish] = []
         if job.unique_id is not None:  # an outcome nobody can correlate is noise; the dead letter says it all
-            jobs.append(
-                self._publisher.outcome(
-                    account=d.account,
-                    status=str(f.status),
-                    body=body,
-                    unique_id=job.unique_id,
-                    reply_to=d.message.reply_to,
-                    correlation_id=d.message.correlation_id,
-                    headers=tracing.inject(d.span, {}),
-                )
+            out += self._publisher.outcome_publishes(
+                account=d.account,
+                status=str(f.status),
+                body=body,
+                unique_id=job.unique_id,
+                reply_to=d.message.reply_to,
+                correlation_id=d.message.correlation_id,
+                headers=tracing.inject(d.span, {}),
             )
         if f.dead is not None:
-            jobs.append(
-                self._publisher.dead_letter(
+            out.append(
+                self._publisher.dead_letter_publish(
                     d.message,
                     reason=f.dead,
                     account=d.account,
@@ -288,10 +303,7 @@ class Settler:
                     attempts=r.attempts,
                 )
             )
-        if len(jobs) == 1:
-            await jobs[0]
-        else:
-            await asyncio.gather(*jobs)
+        return out
 
     def _log(self, d: Delivery, decision: Decision) -> None:
         ms = round((time.monotonic() - d.started) * 1000, 1)
@@ -339,14 +351,6 @@ def _result_name(decision: Decision) -> str:
     if isinstance(decision, Defer):
         return "defer"
     return "retry" if isinstance(decision, Retry) else "wait"
-
-
-async def _failure(job: Awaitable[None]) -> BaseException | None:
-    try:
-        await job
-    except Exception as exc:  # noqa: BLE001 - reported by the caller
-        return exc
-    return None
 
 
 async def requeue(acks: AckTracker, deliveries: Sequence[Delivery]) -> None:

@@ -4,12 +4,12 @@ another account's backlog on the same channel (consumer.EXPRESS_MAX_BATCH)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 
 from gateway.bus import consumer
-from gateway.bus.publisher import Publisher
+from gateway.bus.publisher import Publish, Publisher
 from gateway.sandbox.state import FaultRule
 from testkit import Bus, new_account_name, request
 from tests.conftest import InProcess
@@ -21,14 +21,15 @@ async def test_a_lone_request_settles_on_another_channel_than_a_backlogs_full_ba
     world: InProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     channels: dict[str, set[int]] = defaultdict(set)  # account -> the publishers its outcomes went through
-    publish = Publisher._publish
+    publish_all = Publisher.publish_all
 
-    async def noting(self: Publisher, exchange: str, routing_key: str, *args: Any, **kwargs: Any) -> None:
-        if exchange == "sms.outcomes":
-            channels[routing_key.split(".", 1)[1]].add(id(self))
-        await publish(self, exchange, routing_key, *args, **kwargs)
+    async def noting(self: Publisher, publishes: Sequence[Publish]) -> list[BaseException | None]:
+        for x in publishes:
+            if x.exchange == "sms.outcomes":
+                channels[x.routing_key.split(".", 1)[1]].add(id(self))
+        return await publish_all(self, publishes)
 
-    monkeypatch.setattr(Publisher, "_publish", noting)
+    monkeypatch.setattr(Publisher, "publish_all", noting)
     busy, quiet = new_account_name(), new_account_name()
     # One call in flight at a time, 300 ms each: the backlog's batches fill up to 50.
     world.state.faults.add(FaultRule(match=f"token:tok-{busy}", latency_ms=300))

@@ -3,11 +3,13 @@ broker), and the failure is one log line per batch, not one per message."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.bus import settle
 from gateway.bus.acks import AckTracker
+from gateway.bus.publisher import Publish, Publisher
 from gateway.bus.settle import Delivery, Settler
 from gateway.contract import Status
 from gateway.core import decisions as dec
@@ -32,14 +34,23 @@ class Message:
         self.correlation_id = None
         self.headers: dict[str, Any] = {}
         self.message_id = None
+        self.body = b"{}"
+        self.content_type = self.content_encoding = self.timestamp = self.type = self.app_id = None
 
 
-class LostPublisher:
-    async def outcome(self, **_: Any) -> None:
-        raise ConnectionError("connection lost")
+class LostPublisher(Publisher):
+    """The real publisher's messages, sent nowhere: the broker's connection is lost."""
 
-    async def dead_letter(self, *_: Any, **__: Any) -> None:
-        raise ConnectionError("connection lost")
+    def __init__(self) -> None:
+        super().__init__(channel=None)  # type: ignore[arg-type]  # publish_all never reaches a channel
+        self.published: list[Publish] = []
+
+    async def publish_all(self, publishes: Sequence[Publish]) -> list[BaseException | None]:
+        self.published += publishes
+        return [self.answer(x) for x in publishes]
+
+    def answer(self, _: Publish) -> BaseException | None:
+        return ConnectionError("connection lost")
 
 
 class Lines:
@@ -68,11 +79,8 @@ def delivered(acks: AckTracker, channel: ClosedChannel | OpenChannel, n: int) ->
 
 
 class CountingPublisher(LostPublisher):
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def outcome(self, **_: Any) -> None:
-        self.calls += 1
+    def answer(self, _: Publish) -> BaseException | None:
+        return None
 
 
 async def test_deliveries_of_a_lost_channel_publish_nothing_and_are_left_to_their_redelivery(
@@ -86,11 +94,11 @@ async def test_deliveries_of_a_lost_channel_publish_nothing_and_are_left_to_thei
     acks = AckTracker()
     deliveries = delivered(acks, channel, 10)
     publisher = CountingPublisher()
-    settler = Settler(publisher, "sandbox", acks)  # type: ignore[arg-type]
+    settler = Settler(publisher, "sandbox", acks)
     done = dec.finish(Status.DUPLICATE, "sandbox", at=datetime.now(UTC), attempts=0, store=False)
 
     assert await settler.settle_all([(d, done) for d in deliveries]) == 0
-    assert publisher.calls == 0
+    assert publisher.published == []
     assert [event for event, _ in lines.lines] == ["stale_deliveries_not_settled"]
     assert lines.lines[0][1]["count"] == 10
     assert all(not d._open for d in deliveries)
@@ -103,7 +111,7 @@ async def test_a_lost_connection_fails_the_batch_in_one_line_and_closes_every_de
     acks = AckTracker()
     deliveries = delivered(acks, channel, 100)
     decision = dec.poison(0, "Boom", datetime.now(UTC))
-    settler = Settler(LostPublisher(), "sandbox", acks)  # type: ignore[arg-type]
+    settler = Settler(LostPublisher(), "sandbox", acks)
 
     acked = await settler.settle_all([(d, decision) for d in deliveries])
 
@@ -119,9 +127,8 @@ async def test_a_lost_connection_fails_the_batch_in_one_line_and_closes_every_de
 class OnePublishLost(LostPublisher):
     """Confirms every outcome but the one of `id-2`."""
 
-    async def outcome(self, **fields: Any) -> None:
-        if fields["unique_id"] == "id-2":
-            raise ConnectionError("confirm lost")
+    def answer(self, publish: Publish) -> BaseException | None:
+        return ConnectionError("confirm lost") if publish.props.correlation_id == "id-2" else None
 
 
 async def test_only_confirmed_outcomes_are_announced_and_before_the_acks(monkeypatch: Any) -> None:
@@ -130,7 +137,7 @@ async def test_only_confirmed_outcomes_are_announced_and_before_the_acks(monkeyp
     monkeypatch.setattr(settle, "log", Lines())
     acks = AckTracker()
     deliveries = delivered(acks, OpenChannel(), 3)  # no ack can be written on this channel
-    settler = Settler(OnePublishLost(), "sandbox", acks)  # type: ignore[arg-type]
+    settler = Settler(OnePublishLost(), "sandbox", acks)
     accepted = dec.finish(Status.ACCEPTED, "sandbox", at=datetime.now(UTC), attempts=1, store=True)
     seen: list[str | None] = []
 
@@ -140,3 +147,72 @@ async def test_only_confirmed_outcomes_are_announced_and_before_the_acks(monkeyp
 
     assert acked == 0  # the acks failed, after the announcement
     assert seen == ["id-1", "id-3"]
+
+
+class DeadLettersLost(LostPublisher):
+    """Confirms every outcome; every dead letter is lost. Counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def publish_all(self, publishes: Sequence[Publish]) -> list[BaseException | None]:
+        self.calls += 1
+        return await super().publish_all(publishes)
+
+    def answer(self, publish: Publish) -> BaseException | None:
+        return ConnectionError("returned") if publish.exchange == "sms.dead" else None
+
+
+async def test_a_batch_publishes_as_one_unit_and_a_delivery_fails_when_any_of_its_publishes_does(
+    monkeypatch: Any,
+) -> None:
+    """One call for the whole batch (outcomes, dead letters, retry copies); a delivery whose dead
+    letter failed is requeued though its outcome went out, and the others are confirmed."""
+    lines = Lines()
+    monkeypatch.setattr(settle, "log", lines)
+    acks = AckTracker()
+    deliveries = delivered(acks, OpenChannel(), 3)
+    publisher = DeadLettersLost()
+    settler = Settler(publisher, "sandbox", acks)
+    now = datetime.now(UTC)
+    accepted = dec.finish(Status.ACCEPTED, "sandbox", at=now, attempts=1)
+    poisoned = dec.poison(0, "Boom", now)  # an outcome and a dead letter
+    wait = dec.Wait(1000)
+    confirmed: list[str | None] = []
+
+    await settler.settle_all(
+        [(deliveries[0], accepted), (deliveries[1], poisoned), (deliveries[2], wait)],
+        lambda done: confirmed.extend(d.unique_id for d, _ in done),
+    )
+
+    assert publisher.calls == 1
+    assert [(x.exchange, x.routing_key) for x in publisher.published] == [
+        ("sms.outcomes", "accepted.acme"),
+        ("sms.outcomes", "failed.acme"),
+        ("sms.dead", "poison.acme"),
+        ("sms.retry", "acme"),
+    ]
+    assert confirmed == ["id-1", "id-3"]
+    failed = [fields for event, fields in lines.lines if event == "settle_failed"]
+    assert failed[0]["count"] == 1
+    assert failed[0]["unique_id"] == "id-2"
+
+
+async def test_a_decision_that_cannot_be_published_requeues_its_delivery_only(monkeypatch: Any) -> None:
+    monkeypatch.setattr(settle, "log", Lines())
+    acks = AckTracker()
+    deliveries = delivered(acks, OpenChannel(), 2)
+    publisher = CountingPublisher()
+    settler = Settler(publisher, "sandbox", acks)
+    accepted = dec.finish(Status.ACCEPTED, "sandbox", at=datetime.now(UTC), attempts=1)
+    setattr(deliveries[0].message, "headers", ["not", "a", "table"])  # noqa: B010 - its retry copy cannot be built
+    confirmed: list[str | None] = []
+
+    await settler.settle_all(
+        [(deliveries[0], dec.Wait(1000)), (deliveries[1], accepted)],
+        lambda done: confirmed.extend(d.unique_id for d, _ in done),
+    )
+
+    assert confirmed == ["id-2"]
+    assert [x.routing_key for x in publisher.published] == ["accepted.acme"]
