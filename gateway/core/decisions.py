@@ -81,7 +81,7 @@ class Finish:
 
     @property
     def status(self) -> Status:
-        return Status(self.result.status)
+        return _STATUS.get(self.result.status) or Status(self.result.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +118,8 @@ class Defer:
 
 
 Decision = Finish | Retry | Wait | Defer
+
+_STATUS = {str(x): x for x in Status}  # a dict lookup: `Status(value)` goes through the enum's metaclass
 
 _DEAD_FOR = {
     Status.REJECTED: DeadReason.REJECTED,

@@ -258,7 +258,8 @@ class Pipeline:
             price = self.account.price_per_part
         cost = round(parts * price, 6) if price is not None and r.status == Status.ACCEPTED else None
         counted = replace(r, parts=parts, encoding=str(item.encoding), cost=cost)
-        return replace(decision, result=counted)
+        d = decision
+        return Finish(counted, dead=d.dead, store=d.store, original=d.original, pause_account=d.pause_account)
 
     def _count_parts(self, jobs: Sequence[Job], decisions: dict[int, Decision]) -> None:
         """The parts, savings and cost of the messages this batch recorded as accepted (once each:
