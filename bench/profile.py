@@ -108,6 +108,8 @@ async def main(bench: Bench, drain: int, label: str, store: str, relay: bool) ->
         gateway = Process([], env, tmp / "profiled.log", Path.cwd(), command=command)
         if not relay:
             gateway.wait_http(port)
+        while await bench.consumers(bench.queues()) == 0:  # CPU from its first consumer on, as bench.run times it
+            await asyncio.sleep(0.01)
         cpu0 = cpu_seconds(gateway.popen.pid)
         spy = subprocess.Popen(
             [
