@@ -106,14 +106,16 @@ class OptOutWorker(Worker):
         self, message: AbstractIncomingMessage, key: str, reason: c.DeadReason, code: str, why: str
     ) -> None:
         log.warning("optout_refused", scope=key[:200], reason=str(reason), code=code)
-        await self._publisher.dead_letter(
-            message,
-            reason=reason,
-            account=key[:200] or "(none)",
-            error_code=code,
-            error_message=why,
-            attempts=0,
-            exchange=c.OPTOUT_EXCHANGE,
+        await self._publisher.publish(
+            self._publisher.dead_letter(
+                message,
+                reason=reason,
+                account=key[:200] or "(none)",
+                error_code=code,
+                error_message=why,
+                attempts=0,
+                exchange=c.OPTOUT_EXCHANGE,
+            )
         )
         m.DEAD_LETTERS.labels(c.OPTOUT_QUEUE, str(reason)).inc()
         await self._acks.ack([message])

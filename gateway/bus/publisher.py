@@ -95,42 +95,32 @@ class Publisher:
                 # been written (aiormq's default), which let only one publish per loop turn onto the
                 # socket. The broker's confirm, awaited here, comes after the write anyway.
                 underlay = await channel.get_underlay_channel()
-                if len(publishes) == 1:
-                    one = publishes[0]
+
+                def send(x: Publish) -> Awaitable[object]:
+                    return underlay.basic_publish(  # type: ignore[call-arg]  # `wait` is on aiormq's Channel
+                        x.body,
+                        exchange=x.exchange,
+                        routing_key=x.routing_key,
+                        properties=x.props,
+                        mandatory=x.mandatory,
+                        wait=False,
+                    )
+
+                if len(publishes) == 1:  # no task for a lone publish
                     try:
-                        await underlay.basic_publish(  # type: ignore[call-arg]  # `wait` is on aiormq's Channel
-                            one.body,
-                            exchange=one.exchange,
-                            routing_key=one.routing_key,
-                            properties=one.props,
-                            mandatory=one.mandatory,
-                            wait=False,
-                        )
+                        await send(publishes[0])
                     except Exception as exc:  # noqa: BLE001 - the caller's to handle, as for many
                         return [exc]
                     return [None]
-                answers = await asyncio.gather(
-                    *(
-                        underlay.basic_publish(  # type: ignore[call-arg]
-                            x.body,
-                            exchange=x.exchange,
-                            routing_key=x.routing_key,
-                            properties=x.props,
-                            mandatory=x.mandatory,
-                            wait=False,
-                        )
-                        for x in publishes
-                    ),
-                    return_exceptions=True,
-                )
+                answers = await asyncio.gather(*(send(x) for x in publishes), return_exceptions=True)
         except TimeoutError:
             self._replace(channel)
             timeout = PublishTimeout(f"not confirmed within {self._timeout_s} s")
             return [timeout] * len(publishes)
         return [x if isinstance(x, BaseException) else None for x in answers]
 
-    async def _publish(self, *publishes: Publish) -> None:
-        """Publish and raise the first failure."""
+    async def publish(self, *publishes: Publish) -> None:
+        """Publish them all at once and raise the first failure."""
         for failure in await self.publish_all(publishes):
             if failure is not None:
                 raise failure
@@ -183,61 +173,17 @@ class Publisher:
             out.append(Publish("", reply_to, body, props, mandatory=False))
         return out
 
-    async def outcome(
-        self,
-        *,
-        account: str,
-        status: str,
-        body: bytes,
-        unique_id: str | None,
-        reply_to: str | None = None,
-        correlation_id: str | None = None,
-        headers: dict[str, Any] | None = None,
-    ) -> None:
-        await self._publish(
-            *self.outcome_publishes(
-                account=account,
-                status=status,
-                body=body,
-                unique_id=unique_id,
-                reply_to=reply_to,
-                correlation_id=correlation_id,
-                headers=headers,
-            )
-        )
+    async def outcome(self, **fields: Any) -> None:
+        """`outcome_publishes(**fields)`, published (the delivery-report desk's outcomes)."""
+        await self.publish(*self.outcome_publishes(**fields))
 
     async def tracking_copy(self, account: str, records: Sequence[Tracked]) -> None:
         """One batch's tracked messages into the tracking stream (tracking.py), confirmed."""
         body = f'{{"account":{json.dumps(account)},"tracked":[{",".join(r.to_json() for r in records)}]}}'.encode()
         props = Basic.Properties(content_type="application/json", delivery_mode=PERSISTENT, headers={c.H_TRACKED: 1})
-        await self._publish(Publish("", c.TRACKING_STREAM, body, props, mandatory=True))
+        await self.publish(Publish("", c.TRACKING_STREAM, body, props, mandatory=True))
 
-    async def dead_letter(
-        self,
-        original: AbstractIncomingMessage,
-        *,
-        reason: c.DeadReason,
-        account: str,
-        error_code: str,
-        error_message: str,
-        attempts: int,
-        lane: c.Lane | None = None,
-        exchange: str | None = None,
-    ) -> None:
-        await self._publish(
-            self.dead_letter_publish(
-                original,
-                reason=reason,
-                account=account,
-                error_code=error_code,
-                error_message=error_message,
-                attempts=attempts,
-                lane=lane,
-                exchange=exchange,
-            )
-        )
-
-    def dead_letter_publish(
+    def dead_letter(
         self,
         original: AbstractIncomingMessage,
         *,
@@ -268,36 +214,7 @@ class Publisher:
             headers[c.H_EXCHANGE] = exchange
         return Publish(c.DEAD_EXCHANGE, f"{reason}.{account}", original.body, _copy(original, headers), mandatory=True)
 
-    async def retry(
-        self,
-        original: AbstractIncomingMessage,
-        *,
-        routing_key: str,
-        delay_ms: int,
-        attempts: int,
-        waits: int,
-        sent_at: float | None = None,
-        waiting_since: float | None = None,
-        own: bool = True,
-        valid_until: float | None = None,
-        via: tuple[str, ...] = (),
-    ) -> None:
-        await self._publish(
-            self.retry_publish(
-                original,
-                routing_key=routing_key,
-                delay_ms=delay_ms,
-                attempts=attempts,
-                waits=waits,
-                sent_at=sent_at,
-                waiting_since=waiting_since,
-                own=own,
-                valid_until=valid_until,
-                via=via,
-            )
-        )
-
-    def retry_publish(
+    def retry(
         self,
         original: AbstractIncomingMessage,
         *,

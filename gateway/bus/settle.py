@@ -198,7 +198,7 @@ class Settler:
         if isinstance(decision, Finish):
             return self._finish(d, decision)
         if isinstance(decision, Retry):
-            copy = self._publisher.retry_publish(
+            copy = self._publisher.retry(
                 d.message,
                 routing_key=d.routing_key,
                 delay_ms=decision.delay_ms,
@@ -209,7 +209,7 @@ class Settler:
                 via=d.job.maybe_at,
             )
         elif isinstance(decision, Wait):
-            copy = self._publisher.retry_publish(
+            copy = self._publisher.retry(
                 d.message,
                 routing_key=d.routing_key,
                 delay_ms=decision.delay_ms,
@@ -222,7 +222,7 @@ class Settler:
                 via=d.job.maybe_at,
             )
         else:  # Defer: the same copy again later, as it came (nothing was claimed or sent)
-            copy = self._publisher.retry_publish(
+            copy = self._publisher.retry(
                 d.message,
                 routing_key=d.routing_key,
                 delay_ms=decision.delay_ms,
@@ -293,7 +293,7 @@ class Settler:
             )
         if f.dead is not None:
             out.append(
-                self._publisher.dead_letter_publish(
+                self._publisher.dead_letter(
                     d.message,
                     reason=f.dead,
                     account=d.account,

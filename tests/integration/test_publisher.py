@@ -38,9 +38,11 @@ async def _retry_copies(account: str) -> None:
             publisher = Publisher(await connection.channel(publisher_confirms=True, on_return_raises=True))
             # 1 s has a retry queue; 7 s does not: the broker returns the copy and the publish fails,
             # so the consumer requeues the request instead of acking it.
-            await publisher.retry(original, routing_key=account, delay_ms=1000, attempts=1, waits=0)
+            await publisher.publish(publisher.retry(original, routing_key=account, delay_ms=1000, attempts=1, waits=0))
             with pytest.raises(PublishError):
-                await publisher.retry(original, routing_key=account, delay_ms=7000, attempts=1, waits=0)
+                await publisher.publish(
+                    publisher.retry(original, routing_key=account, delay_ms=7000, attempts=1, waits=0)
+                )
             # An outcome nobody listens for is not an error: it is dropped by the broker, by design.
             await publisher.outcome(account="nobody-listens", status="accepted", body=b"{}", unique_id="x")
             await original.ack()

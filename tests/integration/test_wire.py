@@ -41,6 +41,16 @@ def counted_writes() -> Iterator[list[int]]:
         cls.write = real
 
 
+async def _outcomes_written(channel: aio_pika.abc.AbstractChannel, n: int) -> list[int]:
+    """The socket writes of `n` outcomes published at once, each confirmed."""
+    publisher = Publisher(channel)
+    with counted_writes() as sizes:
+        await asyncio.gather(
+            *(publisher.outcome(account="wire", status="accepted", body=b"{}", unique_id=f"w{i}") for i in range(n))
+        )
+    return sizes
+
+
 async def _publish_batch(coalesce: bool, account: str) -> tuple[list[int], list[int]]:
     """A batch of outcomes published the way the settler does (all at once, each confirmed), and
     the order the broker routed them in."""
@@ -129,15 +139,7 @@ async def test_a_robust_connection_keeps_the_writer_and_its_url_settings_after_a
         connection.reconnect_callbacks.add(lambda *_: reconnected.set())
         await underlay.close(ConnectionError("cut by the test"))
         await asyncio.wait_for(reconnected.wait(), 20)
-        channel = await connection.channel(publisher_confirms=True)
-        publisher = Publisher(channel)
-        with counted_writes() as sizes:
-            await asyncio.gather(
-                *(
-                    publisher.outcome(account="wire", status="accepted", body=b"{}", unique_id=f"r{n}")
-                    for n in range(50)
-                )
-            )
+        sizes = await _outcomes_written(await connection.channel(publisher_confirms=True), 50)
         assert 1 <= len(sizes) <= 5, sizes
 
 
@@ -145,13 +147,5 @@ async def test_plain_aio_pika_connections_are_untouched() -> None:
     """Operator commands and other code that connect with aio-pika itself write as before."""
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        publisher = Publisher(channel)
-        with counted_writes() as sizes:
-            await asyncio.gather(
-                *(
-                    publisher.outcome(account="wire", status="accepted", body=b"{}", unique_id=f"p{n}")
-                    for n in range(20)
-                )
-            )
+        sizes = await _outcomes_written(await connection.channel(publisher_confirms=True), 20)
         assert len(sizes) >= 20
