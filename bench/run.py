@@ -569,6 +569,13 @@ class Bench:
                 "nodlr@0",
                 lambda r: self.gateway_drain(r, 0, s["drain"], "gateway, no DLR tracking @0ms", dlr_enabled=False),
             ),
+            # At 200 ms without fair admission: what holding a saturated process's batches costs a slow provider.
+            (
+                "nofair@200",
+                lambda r: self.gateway_drain(
+                    r, 200, s["slow"], "gateway, no fair admission @200ms", fair_admission=False
+                ),
+            ),
             # The same drain with a registry of a million opt-outs: what the check before the claim costs.
             ("optouts@0", self.optout_drain),
             ("celery-prefork@0", lambda r: self.celery(r, 0, "prefork", s["celery_fast"])),
