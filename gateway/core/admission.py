@@ -23,10 +23,6 @@ So, process-wide:
   waiting account with the lowest virtual time goes, and within it its highest lane (urgent,
   normal, bulk). An account that arrives late starts at the present virtual time, so idle time
   earns no credit.
-- **Only while lanes share the process.** A lane alone at work (no other lane has a batch
-  running, waits for a slot, or started one within `ACTIVE_S`) is never held: there is nobody to
-  be fair to, and holding its batches would only leave a slow provider's calls unmade. One
-  account's backlog on a saturated process keeps the calls in flight its provider's latency needs.
 - **An account below its share does not wait for a slot**: a lane whose account is behind the
   account furthest ahead starts its batch whatever the limit, and so does an urgent lane with
   nothing in flight. A quiet account's request never waits for a backlog's batch to end, nor does
@@ -42,7 +38,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,7 +47,6 @@ ADJUST_EVERY_S = 0.25
 DECREASE = 0.5
 FLOOR = 2  # batches in flight across the process while saturated, at the least
 CAP = 256  # a limit grown back to this is no limit
-ACTIVE_S = 1.0  # a lane shares the process for this long after it started a batch
 
 
 @dataclass(eq=False)
@@ -76,17 +70,8 @@ class Lane:
 class Admission:
     """Batch admission for every lane of every account in one process."""
 
-    def __init__(
-        self,
-        *,
-        enabled: bool = True,
-        floor: int = FLOOR,
-        cap: int = CAP,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, *, enabled: bool = True, floor: int = FLOOR, cap: int = CAP) -> None:
         self.enabled = enabled
-        self._clock = clock
-        self._active: dict[Lane, float] = {}  # lanes that started a batch lately: when they last did
         self.floor = max(1, floor)
         self.cap = max(self.floor + 1, cap)
         self.limit: int | None = None  # None: the process is not saturated, nothing is held back
@@ -109,8 +94,6 @@ class Admission:
         `pump`) when its turn comes."""
         if self.limit is None or lane is self._turn or (lane.rank == 0 and lane.running == 0):
             return True
-        if self._alone(lane):
-            return True
         if lane.account.vtime < self._lead:
             return True  # another account has started more: this one is below its share
         if self.running < self.limit and not self._waiting:
@@ -128,22 +111,12 @@ class Admission:
         self._lead = max(self._lead, acc.vtime)
         lane.running += 1
         self.running += 1
-        self._active[lane] = self._clock()
 
     def finished(self, lane: Lane) -> None:
         """A batch of `lane` ended: its slot goes to whoever's turn it is."""
         lane.running -= 1
         self.running -= 1
         self._hand_out()
-
-    def _alone(self, lane: Lane) -> bool:
-        """No other lane is at work: none has a batch running or waits for a slot, and none
-        started one within `ACTIVE_S`."""
-        since = self._clock() - ACTIVE_S
-        for other, at in list(self._active.items()):
-            if at < since and other.running == 0 and not other.waiting:
-                del self._active[other]
-        return all(other is lane for other in self._active) and all(w[3] is lane for w in self._waiting)
 
     def adjust(self, lag_s: float) -> None:
         """The loop's mean lag over the last `ADJUST_EVERY_S`: saturated or not, and by how much."""
@@ -168,12 +141,9 @@ class Admission:
         heapq.heappush(self._waiting, (tag, lane.rank, lane._seq, lane))
 
     def _hand_out(self) -> None:
-        """Call waiting lanes back, lowest virtual time first, while slots are free (or the one
-        waiting is alone at work). A lane whose account started batches since it queued goes back
-        in line at its account's new time."""
-        while self._waiting and (
-            self.limit is None or self.running < self.limit or self._alone(self._waiting[0][3])
-        ):
+        """Call waiting lanes back, lowest virtual time first, while slots are free. A lane whose
+        account started batches since it queued goes back in line at its account's new time."""
+        while self._waiting and (self.limit is None or self.running < self.limit):
             tag, _rank, _seq, lane = heapq.heappop(self._waiting)
             if tag < lane.account.vtime:
                 heapq.heappush(self._waiting, (lane.account.vtime, lane.rank, lane._seq, lane))

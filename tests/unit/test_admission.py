@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
-from gateway.core.admission import ACTIVE_S, CAP, FLOOR, LAG_HIGH_S, LAG_LOW_S, Admission, Lane
+from gateway.core.admission import CAP, FLOOR, LAG_HIGH_S, LAG_LOW_S, Admission, Lane
 
 SATURATED = LAG_HIGH_S * 2
 IDLE = LAG_LOW_S / 2
@@ -42,19 +42,6 @@ class Flow:
         self.admission.finished(self.lane)
 
 
-def frozen() -> Admission:
-    """Admission on a clock that stands still: a lane that started a batch stays at work."""
-    return Admission(clock=lambda: 0.0)
-
-
-def busy_elsewhere(admission: Admission) -> Flow:
-    """Another account's lane at work: it started a batch and finished it, so the process is shared."""
-    other = Flow(admission, "elsewhere", 1)
-    assert other.try_start()
-    other.finish()
-    return other
-
-
 def saturate(admission: Admission, *flows: Flow, each: int = 4) -> None:
     """Every flow starts `each` batches with no limit, then the loop lags."""
     for f in flows:
@@ -80,9 +67,8 @@ def test_a_process_that_is_not_saturated_holds_nothing_back() -> None:
 
 
 def test_saturation_limits_the_process_from_what_runs_down_to_the_floor() -> None:
-    admission = frozen()
+    admission = Admission()
     flow = Flow(admission, "a", 100)
-    busy_elsewhere(admission)
     saturate(admission, flow, each=12)
     assert admission.limit == 6  # half of the 12 running
     for _ in range(3):
@@ -122,10 +108,10 @@ def test_turned_off_it_never_limits() -> None:
 
 
 def test_a_quiet_account_starts_at_once_beside_a_saturating_backlog() -> None:
-    admission = frozen()
+    admission = Admission()
     noisy = Flow(admission, "noisy", 100)
     at_floor(admission, noisy, each=8)
-    assert noisy.try_start()  # alone at work: nobody to be fair to
+    assert not noisy.try_start()
     quiet = Flow(admission, "quiet", 1)
     assert quiet.try_start()  # nothing of its own running
     assert quiet.try_start()  # one running, but far behind the backlog's share
@@ -133,9 +119,8 @@ def test_a_quiet_account_starts_at_once_beside_a_saturating_backlog() -> None:
 
 
 def test_the_account_furthest_ahead_waits_for_a_slot_and_gets_it_when_one_frees() -> None:
-    admission = frozen()
+    admission = Admission()
     noisy = Flow(admission, "noisy", 100)
-    busy_elsewhere(admission)
     saturate(admission, noisy, each=3)  # limit 2, 3 running
     assert not noisy.try_start()
     noisy.finish()  # 2 running: still at the limit
@@ -183,11 +168,9 @@ def test_within_an_account_the_urgent_lane_gets_the_slot_first() -> None:
 
 
 def test_an_urgent_lane_with_nothing_in_flight_never_waits() -> None:
-    admission = frozen()
+    admission = Admission()
     normal = Flow(admission, "a", 100)
     urgent = Flow(admission, "a", 1, rank=0)
-    assert urgent.try_start()  # a code went a moment ago: the account's lanes share the process
-    urgent.finish()
     at_floor(admission, normal, each=6)
     assert not normal.try_start()
     assert urgent.try_start()
@@ -231,27 +214,3 @@ async def test_a_report_that_fails_does_not_end_the_loop_watch() -> None:
     finally:
         watch.cancel()
     assert len(reports) >= 3
-
-
-def test_a_lane_alone_at_work_is_never_held_and_shares_once_another_starts() -> None:
-    """One account's backlog on a saturated process keeps its batches in flight (a slow provider
-    needs them); once another lane starts a batch, the limit binds, and `ACTIVE_S` after that
-    lane's last start (nothing of it running or waiting) the backlog is alone again."""
-    now = [0.0]
-    admission = Admission(clock=lambda: now[0])
-    backlog = Flow(admission, "a", 100)
-    at_floor(admission, backlog, each=8)
-    assert all(backlog.try_start() for _ in range(4))
-    other = Flow(admission, "b", 100)
-    assert other.try_start()  # below its share
-    assert not backlog.try_start()  # the process is shared now
-    other.finish()
-    now[0] += ACTIVE_S / 2
-    assert not backlog.try_start()  # it started a moment ago: still at work
-    assert backlog.lane.waiting
-    started = backlog.started
-    now[0] += ACTIVE_S
-    admission.adjust(SATURATED)  # the next look: alone again, it is called back and starts
-    assert backlog.pumped == 1
-    assert backlog.started == started + 1
-    assert backlog.try_start()
