@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -81,10 +81,12 @@ class Publisher:
 
     async def publish_all(self, publishes: Sequence[Publish]) -> list[BaseException | None]:
         """Publish them all at once, under one bound: the broker's answer to each, None when it
-        confirmed. They start together, so one deadline for all is each one's own bound."""
+        confirmed. They start together, so one deadline for all is each one's own bound: one the
+        broker confirmed before it stands, the others fail with `PublishTimeout`."""
         if not publishes:
             return []
         channel = self._channel
+        sent: list[asyncio.Future[object]] = []
         try:
             async with asyncio.timeout(self._timeout_s):
                 if self._replacing is not None and not self._replacing.done():
@@ -96,7 +98,7 @@ class Publisher:
                 # socket. The broker's confirm, awaited here, comes after the write anyway.
                 underlay = await channel.get_underlay_channel()
 
-                def send(x: Publish) -> Awaitable[object]:
+                def send(x: Publish) -> Coroutine[Any, Any, object]:
                     return underlay.basic_publish(  # type: ignore[call-arg]  # `wait` is on aiormq's Channel
                         x.body,
                         exchange=x.exchange,
@@ -112,12 +114,26 @@ class Publisher:
                     except Exception as exc:  # noqa: BLE001 - the caller's to handle, as for many
                         return [exc]
                     return [None]
-                answers = await asyncio.gather(*(send(x) for x in publishes), return_exceptions=True)
+                sent = [asyncio.ensure_future(send(x)) for x in publishes]
+                await asyncio.wait(sent)
         except TimeoutError:
             self._replace(channel)
-            timeout = PublishTimeout(f"not confirmed within {self._timeout_s} s")
-            return [timeout] * len(publishes)
-        return [x if isinstance(x, BaseException) else None for x in answers]
+            if not sent:
+                return [PublishTimeout(f"not confirmed within {self._timeout_s} s")] * len(publishes)
+        except BaseException:
+            for future in sent:  # cancelled from outside (a shutdown): nothing of it goes on alone
+                future.cancel()
+            raise
+        answers: list[BaseException | None] = []
+        for future in sent:
+            if not future.done():  # past the bound
+                future.cancel()
+                answers.append(PublishTimeout(f"not confirmed within {self._timeout_s} s"))
+            elif future.cancelled():  # by the channel's close
+                answers.append(asyncio.CancelledError())
+            else:
+                answers.append(future.exception())
+        return answers
 
     async def publish(self, *publishes: Publish) -> None:
         """Publish them all at once and raise the first failure."""

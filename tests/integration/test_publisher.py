@@ -75,3 +75,36 @@ async def test_a_publish_that_is_never_confirmed_times_out_and_the_channel_is_re
         await bus.wait_for(outcomes=1, timeout=10)
         assert publisher.replaced == 1
         assert [d["n"] for d in bus.outcome_docs()] == [2]
+
+
+async def test_a_batch_past_its_bound_keeps_what_the_broker_confirmed_and_fails_the_rest() -> None:
+    """The publishes of a batch share one deadline: one confirmed before it stands (its request is
+    acked, not published again by a redelivery), one never confirmed fails with PublishTimeout."""
+    account = new_account_name()
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection, Bus.open([account]) as bus:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        underlay = await channel.get_underlay_channel()
+        real = underlay.basic_publish
+        gate = asyncio.Event()  # never set: the broker "never confirms" the one publish
+
+        async def one_never_confirmed(body: bytes, **kwargs: object) -> object:
+            if body == b'{"n":1}':
+                await gate.wait()
+            return await real(body, **kwargs)  # type: ignore[arg-type]
+
+        underlay.basic_publish = one_never_confirmed  # type: ignore[method-assign,assignment]
+        publisher = Publisher(channel, timeout_s=1.0)
+        batch = [
+            x
+            for n in range(3)
+            for x in publisher.outcome_publishes(
+                account=account, status="accepted", body=f'{{"n":{n}}}'.encode(), unique_id=f"b-{n}"
+            )
+        ]
+        answers = await publisher.publish_all(batch)
+        assert answers[0] is None
+        assert isinstance(answers[1], PublishTimeout)
+        assert answers[2] is None
+        await bus.wait_for(outcomes=2, timeout=10)
+        assert sorted(d["n"] for d in bus.outcome_docs()) == [0, 2]
