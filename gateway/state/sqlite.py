@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -54,6 +54,14 @@ from gateway.state.base import (
 T = TypeVar("T")
 WAL_CHECKPOINT_PAGES = 10_000
 _IN_CHUNK = 500  # ids or numbers per `IN (...)` (SQLite's bound-parameter limit is 32,766 from 3.32, 999 before)
+
+
+def _in_chunks(items: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """`items` in slices an `IN (...)` can take, each with its placeholders (`?,?,...`)."""
+    for k in range(0, len(items), _IN_CHUNK):
+        chunk = items[k : k + _IN_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedupe (
@@ -325,9 +333,7 @@ class SqliteStore(RecordShortcuts):
         now = self._clock.time()
         self._sweep(db, now)
         rows: dict[str, tuple[str, float | None, str | None, str | None]] = {}
-        for k in range(0, len(uids), _IN_CHUNK):
-            chunk = uids[k : k + _IN_CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(uids):
             for uid, *row in db.execute(
                 "SELECT uid, state, lease_until, result, owner FROM dedupe "  # noqa: S608 - placeholders only
                 f"WHERE account=? AND expires_at>=? AND uid IN ({marks})",
@@ -760,9 +766,7 @@ class SqliteStore(RecordShortcuts):
 
         def op(db: sqlite3.Connection) -> set[str]:
             found: set[str] = set()
-            for i in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[i : i + _IN_CHUNK]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(wanted):
                 rows = db.execute(
                     f"SELECT num FROM optout WHERE scope IN (?, ?) AND num IN ({marks})",  # noqa: S608 - marks only
                     (account, OPTOUT_ALL, *chunk),
