@@ -45,7 +45,10 @@ LAG_HIGH_S = 0.005  # the loop's mean lag above which the process counts as satu
 LAG_LOW_S = 0.002  # below it the limit grows back
 ADJUST_EVERY_S = 0.25
 DECREASE = 0.5
-FLOOR = 2  # batches in flight across the process while saturated, at the least
+# Batches in flight across the process while saturated, at the least. One is enough: a saturated
+# process drains at the pace of the CPU it shares with the broker, the store and the provider,
+# and a second batch in flight only waits in them, ahead of a quiet account's request.
+FLOOR = 1
 CAP = 256  # a limit grown back to this is no limit
 
 

@@ -216,7 +216,7 @@ async def test_a_consumer_channel_given_up_as_wedged_is_closed_and_consumed_agai
 async def test_work_held_back_by_a_saturated_process_does_not_grow_the_lanes_limit(
     world: InProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The process counts as saturated whatever its lag: admission holds the lane to two batches in
+    """The process counts as saturated whatever its lag: admission holds the lane to one batch in
     flight, so its four slots are never all taken, and its limit (and prefetch) stay where they
     started although work waits all the time."""
     from gateway.core import admission
