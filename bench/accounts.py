@@ -13,11 +13,12 @@ N, with accounts of their own names:
   (8 channels at once): how long the node itself takes to create them. A first start cannot be
   ready sooner than this.
 
-With `--drain K`, the traffic comparison, interleaved (`--reps` each): K requests to each of 10
-accounts, published once the gateway is ready and faster than it drains them, on a gateway
-configured with only those 10 and on one configured with those 10 among N. The rate runs from the
-outcome of the first quarter to that of nine tenths (the drain with a backlog, neither the ramp-up
-nor a straggler's retry); also the gateway's peak RSS.
+With `--drain K`, the traffic comparison, interleaved (`--reps` each): K requests queued for each
+of 10 accounts, then a gateway started on that backlog, configured with only those 10 or with
+those 10 among N (they start last). From the outcome of the first quarter to that of nine tenths
+(the drain with a backlog, neither the ramp-up nor a straggler's retry): the drain rate and the
+gateway's CPU per message; also how long after ready that window opened, the gateway's peak RSS
+and the warnings it logged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import secrets
 import signal
 import statistics
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +77,11 @@ class World:
         self.sandbox_port = sandbox_port
         self.last_times: list[float] = []  # when each outcome of the last drain arrived
 
-    def start(self, label: str, names: list[str], **doc: Any) -> tuple[Process, int, float | None]:
-        """A gateway with these accounts; returns it, its HTTP port and the seconds until ready."""
+    def start(
+        self, label: str, names: list[str], on_spawn: Callable[[Process], None] | None = None, **doc: Any
+    ) -> tuple[Process, int, float | None]:
+        """A gateway with these accounts; returns it, its HTTP port and the seconds until ready.
+        `on_spawn` is given the process as soon as it runs."""
         port = free_port()
         accounts_file = self.root / f"accounts-{label}.json"  # a thousand accounts outgrow one variable
         accounts_file.write_text(json.dumps([account_doc(n, self.sandbox_port, **doc) for n in names]))
@@ -89,6 +95,8 @@ class World:
         )
         started = time.monotonic()
         proc = Process(["run"], env, self.root / f"gateway-{label}.log")
+        if on_spawn is not None:
+            on_spawn(proc)
         while time.monotonic() - started < 300 and proc.popen.poll() is None:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
@@ -136,11 +144,13 @@ class World:
             channel = await connection.channel()
             await topology.declare(channel, names, RETRY_SCHEDULE_S)
 
-    async def drain(self, label: str, names: list[str], hot: list[str], per_account: int) -> tuple[float, float]:
-        """A gateway with `names`; once it is ready and settled, `per_account` requests to each
-        `hot` account, published faster than it drains. Returns the drain rate, from the outcome
-        of the first quarter to that of nine tenths of them (what it drains with a backlog, neither
-        the ramp-up nor a straggler's retry), and the gateway's peak RSS."""
+    async def drain(self, label: str, names: list[str], hot: list[str], per_account: int) -> dict[str, Any]:
+        """`per_account` requests queued for each `hot` account, then a gateway with `names`
+        started on that backlog. Measured from the outcome of the first quarter to that of nine
+        tenths (what it drains with a backlog, neither the ramp-up nor a straggler's retry): the
+        drain rate and the gateway's CPU seconds per 1,000 messages; also how long after `/readyz`
+        that window opened (the hot accounts start last, so a positive figure means the window
+        leaves start-up out), the gateway's peak RSS and the warnings it logged."""
         connection = await aio_pika.connect(self.node.url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
@@ -148,10 +158,15 @@ class World:
             for a in hot:
                 await (await channel.get_queue(c.account_queue(a))).purge()
             times: list[float] = []
+            first, last = total // 4, total * 9 // 10
+            cpu: dict[int, float] = {}  # the gateway's CPU seconds at the first and the last outcome counted
+            pid = 0
             done = asyncio.Event()
 
             async def on(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
                 times.append(time.time())
+                if len(times) - 1 in (first, last):
+                    cpu[len(times) - 1] = cpu_s(pid)
                 if len(times) >= total:
                     done.set()
 
@@ -162,34 +177,60 @@ class World:
             for a in hot:
                 await queue.bind(outcomes, routing_key=f"*.{a}")
             await queue.consume(on, no_ack=True)
-            proc, _port, ready = await asyncio.to_thread(
-                self.start, label, names, rate_per_s=100_000, burst=100_000, linger_ms=100
-            )
+            exchange = await channel.get_exchange(c.SEND_EXCHANGE)
+            tag = secrets.token_hex(3)
+            for start in range(0, total, 1000):
+                await asyncio.gather(
+                    *(
+                        exchange.publish(
+                            aio_pika.Message(
+                                request(f"{tag}-{i}", to=f"+4850{i % 10_000_000:07d}"),
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            ),
+                            routing_key=hot[i % len(hot)],
+                        )
+                        for i in range(start, min(total, start + 1000))
+                    )
+                )
+            process: list[Process] = []
+
+            def spawned(proc: Process) -> None:
+                nonlocal pid
+                pid = proc.popen.pid
+                process.append(proc)
+
             try:
+                proc, _port, ready = await asyncio.to_thread(
+                    self.start, label, names, spawned, rate_per_s=100_000, burst=100_000, linger_ms=100
+                )
+                ready_at = time.time()
                 if ready is None:
                     raise RuntimeError(f"{label}: not ready: {proc.log()[-600:]}")
-                await asyncio.sleep(5)  # start-up's own work settles (the freeze of its objects)
-                exchange = await channel.get_exchange(c.SEND_EXCHANGE)
-                tag = secrets.token_hex(3)
-                for start in range(0, total, 1000):
-                    await asyncio.gather(
-                        *(
-                            exchange.publish(
-                                aio_pika.Message(
-                                    request(f"{tag}-{i}", to=f"+4850{i % 10_000_000:07d}"),
-                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                ),
-                                routing_key=hot[i % len(hot)],
-                            )
-                            for i in range(start, min(total, start + 1000))
-                        )
-                    )
                 await asyncio.wait_for(done.wait(), 600)
                 self.last_times = times
-                first, last = total // 4, total * 9 // 10
-                return (last - first) / (times[last] - times[first]), peak_rss_mb(proc.popen.pid)
+                warnings = Counter(
+                    e["event"]
+                    for e in map(_json_line, proc.log().splitlines())
+                    if e.get("level") in ("warning", "error") and e.get("event") not in ("gc_pause", "loop_stalled")
+                )
+                return {
+                    "msg_s": (last - first) / (times[last] - times[first]),
+                    "cpu_s_per_1k": 1000 * (cpu[last] - cpu[first]) / (last - first),
+                    "window_after_ready_s": round(times[first] - ready_at, 1),
+                    "peak_rss_mb": peak_rss_mb(pid),
+                    "warnings": dict(warnings),
+                }
             finally:
-                self.stop(proc)
+                for proc in process:
+                    self.stop(proc)
+
+
+def _json_line(line: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 async def one(world: World, n: int, idle_s: float) -> dict[str, Any]:
@@ -227,14 +268,26 @@ async def drains(world: World, n: int, per_account: int, reps: int) -> dict[str,
     # when every other configured account consumes already.
     hot = names[-HOT:]
     rates: dict[str, list[float]] = {"only": [], "among": []}
+    cpus: dict[str, list[float]] = {"only": [], "among": []}
     for rep in range(reps):
         for kind, configured in (("only", hot), ("among", names)):
-            rate, peak = await world.drain(f"drain-{kind}-{rep}", configured, hot, per_account)
-            rates[kind].append(rate)
-            row = {"drain": kind, "configured": len(configured), "rep": rep, "msg_s": round(rate), "peak_rss_mb": peak}
+            got = await world.drain(f"drain-{kind}-{rep}", configured, hot, per_account)
+            rates[kind].append(got["msg_s"])
+            cpus[kind].append(got["cpu_s_per_1k"])
+            row = {"drain": kind, "configured": len(configured), "rep": rep}
+            row |= {k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}
             print(json.dumps(row), flush=True)
     only, among = statistics.median(rates["only"]), statistics.median(rates["among"])
-    return {"accounts": n, "only_msg_s": round(only), "among_msg_s": round(among), "ratio": round(among / only, 3)}
+    cpu_only, cpu_among = statistics.median(cpus["only"]), statistics.median(cpus["among"])
+    return {
+        "accounts": n,
+        "only_msg_s": round(only),
+        "among_msg_s": round(among),
+        "ratio": round(among / only, 3),
+        "only_cpu_s_per_1k": round(cpu_only, 3),
+        "among_cpu_s_per_1k": round(cpu_among, 3),
+        "cpu_ratio": round(cpu_among / cpu_only, 3),
+    }
 
 
 async def bench(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -290,7 +343,8 @@ def main() -> None:
     for t in traffic:
         print(
             f"\ntraffic on {HOT} accounts: {t['only_msg_s']:,} msg/s configured alone, "
-            f"{t['among_msg_s']:,} msg/s among {t['accounts']:,} (ratio {t['ratio']})"
+            f"{t['among_msg_s']:,} msg/s among {t['accounts']:,} (ratio {t['ratio']}); the gateway's CPU "
+            f"{t['only_cpu_s_per_1k']} against {t['among_cpu_s_per_1k']} s per 1,000 (ratio {t['cpu_ratio']})"
         )
 
 
