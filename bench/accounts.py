@@ -17,7 +17,7 @@ With `--drain K`, the traffic comparison, interleaved (`--reps` each): K request
 of 10 accounts, then a gateway started on that backlog, configured with only those 10 or with
 those 10 among N (they start last). From the outcome of the first quarter to that of nine tenths
 (the drain with a backlog, neither the ramp-up nor a straggler's retry): the drain rate and the
-gateway's CPU per message; also how long after ready that window opened, the gateway's peak RSS
+gateway's and the broker node's CPU per message; also how long after ready that window opened, the gateway's peak RSS
 and the warnings it logged.
 """
 
@@ -148,9 +148,9 @@ class World:
         """`per_account` requests queued for each `hot` account, then a gateway with `names`
         started on that backlog. Measured from the outcome of the first quarter to that of nine
         tenths (what it drains with a backlog, neither the ramp-up nor a straggler's retry): the
-        drain rate and the gateway's CPU seconds per 1,000 messages; also how long after `/readyz`
-        that window opened (the hot accounts start last, so a positive figure means the window
-        leaves start-up out), the gateway's peak RSS and the warnings it logged."""
+        drain rate and the gateway's and the node's CPU seconds per 1,000 messages; also how long
+        after `/readyz` that window opened (the hot accounts start last, so a positive figure means
+        the window leaves start-up out), the gateway's peak RSS and the warnings it logged."""
         connection = await aio_pika.connect(self.node.url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
@@ -160,6 +160,8 @@ class World:
             times: list[float] = []
             first, last = total // 4, total * 9 // 10
             cpu: dict[int, float] = {}  # the gateway's CPU seconds at the first and the last outcome counted
+            node_cpu: dict[int, float] = {}  # the broker node's, at the same outcomes
+            node_pid = self.node_pid()
             pid = 0
             done = asyncio.Event()
 
@@ -167,6 +169,7 @@ class World:
                 times.append(time.time())
                 if len(times) - 1 in (first, last):
                     cpu[len(times) - 1] = cpu_s(pid)
+                    node_cpu[len(times) - 1] = cpu_s(node_pid)
                 if len(times) >= total:
                     done.set()
 
@@ -216,6 +219,7 @@ class World:
                 return {
                     "msg_s": (last - first) / (times[last] - times[first]),
                     "cpu_s_per_1k": 1000 * (cpu[last] - cpu[first]) / (last - first),
+                    "node_cpu_s_per_1k": 1000 * (node_cpu[last] - node_cpu[first]) / (last - first),
                     "window_after_ready_s": round(times[first] - ready_at, 1),
                     "peak_rss_mb": peak_rss_mb(pid),
                     "warnings": dict(warnings),
