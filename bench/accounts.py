@@ -75,7 +75,6 @@ class World:
         self.root = root
         self.node = node
         self.sandbox_port = sandbox_port
-        self.last_times: list[float] = []  # when each outcome of the last drain arrived
 
     def start(
         self, label: str, names: list[str], on_spawn: Callable[[Process], None] | None = None, **doc: Any
@@ -162,13 +161,13 @@ class World:
             cpu: dict[int, float] = {}  # the gateway's CPU seconds at the first and the last outcome counted
             node_cpu: dict[int, float] = {}  # the broker node's, at the same outcomes
             node_pid = self.node_pid()
-            pid = 0
+            gateway: list[Process] = []  # given by `start` as soon as it runs
             done = asyncio.Event()
 
             async def on(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
                 times.append(time.time())
                 if len(times) - 1 in (first, last):
-                    cpu[len(times) - 1] = cpu_s(pid)
+                    cpu[len(times) - 1] = cpu_s(gateway[0].popen.pid)
                     node_cpu[len(times) - 1] = cpu_s(node_pid)
                 if len(times) >= total:
                     done.set()
@@ -195,22 +194,14 @@ class World:
                         for i in range(start, min(total, start + 1000))
                     )
                 )
-            process: list[Process] = []
-
-            def spawned(proc: Process) -> None:
-                nonlocal pid
-                pid = proc.popen.pid
-                process.append(proc)
-
             try:
                 proc, _port, ready = await asyncio.to_thread(
-                    self.start, label, names, spawned, rate_per_s=100_000, burst=100_000, linger_ms=100
+                    self.start, label, names, gateway.append, rate_per_s=100_000, burst=100_000, linger_ms=100
                 )
                 ready_at = time.time()
                 if ready is None:
                     raise RuntimeError(f"{label}: not ready: {proc.log()[-600:]}")
                 await asyncio.wait_for(done.wait(), 600)
-                self.last_times = times
                 warnings = Counter(
                     e["event"]
                     for e in map(_json_line, proc.log().splitlines())
@@ -221,12 +212,12 @@ class World:
                     "cpu_s_per_1k": 1000 * (cpu[last] - cpu[first]) / (last - first),
                     "node_cpu_s_per_1k": 1000 * (node_cpu[last] - node_cpu[first]) / (last - first),
                     "window_after_ready_s": round(times[first] - ready_at, 1),
-                    "peak_rss_mb": peak_rss_mb(pid),
+                    "peak_rss_mb": peak_rss_mb(proc.popen.pid),
                     "warnings": dict(warnings),
                 }
             finally:
-                for proc in process:
-                    self.stop(proc)
+                for started in gateway:
+                    self.stop(started)
 
 
 def _json_line(line: str) -> dict[str, Any]:

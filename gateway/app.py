@@ -529,10 +529,9 @@ async def run(settings: Settings, accounts: list[Account], *, sandbox: bool = Fa
         # Everything built at start-up (modules, clients, metrics) lives as long as the process.
         # Freezing it keeps the garbage collector's full passes off it: a full pass over it took
         # 60-80 ms (a stall every few seconds, straight into the latency tail); after, ~2 ms.
-        # No collection first: start-up ran with the collector off and leaves next to no cycles
-        # (a collection there found none), while a pass over everything it built holds the loop
-        # for about half a second at 1,000 accounts, just as the gateway says it is ready. What
-        # a start-up that retried leaves (a few exceptions' frames) is frozen with the rest.
+        # No collection first: start-up ran with the collector off and leaves next to no cycles,
+        # while a pass over everything it built would hold the loop just as the gateway says it
+        # is ready. What a start-up that retried leaves (a few exceptions' frames) is frozen too.
         gc.freeze()
         await stopping
     finally:
