@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import resource
@@ -35,8 +36,9 @@ from yarl import URL
 from gateway import contract as c
 from gateway import numbers
 from gateway.bus import topology
+from gateway.bus.acks import AckTracker
 from gateway.bus.connect import connect_robust
-from gateway.bus.consumer import AccountWorker, UnroutableWorker
+from gateway.bus.consumer import AccountWorker, UnroutableWorker, close_wedged
 from gateway.bus.optouts import OptOutWorker
 from gateway.bus.publisher import Publisher
 from gateway.bus.queue import close_within
@@ -61,7 +63,7 @@ from gateway.state import Store
 log = get_logger("gateway.app")
 RECONNECT_INTERVAL_S = 2
 # Consumer channels one AMQP connection carries at most; past them another connection is opened
-# (RabbitMQ's default channel_max is 2,047, and each account has three lane channels).
+# (RabbitMQ's default channel_max is 2,047; an account's lanes consume on one channel).
 CHANNELS_PER_CONNECTION = 1000
 # Start-up declares this many accounts' queues at once (a channel each) and starts this many
 # accounts' consumers at once (each account's lanes in order, urgent first), the two overlapping:
@@ -228,6 +230,12 @@ class Gateway:
         for account, adapter in zip(self.accounts, self._adapters, strict=True):
             max_batch = min(account.batch_size, adapter.max_batch)
             lanes: list[AccountWorker] = []
+            # The account's lanes consume on one channel: one channel an account, not one a queue
+            # (on the broker and in the process alike), and one tracker for its acks.
+            acks = AckTracker(
+                timeout_s=s.worker.publish_timeout_s,
+                on_wedged=functools.partial(close_wedged, where=account.name),
+            )
             for lane in c.LANES:
                 worker = AccountWorker(
                     account=account,
@@ -253,6 +261,7 @@ class Gateway:
                     options=s.worker,
                     owner=self._owner,
                     admission=admission,
+                    acks=acks.share(lane),
                 )
                 lanes.append(worker)
             for worker in lanes:
@@ -271,8 +280,9 @@ class Gateway:
             finally:
                 setups.put_nowait(setup)
             async with consuming:
+                channel = await self._consumer_channel()
                 for worker in lanes:  # urgent first: its consumer is ready before the others take work
-                    await worker.start(await self._consumer_channel())
+                    await worker.start(channel)
                     self._workers.append(worker)
             self._starting -= 1
 
@@ -383,7 +393,7 @@ class Gateway:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _consumer_channel(self) -> AbstractChannel:
-        """A channel for one queue's consumer, on a connection with room for it."""
+        """A channel for one account's consumers (its lanes), on a connection with room for it."""
         assert self._connection is not None
         # One at a time: the connections' counts, and the opens themselves; concurrent opens on one
         # connection can make the broker close it (CHANNEL_ERROR - expected 'channel.open').

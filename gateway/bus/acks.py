@@ -14,12 +14,18 @@ After a reconnect the channel is a new one and its tags start again at 1; delive
 channel cannot be settled any more (the broker has already requeued them). The new channel gets a
 lock of its own: frame order only matters within a channel, and a write still under way on the old
 one (possibly blocked for good, see `AckTracker`) must not hold the new channel's frames.
+
+Several consumers may share a channel (an account's lanes do): a multiple ack covers every tag of
+the channel, whichever consumer it came to, so they share its tracker too, each through a
+`TrackerShare` that counts its own open deliveries.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
@@ -27,6 +33,24 @@ from aiormq.abc import AbstractChannel
 
 from gateway.clock import SYSTEM, Clock
 from gateway.errors import StaleDelivery
+
+
+class Acks(Protocol):
+    """What a consumer's worker asks of the acks of its channel: an `AckTracker` of its own, or its
+    share of one that other consumers of the channel use too (`AckTracker.share`)."""
+
+    @property
+    def open_count(self) -> int: ...
+
+    def delivered(self, message: AbstractIncomingMessage) -> None: ...
+
+    def stale(self, message: AbstractIncomingMessage) -> bool: ...
+
+    async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> None: ...
+
+    async def requeue(self, message: AbstractIncomingMessage) -> None: ...
+
+    def give_up(self, channel: AbstractChannel) -> bool: ...
 
 
 class AckTracker:
@@ -44,7 +68,8 @@ class AckTracker:
     ) -> None:
         self._clock = clock
         self._channel: AbstractChannel | None = None
-        self._open: dict[int, None] = {}  # delivery tags not yet settled, oldest first
+        self._open: dict[int, str] = {}  # delivery tags not yet settled, oldest first: whose they are
+        self._counts: Counter[str] = Counter()  # open deliveries of each share
         self._lock = asyncio.Lock()
         self._timeout_s = timeout_s
         self._on_wedged = on_wedged
@@ -54,15 +79,33 @@ class AckTracker:
         """Deliveries of the current channel not settled yet."""
         return len(self._open)
 
-    def delivered(self, message: AbstractIncomingMessage) -> None:
+    def open_of(self, share: str) -> int:
+        """Deliveries of the current channel that came to `share` and are not settled yet."""
+        return self._counts[share]
+
+    def share(self, name: str) -> TrackerShare:
+        """The tracker as one of the channel's consumers uses it: its deliveries counted apart."""
+        return TrackerShare(self, name)
+
+    def delivered(self, message: AbstractIncomingMessage, share: str = "") -> None:
         """Register a delivery. Call it before the first `await` of the message's handler."""
         channel = _channel(message)
         if channel is not self._channel:
             self._channel = channel
-            self._open.clear()
+            self._forget()
             self._lock = asyncio.Lock()  # the old channel's frames, if any are under way, keep theirs
         assert message.delivery_tag is not None
-        self._open[message.delivery_tag] = None
+        self._open[message.delivery_tag] = share
+        self._counts[share] += 1
+
+    def _forget(self) -> None:
+        self._open.clear()
+        self._counts.clear()
+
+    def _settled(self, tag: int) -> None:
+        share = self._open.pop(tag, None)
+        if share is not None:
+            self._counts[share] -= 1
 
     def stale(self, message: AbstractIncomingMessage) -> bool:
         """The delivery's channel is closed or replaced: the broker has requeued it and delivers it
@@ -99,7 +142,7 @@ class AckTracker:
             return False
         self._lock = asyncio.Lock()
         self._channel = None
-        self._open.clear()
+        self._forget()
         return True
 
     async def _within(self, op: Callable[[], Awaitable[None]]) -> None:
@@ -132,7 +175,7 @@ class AckTracker:
             if not tags or channel is None or channel.is_closed:
                 raise StaleDelivery(f"{len(messages)} deliveries of a closed channel")
             for tag in tags:
-                self._open.pop(tag, None)
+                self._settled(tag)
             oldest_open = next(iter(self._open), None)
             behind = [t for t in tags if oldest_open is not None and t > oldest_open]
             upto = max((t for t in tags if oldest_open is None or t < oldest_open), default=None)
@@ -149,7 +192,7 @@ class AckTracker:
             tag = self._tag(message)
             if tag is None or channel is None or channel.is_closed:
                 raise StaleDelivery("delivery of a closed channel")
-            self._open.pop(tag, None)
+            self._settled(tag)
             await channel.basic_nack(tag, requeue=True, wait=False)
 
     def _tag(self, message: AbstractIncomingMessage) -> int | None:
@@ -157,6 +200,34 @@ class AckTracker:
         if self._channel is None or _channel(message) is not self._channel or message.delivery_tag not in self._open:
             return None
         return message.delivery_tag
+
+
+class TrackerShare:
+    """One consumer's use of a tracker that other consumers of its channel share: the same acks,
+    lock and channel, with its own count of open deliveries (what its flow control reads)."""
+
+    def __init__(self, tracker: AckTracker, name: str) -> None:
+        self._tracker = tracker
+        self._name = name
+
+    @property
+    def open_count(self) -> int:
+        return self._tracker.open_of(self._name)
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        self._tracker.delivered(message, self._name)
+
+    def stale(self, message: AbstractIncomingMessage) -> bool:
+        return self._tracker.stale(message)
+
+    async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        await self._tracker.ack(messages)
+
+    async def requeue(self, message: AbstractIncomingMessage) -> None:
+        await self._tracker.requeue(message)
+
+    def give_up(self, channel: AbstractChannel) -> bool:
+        return self._tracker.give_up(channel)
 
 
 def _channel(message: AbstractIncomingMessage) -> AbstractChannel | None:

@@ -37,7 +37,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link
 
 from gateway import contract as c
-from gateway.bus.acks import AckTracker
+from gateway.bus.acks import Acks, AckTracker
 from gateway.bus.headers import first_delivery, int_header, read_job
 from gateway.bus.publisher import Publisher
 from gateway.bus.queue import QueueConsumer, close_within
@@ -74,27 +74,40 @@ EXPRESS_MAX_BATCH = 10  # a batch this small settles on the express publisher (l
 UNKNOWN_ACCOUNT_LABEL = "(unknown)"  # the metric label of every unknown account: producers cannot grow the set
 
 
+_closing: set[asyncio.Task[None]] = set()  # wedged channels being closed
+
+
+def close_wedged(channel: aiormq.abc.AbstractChannel, where: str | None) -> None:
+    """No ack went out on a consumer channel in time, and its tracker gave it up (nothing more is
+    written to it): close it, so the broker requeues what it holds and the watchdog consumes
+    again on a new one. `where`: the queue, or the account whose lanes share the channel."""
+    log.error("consumer_channel_wedged", queue=where)
+    task = asyncio.create_task(close_within(channel, 5.0, "wedged_channel_not_closed"))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
 class Worker:
     """One queue's consumer with its own acks and settler: what both workers share."""
 
     def __init__(
-        self, publisher: Publisher, provider: str | None, ack_timeout_s: float = 30.0, clock: Clock = SYSTEM
+        self,
+        publisher: Publisher,
+        provider: str | None,
+        ack_timeout_s: float = 30.0,
+        clock: Clock = SYSTEM,
+        acks: Acks | None = None,
     ) -> None:
-        self._acks = AckTracker(timeout_s=ack_timeout_s, on_wedged=self._channel_wedged, clock=clock)
+        """`acks`: the worker's share of a tracker its channel's other consumers use too (an
+        account's lanes share a channel); without it, a tracker of its own."""
+        self._acks: Acks = acks or AckTracker(timeout_s=ack_timeout_s, on_wedged=self._channel_wedged, clock=clock)
         self._publisher = publisher
         self._settler = Settler(publisher, provider, self._acks)
         self._consumer: QueueConsumer | None = None
         self._stopping = False
-        self._closing: set[asyncio.Task[None]] = set()
 
     def _channel_wedged(self, channel: aiormq.abc.AbstractChannel) -> None:
-        """No ack went out on the consumer's channel in time: close it, so the broker requeues what
-        it holds and the watchdog consumes again on a new one."""
-        log.error("consumer_channel_wedged", queue=self._consumer.queue_name if self._consumer else None)
-        self._acks.give_up(channel)  # nothing more is written to it (the tracker's own timeout did this already)
-        task = asyncio.create_task(close_within(channel, 5.0, "wedged_channel_not_closed"))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        close_wedged(channel, self._consumer.queue_name if self._consumer else None)
 
     async def _consume(self, channel: AbstractChannel, queue: str, prefetch: int, wanted: Callable[[], bool]) -> None:
         self._consumer = QueueConsumer(channel, queue, self._on_message, prefetch, on_lost=self._acks.give_up)
@@ -139,8 +152,9 @@ class AccountWorker(Worker):
         admission: Admission | None = None,
         express: Publisher | None = None,
         clock: Clock = SYSTEM,
+        acks: Acks | None = None,
     ) -> None:
-        super().__init__(publisher, adapter.name, options.publish_timeout_s, clock)
+        super().__init__(publisher, adapter.name, options.publish_timeout_s, clock, acks)
         # Batches of up to EXPRESS_MAX_BATCH settle through `express`, a publisher on a channel of
         # its own: the broker takes a channel's publishes one after another, so a lone request's
         # outcome would otherwise wait behind a campaign batch's hundred publishes just before it.

@@ -23,8 +23,22 @@ RESIZE_TIMEOUT_S = 5.0
 CANCEL_TIMEOUT_S = 5.0  # a consumer cancel; see QueueConsumer.cancel
 
 
+_qos_locks: weakref.WeakKeyDictionary[AbstractChannel, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _qos_lock(channel: AbstractChannel) -> asyncio.Lock:
+    """Held from a consumer's basic.qos to its basic.consume: the broker gives a new consumer the
+    channel's last prefetch, so another consumer of the same channel (an account's lanes share
+    one) must not set its own in between."""
+    lock = _qos_locks.get(channel)
+    if lock is None:
+        lock = _qos_locks[channel] = asyncio.Lock()
+    return lock
+
+
 class QueueConsumer:
-    """The AMQP side of a worker: one consumer on one queue, on the worker's own robust channel.
+    """The AMQP side of a worker: one consumer on one queue, on a robust channel that the worker
+    may share with others (an account's lanes share one).
 
     aio-pika restores after a reconnect only the queues it declared and the consumers it started
     on them; the gateway takes its queues without declaring them again, so it keeps its consumer
@@ -78,8 +92,9 @@ class QueueConsumer:
             if self._closed or not self._wanted() or self.live:
                 return
             assert self._queue is not None
-            await self._channel.set_qos(prefetch_count=self._prefetch)  # it may have been resized
-            tag = await self._queue.consume(self._callback)
+            async with _qos_lock(self._channel):
+                await self._channel.set_qos(prefetch_count=self._prefetch)  # it may have been resized
+                tag = await self._queue.consume(self._callback)
             # Looked up after the consume: had a reconnect come in between, the tag would not be on
             # this channel, the consumer would not count as live, and the next round consumes again.
             underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
@@ -113,8 +128,9 @@ class QueueConsumer:
             old = self._tag
             try:
                 async with asyncio.timeout(RESIZE_TIMEOUT_S):
-                    await self._channel.set_qos(prefetch_count=prefetch)
-                    tag = await self._queue.consume(self._callback)
+                    async with _qos_lock(self._channel):
+                        await self._channel.set_qos(prefetch_count=prefetch)
+                        tag = await self._queue.consume(self._callback)
                     self._tag = tag
                     if old is not None:
                         self._stale.add(old)  # cancelled below, or by the watchdog if time runs out first

@@ -19,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway import contract as c
-from gateway.bus.acks import AckTracker
+from gateway.bus.acks import Acks
 from gateway.bus.publisher import Publish, Publisher
 from gateway.core.decisions import Decision, Defer, Finish, Job, Retry, Wait
 from gateway.numbers import mask
@@ -103,7 +103,7 @@ class Settler:
     """Carries decisions out: publish what each delivery is owed, then ack the ones whose
     publishes the broker confirmed (coalesced by the channel's AckTracker) and requeue the rest."""
 
-    def __init__(self, publisher: Publisher, provider: str | None, acks: AckTracker) -> None:
+    def __init__(self, publisher: Publisher, provider: str | None, acks: Acks) -> None:
         self._publisher = publisher
         self._provider = provider
         self._acks = acks
@@ -353,7 +353,7 @@ def _result_name(decision: Decision) -> str:
     return "retry" if isinstance(decision, Retry) else "wait"
 
 
-async def requeue(acks: AckTracker, deliveries: Sequence[Delivery]) -> None:
+async def requeue(acks: Acks, deliveries: Sequence[Delivery]) -> None:
     """Nack each with requeue. Deliveries of a lost channel cannot be nacked (the broker has
     requeued them already): one line for all of them."""
     failed = 0

@@ -12,6 +12,7 @@ import pytest
 
 from gateway import contract as c
 from gateway.bus import queue as gq
+from gateway.bus.consumer import close_wedged
 from gateway.bus.queue import QueueConsumer
 from gateway.obs import metrics as m
 from gateway.sandbox.state import FaultRule
@@ -195,7 +196,8 @@ async def test_a_cancel_that_runs_out_of_time_gives_the_channel_up_to_the_acks(m
 async def test_a_consumer_channel_given_up_as_wedged_is_closed_and_consumed_again(world: InProcess) -> None:
     """What the ack tracker's `on_wedged` sets off when no ack goes out on the current consumer
     channel: the channel is closed (the broker requeues what it held), the robust channel reopens,
-    and the watchdog consumes again; requests still go through, each sent once."""
+    and the watchdog consumes again, every lane of the account (they share the channel); requests
+    still go through, each sent once."""
     name = new_account_name()
     gw = await world.gateway([world.account(name)])
     worker = gw.worker(name)
@@ -203,13 +205,14 @@ async def test_a_consumer_channel_given_up_as_wedged_is_closed_and_consumed_agai
     underlay = await worker._consumer._channel.get_underlay_channel()
     async with Bus.open([name]) as bus:
         await bus.publish_many([(name, request(f"w{i}", to=f"+4850098{i:04d}")) for i in range(20)])
-        worker._channel_wedged(underlay)
+        close_wedged(underlay, name)
         await eventually(lambda: underlay.is_closed, 10, "the wedged channel closed")
-        await eventually(lambda: worker.consuming, 30, "consuming again")
+        await eventually(lambda: all(w.consuming for w in gw.workers), 30, "every lane consuming again")
         await bus.publish_many([(name, request(f"v{i}", to=f"+4850099{i:04d}")) for i in range(20)])
-        ids = {f"w{i}" for i in range(20)} | {f"v{i}" for i in range(20)}
+        await bus.publish(f"{name}.urgent", request("u1", to="+48500990999"))
+        ids = {f"w{i}" for i in range(20)} | {f"v{i}" for i in range(20)} | {"u1"}
         await eventually(lambda: {d["unique_id"] for d in bus.outcome_docs()} >= ids, 60, "every id answered")
-    assert consumers_on(c.account_queue(name)) == 1
+    assert [consumers_on(c.account_queue(name, lane)) for lane in c.LANES] == [1, 1, 1]
     assert set(world.state.ledger()["by_unique_id"].values()) == {1}
 
 

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections import Counter
 
 import pytest
 
-from testkit import Bus, new_account_name, request
+from gateway import contract as c
+from testkit import AMQP_VHOST, Bus, new_account_name, rabbitmqctl, request
 from tests.conftest import InProcess
 
 pytestmark = pytest.mark.integration
 
 
 async def test_consumers_spread_over_connections_when_one_is_full(world: InProcess) -> None:
-    """An account brings three lane channels; past `channels_per_connection` the next consumers go
-    on a connection of their own (a thousand accounts would pass RabbitMQ's channel_max, 2,047)."""
+    """An account's lanes consume on one channel; past `channels_per_connection` the next accounts
+    go on a connection of their own (3,000 accounts would pass RabbitMQ's channel_max, 2,047)."""
     names = [new_account_name() for _ in range(3)]
-    gw = await world.gateway([world.account(n) for n in names], channels_per_connection=4)
-    assert len(gw._consumer_connections) == 3  # 9 lane channels: 4 + 4 + 1
+    gw = await world.gateway([world.account(n) for n in names], channels_per_connection=2)
+    assert len(gw._consumer_connections) == 2  # 3 account channels: 2 + 1
+    for n in names:
+        assert len({id(w._consumer._channel) for w in gw.workers if w.account.name == n and w._consumer}) == 1
     assert await gw.problems() == []
     async with Bus.open(names) as bus:
         for n in names:
@@ -27,3 +32,31 @@ async def test_consumers_spread_over_connections_when_one_is_full(world: InProce
     await gw.stop()
     world.gateways.remove(gw)
     assert all(c.is_closed for c, _ in gw._consumer_connections)
+
+
+def consumers_of(queues: set[str]) -> list[dict[str, object]]:
+    out = rabbitmqctl(
+        "list_consumers", "-q", "-p", AMQP_VHOST, "queue_name", "channel_pid", "prefetch_count", "--formatter", "json"
+    )
+    return [r for r in json.loads(out) if r["queue_name"] in queues]
+
+
+async def test_an_accounts_lanes_share_one_channel_each_consumer_with_its_own_prefetch(world: InProcess) -> None:
+    """The lanes consume on one channel. The broker gives a consumer the channel's last basic.qos,
+    so lanes that consume again at once (resizes, or the watchdog after a reconnect) must each
+    still get their own prefetch."""
+    name = new_account_name()
+    gw = await world.gateway([world.account(name)])
+    wanted = {c.Lane.URGENT: 7, c.Lane.NORMAL: 90, c.Lane.BULK: 33}
+    consumers = {lane: gw.worker(name, lane)._consumer for lane in c.LANES}
+    await asyncio.gather(*(consumer.resize(wanted[lane]) for lane, consumer in consumers.items() if consumer))
+    queues = {c.account_queue(name, lane): lane for lane in c.LANES}
+    rows = consumers_of(set(queues))
+    assert {queues[str(r["queue_name"])]: r["prefetch_count"] for r in rows} == wanted
+    assert len(rows) == 3
+    assert len({r["channel_pid"] for r in rows}) == 1
+    async with Bus.open([name]) as bus:
+        for lane in c.LANES:
+            await bus.publish(c.lane_key(name, lane), request(f"{name}-{lane}"))
+        await bus.wait_for(outcomes=3)
+    assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 3}

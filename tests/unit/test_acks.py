@@ -215,3 +215,40 @@ async def test_a_current_channel_whose_acks_never_go_out_is_given_up_and_reporte
         await acking
     assert wedged == [ch]  # the owner closes it: the broker requeues what it holds
     assert tracker.open_count == 0
+
+
+async def test_consumers_sharing_a_channel_never_ack_each_others_open_deliveries() -> None:
+    """An account's lanes share a channel and its tracker: a lane's settled deliveries go out as a
+    multiple ack only up to the oldest delivery another lane still has open."""
+    ch, tracker = FakeChannel(), AckTracker()
+    urgent, normal = tracker.share("urgent"), tracker.share("normal")
+    mine = [FakeMessage(ch, 1), FakeMessage(ch, 3)]
+    theirs = [FakeMessage(ch, 2), FakeMessage(ch, 4)]
+    normal.delivered(mine[0])  # type: ignore[arg-type]
+    urgent.delivered(theirs[0])  # type: ignore[arg-type]
+    normal.delivered(mine[1])  # type: ignore[arg-type]
+    urgent.delivered(theirs[1])  # type: ignore[arg-type]
+    assert (normal.open_count, urgent.open_count, tracker.open_count) == (2, 2, 4)
+    # Tag 2 is urgent's and open: 1 alone may go as a prefix, 3 on its own.
+    await normal.ack(mine)  # type: ignore[arg-type]
+    assert ch.frames == [("ack", 1, True), ("ack", 3, False)]
+    assert (normal.open_count, urgent.open_count) == (0, 2)
+    await urgent.requeue(theirs[0])  # type: ignore[arg-type]
+    await urgent.ack(theirs[1:])  # type: ignore[arg-type]
+    assert ch.frames[2:] == [("nack", 2, True), ("ack", 4, True)]
+    assert (normal.open_count, urgent.open_count, tracker.open_count) == (0, 0, 0)
+
+
+async def test_a_new_channel_clears_every_share_of_the_old_one() -> None:
+    old, new, tracker = FakeChannel(), FakeChannel(), AckTracker()
+    urgent, normal = tracker.share("urgent"), tracker.share("normal")
+    stale = FakeMessage(old, 1)
+    urgent.delivered(stale)  # type: ignore[arg-type]
+    normal.delivered(FakeMessage(old, 2))  # type: ignore[arg-type]
+    normal.delivered(FakeMessage(new, 1))  # type: ignore[arg-type]  # the reconnect's first delivery
+    assert (urgent.open_count, normal.open_count) == (0, 1)
+    assert urgent.stale(stale)  # type: ignore[arg-type]
+    with pytest.raises(StaleDelivery):
+        await urgent.ack([stale])  # type: ignore[list-item]
+    assert old.frames == []
+    assert new.frames == []
