@@ -29,6 +29,7 @@ from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp.web import AppRunner
 from yarl import URL
@@ -69,6 +70,11 @@ CHANNELS_PER_CONNECTION = 1000
 # accounts' consumers at once (each account's lanes in order, urgent first), the two overlapping:
 # an account consumes as soon as its own queues are declared. It need not grow with the accounts.
 START_CONCURRENCY = 8
+# An account whose queues the broker refused is declared again this often, until it takes them.
+REFUSED_RETRY_S = 30.0
+# What the broker answers a declaration whose queue exists with other arguments (406), or one the
+# user may not make (403): about the account's queues, not the broker.
+QUEUE_REFUSED = (aiormq.exceptions.ChannelPreconditionFailed, aiormq.exceptions.ChannelAccessRefused)
 STARTUP_RETRY_MAX_S = 30  # start-up retries back off 1, 2, 4 ... up to this
 
 
@@ -136,7 +142,11 @@ class Gateway:
         self._desk: Desk | None = None
         self.routes = Routes(accounts, settings.failover, pause_s=settings.account_pause_s)
         self._waiting_for: str | None = "start"  # what start-up waits for; None once started
-        self._starting = 0  # accounts whose queues are not declared or consumed yet, while "accounts"
+        self._starting = 0  # accounts whose queues are not declared yet, while "accounts"
+        # Accounts whose queues the broker refused at start-up: their lanes, and why.
+        self._refused: dict[str, tuple[list[AccountWorker], str]] = {}
+        self._account_channels: dict[str, AbstractChannel] = {}  # each account's consumer channel
+        self._started: set[AccountWorker] = set()  # the workers in `_workers`, for a quick lookup
         self._pause_gc = pause_gc
 
     async def start(self) -> None:
@@ -273,22 +283,27 @@ class Gateway:
 
         async def start_account(lanes: list[AccountWorker]) -> None:
             """Declare the account's queues and consume from them: an account that takes long does
-            not hold the others, which consume as soon as their own queues are there."""
+            not hold the others, which consume as soon as their own queues are there. Queues the
+            broker refuses keep their account out, not the others (`_refuse`)."""
             setup = await setups.get()
             try:
                 await topology.declare_account(setup, lanes[0].account.name)
+            except QUEUE_REFUSED as exc:
+                setup = await self._connection_channel_instead(setup)
+                self._refuse(lanes, exc)
+                self._starting -= 1
+                return
             finally:
                 setups.put_nowait(setup)
             async with consuming:
-                channel = await self._consumer_channel()
-                for worker in lanes:  # urgent first: its consumer is ready before the others take work
-                    await worker.start(channel)
-                    self._workers.append(worker)
+                await self._consume(lanes)
             self._starting -= 1
 
         await asyncio.gather(*(start_account(lanes) for lanes in by_account))
         while not setups.empty():
             await setups.get_nowait().close()
+        if self._refused:
+            self._tasks.append(asyncio.create_task(self._declare_refused(), name="refused accounts"))
         log.info(
             "accounts_started",
             accounts=len(by_account),
@@ -336,6 +351,56 @@ class Gateway:
             store=type(self._store).__name__,
             http=self._http_url,
         )
+
+    async def _consume(self, lanes: list[AccountWorker]) -> None:
+        """Consume from the account's lanes, all on the account's one channel (they share its ack
+        tracker). Lanes an earlier try started are left as they are."""
+        name = lanes[0].account.name
+        channel = self._account_channels.get(name)
+        if channel is None:
+            channel = self._account_channels[name] = await self._consumer_channel()
+        for worker in lanes:  # urgent first: its consumer is ready before the others take work
+            if worker not in self._started:
+                await worker.start(channel)
+                self._started.add(worker)
+                self._workers.append(worker)
+
+    async def _connection_channel_instead(self, refused: AbstractChannel) -> AbstractChannel:
+        """A new channel for one the broker closed with a refusal."""
+        assert self._connection is not None
+        await close_within(refused, 5, "channel_not_closed")
+        return await self._connection.channel()
+
+    def _refuse(self, lanes: list[AccountWorker], exc: Exception) -> None:
+        """The broker refused the account's queues (arguments that differ from the contract's, or
+        no permission): the account is not consumed and /readyz says why, while every other
+        account runs; its declaration is tried again every `REFUSED_RETRY_S`."""
+        name = lanes[0].account.name
+        self._refused[name] = (lanes, str(exc)[:300])
+        log.error("account_queues_refused", account=name, error=str(exc)[:300], see="gateway topology check")
+
+    async def _declare_refused(self) -> None:
+        """Declare the refused accounts' queues again until the broker takes them (an operator
+        fixed or deleted the queue), then consume from them."""
+        assert self._connection is not None
+        while self._refused:
+            await asyncio.sleep(REFUSED_RETRY_S)
+            channel = await self._connection.channel()
+            try:
+                for name, (lanes, _why) in list(self._refused.items()):
+                    try:
+                        await topology.declare_account(channel, name)
+                    except QUEUE_REFUSED as exc:
+                        channel = await self._connection_channel_instead(channel)
+                        self._refused[name] = (lanes, str(exc)[:300])
+                        continue
+                    await self._consume(lanes)
+                    del self._refused[name]
+                    log.info("account_queues_declared", account=name)
+            except Exception as exc:  # noqa: BLE001 - the broker is away: the next round tries again
+                log.warning("refused_accounts_not_declared", error=type(exc).__name__)
+            finally:
+                await close_within(channel, 5, "channel_not_closed")
 
     @staticmethod
     def _adjust_admission(admission: Admission) -> Callable[[float], None]:
@@ -452,6 +517,10 @@ class Gateway:
         problems = []
         if self._waiting_for == "accounts":
             problems.append(f"starting: {self._starting} of {len(self.accounts)} accounts not consuming yet")
+        refused = list(self._refused.items())
+        problems += [f"account {name}: the broker refused its queues: {why}" for name, (_, why) in refused[:3]]
+        if len(refused) > 3:
+            problems.append(f"and {len(refused) - 3} more accounts whose queues the broker refused")
         elif self._waiting_for is not None:
             problems.append(f"starting: waiting for the {self._waiting_for}")
         if self._connection is None or any(

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
+import aio_pika
 import pytest
 
+from gateway import app as app_module
 from gateway import contract as c
-from testkit import AMQP_VHOST, Bus, new_account_name, rabbitmqctl, request
+from gateway.app import Gateway
+from testkit import AMQP_URL, AMQP_VHOST, Bus, eventually, new_account_name, rabbitmqctl, request
 from tests.conftest import InProcess
 
 pytestmark = pytest.mark.integration
@@ -60,3 +64,43 @@ async def test_an_accounts_lanes_share_one_channel_each_consumer_with_its_own_pr
             await bus.publish(c.lane_key(name, lane), request(f"{name}-{lane}"))
         await bus.wait_for(outcomes=3)
     assert Counter(d["status"] for d in bus.outcome_docs()) == {"accepted": 3}
+
+
+async def test_an_account_whose_queues_the_broker_refuses_keeps_itself_out_not_the_others(
+    world: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone made one account's bulk queue by hand, without the contract's arguments: the broker
+    refuses the gateway's declaration (406). That account is not consumed and /readyz says why;
+    the others start and send. Once the queue is deleted, the account comes up by itself."""
+    monkeypatch.setattr(app_module, "REFUSED_RETRY_S", 0.3)
+    bad, good = new_account_name(), new_account_name()
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(c.account_queue(bad, c.Lane.BULK), durable=True)
+    gw = await world.gateway([world.account(bad), world.account(good)])
+    problems = await gw.problems()
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"account {bad}: the broker refused its queues: PRECONDITION_FAILED")
+    assert {w.account.name for w in gw.workers} == {good}
+    async with Bus.open([good]) as bus:
+        await bus.publish(good, request(f"{good}-1"))
+        await bus.wait_for(outcomes=1)
+        assert [d["status"] for d in bus.outcome_docs()] == ["accepted"]
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(c.account_queue(bad, c.Lane.BULK))
+    await eventually(_ready(gw), 15, "the account consuming once its queue was deleted")
+    assert sorted(w.lane for w in gw.workers if w.account.name == bad) == sorted(c.LANES)
+    async with Bus.open([bad]) as bus:
+        await bus.publish(f"{bad}.bulk", request(f"{bad}-1"))
+        await bus.wait_for(outcomes=1)
+        assert [d["status"] for d in bus.outcome_docs()] == ["accepted"]
+
+
+def _ready(gw: Gateway) -> Callable[[], Awaitable[bool]]:
+    async def ready() -> bool:
+        return await gw.problems() == []
+
+    return ready
