@@ -142,7 +142,7 @@ class Gateway:
         self._desk: Desk | None = None
         self.routes = Routes(accounts, settings.failover, pause_s=settings.account_pause_s)
         self._waiting_for: str | None = "start"  # what start-up waits for; None once started
-        self._starting = 0  # accounts whose queues are not declared yet, while "accounts"
+        self._starting = 0  # accounts whose queues are not declared or consumed yet, while "accounts"
         # Accounts whose queues the broker refused at start-up: their lanes, and why.
         self._refused: dict[str, tuple[list[AccountWorker], str]] = {}
         self._account_channels: dict[str, AbstractChannel] = {}  # each account's consumer channel
@@ -307,6 +307,7 @@ class Gateway:
         log.info(
             "accounts_started",
             accounts=len(by_account),
+            refused=len(self._refused),
             queues=len(self._workers),
             connections=len(self._consumer_connections),
             took_s=round(time.monotonic() - began, 2),
@@ -382,25 +383,29 @@ class Gateway:
     async def _declare_refused(self) -> None:
         """Declare the refused accounts' queues again until the broker takes them (an operator
         fixed or deleted the queue), then consume from them."""
-        assert self._connection is not None
         while self._refused:
             await asyncio.sleep(REFUSED_RETRY_S)
-            channel = await self._connection.channel()
             try:
-                for name, (lanes, _why) in list(self._refused.items()):
-                    try:
-                        await topology.declare_account(channel, name)
-                    except QUEUE_REFUSED as exc:
-                        channel = await self._connection_channel_instead(channel)
-                        self._refused[name] = (lanes, str(exc)[:300])
-                        continue
-                    await self._consume(lanes)
-                    del self._refused[name]
-                    log.info("account_queues_declared", account=name)
+                await self._declare_refused_once()
             except Exception as exc:  # noqa: BLE001 - the broker is away: the next round tries again
                 log.warning("refused_accounts_not_declared", error=type(exc).__name__)
-            finally:
-                await close_within(channel, 5, "channel_not_closed")
+
+    async def _declare_refused_once(self) -> None:
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        try:
+            for name, (lanes, _why) in list(self._refused.items()):
+                try:
+                    await topology.declare_account(channel, name)
+                except QUEUE_REFUSED as exc:
+                    channel = await self._connection_channel_instead(channel)
+                    self._refused[name] = (lanes, str(exc)[:300])
+                    continue
+                await self._consume(lanes)
+                del self._refused[name]
+                log.info("account_queues_declared", account=name)
+        finally:
+            await close_within(channel, 5, "channel_not_closed")
 
     @staticmethod
     def _adjust_admission(admission: Admission) -> Callable[[float], None]:
@@ -517,12 +522,12 @@ class Gateway:
         problems = []
         if self._waiting_for == "accounts":
             problems.append(f"starting: {self._starting} of {len(self.accounts)} accounts not consuming yet")
+        elif self._waiting_for is not None:
+            problems.append(f"starting: waiting for the {self._waiting_for}")
         refused = list(self._refused.items())
         problems += [f"account {name}: the broker refused its queues: {why}" for name, (_, why) in refused[:3]]
         if len(refused) > 3:
             problems.append(f"and {len(refused) - 3} more accounts whose queues the broker refused")
-        elif self._waiting_for is not None:
-            problems.append(f"starting: waiting for the {self._waiting_for}")
         if self._connection is None or any(
             c.is_closed for c, _ in [(self._connection, 0), *self._consumer_connections]
         ):
