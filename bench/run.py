@@ -187,6 +187,8 @@ class Bench:
         self.sandbox_proc, self.sandbox = start_sandbox(tmp)
         self.observer = Observer(self.accounts)
         self.optout_import: dict[str, Any] | None = None  # the registry's import, once the contender needs it
+        self._looks: aio_pika.abc.AbstractChannel | None = None  # where `consumers` asks the broker
+        self._looks_connection: aio_pika.abc.AbstractConnection | None = None
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -237,14 +239,23 @@ class Bench:
         return json.dumps(doc).encode()
 
     async def consumers(self, queues: list[str]) -> int:
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            channel = await connection.channel()
-            total = 0
-            for name in queues:
-                queue = await channel.declare_queue(name, passive=True)
-                total += queue.declaration_result.consumer_count or 0
-            return total
+        """Consumers on these queues now, asked on one channel kept for it: a connection for each
+        look took tens of milliseconds, long enough for a fast contender's first outcomes to come
+        before its consumer was seen (the round is then not timed)."""
+        if self._looks is None or self._looks.is_closed:
+            connection = await aio_pika.connect(AMQP_URL)
+            self._looks = await connection.channel()
+            self._looks_connection = connection
+        total = 0
+        for name in queues:
+            queue = await self._looks.declare_queue(name, passive=True)
+            total += queue.declaration_result.consumer_count or 0
+        return total
+
+    async def close_looks(self) -> None:
+        if self._looks_connection is not None:
+            await self._looks_connection.close()
+            self._looks, self._looks_connection = None, None
 
     async def measure(
         self,
@@ -604,12 +615,14 @@ class Bench:
                 drain = rate or statistics.median(r.msgs_per_s for r in self.runs if r.contender == "gateway @0ms")
                 await self.latency_runs(drain)
             await self.observer.close()
+            await self.close_looks()
             return {}
         drain = statistics.median(r.msgs_per_s for r in self.runs if r.contender == "gateway @0ms")
         latencies = await self.latency_runs(drain)
         backlog = await self.backlog_rss()
         shared = await self.shared_rate_limit()
         await self.observer.close()
+        await self.close_looks()
         self.broker_after = broker_state()
         return {
             "latency": latencies,
